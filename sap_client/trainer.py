@@ -1,0 +1,167 @@
+"""SplitTrainer: the user's training loop. Bottom runs here; labels and loss never leave this process."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from sap_client.data import TextDataset
+from sap_common.models.split import BottomModel
+from sap_common.service import SessionSpec, TopService
+
+log = logging.getLogger(__name__)
+
+# hidden (B, T, H), attention_mask (B, T) -> what is sent; the privacy layer plugs in here.
+Privatizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=1, metadata={"help": "passes over the training data"})
+    batch_size: int = field(default=16, metadata={"help": "examples per step"})
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (top and bottom)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_length: int = field(default=64, metadata={"help": "tokens per example after truncation"})
+    seed: int = field(default=0, metadata={"help": "seeds data order and the server's initial weights"})
+    train_bottom: bool = field(default=False, metadata={"help": "also fine-tune the user's bottom blocks"})
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    predictions: list[int]
+    probabilities: torch.Tensor  # (N, C)
+
+
+class SplitTrainer:
+    """Runs the bottom locally and the top through a TopService, one step at a time."""
+
+    def __init__(self, bottom: BottomModel, tokenizer: PreTrainedTokenizerBase, service: TopService,
+                 config: TrainConfig, privatize: Privatizer | None = None):
+        self.bottom = bottom
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "right"
+        self.service = service
+        self.config = config
+        self.privatize = privatize
+        self.session_id: str | None = None
+        self.steps = 0
+        self.bottom.requires_grad_(config.train_bottom)
+        self.bottom_optimizer = (torch.optim.AdamW(self.bottom.parameters(), lr=config.learning_rate,
+                                                   weight_decay=config.weight_decay)
+                                 if config.train_bottom else None)
+
+    def open(self, num_labels: int) -> str:
+        spec = SessionSpec(num_labels=num_labels, learning_rate=self.config.learning_rate, seed=self.config.seed,
+                           train_bottom=self.config.train_bottom, weight_decay=self.config.weight_decay)
+        self.session_id = self.service.open_session(spec)
+        return self.session_id
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> input_ids (B, T), attention_mask (B, T), right-padded to the longest."""
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_length,
+                               return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
+
+    def _outgoing(self, input_ids: torch.Tensor, mask: torch.Tensor, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden with graph, the tensor that is sent)."""
+        if train and self.config.train_bottom:
+            self.bottom.train()
+            hidden = self.bottom(input_ids, mask)  # (B, T, H)
+        else:
+            self.bottom.eval()
+            with torch.no_grad():
+                hidden = self.bottom(input_ids, mask)
+        sent = hidden.detach()
+        if self.privatize is not None:
+            sent = self.privatize(sent, mask)
+        return hidden, sent
+
+    def step(self, texts: list[str], labels: torch.Tensor) -> float:
+        """One optimizer step on both sides; returns the batch loss."""
+        step = self.steps + 1
+        input_ids, mask = self.encode(texts)
+        hidden, sent = self._outgoing(input_ids, mask, train=True)
+        logits = self.service.forward(self.session_id, step, sent, mask).requires_grad_(True)  # (B, C)
+        loss = F.cross_entropy(logits, labels)
+        (grad_logits,) = torch.autograd.grad(loss, logits)
+        result = self.service.backward(self.session_id, step, grad_logits)
+        if self.bottom_optimizer is not None:
+            if result.grad_hidden is None:
+                raise RuntimeError("the server returned no dL/dhidden although the bottom is trainable")
+            self.bottom_optimizer.zero_grad(set_to_none=True)
+            hidden.backward(result.grad_hidden.to(hidden.dtype))
+            self.bottom_optimizer.step()
+        self.steps = result.applied_step
+        return loss.item()
+
+    def train_epoch(self, data: TextDataset, generator: torch.Generator, description: str = "train") -> float:
+        """One pass in a seeded random order; returns the mean batch loss."""
+        order = torch.randperm(len(data), generator=generator).tolist()
+        size = self.config.batch_size
+        losses = []
+        with tqdm(range(0, len(order), size), desc=description, unit="step", disable=None, leave=False) as bar:
+            for start in bar:
+                batch = order[start:start + size]
+                loss = self.step([data.texts[i] for i in batch], torch.tensor([data.labels[i] for i in batch]))
+                losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}")
+        return sum(losses) / len(losses)
+
+    def predict(self, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
+        """Class probabilities (N, C) through the same split (and the same privatizer)."""
+        size = batch_size or self.config.batch_size
+        out = []
+        for start in tqdm(range(0, len(texts), size), desc="predict", unit="batch", disable=None, leave=False):
+            input_ids, mask = self.encode(texts[start:start + size])
+            _, sent = self._outgoing(input_ids, mask, train=False)
+            out.append(torch.softmax(self.service.evaluate(self.session_id, sent, mask).float(), dim=-1))
+        return torch.cat(out)
+
+    def evaluate(self, data: TextDataset) -> EvalResult:
+        probabilities = self.predict(data.texts)
+        predictions = probabilities.argmax(-1).tolist()
+        correct = sum(int(p == y) for p, y in zip(predictions, data.labels))
+        return EvalResult(correct / len(data), predictions, probabilities)
+
+    def fit(self, train: TextDataset, eval_data: TextDataset) -> dict:
+        """Train for config.epochs, evaluating after each; returns the run's metrics."""
+        if self.session_id is None:
+            self.open(len(train.label_names))
+        generator = torch.Generator().manual_seed(self.config.seed)
+        started = time.perf_counter()
+        history = []
+        for epoch in range(1, self.config.epochs + 1):
+            loss = self.train_epoch(train, generator, description=f"epoch {epoch}/{self.config.epochs}")
+            accuracy = self.evaluate(eval_data).accuracy
+            history.append({"epoch": epoch, "train_loss": loss, "eval_accuracy": accuracy})
+            log.info("epoch %d/%d: train loss %.4f, eval accuracy %.4f", epoch, self.config.epochs, loss, accuracy)
+        seconds = time.perf_counter() - started
+        examples = len(train) * self.config.epochs
+        return {
+            "eval_accuracy": history[-1]["eval_accuracy"],
+            "train_loss": history[-1]["train_loss"],
+            "steps": self.steps,
+            "examples": examples,
+            "train_examples": len(train),
+            "eval_examples": len(eval_data),
+            "seconds": seconds,
+            "examples_per_second": examples / seconds if seconds > 0 else 0.0,
+            "history": history,
+        }

@@ -1,0 +1,203 @@
+"""The one serde module between the wire and torch: tensor encode/decode and chunk framing."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, fields
+from collections.abc import Collection, Iterable, Iterator
+from typing import TypeVar
+
+import torch
+from google.protobuf.message import DecodeError, Message
+
+from sap_common.errors import InvalidInputError, InvalidTensorError
+from sap_common.proto import sap_pb2
+from sap_common.service import ServerInfo, SessionSpec
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "MAX_DIMS",
+    "WIRE_DTYPES",
+    "decode_tensor",
+    "encode_tensor",
+    "from_chunks",
+    "tensor_nbytes",
+    "to_chunks",
+]
+
+M = TypeVar("M", bound=Message)
+
+DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC per-message cap, set on both ends
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024 * 1024  # most a whole reassembled message may be
+MAX_DIMS = 8
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+    "uint8": torch.uint8,
+}
+_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in WIRE_DTYPES.items()}
+_FLOAT_WIRE = frozenset({torch.float32, torch.float16, torch.bfloat16})
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _byteswap(flat_u8: torch.Tensor, itemsize: int) -> torch.Tensor:
+    """Reverse the byte order of each element in a flat uint8 buffer (big-endian hosts only)."""
+    if itemsize == 1:
+        return flat_u8
+    return flat_u8.view(-1, itemsize).flip(1).reshape(-1)
+
+
+def encode_tensor(t: torch.Tensor, *, wire_dtype: torch.dtype | None = None) -> sap_pb2.Tensor:
+    """Encode a tensor as raw little-endian bytes, optionally cast to a smaller float wire dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"encode_tensor: expected a torch.Tensor, got {type(t).__name__}")
+    t = t.detach().cpu()
+    if wire_dtype is not None and wire_dtype != t.dtype:
+        if t.dtype not in _FLOAT_WIRE or wire_dtype not in _FLOAT_WIRE:
+            raise ValueError(
+                f"wire_dtype={wire_dtype} for a {t.dtype} tensor: only float tensors "
+                f"(float32, float16, bfloat16) may be cast, and only to one of those"
+            )
+        t = t.to(wire_dtype)
+    name = _DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        raise ValueError(f"tensor dtype {t.dtype} cannot go on the wire; valid: {sorted(WIRE_DTYPES)}")
+    t = t.contiguous()
+    if t.numel() == 0:
+        data = b""
+    else:
+        # view(uint8) works for every dtype, bfloat16 included, where numpy would not.
+        raw = t.reshape(-1).view(torch.uint8)
+        if _BIG_ENDIAN:
+            raw = _byteswap(raw, t.element_size())
+        data = raw.numpy().tobytes()
+    return sap_pb2.Tensor(dtype=name, shape=list(t.shape), data=data)
+
+
+def tensor_nbytes(msg: sap_pb2.Tensor, *, field: str = "tensor") -> int:
+    """The byte length a well-formed Tensor message's data must have (validates dtype and shape)."""
+    dtype = WIRE_DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise InvalidTensorError(
+            f"{field}.dtype={msg.dtype!r} is not a wire dtype; valid: {sorted(WIRE_DTYPES)}"
+        )
+    shape = list(msg.shape)
+    if len(shape) > MAX_DIMS:
+        raise InvalidTensorError(f"{field}.shape has {len(shape)} dims; at most {MAX_DIMS} allowed")
+    numel = 1
+    for i, dim in enumerate(shape):
+        if dim < 0:
+            raise InvalidTensorError(f"{field}.shape[{i}]={dim} is negative; dims must be >= 0")
+        numel *= dim  # Python ints: no overflow
+    return numel * dtype.itemsize
+
+
+def decode_tensor(
+    msg: sap_pb2.Tensor,
+    *,
+    field: str = "tensor",
+    max_bytes: int | None = None,
+    allowed: Collection[str] | None = None,
+) -> torch.Tensor:
+    """Validate a Tensor message, then return a fresh writable CPU tensor with its contents."""
+    if allowed is not None and msg.dtype not in allowed:
+        raise InvalidTensorError(
+            f"{field}.dtype={msg.dtype!r} is not allowed here; expected one of {sorted(allowed)}"
+        )
+    expected = tensor_nbytes(msg, field=field)
+    shape = tuple(msg.shape)
+    if max_bytes is not None and expected > max_bytes:
+        raise InvalidTensorError(
+            f"{field} with shape {list(shape)} and dtype {msg.dtype} needs {expected} bytes; "
+            f"at most {max_bytes} allowed"
+        )
+    actual = len(msg.data)
+    if actual != expected:
+        raise InvalidTensorError(
+            f"{field}.data has {actual} bytes; shape {list(shape)} and dtype {msg.dtype} "
+            f"need exactly {expected}"
+        )
+    dtype = WIRE_DTYPES[msg.dtype]
+    if expected == 0:
+        # frombuffer rejects empty buffers.
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)  # copy: never alias the message
+    if dtype == torch.bool and int(raw.max()) > 1:
+        # Any byte other than 0/1 viewed as bool is undefined behaviour in torch.
+        raise InvalidTensorError(f"{field}.data holds a byte > 1 for dtype bool; valid bytes: 0, 1")
+    if _BIG_ENDIAN:
+        raw = _byteswap(raw, dtype.itemsize).contiguous()
+    return raw.view(dtype).reshape(shape)
+
+
+def to_chunks(message: Message, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[sap_pb2.Chunk]:
+    """Serialize a message once and yield it as Chunks of at most chunk_bytes (at least one)."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes={chunk_bytes} must be > 0")
+    payload = memoryview(message.SerializeToString())
+    if len(payload) == 0:
+        yield sap_pb2.Chunk(data=b"")
+        return
+    for start in range(0, len(payload), chunk_bytes):
+        yield sap_pb2.Chunk(data=bytes(payload[start : start + chunk_bytes]))
+
+
+def from_chunks(
+    chunks: Iterable[sap_pb2.Chunk],
+    message_type: type[M],
+    *,
+    max_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> M:
+    """Join a Chunk stream and parse it as message_type, refusing more than max_bytes in total."""
+    name = message_type.DESCRIPTOR.name
+    buf = bytearray()
+    count = 0
+    for chunk in chunks:
+        count += 1
+        buf += chunk.data
+        if len(buf) > max_bytes:
+            raise InvalidInputError(
+                f"{name} stream exceeds max_bytes={max_bytes} (got {len(buf)} bytes "
+                f"after {count} chunks)"
+            )
+    if count == 0:
+        raise InvalidInputError(f"{name} stream had 0 chunks; expected at least one")
+    try:
+        return message_type.FromString(buf)  # bytearray is accepted: no second copy
+    except DecodeError as exc:
+        raise InvalidInputError(f"{name}: {len(buf)} bytes do not parse as a {name}: {exc}") from exc
+
+
+# --- domain <-> message mappings -------------------------------------------------------------
+
+
+def info_to_proto(info: ServerInfo, *, max_message_bytes: int, chunk_bytes: int) -> sap_pb2.ServerInfo:
+    """ServerInfo (domain) -> sap_pb2.ServerInfo, with the server's wire limits."""
+    return sap_pb2.ServerInfo(max_message_bytes=max_message_bytes, chunk_bytes=chunk_bytes, **asdict(info))
+
+
+def info_from_proto(msg: sap_pb2.ServerInfo) -> ServerInfo:
+    return ServerInfo(**{f.name: getattr(msg, f.name) for f in fields(ServerInfo)})
+
+
+def spec_to_proto(spec: SessionSpec) -> sap_pb2.OpenSessionRequest:
+    return sap_pb2.OpenSessionRequest(num_labels=spec.num_labels, learning_rate=spec.learning_rate,
+                                      seed=spec.seed, train_bottom=spec.train_bottom,
+                                      weight_decay=spec.weight_decay)
+
+
+def spec_from_proto(msg: sap_pb2.OpenSessionRequest) -> SessionSpec:
+    """Validating: a bad request raises InvalidInputError naming the field."""
+    try:
+        return SessionSpec(num_labels=msg.num_labels, learning_rate=msg.learning_rate, seed=msg.seed,
+                           train_bottom=msg.train_bottom, weight_decay=msg.weight_decay)
+    except ValueError as exc:
+        raise InvalidInputError(f"OpenSessionRequest: {exc}") from exc

@@ -1,0 +1,44 @@
+"""The SAP error hierarchy: domain code raises these; the servicer maps them to gRPC status codes."""
+
+
+class SapError(Exception):
+    """Base class of every error SAP raises on purpose."""
+
+
+class InvalidInputError(SapError, ValueError):
+    """A request, file or argument is malformed (bad tensor, wrong shape, bad CSV...)."""
+
+
+class InvalidTensorError(InvalidInputError):
+    """A tensor on the wire cannot be decoded: unknown dtype, byte length not matching its shape."""
+
+
+class SessionNotFoundError(SapError, KeyError):
+    """The session id is unknown or the session was closed."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "session not found"
+
+
+class StepOrderError(SapError):
+    """A training request arrived for a step that is not the next one expected."""
+
+
+class ResourceLimitError(SapError):
+    """A configured limit (sessions, batch x length, message size) would be exceeded."""
+
+
+class ModelLoadError(SapError):
+    """A model folder or alias cannot be loaded or split."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model's architecture is not one of the supported families."""
+
+
+class ServerUnavailableError(SapError):
+    """The provider cannot be reached."""
+
+
+class RemoteError(SapError):
+    """The provider answered with an error that has no more specific SAP class."""

@@ -1,0 +1,189 @@
+"""Architecture families SAP can split: how to embed, run a slice of blocks and classify for each."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
+
+from sap_common.errors import UnsupportedModelError
+
+ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
+DECODER_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+
+
+@dataclass(frozen=True)
+class Family:
+    """Names and paths that differ between encoder and decoder architectures."""
+
+    name: str  # "encoder" | "decoder"
+    # Paths inside one block, relative to the block.
+    lora_targets: tuple[str, ...]  # attention projections LoRA adapts
+    attention_out: str  # projection after attention (Houlsby adapter goes after it)
+    mlp_out: str  # projection closing the MLP (second adapter goes after it)
+
+
+ENCODER = Family(
+    name="encoder",
+    lora_targets=("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
+    attention_out="attention.output.dense",
+    mlp_out="output.dense",
+)
+DECODER = Family(
+    name="decoder",
+    lora_targets=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    attention_out="self_attn.o_proj",
+    mlp_out="mlp.down_proj",
+)
+
+
+def family_of(config: PretrainedConfig) -> Family:
+    """The family of a transformers config, or UnsupportedModelError naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ENCODER_TYPES:
+        return ENCODER
+    if model_type in DECODER_TYPES:
+        return DECODER
+    supported = ", ".join(sorted(ENCODER_TYPES | DECODER_TYPES))
+    raise UnsupportedModelError(f"model_type {model_type!r} is not supported; supported: {supported}")
+
+
+def base_blocks(base: nn.Module, family: Family) -> nn.ModuleList:
+    """The transformer blocks of a base (headless) model, in order."""
+    return base.encoder.layer if family is ENCODER else base.layers
+
+
+def embed(base_embeddings: nn.Module, family: Family, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids (B, T) -> first hidden states (B, T, H)."""
+    if family is ENCODER:
+        # BertEmbeddings/RobertaEmbeddings add positions (and zero token types) themselves.
+        return base_embeddings(input_ids=input_ids)
+    return base_embeddings(input_ids)
+
+
+def _layer_type(config: PretrainedConfig, index: int) -> str:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return layer_types[index]
+    if getattr(config, "model_type", "") == "mistral" and getattr(config, "sliding_window", None):
+        return "sliding_attention"
+    return "full_attention"
+
+
+def run_blocks(
+    config: PretrainedConfig,
+    family: Family,
+    blocks: nn.ModuleList,
+    first_index: int,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rotary: nn.Module | None,
+) -> torch.Tensor:
+    """Run blocks first_index.. of the original model on hidden (B, T, H) with a (B, T) padding mask."""
+    if len(blocks) == 0:
+        return hidden
+    if family is ENCODER:
+        mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for block in blocks:
+            hidden = block(hidden, attention_mask=mask)
+        return hidden
+    # Decoder: causal + padding masks, rotary positions 0..T-1 (right padding, as in the unsplit model).
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
+    mask_kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+                       position_ids=position_ids)
+    masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+    position_embeddings = rotary(hidden, position_ids)
+    for offset, block in enumerate(blocks):
+        kind = _layer_type(config, first_index + offset)
+        if kind not in masks:
+            masks[kind] = create_sliding_window_causal_mask(**mask_kwargs)
+        hidden = block(hidden, attention_mask=masks[kind], position_ids=position_ids,
+                       position_embeddings=position_embeddings)
+    return hidden
+
+
+class EncoderHead(nn.Module):
+    """BERT-style: pooler on the first token -> dropout -> linear classifier (as BertForSequenceClassification)."""
+
+    def __init__(self, config: PretrainedConfig, pooler: nn.Module | None, num_labels: int):
+        super().__init__()
+        self.pooler = pooler
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.pooler(hidden) if self.pooler is not None else hidden[:, 0]  # (B, H)
+        return self.classifier(self.dropout(pooled))  # (B, C)
+
+
+class RobertaHead(nn.Module):
+    """RoBERTa-style: dense + tanh on the first token -> out_proj (as RobertaClassificationHead)."""
+
+    def __init__(self, config: PretrainedConfig, num_labels: int):
+        super().__init__()
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(hidden[:, 0])  # (B, H)
+        x = self.dropout(torch.tanh(self.dense(x)))
+        return self.out_proj(x)  # (B, C)
+
+
+class LastTokenHead(nn.Module):
+    """Decoder-style: final norm, then a linear score of the last non-padding token."""
+
+    def __init__(self, config: PretrainedConfig, final_norm: nn.Module, num_labels: int):
+        super().__init__()
+        self.norm = final_norm
+        self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.norm(hidden)
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        # Rightmost real token: works for right and left padding alike.
+        last = (positions * attention_mask.to(positions.dtype)).argmax(-1)  # (B,)
+        return self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # (B, C)
+
+
+def new_head(config: PretrainedConfig, base: nn.Module, num_labels: int, generator: torch.Generator) -> nn.Module:
+    """A freshly initialised classification head over the base's frozen pooler or final norm."""
+    family = family_of(config)
+    if family is DECODER:
+        head = LastTokenHead(config, base.norm, num_labels)
+    elif config.model_type == "bert":
+        head = EncoderHead(config, getattr(base, "pooler", None), num_labels)
+    else:
+        head = RobertaHead(config, num_labels)
+    std = getattr(config, "initializer_range", 0.02)
+    for module in head.modules():
+        if isinstance(module, nn.Linear) and _is_new(module, base):
+            with torch.no_grad():
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                if module.bias is not None:
+                    module.bias.zero_()
+    return head
+
+
+def _is_new(module: nn.Module, base: nn.Module) -> bool:
+    return all(module is not existing for existing in base.modules())
+
+
+def truncated_config(config: PretrainedConfig, num_blocks: int) -> PretrainedConfig:
+    """A copy of config describing only the first num_blocks blocks (the user's bottom)."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = num_blocks
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types[:num_blocks])
+    return config

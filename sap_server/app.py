@@ -1,0 +1,59 @@
+"""Build, start and gracefully stop the gRPC server around a Provider."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from sap_common import codec
+from sap_common.proto import sap_pb2_grpc
+from sap_server.provider import Provider
+from sap_server.servicer import SplitLearningServicer
+
+log = logging.getLogger(__name__)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Explicit message caps (the 4 MiB gRPC default is too small for hidden states)."""
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def start_server(provider: Provider, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8,
+                 chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+                 max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
+    """Start serving; returns the server and the port it really listens on (port 0 picks a free one)."""
+    if chunk_bytes >= max_message_bytes:
+        raise ValueError(f"chunk_bytes ({chunk_bytes}) must be below max_message_bytes ({max_message_bytes})")
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sap-rpc"),
+                         options=channel_options(max_message_bytes))
+    servicer = SplitLearningServicer(provider, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes)
+    sap_pb2_grpc.add_SplitLearningServicer_to_server(servicer, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return server, bound
+
+
+def serve_until_signal(server: grpc.Server, *, grace: float = 5.0) -> None:
+    """Block until SIGTERM or SIGINT, then stop accepting calls and let running ones finish."""
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
+            pass
+    finally:
+        server.stop(grace).wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,83 @@
+"""sap-server: the provider's command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from sap_common.errors import SapError
+from sap_common.models.registry import ALIASES, DEFAULT_MODEL
+from sap_server.peft import PEFT_METHODS, PeftConfig
+
+log = logging.getLogger("sap_server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    aliases = "; ".join(f"{name}: {what}" for name, what in ALIASES.items())
+    parser = argparse.ArgumentParser(
+        prog="sap-server",
+        description="Serve the top of a pretrained model for split fine-tuning (Split-and-Privatize). "
+                    "Users download the bottom blocks, run them locally, and send (noisy) hidden states; "
+                    "this server runs the top blocks with PEFT and never sees text or labels.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"model alias or local Hugging Face folder (default {DEFAULT_MODEL}). Aliases: {aliases}")
+    parser.add_argument("--split", type=int, default=6,
+                        help="k: blocks 0..k-1 go to the user, k..L-1 stay here; 0 = embeddings only (default 6)")
+    parser.add_argument("--peft", choices=PEFT_METHODS, default="lora", help="how the top is tuned (default lora)")
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    parser.add_argument("--adapter-size", type=int, default=64, help="Adapter bottleneck width (default 64)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
+                        "0.0.0.0 to accept other machines)")
+    parser.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    parser.add_argument("--max-sessions", type=int, default=16, help="most sessions held at once (default 16)")
+    parser.add_argument("--workers", type=int, default=8, help="RPC worker threads (default 8)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    if args.split < 0:
+        parser.error(f"--split must be >= 0, got {args.split}")
+    try:
+        peft = PeftConfig(method=args.peft, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                          adapter_size=args.adapter_size)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch at run time
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from sap_server.app import serve_until_signal, start_server
+    from sap_server.provider import Provider
+
+    try:
+        provider = Provider.load(args.model, args.split, peft, max_sessions=args.max_sessions)
+        server, port = start_server(provider, args.host, args.port, workers=args.workers)
+    except (SapError, OSError) as exc:
+        print(f"sap-server: error: {exc}", file=sys.stderr)
+        return 1
+    info = provider.info
+    log.info("serving %s (%s), split %d of %d blocks, %s", info.model_id, info.model_type, info.split,
+             info.total_blocks, info.peft)
+    print(f"sap-server listening on {args.host}:{port}", flush=True)
+    try:
+        serve_until_signal(server)
+    finally:
+        provider.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""LocalTopService: the TopService interface in-process, so the user's training loop runs without a network."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from sap_common.models.bundle import bundle_files
+from sap_common.service import BackwardResult, ServerInfo, SessionSpec
+from sap_server.provider import Provider
+
+
+class LocalTopService:
+    """Calls the provider's sessions directly: the same code the gRPC servicer calls."""
+
+    def __init__(self, provider: Provider):
+        self.provider = provider
+
+    def server_info(self) -> ServerInfo:
+        return self.provider.info
+
+    def download_bottom(self, destination: Path) -> None:
+        for relative in bundle_files(self.provider.bundle_dir):
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.provider.bundle_dir / relative, target)
+
+    def open_session(self, spec: SessionSpec) -> str:
+        session_id, _ = self.provider.sessions.open(spec)
+        return session_id
+
+    def forward(self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        trainer = self.provider.sessions.get(session_id)
+        with trainer.lock:
+            # detach+clone: the provider must never share a graph or storage with the user's tensors
+            return trainer.forward(step, hidden.detach().clone(), attention_mask.detach().clone())
+
+    def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult:
+        trainer = self.provider.sessions.get(session_id)
+        with trainer.lock:
+            return trainer.backward(step, grad_logits.detach().clone())
+
+    def evaluate(self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        trainer = self.provider.sessions.get(session_id)
+        with trainer.lock:
+            return trainer.evaluate(hidden.detach().clone(), attention_mask.detach().clone())
+
+    def close_session(self, session_id: str) -> int:
+        return self.provider.sessions.close(session_id)

@@ -1,0 +1,101 @@
+"""TopTrainer: one session's trainable top (PEFT parameters + head + optimizer), step by step."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from sap_common.errors import InvalidInputError, StepOrderError
+from sap_common.models.split import TopModel
+from sap_common.service import BackwardResult
+
+
+@dataclass
+class _Pending:
+    step: int
+    hidden: torch.Tensor  # leaf; its .grad is dL/dhidden when the bottom trains
+    logits: torch.Tensor
+
+
+class TopTrainer:
+    """Runs Forward/Backward for one session and applies each optimizer step exactly once."""
+
+    def __init__(self, top: TopModel, *, learning_rate: float, weight_decay: float, train_bottom: bool):
+        self.top = top
+        self.train_bottom = train_bottom
+        self.parameters = [p for p in top.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, weight_decay=weight_decay)
+        self.steps_applied = 0
+        self.lock = threading.Lock()
+        self._pending: _Pending | None = None
+        self._last_reply: BackwardResult | None = None
+        self._param = next(top.parameters())
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters)
+
+    def forward(self, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Training forward of `step` (must be the next step); keeps the graph until backward."""
+        expected = self.steps_applied + 1
+        if step != expected:
+            raise StepOrderError(f"forward for step {step} but the next step is {expected}")
+        hidden, attention_mask = self._check_inputs(hidden, attention_mask)
+        hidden.requires_grad_(self.train_bottom)
+        self.top.train()
+        logits = self.top(hidden, attention_mask)  # (B, C)
+        self._pending = _Pending(step=step, hidden=hidden, logits=logits)
+        return logits.detach().float()
+
+    def backward(self, step: int, grad_logits: torch.Tensor) -> BackwardResult:
+        """Back-propagate dL/dlogits of `step` and apply the optimizer step; a retry is replayed."""
+        if self._last_reply is not None and step == self._last_reply.applied_step:
+            return BackwardResult(step, True, self._last_reply.grad_hidden)
+        pending = self._pending
+        if pending is None or pending.step != step:
+            have = "no forward is pending" if pending is None else f"the pending forward is step {pending.step}"
+            raise StepOrderError(f"backward for step {step} but {have}; the next step is {self.steps_applied + 1}")
+        if tuple(grad_logits.shape) != tuple(pending.logits.shape):
+            raise InvalidInputError(f"grad_logits has shape {tuple(grad_logits.shape)}, "
+                                    f"expected {tuple(pending.logits.shape)} (the logits of step {step})")
+        _check_finite("grad_logits", grad_logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        pending.logits.backward(grad_logits.to(pending.logits.dtype))
+        self.optimizer.step()
+        self.steps_applied = step
+        self._pending = None
+        grad_hidden = pending.hidden.grad.detach().float() if self.train_bottom else None
+        self._last_reply = BackwardResult(step, False, grad_hidden)
+        return self._last_reply
+
+    @torch.no_grad()
+    def evaluate(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden, attention_mask = self._check_inputs(hidden, attention_mask)
+        self.top.eval()
+        return self.top(hidden, attention_mask).float()
+
+    def _check_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.top.config.hidden_size
+        if hidden.dim() != 3 or hidden.shape[-1] != size:
+            raise InvalidInputError(f"hidden_states has shape {tuple(hidden.shape)}, expected (B, T, {size})")
+        if not hidden.is_floating_point():
+            raise InvalidInputError(f"hidden_states has dtype {hidden.dtype}, expected a float dtype")
+        if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
+            raise InvalidInputError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                    f"expected {tuple(hidden.shape[:2])} to match hidden_states")
+        if hidden.shape[0] == 0 or hidden.shape[1] == 0:
+            raise InvalidInputError(f"hidden_states is empty: shape {tuple(hidden.shape)}")
+        if ((attention_mask != 0) & (attention_mask != 1)).any():
+            raise InvalidInputError("attention_mask must hold only 0 and 1")
+        if (attention_mask.sum(-1) == 0).any():
+            raise InvalidInputError("attention_mask has a row with no real token")
+        _check_finite("hidden_states", hidden)
+        hidden = hidden.to(device=self._param.device, dtype=self._param.dtype)
+        return hidden, attention_mask.to(device=self._param.device, dtype=torch.long)
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise InvalidInputError(f"{name} holds NaN or Inf values")
