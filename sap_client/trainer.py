@@ -161,6 +161,7 @@ class SplitTrainer:
             "examples": examples,
             "train_examples": len(train),
             "eval_examples": len(eval_data),
+            "eval_majority": max(eval_data.labels.count(c) for c in set(eval_data.labels)) / len(eval_data),
             "seconds": seconds,
             "examples_per_second": examples / seconds if seconds > 0 else 0.0,
             "history": history,

