@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
+from sap_client.cti import CTI_MODES
 from sap_common.errors import SapError
 
 log = logging.getLogger("sap_client")
@@ -47,7 +49,56 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also fine-tune the bottom blocks here (the server returns dL/dhidden)")
     train.add_argument("--out", type=Path, help="run folder for metrics.json and run.json "
                        "(default runs/YYYYmmdd-HHMMSS)")
+    noise = train.add_argument_group("privacy noise (d_chi-privacy on every token vector sent)")
+    level = noise.add_mutually_exclusive_group()
+    level.add_argument("--eta", type=_eta, default=None, metavar="ETA|none",
+                       help="noise parameter: E||noise|| = hidden_size / ETA, so smaller is noisier; "
+                            "'none' (the default) sends clean vectors")
+    level.add_argument("--noise-ratio", type=float, metavar="R",
+                       help="set eta so the expected noise norm is R times the mean hidden-state norm "
+                            "measured on the training data (nearest-neighbour inversion at k=0 on MiniLM: "
+                            "R<=3 recovers >95%% of tokens, R=4 ~71%%, R=6 ~20%%, R=8 ~7%%)")
+    noise.add_argument("--cti", action="store_true",
+                       help="contributing token identification: task-critical tokens get less noise "
+                            "(statistics from the training split, kept in RUN_DIR)")
+    noise.add_argument("--cti-mode", choices=CTI_MODES, default="scale",
+                       help="scale: eta x max(importance, floor); exempt: no noise on the top tokens per class")
+    noise.add_argument("--cti-floor", type=float, default=0.6, help="scale mode floor (default 0.6)")
+    noise.add_argument("--cti-top", type=float, default=0.1, help="exempt mode: fraction per class (default 0.1)")
+    noise.add_argument("--fresh-noise", action="store_true",
+                       help="draw new noise every epoch (default: each example's noisy vectors are drawn once "
+                            "and re-sent, since averaging several noisy copies strips the noise)")
+
+    for name, what in (("predict", "write predictions for a CSV through a trained run"),
+                       ("evaluate", "accuracy and macro-F1 of a trained run on a labelled CSV")):
+        cmd = commands.add_parser(name, help=what, description=what.capitalize() + ", with the run's split, "
+                                  "noise settings and kept adapter (works from a new process, and after a server "
+                                  "restart with the same --state-dir).")
+        cmd.add_argument("data", type=Path, metavar="DATA.csv")
+        cmd.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="the --out of sap-client train")
+        cmd.add_argument("--server", default=os.environ.get("SAP_SERVER"),
+                         help="sap-server HOST:PORT (default $SAP_SERVER, else the run's server)")
+        cmd.add_argument("--text-column", help="default: the run's text column")
+        if name == "predict":
+            cmd.add_argument("--out", type=Path, required=True, metavar="PREDS.csv",
+                             help="output: row, label, p_<label> per class")
+        else:
+            cmd.add_argument("--label-column", help="default: the run's label column")
+            cmd.add_argument("--out", type=Path, metavar="EVAL.json",
+                             help="where to write the figures (default RUN_DIR/evaluation.json)")
     return parser
+
+
+def _eta(value: str) -> float | None:
+    if value.lower() == "none":
+        return None
+    try:
+        eta = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'none', got {value!r}") from None
+    if not math.isfinite(eta) or eta <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'none', got {value!r}")
+    return eta
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -60,43 +111,37 @@ def _configure_logging(verbose: bool) -> None:
     hf_logging.disable_progress_bar()
 
 
-def run_train(args: argparse.Namespace, config) -> int:
-    from sap_client.bottom import load_server_bottom
-    from sap_client.data import load_labelled_csv, stratified_split
-    from sap_client.remote import RemoteTopService
-    from sap_client.trainer import SplitTrainer
+def run_train(args: argparse.Namespace, config, noise) -> int:
+    from sap_client.commands import train
 
-    data = load_labelled_csv(args.data, args.text_column, args.label_column)
-    if args.max_examples:
-        data = data.subset(list(range(min(args.max_examples, len(data)))))
-    if args.eval:
-        train, held = data, load_labelled_csv(args.eval, args.text_column, args.label_column, data.label_names)
-    else:
-        train, held = stratified_split(data, args.eval_fraction, args.seed)
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    with RemoteTopService(args.server) as service:
-        info = service.server_info()
-        bottom, tokenizer, _ = load_server_bottom(service, info)
-        download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
-        log.info("server %s: %s (%s), split %d/%d, %s; %d train / %d eval examples, %d classes",
-                 args.server, info.model_id, info.model_type, info.split, info.total_blocks, info.peft,
-                 len(train), len(held), len(data.label_names))
-        trainer = SplitTrainer(bottom, tokenizer, service, config)
-        session_id = trainer.open(len(data.label_names))
-        metrics = trainer.fit(train, held)
-        service.close_session(session_id)
-        metrics.update(bytes_sent=service.bytes_sent, bytes_received=service.bytes_received, split=info.split,
-                       total_blocks=info.total_blocks, peft=info.peft, model=info.model_id,
-                       label_names=data.label_names, train_bottom=config.train_bottom,
-                       bottom_download_bytes=download_bytes)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "run.json").write_text(json.dumps({"server": args.server, "data": str(args.data),
-                                              "config": vars(config), "label_names": data.label_names,
-                                              "text_column": args.text_column,
-                                              "label_column": args.label_column}, indent=2) + "\n")
+    metrics = train(args.data, server=args.server, out=out, config=config, noise=noise,
+                    text_column=args.text_column, label_column=args.label_column, eval_path=args.eval,
+                    eval_fraction=args.eval_fraction, max_examples=args.max_examples)
+    noise_note = (f"noise eta {metrics['eta']:.4g} (noise/signal {metrics['noise_to_signal']:.2f}"
+                  f"{', CTI' if metrics['cti'] else ''})" if metrics["eta"] else "no noise")
     print(f"eval accuracy {metrics['eval_accuracy']:.4f} after {metrics['steps']} steps "
-          f"({metrics['seconds']:.1f} s); metrics in {out / 'metrics.json'}")
+          f"({metrics['seconds']:.1f} s, {noise_note}); run in {out}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from sap_client.commands import predict
+
+    rows = predict(args.data, run_path=args.run, server=args.server, out=args.out, text_column=args.text_column)
+    print(f"{rows} predictions written to {args.out}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from sap_client.commands import evaluate
+
+    figures = evaluate(args.data, run_path=args.run, server=args.server, text_column=args.text_column,
+                       label_column=args.label_column)
+    out = args.out or args.run / "evaluation.json"
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"accuracy {figures['accuracy']:.4f}, macro-F1 {figures['macro_f1']:.4f} on {figures['examples']} "
+          f"examples; written to {out}")
     return 0
 
 
@@ -113,10 +158,21 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
         if args.eval is None and not 0 < args.eval_fraction < 1:
             parser.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+        from sap_client.privacy import NoiseConfig
+
+        try:
+            noise = NoiseConfig(eta=args.eta, noise_ratio=args.noise_ratio, cti=args.cti, cti_mode=args.cti_mode,
+                                cti_floor=args.cti_floor, cti_top=args.cti_top, fresh_noise=args.fresh_noise)
+        except ValueError as exc:
+            parser.error(str(exc))
     _configure_logging(args.verbose)
     try:
         if args.command == "train":
-            return run_train(args, config)
+            return run_train(args, config, noise)
+        if args.command == "predict":
+            return run_predict(args)
+        if args.command == "evaluate":
+            return run_evaluate(args)
     except (SapError, ValueError) as exc:
         print(f"sap-client: error: {exc}", file=sys.stderr)
         return 1

@@ -108,6 +108,14 @@ class RemoteTopService:
     def close_session(self, session_id: str) -> int:
         return self._call(self._stub.CloseSession, sap_pb2.CloseSessionRequest(session_id=session_id)).steps_applied
 
+    def finish_session(self, session_id: str) -> str:
+        request = sap_pb2.CloseSessionRequest(session_id=session_id, keep=True)
+        return self._call(self._stub.CloseSession, request).adapter_id
+
+    def attach_adapter(self, adapter_id: str) -> tuple[str, int]:
+        reply = self._call(self._stub.OpenSession, sap_pb2.OpenSessionRequest(adapter_id=adapter_id))
+        return reply.session_id, reply.num_labels
+
     # --- plumbing ---------------------------------------------------------------------------
 
     def _call(self, method, request):

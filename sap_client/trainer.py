@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -13,13 +12,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from sap_client.data import TextDataset
+from sap_client.privacy import Privatizer
 from sap_common.models.split import BottomModel
 from sap_common.service import SessionSpec, TopService
 
 log = logging.getLogger(__name__)
 
-# hidden (B, T, H), attention_mask (B, T) -> what is sent; the privacy layer plugs in here.
-Privatizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -53,19 +51,24 @@ class SplitTrainer:
     """Runs the bottom locally and the top through a TopService, one step at a time."""
 
     def __init__(self, bottom: BottomModel, tokenizer: PreTrainedTokenizerBase, service: TopService,
-                 config: TrainConfig, privatize: Privatizer | None = None):
+                 config: TrainConfig, privatizer: Privatizer | None = None, *, fresh_noise: bool = False):
         self.bottom = bottom
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"
         self.service = service
         self.config = config
-        self.privatize = privatize
+        self.privatizer = privatizer
+        self.fresh_noise = fresh_noise
         self.session_id: str | None = None
         self.steps = 0
         self.bottom.requires_grad_(config.train_bottom)
         self.bottom_optimizer = (torch.optim.AdamW(self.bottom.parameters(), lr=config.learning_rate,
                                                    weight_decay=config.weight_decay)
                                  if config.train_bottom else None)
+        # One observation per example: with a frozen bottom each training example's sent tensor
+        # (real tokens only, (len, H)) is computed once and re-sent unchanged in later epochs.
+        self.reuse_sent = not config.train_bottom and not fresh_noise
+        self._sent_cache: dict[int, torch.Tensor] = {}
 
     def open(self, num_labels: int) -> str:
         spec = SessionSpec(num_labels=num_labels, learning_rate=self.config.learning_rate, seed=self.config.seed,
@@ -79,8 +82,11 @@ class SplitTrainer:
                                return_tensors="pt")
         return batch["input_ids"], batch["attention_mask"]
 
-    def _outgoing(self, input_ids: torch.Tensor, mask: torch.Tensor, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden with graph, the tensor that is sent)."""
+    def _outgoing(self, texts: list[str], labels: torch.Tensor | None, *, train: bool,
+                  epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden with graph, the tensor that is sent, mask). Padding is sent as zeros, never as
+        bottom outputs: at k >= 1 those mix in the real tokens."""
+        input_ids, mask = self.encode(texts)
         if train and self.config.train_bottom:
             self.bottom.train()
             hidden = self.bottom(input_ids, mask)  # (B, T, H)
@@ -88,16 +94,34 @@ class SplitTrainer:
             self.bottom.eval()
             with torch.no_grad():
                 hidden = self.bottom(input_ids, mask)
-        sent = hidden.detach()
-        if self.privatize is not None:
-            sent = self.privatize(sent, mask)
-        return hidden, sent
+        if self.privatizer is None:
+            sent = hidden.detach() * mask.unsqueeze(-1).to(hidden.dtype)
+        else:
+            tag = f"\0epoch={epoch}" if train and self.fresh_noise else ""
+            keys = [(text + tag).encode() for text in texts]
+            sent = self.privatizer(hidden, mask, input_ids, labels, keys)
+        return hidden, sent, mask
 
-    def step(self, texts: list[str], labels: torch.Tensor) -> float:
-        """One optimizer step on both sides; returns the batch loss."""
+    def _cached(self, ids: list[int] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.reuse_sent or ids is None or not all(i in self._sent_cache for i in ids):
+            return None
+        rows = [self._sent_cache[i] for i in ids]
+        lengths = torch.tensor([len(r) for r in rows])
+        sent = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, T, H), zero padding
+        mask = (torch.arange(sent.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
+        return sent, mask
+
+    def step(self, texts: list[str], labels: torch.Tensor, *, ids: list[int] | None = None, epoch: int = 1) -> float:
+        """One optimizer step on both sides; returns the batch loss. ids name the examples (for reuse)."""
         step = self.steps + 1
-        input_ids, mask = self.encode(texts)
-        hidden, sent = self._outgoing(input_ids, mask, train=True)
+        cached = self._cached(ids)
+        if cached is not None:
+            hidden, (sent, mask) = None, cached
+        else:
+            hidden, sent, mask = self._outgoing(texts, labels, train=True, epoch=epoch)
+            if self.reuse_sent and ids is not None:
+                for row, i in enumerate(ids):
+                    self._sent_cache[i] = sent[row, : int(mask[row].sum())].clone()
         logits = self.service.forward(self.session_id, step, sent, mask).requires_grad_(True)  # (B, C)
         loss = F.cross_entropy(logits, labels)
         (grad_logits,) = torch.autograd.grad(loss, logits)
@@ -111,7 +135,8 @@ class SplitTrainer:
         self.steps = result.applied_step
         return loss.item()
 
-    def train_epoch(self, data: TextDataset, generator: torch.Generator, description: str = "train") -> float:
+    def train_epoch(self, data: TextDataset, generator: torch.Generator, description: str = "train",
+                    epoch: int = 1) -> float:
         """One pass in a seeded random order; returns the mean batch loss."""
         order = torch.randperm(len(data), generator=generator).tolist()
         size = self.config.batch_size
@@ -119,7 +144,8 @@ class SplitTrainer:
         with tqdm(range(0, len(order), size), desc=description, unit="step", disable=None, leave=False) as bar:
             for start in bar:
                 batch = order[start:start + size]
-                loss = self.step([data.texts[i] for i in batch], torch.tensor([data.labels[i] for i in batch]))
+                loss = self.step([data.texts[i] for i in batch], torch.tensor([data.labels[i] for i in batch]),
+                                 ids=batch, epoch=epoch)
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
         return sum(losses) / len(losses)
@@ -129,8 +155,7 @@ class SplitTrainer:
         size = batch_size or self.config.batch_size
         out = []
         for start in tqdm(range(0, len(texts), size), desc="predict", unit="batch", disable=None, leave=False):
-            input_ids, mask = self.encode(texts[start:start + size])
-            _, sent = self._outgoing(input_ids, mask, train=False)
+            _, sent, mask = self._outgoing(texts[start:start + size], None, train=False)
             out.append(torch.softmax(self.service.evaluate(self.session_id, sent, mask).float(), dim=-1))
         return torch.cat(out)
 
@@ -148,7 +173,8 @@ class SplitTrainer:
         started = time.perf_counter()
         history = []
         for epoch in range(1, self.config.epochs + 1):
-            loss = self.train_epoch(train, generator, description=f"epoch {epoch}/{self.config.epochs}")
+            loss = self.train_epoch(train, generator, description=f"epoch {epoch}/{self.config.epochs}",
+                                    epoch=epoch)
             accuracy = self.evaluate(eval_data).accuracy
             history.append({"epoch": epoch, "train_loss": loss, "eval_accuracy": accuracy})
             log.info("epoch %d/%d: train loss %.4f, eval accuracy %.4f", epoch, self.config.epochs, loss, accuracy)
@@ -166,3 +192,15 @@ class SplitTrainer:
             "examples_per_second": examples / seconds if seconds > 0 else 0.0,
             "history": history,
         }
+
+    @torch.no_grad()
+    def mean_hidden_norm(self, texts: list[str]) -> float:
+        """Mean L2 norm of the bottom's clean output over the real tokens of texts."""
+        self.bottom.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(texts), self.config.batch_size):
+            input_ids, mask = self.encode(texts[start:start + self.config.batch_size])
+            norms = self.bottom(input_ids, mask).norm(dim=-1)  # (B, T)
+            total += norms[mask.bool()].sum().item()
+            count += int(mask.sum())
+        return total / count

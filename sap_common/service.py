@@ -68,3 +68,9 @@ class TopService(Protocol):
 
     def close_session(self, session_id: str) -> int:
         """Close the session; returns the number of optimizer steps it applied."""
+
+    def finish_session(self, session_id: str) -> str:
+        """Close the session keeping its trained adapter on the provider; returns the adapter id."""
+
+    def attach_adapter(self, adapter_id: str) -> tuple[str, int]:
+        """Open a session on a kept adapter (e.g. from a new process); returns (session id, num_labels)."""

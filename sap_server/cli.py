@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from sap_common.errors import SapError
 from sap_common.models.registry import ALIASES, DEFAULT_MODEL
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
                         "0.0.0.0 to accept other machines)")
     parser.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    parser.add_argument("--state-dir", type=Path, default=os.environ.get("SAP_STATE_DIR") or None,
+                        help="folder where kept adapters are stored, so users can reattach for prediction "
+                             "after a server restart (default $SAP_STATE_DIR; without it adapters live in memory)")
     parser.add_argument("--max-sessions", type=int, default=16, help="most sessions held at once (default 16)")
     parser.add_argument("--workers", type=int, default=8, help="RPC worker threads (default 8)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from sap_server.provider import Provider
 
     try:
-        provider = Provider.load(args.model, args.split, peft, max_sessions=args.max_sessions)
+        provider = Provider.load(args.model, args.split, peft, max_sessions=args.max_sessions,
+                                 state_dir=args.state_dir)
         server, port = start_server(provider, args.host, args.port, workers=args.workers)
     except (SapError, OSError) as exc:
         print(f"sap-server: error: {exc}", file=sys.stderr)

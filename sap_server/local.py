@@ -49,3 +49,12 @@ class LocalTopService:
 
     def close_session(self, session_id: str) -> int:
         return self.provider.sessions.close(session_id)
+
+    def finish_session(self, session_id: str) -> str:
+        adapter_id = self.provider.keep_adapter(session_id)
+        self.provider.sessions.close(session_id)
+        return adapter_id
+
+    def attach_adapter(self, adapter_id: str) -> tuple[str, int]:
+        session_id, trainer = self.provider.attach_adapter(adapter_id)
+        return session_id, trainer.num_labels

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,9 +16,11 @@ from sap_common.errors import ModelLoadError
 from sap_common.models.bundle import bundle_sha256, export_bottom
 from sap_common.models.registry import LoadedModel, load_model
 from sap_common.models.split import split_base
-from sap_common.service import ServerInfo
+from sap_common.service import ServerInfo, SessionSpec
+from sap_server.adapters import AdapterRecord, AdapterStore
 from sap_server.peft import PeftConfig
 from sap_server.sessions import SessionManager
+from sap_server.trainer import TopTrainer
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +30,12 @@ class Provider:
     info: ServerInfo
     sessions: SessionManager
     bundle_dir: Path
+    adapters: AdapterStore = field(default_factory=AdapterStore)
     _owns_bundle_dir: bool = False
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, split: int, peft: PeftConfig, *, max_sessions: int = 16,
-                    bundle_dir: Path | None = None) -> Provider:
+                    bundle_dir: Path | None = None, state_dir: Path | None = None) -> Provider:
         """Cut the loaded model at `split` and write the bottom bundle users download."""
         base = loaded.base
         total = base.config.num_hidden_layers
@@ -46,15 +50,41 @@ class Provider:
                           model_type=meta.model_type, split=split, total_blocks=total,
                           hidden_size=meta.hidden_size, peft=peft.method, bottom_sha256=bundle_sha256(bundle_dir))
         sessions = SessionManager(top, base, peft, max_sessions=max_sessions)
-        return cls(info=info, sessions=sessions, bundle_dir=bundle_dir, _owns_bundle_dir=owns)
+        return cls(info=info, sessions=sessions, bundle_dir=bundle_dir, adapters=AdapterStore(state_dir),
+                   _owns_bundle_dir=owns)
 
     @classmethod
     def load(cls, model: str, split: int, peft: PeftConfig, *, dtype: torch.dtype = torch.float32,
-             max_sessions: int = 16) -> Provider:
+             max_sessions: int = 16, state_dir: Path | None = None) -> Provider:
         loaded = load_model(model, dtype=dtype)
         log.info("loaded %s: %s, %d blocks, hidden %d", loaded.model_id, loaded.base.config.model_type,
                  loaded.base.config.num_hidden_layers, loaded.base.config.hidden_size)
-        return cls.from_loaded(loaded, split, peft, max_sessions=max_sessions)
+        return cls.from_loaded(loaded, split, peft, max_sessions=max_sessions, state_dir=state_dir)
+
+    def keep_adapter(self, session_id: str) -> str:
+        """Store the session's trained weights under a new random id (disk too, with a state dir)."""
+        trainer = self.sessions.get(session_id)
+        with trainer.lock:
+            record = AdapterRecord(adapter_id=secrets.token_hex(16), model_id=self.info.model_id,
+                                   split=self.info.split, peft=asdict(self.sessions.peft),
+                                   num_labels=trainer.num_labels, seed=trainer.seed,
+                                   steps_applied=trainer.steps_applied, state=trainer.trainable_state())
+        self.adapters.put(record)
+        log.info("adapter %s… kept (%d steps)", record.adapter_id[:8], record.steps_applied)
+        return record.adapter_id
+
+    def attach_adapter(self, adapter_id: str, *, learning_rate: float = 5e-4,
+                       weight_decay: float = 0.0) -> tuple[str, TopTrainer]:
+        """A new session starting from a stored adapter (to predict, or to train on)."""
+        record = self.adapters.get(adapter_id)
+        expected = (self.info.model_id, self.info.split, asdict(self.sessions.peft))
+        if (record.model_id, record.split, record.peft) != expected:
+            raise ModelLoadError(f"adapter {adapter_id[:8]}… was trained for {record.model_id} split {record.split} "
+                                 f"{record.peft['method']}; this server serves {self.info.model_id} split "
+                                 f"{self.info.split} {self.sessions.peft.method}")
+        spec = SessionSpec(num_labels=record.num_labels, learning_rate=learning_rate, seed=record.seed,
+                           weight_decay=weight_decay)
+        return self.sessions.open(spec, state=record.state, steps_applied=record.steps_applied)
 
     def close(self) -> None:
         if self._owns_bundle_dir:

@@ -89,12 +89,19 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     @_rpc
     def OpenSession(self, request, context):
-        session_id, trainer = self.provider.sessions.open(codec.spec_from_proto(request))
-        return sap_pb2.OpenSessionReply(session_id=session_id, trainable_parameters=trainer.trainable_parameters)
+        if request.adapter_id:
+            session_id, trainer = self.provider.attach_adapter(
+                request.adapter_id, learning_rate=request.learning_rate or 5e-4, weight_decay=request.weight_decay)
+        else:
+            session_id, trainer = self.provider.sessions.open(codec.spec_from_proto(request))
+        return sap_pb2.OpenSessionReply(session_id=session_id, trainable_parameters=trainer.trainable_parameters,
+                                        num_labels=trainer.num_labels, steps_applied=trainer.steps_applied)
 
     @_rpc
     def CloseSession(self, request, context):
-        return sap_pb2.CloseSessionReply(steps_applied=self.provider.sessions.close(request.session_id))
+        adapter_id = self.provider.keep_adapter(request.session_id) if request.keep else ""
+        return sap_pb2.CloseSessionReply(steps_applied=self.provider.sessions.close(request.session_id),
+                                         adapter_id=adapter_id)
 
     @_streaming_rpc
     def Forward(self, request_iterator, context):

@@ -55,14 +55,18 @@ class SessionManager:
         self._sessions: dict[str, TopTrainer] = {}
         self._lock = threading.Lock()
 
-    def open(self, spec: SessionSpec) -> tuple[str, TopTrainer]:
+    def open(self, spec: SessionSpec, *, state: dict[str, torch.Tensor] | None = None,
+             steps_applied: int = 0) -> tuple[str, TopTrainer]:
+        """A new session; with `state`, its trainable weights are restored from a stored adapter."""
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 raise ResourceLimitError(f"the server already holds {self.max_sessions} sessions "
                                          f"(--max-sessions); close one first")
             top = build_session_top(self.template, self.base, self.peft, spec.num_labels, spec.seed)
             trainer = TopTrainer(top, learning_rate=spec.learning_rate, weight_decay=spec.weight_decay,
-                                 train_bottom=spec.train_bottom)
+                                 train_bottom=spec.train_bottom, num_labels=spec.num_labels, seed=spec.seed)
+            if state is not None:
+                trainer.load_trainable_state(state, steps_applied)
             session_id = secrets.token_hex(16)
             self._sessions[session_id] = trainer
         log.info("session %s… opened: %d labels, %d trainable parameters", session_id[:8], spec.num_labels,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sap_common.errors import InvalidInputError, StepOrderError
+from sap_common.errors import InvalidInputError, ModelLoadError, StepOrderError
 from sap_common.models.split import TopModel
 from sap_common.service import BackwardResult
 
@@ -22,8 +22,11 @@ class _Pending:
 class TopTrainer:
     """Runs Forward/Backward for one session and applies each optimizer step exactly once."""
 
-    def __init__(self, top: TopModel, *, learning_rate: float, weight_decay: float, train_bottom: bool):
+    def __init__(self, top: TopModel, *, learning_rate: float, weight_decay: float, train_bottom: bool,
+                 num_labels: int = 0, seed: int = 0):
         self.top = top
+        self.num_labels = num_labels
+        self.seed = seed
         self.train_bottom = train_bottom
         self.parameters = [p for p in top.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, weight_decay=weight_decay)
@@ -36,6 +39,25 @@ class TopTrainer:
     @property
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the trainable weights (PEFT parameters and head), named as in the TopModel."""
+        return {name: p.detach().clone() for name, p in self.top.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor], steps_applied: int) -> None:
+        """Restore weights saved by trainable_state (the optimizer state starts afresh)."""
+        params = {name: p for name, p in self.top.named_parameters() if p.requires_grad}
+        if params.keys() != state.keys():
+            missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+            raise ModelLoadError(f"stored adapter does not fit this server's top: missing {missing[:3]}, "
+                                 f"unexpected {extra[:3]}")
+        with torch.no_grad():
+            for name, param in params.items():
+                if state[name].shape != param.shape:
+                    raise ModelLoadError(f"stored adapter tensor {name} has shape {tuple(state[name].shape)}, "
+                                         f"expected {tuple(param.shape)}")
+                param.copy_(state[name])
+        self.steps_applied = steps_applied
 
     def forward(self, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Training forward of `step` (must be the next step); keeps the graph until backward."""

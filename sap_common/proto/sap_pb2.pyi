@@ -69,38 +69,48 @@ class FileChunk(_message.Message):
     def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("num_labels", "learning_rate", "seed", "train_bottom", "weight_decay")
+    __slots__ = ("num_labels", "learning_rate", "seed", "train_bottom", "weight_decay", "adapter_id")
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TRAIN_BOTTOM_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     num_labels: int
     learning_rate: float
     seed: int
     train_bottom: bool
     weight_decay: float
-    def __init__(self, num_labels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., train_bottom: _Optional[bool] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+    adapter_id: str
+    def __init__(self, num_labels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., train_bottom: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., adapter_id: _Optional[str] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
-    __slots__ = ("session_id", "trainable_parameters")
+    __slots__ = ("session_id", "trainable_parameters", "num_labels", "steps_applied")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     trainable_parameters: int
-    def __init__(self, session_id: _Optional[str] = ..., trainable_parameters: _Optional[int] = ...) -> None: ...
+    num_labels: int
+    steps_applied: int
+    def __init__(self, session_id: _Optional[str] = ..., trainable_parameters: _Optional[int] = ..., num_labels: _Optional[int] = ..., steps_applied: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "keep")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    keep: bool
+    def __init__(self, session_id: _Optional[str] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class CloseSessionReply(_message.Message):
-    __slots__ = ("steps_applied",)
+    __slots__ = ("steps_applied", "adapter_id")
     STEPS_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     steps_applied: int
-    def __init__(self, steps_applied: _Optional[int] = ...) -> None: ...
+    adapter_id: str
+    def __init__(self, steps_applied: _Optional[int] = ..., adapter_id: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("session_id", "step", "hidden_states", "attention_mask")

@@ -1,0 +1,174 @@
+"""What `sap-client train`, `predict` and `evaluate` do, once their arguments are parsed."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sap_client.bottom import load_server_bottom
+from sap_client.cti import CtiStatistics, eta_table, fit_cti
+from sap_client.data import TextDataset, load_labelled_csv, load_texts, stratified_split
+from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
+from sap_client.remote import RemoteTopService
+from sap_client.rundir import BOTTOM, CTI, METRICS, RUN, RunDir
+from sap_client.trainer import SplitTrainer, TrainConfig
+from sap_common.errors import InvalidInputError, ModelLoadError
+
+log = logging.getLogger(__name__)
+NORM_SAMPLE = 256  # training texts used to measure the mean hidden-state norm for --noise-ratio
+
+
+def _privatizer(noise: NoiseConfig, eta: float | None, run: RunDir, stats: CtiStatistics | None) -> Privatizer:
+    table = eta_table(stats, eta, mode=noise.cti_mode, floor=noise.cti_floor, top=noise.cti_top) if stats else None
+    return Privatizer(eta, key=run.noise_key(), eta_table=table)
+
+
+def _fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run: RunDir) -> Privatizer | None:
+    """Resolve eta (from --eta or --noise-ratio) and the CTI statistics on the training split only."""
+    if not noise.enabled:
+        log.warning("noise is off: hidden states leave this machine without privacy noise (use --eta or "
+                    "--noise-ratio)")
+        return None
+    eta = noise.eta
+    if eta is None:
+        norm = trainer.mean_hidden_norm(train.texts[:NORM_SAMPLE])
+        eta = eta_for_noise_ratio(noise.noise_ratio, norm, trainer.bottom.config.hidden_size)
+        log.info("mean hidden-state norm %.3f on %d training texts -> eta %.4g for noise ratio %g", norm,
+                 min(len(train), NORM_SAMPLE), eta, noise.noise_ratio)
+    stats = None
+    if noise.cti:
+        token_ids = [trainer.tokenizer(text, truncation=True, max_length=trainer.config.max_length)["input_ids"]
+                     for text in train.texts]
+        vocab = trainer.bottom.input_embedding_matrix().shape[0]
+        ignore = {trainer.tokenizer.pad_token_id} - {None}
+        stats = fit_cti(token_ids, train.labels, num_classes=len(train.label_names), vocab_size=vocab,
+                        ignore_ids=ignore)
+        stats.save(run.file(CTI))
+    return _privatizer(noise, eta, run, stats)
+
+
+def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise: NoiseConfig,
+          text_column: str, label_column: str, eval_path: Path | None, eval_fraction: float,
+          max_examples: int | None) -> dict:
+    data = load_labelled_csv(data_path, text_column, label_column)
+    if max_examples:
+        data = data.subset(list(range(min(max_examples, len(data)))))
+    if eval_path:
+        train_data, held = data, load_labelled_csv(eval_path, text_column, label_column, data.label_names)
+    else:
+        train_data, held = stratified_split(data, eval_fraction, config.seed)
+    run = RunDir(out).create()
+    with RemoteTopService(server) as service:
+        info = service.server_info()
+        bottom, tokenizer, _ = load_server_bottom(service, info)
+        download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
+        log.info("server %s: %s (%s), split %d/%d, %s; %d train / %d eval examples, %d classes", server,
+                 info.model_id, info.model_type, info.split, info.total_blocks, info.peft, len(train_data),
+                 len(held), len(data.label_names))
+        trainer = SplitTrainer(bottom, tokenizer, service, config, fresh_noise=noise.fresh_noise)
+        trainer.privatizer = _fit_noise(noise, trainer, train_data, run)
+        trainer.open(len(data.label_names))
+        metrics = trainer.fit(train_data, held)
+        adapter_id = service.finish_session(trainer.session_id)
+        metrics.update(bytes_sent=service.bytes_sent, bytes_received=service.bytes_received)
+    if config.train_bottom:
+        save_file({k: v.detach().contiguous() for k, v in bottom.state_dict().items()}, str(run.file(BOTTOM)))
+    privatizer = trainer.privatizer
+    eta = privatizer.eta if privatizer else None
+    metrics.update(split=info.split, total_blocks=info.total_blocks, peft=info.peft, model=info.model_id,
+                   label_names=data.label_names, train_bottom=config.train_bottom,
+                   bottom_download_bytes=download_bytes, eta=eta, noise_ratio=noise.noise_ratio, cti=noise.cti,
+                   cti_mode=noise.cti_mode if noise.cti else None,
+                   noise_to_signal=privatizer.noise_to_signal if privatizer else 0.0,
+                   noise_observations=("fresh noise every epoch" if noise.fresh_noise else
+                                       "one per example" if trainer.reuse_sent else
+                                       "one per step (trainable bottom)") if eta else "no noise")
+    run.write_json(METRICS, metrics)
+    run.write_json(RUN, {"server": server, "adapter_id": adapter_id, "model": info.model_id, "split": info.split,
+                         "label_names": data.label_names, "text_column": text_column,
+                         "label_column": label_column, "config": asdict(config), "noise": asdict(noise),
+                         "eta": eta, "data": str(data_path), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return metrics
+
+
+def _attach(run: RunDir, settings: dict, server: str | None, service_factory=RemoteTopService):
+    """Connect, load the bottom (and its fine-tuned weights), reattach to the run's adapter."""
+    service = service_factory(server or settings["server"])
+    info = service.server_info()
+    if (info.model_id, info.split) != (settings["model"], settings["split"]):
+        service.close()
+        raise ModelLoadError(f"the run was trained on {settings['model']} split {settings['split']}; the server "
+                             f"serves {info.model_id} split {info.split}")
+    bottom, tokenizer, _ = load_server_bottom(service, info)
+    if run.file(BOTTOM).exists():
+        bottom.load_state_dict(load_file(str(run.file(BOTTOM))))
+    config = TrainConfig(**settings["config"])
+    noise = NoiseConfig(**settings["noise"])
+    stats = CtiStatistics.load(run.file(CTI)) if noise.cti else None
+    privatizer = _privatizer(noise, settings["eta"], run, stats) if settings["eta"] else None
+    trainer = SplitTrainer(bottom, tokenizer, service, config, privatizer)
+    trainer.session_id, num_labels = service.attach_adapter(settings["adapter_id"])
+    if num_labels != len(settings["label_names"]):
+        raise ModelLoadError(f"adapter has {num_labels} labels, the run has {len(settings['label_names'])}")
+    return service, trainer
+
+
+def _probabilities(run_path: Path, texts: list[str], server: str | None) -> tuple[torch.Tensor, dict]:
+    run = RunDir(run_path)
+    settings = run.read_run()
+    empty = [i + 2 for i, text in enumerate(texts) if not text]
+    if empty:
+        raise InvalidInputError(f"line {empty[0]} has an empty text ({len(empty)} such lines)")
+    service, trainer = _attach(run, settings, server)
+    try:
+        probabilities = trainer.predict(texts)
+        service.close_session(trainer.session_id)
+    finally:
+        service.close()
+    return probabilities, settings
+
+
+def predict(data_path: Path, *, run_path: Path, server: str | None, out: Path,
+            text_column: str | None) -> int:
+    """Write one row per input row: row number, predicted label, class probabilities. Returns rows."""
+    settings = RunDir(run_path).read_run()
+    texts = load_texts(data_path, text_column or settings["text_column"])
+    probabilities, _ = _probabilities(run_path, texts, server)
+    names = settings["label_names"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", "label", *(f"p_{name}" for name in names)])
+        for row, probs in enumerate(probabilities.tolist()):
+            writer.writerow([row, names[max(range(len(probs)), key=probs.__getitem__)], *(f"{p:.6f}" for p in probs)])
+    return len(texts)
+
+
+def evaluate(data_path: Path, *, run_path: Path, server: str | None, text_column: str | None,
+             label_column: str | None) -> dict:
+    """Accuracy and macro-F1 of the run's adapter on labelled data, through the same split and noise."""
+    settings = RunDir(run_path).read_run()
+    data = load_labelled_csv(data_path, text_column or settings["text_column"],
+                             label_column or settings["label_column"], settings["label_names"])
+    probabilities, _ = _probabilities(run_path, data.texts, server)
+    predictions = probabilities.argmax(-1).tolist()
+    return {"accuracy": sum(int(p == y) for p, y in zip(predictions, data.labels)) / len(data),
+            "macro_f1": macro_f1(predictions, data.labels, len(settings["label_names"])),
+            "examples": len(data), "data": str(data_path)}
+
+
+def macro_f1(predictions: list[int], labels: list[int], num_classes: int) -> float:
+    """Unweighted mean of per-class F1 (a class never predicted nor present counts as F1 = 0)."""
+    scores = []
+    for c in range(num_classes):
+        tp = sum(1 for p, y in zip(predictions, labels) if p == c and y == c)
+        fp = sum(1 for p, y in zip(predictions, labels) if p == c and y != c)
+        fn = sum(1 for p, y in zip(predictions, labels) if p != c and y == c)
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / num_classes

@@ -1,0 +1,146 @@
+"""d_chi-privacy noise for hidden states (Feyisetan et al. 2020; SAP, arXiv 2312.15603), torch only.
+
+Density p(n) ∝ exp(-eta * ||n||_2) in d dimensions. Sampling: a uniform direction u = g / ||g|| with
+g ~ N(0, I_d), times a radius r ~ Gamma(shape=d, rate=eta), so E||n|| = d / eta. A smaller eta means
+more noise and more privacy. Since d is an integer, Gamma(d, 1) is the Erlang distribution: the sum of
+d independent Exp(1) draws, -sum(log U_i); that lets every draw come from one explicit
+torch.Generator (torch's Gamma sampler takes none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _check_eta(eta: float | torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
+    if isinstance(eta, torch.Tensor):
+        eta_t = eta.detach().to(torch.float64)
+        bad = ~torch.isfinite(eta_t) | (eta_t <= 0)
+        if bad.any():
+            raise ValueError(f"eta must be positive and finite everywhere; got {eta_t[bad].flatten()[0].item()!r}")
+        try:
+            torch.broadcast_shapes(tuple(eta_t.shape), batch_shape)
+        except RuntimeError as exc:
+            raise ValueError(f"eta of shape {tuple(eta_t.shape)} does not broadcast to {batch_shape}") from exc
+        return eta_t
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise ValueError(f"eta must be a positive float or a tensor, got {eta!r}")
+    if not math.isfinite(eta) or eta <= 0:
+        raise ValueError(f"eta must be positive and finite, got {eta!r}")
+    return torch.tensor(float(eta), dtype=torch.float64)
+
+
+def sample_dchi_noise(shape: tuple[int, ...], eta: float | torch.Tensor, *, generator: torch.Generator | None = None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One independent d_chi draw per vector along the last dimension (d = shape[-1]).
+
+    eta is a positive float, or a tensor broadcastable to shape[:-1] (one eta per token, for CTI).
+    """
+    shape = tuple(int(s) for s in shape)
+    if not shape or shape[-1] < 1 or any(s < 0 for s in shape):
+        raise ValueError(f"shape must end in a dimension d >= 1 and have no negative sizes, got {shape}")
+    eta_t = _check_eta(eta, shape[:-1])
+    d = shape[-1]
+    direction = torch.randn(shape, generator=generator, dtype=torch.float64)
+    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    # Erlang(d, 1) = -sum of d log-uniforms; 1 - U lies in (0, 1], so the log is finite.
+    uniforms = torch.rand(shape, generator=generator, dtype=torch.float64)
+    radius = -torch.log1p(-uniforms).sum(dim=-1) / eta_t  # (...,) broadcast against eta
+    return (direction * radius.unsqueeze(-1)).to(dtype)
+
+
+def eta_for_noise_ratio(ratio: float, mean_hidden_norm: float, hidden_size: int) -> float:
+    """The eta whose expected noise norm d/eta is `ratio` times the mean hidden-state norm."""
+    if not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f"noise ratio must be positive and finite, got {ratio!r}")
+    if not math.isfinite(mean_hidden_norm) or mean_hidden_norm <= 0:
+        raise ValueError(f"mean hidden-state norm must be positive, got {mean_hidden_norm!r}")
+    return hidden_size / (ratio * mean_hidden_norm)
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """The user's noise settings (what `--eta`, `--noise-ratio`, `--cti*` and `--fresh-noise` set)."""
+
+    eta: float | None = field(default=None, metadata={"help": "base eta; None with no noise_ratio = no noise"})
+    noise_ratio: float | None = field(default=None, metadata={"help": "set eta so E||n|| = R * mean||h||"})
+    cti: bool = field(default=False, metadata={"help": "per-token eta from class statistics (CTI)"})
+    cti_mode: str = field(default="scale", metadata={"help": "scale or exempt"})
+    cti_floor: float = field(default=0.6, metadata={"help": "scale mode: eta = max(UI, floor) * eta"})
+    cti_top: float = field(default=0.1, metadata={"help": "exempt mode: fraction of tokens per class exempted"})
+    fresh_noise: bool = field(default=False, metadata={"help": "new noise every epoch instead of once"})
+
+    def __post_init__(self) -> None:
+        if self.eta is not None and self.noise_ratio is not None:
+            raise ValueError("give either eta or noise_ratio, not both")
+        if self.eta is not None:
+            _check_eta(self.eta, ())
+        if self.noise_ratio is not None and not (math.isfinite(self.noise_ratio) and self.noise_ratio > 0):
+            raise ValueError(f"noise ratio must be positive and finite, got {self.noise_ratio!r}")
+        if self.cti and not self.enabled:
+            raise ValueError("CTI shapes the noise: it needs --eta or --noise-ratio")
+
+    @property
+    def enabled(self) -> bool:
+        return self.eta is not None or self.noise_ratio is not None
+
+
+class Privatizer:
+    """Prepares what leaves the user: padding zeroed, every real token vector perturbed with d_chi noise.
+
+    Noise is keyed: each example's draw comes from a generator seeded with HMAC(key, example key),
+    where the key is a secret that never leaves the user. The same text therefore always gets the
+    same noise (a provider that sees it twice learns nothing new), and a run can be replayed.
+    """
+
+    def __init__(self, eta: float | None, *, key: bytes, eta_table: torch.Tensor | None = None):
+        if eta is not None:
+            _check_eta(eta, ())
+        if eta_table is not None and eta is None:
+            raise ValueError("an eta table (CTI) needs a base eta")
+        self.eta = eta
+        self.key = key
+        self.eta_table = eta_table  # (C + 1, V); +inf marks tokens exempt from noise
+        self.noise_norm_sum = 0.0
+        self.hidden_norm_sum = 0.0
+        self.tokens = 0
+
+    @property
+    def noise_to_signal(self) -> float:
+        """Measured mean ||noise|| / mean ||hidden|| over every real token sent so far."""
+        return self.noise_norm_sum / self.hidden_norm_sum if self.hidden_norm_sum > 0 else 0.0
+
+    def _seed(self, example_key: bytes) -> int:
+        return int.from_bytes(hmac.new(self.key, example_key, hashlib.sha256).digest()[:8], "little")
+
+    def __call__(self, hidden: torch.Tensor, attention_mask: torch.Tensor, input_ids: torch.Tensor,
+                 labels: torch.Tensor | None, example_keys: list[bytes]) -> torch.Tensor:
+        """hidden (B, T, H) -> the tensor to send, (B, T, H); padding rows are zeros."""
+        mask = attention_mask.to(torch.bool)
+        sent = hidden.detach().clone() * mask.unsqueeze(-1).to(hidden.dtype)
+        if self.eta is None:
+            return sent
+        if self.eta_table is not None:
+            from sap_client.cti import token_eta
+
+            etas = token_eta(self.eta_table, input_ids, labels)  # (B, T)
+        else:
+            etas = torch.full(mask.shape, float(self.eta), dtype=torch.float64)
+        for b, example_key in enumerate(example_keys):
+            positions = mask[b].nonzero().squeeze(-1)  # real tokens of example b
+            eta_b = etas[b, positions]
+            exempt = torch.isinf(eta_b)
+            generator = torch.Generator().manual_seed(self._seed(example_key))
+            noise = sample_dchi_noise((len(positions), hidden.shape[-1]), torch.where(exempt, 1.0, eta_b),
+                                      generator=generator, dtype=hidden.dtype)
+            noise[exempt] = 0.0
+            self.noise_norm_sum += noise.norm(dim=-1).sum().item()
+            self.hidden_norm_sum += hidden[b, positions].norm(dim=-1).sum().item()
+            self.tokens += len(positions)
+            sent[b, positions] += noise
+        return sent
