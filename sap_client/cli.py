@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                                  max_length=args.max_length, seed=args.seed, train_bottom=args.train_bottom)
         except ValueError as exc:
             parser.error(str(exc))
+        if args.max_examples is not None and args.max_examples < 1:
+            parser.error(f"--max-examples must be >= 1, got {args.max_examples}")
         if args.eval is None and not 0 < args.eval_fraction < 1:
             parser.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
         from sap_client.privacy import NoiseConfig

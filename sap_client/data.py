@@ -31,7 +31,7 @@ def read_rows(path: Path, columns: list[str]) -> list[dict[str, str]]:
     if not path.is_file():
         raise InvalidInputError(f"data file {path} does not exist")
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a BOM
             reader = csv.DictReader(handle)
             header = reader.fieldnames or []
             missing = [c for c in columns if c not in header]

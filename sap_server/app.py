@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -41,8 +42,11 @@ def start_server(provider: Provider, host: str = "127.0.0.1", port: int = 0, *, 
     return server, bound
 
 
-def serve_until_signal(server: grpc.Server, *, grace: float = 5.0) -> None:
-    """Block until SIGTERM or SIGINT, then stop accepting calls and let running ones finish."""
+def serve_until_signal(server: grpc.Server, *, grace: float = 5.0, on_ready: Callable[[], None] | None = None) -> None:
+    """Block until SIGTERM or SIGINT, then stop accepting calls and let running ones finish.
+
+    on_ready runs once the handlers are installed, so a signal right after it is handled gracefully.
+    """
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -51,6 +55,8 @@ def serve_until_signal(server: grpc.Server, *, grace: float = 5.0) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if on_ready is not None:
+            on_ready()
         while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
             pass
     finally:

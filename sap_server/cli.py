@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     if args.split < 0:
         parser.error(f"--split must be >= 0, got {args.split}")
+    for flag, value in (("--max-sessions", args.max_sessions), ("--workers", args.workers)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
     try:
         peft = PeftConfig(method=args.peft, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                           adapter_size=args.adapter_size)
@@ -75,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     info = provider.info
     log.info("serving %s (%s), split %d of %d blocks, %s", info.model_id, info.model_type, info.split,
              info.total_blocks, info.peft)
-    print(f"sap-server listening on {args.host}:{port}", flush=True)
     try:
-        serve_until_signal(server)
+        ready = f"sap-server listening on {args.host}:{port}"
+        serve_until_signal(server, on_ready=lambda: print(ready, flush=True))
     finally:
         provider.close()
     log.info("stopped")

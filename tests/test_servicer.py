@@ -1,0 +1,358 @@
+"""A real in-process gRPC server on 127.0.0.1:0: raw stub calls, status codes and what the messages say."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from conftest import running_server
+from sap_common import codec
+from sap_common.models.bundle import bundle_sha256
+from sap_common.models.registry import load_model
+from sap_common.proto import sap_pb2, sap_pb2_grpc
+from sap_server.peft import PeftConfig
+from sap_server.provider import Provider
+
+HIDDEN = 32  # tiny models' hidden size
+NUM_LABELS = 3
+
+
+def _provider(folder: Path, **kwargs) -> Provider:
+    return Provider.from_loaded(load_model(str(folder)), split=1, peft=PeftConfig(), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama):
+    """(provider, stub) over a real loopback server, shared by this module's error-path tests."""
+    provider = _provider(tiny_llama)
+    with running_server(provider) as address, grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        yield provider, sap_pb2_grpc.SplitLearningStub(channel)
+    provider.close()
+
+
+def _open(stub, num_labels: int = NUM_LABELS, seed: int = 0) -> str:
+    reply = stub.OpenSession(sap_pb2.OpenSessionRequest(num_labels=num_labels, learning_rate=1e-2, seed=seed),
+                             timeout=10)
+    assert reply.session_id and reply.trainable_parameters > 0
+    return reply.session_id
+
+
+def _inputs(batch: int = 2, length: int = 5, hidden: int = HIDDEN, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, length, hidden, generator=g)  # (B, T, H)
+    mask = torch.ones(batch, length, dtype=torch.long)  # (B, T)
+    mask[0, -2:] = 0
+    return h, mask
+
+
+def _forward_request(session_id: str, step: int, hidden: torch.Tensor, mask: torch.Tensor) -> sap_pb2.ForwardRequest:
+    return sap_pb2.ForwardRequest(session_id=session_id, step=step, hidden_states=codec.encode_tensor(hidden),
+                                  attention_mask=codec.encode_tensor(mask))
+
+
+def _call(method, message, reply_type):
+    """A chunked RPC through the raw stub: message -> Chunks -> server -> Chunks -> reply_type."""
+    replies = list(method(codec.to_chunks(message, 1024), timeout=30))
+    return codec.from_chunks(replies, reply_type)
+
+
+def _forward(stub, session_id, step, hidden, mask) -> torch.Tensor:
+    reply = _call(stub.Forward, _forward_request(session_id, step, hidden, mask), sap_pb2.ForwardReply)
+    assert reply.step == step
+    return codec.decode_tensor(reply.logits)
+
+
+def _backward(stub, session_id, step, grad) -> sap_pb2.BackwardReply:
+    request = sap_pb2.BackwardRequest(session_id=session_id, step=step, grad_logits=codec.encode_tensor(grad))
+    return _call(stub.Backward, request, sap_pb2.BackwardReply)
+
+
+def _expect_error(code: grpc.StatusCode, call, *words: str) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, f"{info.value.code()}: {info.value.details()}"
+    details = info.value.details()
+    for word in words:
+        assert word in details, f"{word!r} not in {details!r}"
+    return details
+
+
+def _top_state(provider: Provider, session_id: str) -> dict[str, torch.Tensor]:
+    top = provider.sessions.get(session_id).top
+    return {name: p.detach().clone() for name, p in top.named_parameters() if p.requires_grad}
+
+
+# --- info and bottom download ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_server_info_and_bottom_download(family, tiny_bert, tiny_llama, tmp_path):
+    provider = _provider(tiny_bert if family == "bert" else tiny_llama)
+    try:
+        with running_server(provider, chunk_bytes=4096) as address, grpc.insecure_channel(address) as channel:
+            stub = sap_pb2_grpc.SplitLearningStub(channel)
+            info = stub.GetServerInfo(sap_pb2.ServerInfoRequest(), timeout=10)
+            assert (info.split, info.total_blocks, info.hidden_size) == (1, 3, HIDDEN)
+            assert info.family == ("encoder" if family == "bert" else "decoder")
+            assert info.model_type == family
+            assert info.peft == "lora"
+            assert info.protocol_version >= 1
+            assert len(info.bottom_sha256) == 64
+            assert info.chunk_bytes == 4096 and info.max_message_bytes > info.chunk_bytes
+
+            pieces = 0
+            for chunk in stub.DownloadBottom(sap_pb2.DownloadBottomRequest(), timeout=30):
+                assert len(chunk.data) <= 4096
+                assert not chunk.path.startswith("/") and ".." not in chunk.path.split("/")
+                target = tmp_path / chunk.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with target.open("r+b" if target.exists() else "wb") as handle:
+                    handle.seek(chunk.offset)
+                    handle.write(chunk.data)
+                assert chunk.offset + len(chunk.data) <= chunk.total_size or chunk.total_size == 0
+                pieces += 1
+            assert pieces > 1  # the weights alone are larger than one 4 KiB chunk
+            assert bundle_sha256(tmp_path) == info.bottom_sha256
+            assert (tmp_path / "bottom.safetensors").stat().st_size > 4096
+    finally:
+        provider.close()
+
+
+# --- OpenSession ------------------------------------------------------------------------------
+
+
+def test_open_session_rejects_one_label(served):
+    _, stub = served
+    _expect_error(grpc.StatusCode.INVALID_ARGUMENT,
+                  lambda: stub.OpenSession(sap_pb2.OpenSessionRequest(num_labels=1, learning_rate=1e-3), timeout=10),
+                  "num_labels", "1")
+
+
+def test_open_session_rejects_zero_learning_rate(served):
+    _, stub = served
+    _expect_error(grpc.StatusCode.INVALID_ARGUMENT,
+                  lambda: stub.OpenSession(sap_pb2.OpenSessionRequest(num_labels=2), timeout=10),
+                  "learning_rate")
+
+
+def test_too_many_sessions_is_resource_exhausted(tiny_llama):
+    provider = _provider(tiny_llama, max_sessions=1)
+    try:
+        with running_server(provider) as address, grpc.insecure_channel(address) as channel:
+            stub = sap_pb2_grpc.SplitLearningStub(channel)
+            first = _open(stub)
+            _expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: _open(stub, seed=1), "1 sessions")
+            assert stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=first), timeout=10).steps_applied == 0
+            _open(stub, seed=2)  # closing one frees the slot
+    finally:
+        provider.close()
+
+
+# --- Forward / Backward errors -----------------------------------------------------------------
+
+
+def test_forward_unknown_session_is_not_found(served):
+    _, stub = served
+    h, mask = _inputs()
+    _expect_error(grpc.StatusCode.NOT_FOUND, lambda: _forward(stub, "deadbeef" * 4, 1, h, mask),
+                  "deadbeef", "unknown")
+
+
+def test_close_unknown_session_is_not_found(served):
+    _, stub = served
+    _expect_error(grpc.StatusCode.NOT_FOUND,
+                  lambda: stub.CloseSession(sap_pb2.CloseSessionRequest(session_id="nope"), timeout=10), "unknown")
+
+
+def test_forward_input_errors_are_invalid_argument_and_server_keeps_serving(served):
+    provider, stub = served
+    sid = _open(stub)
+    h, mask = _inputs()
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+
+    # wrong hidden size
+    wide, _ = _inputs(hidden=HIDDEN + 1)
+    _expect_error(bad, lambda: _forward(stub, sid, 1, wide, mask), "hidden_states", str(HIDDEN + 1), str(HIDDEN))
+    # a dtype that is not a float
+    _expect_error(bad, lambda: _forward(stub, sid, 1, h.long(), mask), "hidden_states", "int64")
+    # byte length not matching the shape
+    request = _forward_request(sid, 1, h, mask)
+    request.hidden_states.data = request.hidden_states.data[:-4]
+    _expect_error(bad, lambda: _call(stub.Forward, request, sap_pb2.ForwardReply), "hidden_states", "bytes")
+    # an unknown dtype name
+    request = _forward_request(sid, 1, h, mask)
+    request.hidden_states.dtype = "float128"
+    _expect_error(bad, lambda: _call(stub.Forward, request, sap_pb2.ForwardReply), "float128")
+    # NaN / Inf
+    nan = h.clone()
+    nan[1, 2, 3] = math.nan
+    _expect_error(bad, lambda: _forward(stub, sid, 1, nan, mask), "hidden_states", "NaN")
+    inf = h.clone()
+    inf[0, 0, 0] = math.inf
+    _expect_error(bad, lambda: _forward(stub, sid, 1, inf, mask), "hidden_states", "Inf")
+    # mask and hidden disagree on the batch size
+    _expect_error(bad, lambda: _forward(stub, sid, 1, h, mask[:1]), "attention_mask", "(1, 5)", "(2, 5)")
+    # mask values other than 0/1, and a row with no real token
+    _expect_error(bad, lambda: _forward(stub, sid, 1, h, mask * 2), "attention_mask", "0 and 1")
+    empty_row = mask.clone()
+    empty_row[1] = 0
+    _expect_error(bad, lambda: _forward(stub, sid, 1, h, empty_row), "attention_mask", "no real token")
+    # bytes that are not a ForwardRequest at all
+    garbage = lambda: list(stub.Forward(iter([sap_pb2.Chunk(data=b"\xff" * 16)]), timeout=10))  # noqa: E731
+    _expect_error(bad, garbage, "ForwardRequest")
+    # an empty stream
+    _expect_error(bad, lambda: list(stub.Forward(iter([]), timeout=10)), "0 chunks")
+
+    # none of that touched the session: step 1 is still the next one and trains normally
+    before = _top_state(provider, sid)
+    logits = _forward(stub, sid, 1, h, mask)
+    assert logits.shape == (2, NUM_LABELS) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    reply = _backward(stub, sid, 1, torch.ones_like(logits))
+    assert (reply.applied_step, reply.replayed) == (1, False)
+    after = _top_state(provider, sid)
+    assert any(not torch.equal(before[name], after[name]) for name in before), "the optimizer step changed nothing"
+
+
+def test_step_order_errors_are_failed_precondition(served):
+    provider, stub = served
+    sid = _open(stub)
+    h, mask = _inputs()
+    grad = torch.ones(2, NUM_LABELS)
+    pre = grpc.StatusCode.FAILED_PRECONDITION
+
+    details = _expect_error(pre, lambda: _forward(stub, sid, 2, h, mask), "step 2")
+    assert "next step is 1" in details
+    _expect_error(pre, lambda: _forward(stub, sid, 0, h, mask), "next step is 1")
+    _expect_error(pre, lambda: _backward(stub, sid, 1, grad), "no forward is pending", "next step is 1")
+
+    _forward(stub, sid, 1, h, mask)
+    _expect_error(pre, lambda: _backward(stub, sid, 2, grad), "step 1")
+    assert provider.sessions.get(sid).steps_applied == 0
+    assert _backward(stub, sid, 1, grad).applied_step == 1
+    _expect_error(pre, lambda: _forward(stub, sid, 1, h, mask), "next step is 2")
+    assert _forward(stub, sid, 2, h, mask).shape == (2, NUM_LABELS)
+
+
+def test_backward_retry_is_replayed_without_a_second_optimizer_step(served):
+    provider, stub = served
+    sid = _open(stub)
+    h, mask = _inputs()
+    initial = _top_state(provider, sid)
+    logits = _forward(stub, sid, 1, h, mask)
+    grad = torch.full_like(logits, 0.5)
+    first = _backward(stub, sid, 1, grad)
+    assert (first.applied_step, first.replayed) == (1, False)
+    applied = _top_state(provider, sid)
+    assert any(not torch.equal(initial[n], applied[n]) for n in initial)
+
+    again = _backward(stub, sid, 1, grad)
+    assert (again.applied_step, again.replayed) == (1, True)
+    retried = _top_state(provider, sid)
+    assert all(torch.equal(applied[n], retried[n]) for n in applied), "a retried Backward changed the weights"
+    assert provider.sessions.get(sid).steps_applied == 1
+    assert stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=sid), timeout=10).steps_applied == 1
+
+
+def test_backward_with_wrong_grad_shape_is_invalid_argument(served):
+    provider, stub = served
+    sid = _open(stub)
+    h, mask = _inputs()
+    logits = _forward(stub, sid, 1, h, mask)
+    before = _top_state(provider, sid)
+    _expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: _backward(stub, sid, 1, torch.ones(2, NUM_LABELS + 1)),
+                  "grad_logits", f"(2, {NUM_LABELS + 1})", f"(2, {NUM_LABELS})")
+    nan = torch.ones_like(logits)
+    nan[0, 0] = math.nan
+    _expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: _backward(stub, sid, 1, nan), "grad_logits", "NaN")
+    _expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: _backward(stub, sid, 1, torch.ones(2, NUM_LABELS).long()),
+                  "grad_logits", "int64")
+    assert all(torch.equal(before[n], v) for n, v in _top_state(provider, sid).items())
+    # the pending forward survived the bad requests
+    reply = _backward(stub, sid, 1, torch.ones_like(logits))
+    assert (reply.applied_step, reply.replayed) == (1, False)
+
+
+def test_evaluate_changes_nothing_and_matches_training_forward(served):
+    provider, stub = served
+    sid = _open(stub)
+    h, mask = _inputs(seed=3)
+    before = _top_state(provider, sid)
+    request = sap_pb2.EvaluateRequest(session_id=sid, hidden_states=codec.encode_tensor(h),
+                                      attention_mask=codec.encode_tensor(mask))
+    reply = _call(stub.Evaluate, request, sap_pb2.ForwardReply)
+    evaluated = codec.decode_tensor(reply.logits)
+    assert reply.step == 0
+    assert all(torch.equal(before[n], v) for n, v in _top_state(provider, sid).items())
+    assert provider.sessions.get(sid).steps_applied == 0
+    # tiny models have no dropout: the training forward of step 1 gives the same logits
+    torch.testing.assert_close(_forward(stub, sid, 1, h, mask), evaluated)
+
+
+# --- tensors larger than the message cap -------------------------------------------------------
+
+
+def test_tensor_larger_than_message_cap_streams_in_chunks(tiny_llama):
+    from sap_client.remote import RemoteTopService
+    from sap_common.service import SessionSpec
+
+    cap, chunk = 64 * 1024, 16 * 1024
+    provider = _provider(tiny_llama)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(16, 60, HIDDEN, generator=g)  # (B, T, H): ~123 KB of float32
+    mask = torch.ones(16, 60, dtype=torch.long)
+    mask[::2, 40:] = 0
+    assert _forward_request("x" * 32, 1, hidden, mask).ByteSize() > cap  # would not fit one message
+    try:
+        with running_server(provider, chunk_bytes=chunk, max_message_bytes=cap) as address:
+            with RemoteTopService(address, chunk_bytes=chunk, max_message_bytes=cap) as service:
+                sid = service.open_session(SessionSpec(num_labels=2, learning_rate=1e-3, seed=0))
+                evaluated = service.evaluate(sid, hidden, mask)
+                trainer = provider.sessions.get(sid)
+                expected = trainer.evaluate(hidden.clone(), mask.clone())
+                torch.testing.assert_close(evaluated, expected, rtol=0, atol=0)
+                logits = service.forward(sid, 1, hidden, mask)
+                torch.testing.assert_close(logits, expected)
+                assert service.bytes_sent > 2 * cap
+                result = service.backward(sid, 1, torch.ones_like(logits))
+                assert (result.applied_step, result.replayed) == (1, False)
+
+            # a client without chunking hits the cap: the chunking above is what made it work
+            with grpc.insecure_channel(address) as channel:
+                stub = sap_pb2_grpc.SplitLearningStub(channel)
+                whole = _forward_request(sid, 2, hidden, mask).SerializeToString()
+                _expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              lambda: list(stub.Forward(iter([sap_pb2.Chunk(data=whole)]), timeout=10)))
+    finally:
+        provider.close()
+
+
+def test_training_round_trip_for_each_family(tiny_model):
+    """Open, forward, backward, evaluate, close through the raw stub, for an encoder and a decoder."""
+    provider = _provider(tiny_model)
+    try:
+        with running_server(provider) as address, grpc.insecure_channel(address) as channel:
+            stub = sap_pb2_grpc.SplitLearningStub(channel)
+            sid = _open(stub, num_labels=2)
+            h, mask = _inputs(batch=4, length=6, seed=7)
+            labels = torch.tensor([0, 1, 0, 1])
+            losses = []
+            for step in (1, 2, 3):
+                logits = _forward(stub, sid, step, h, mask).requires_grad_(True)
+                assert logits.shape == (4, 2)
+                loss = torch.nn.functional.cross_entropy(logits, labels)
+                (grad,) = torch.autograd.grad(loss, logits)
+                reply = _backward(stub, sid, step, grad)
+                assert (reply.applied_step, reply.replayed) == (step, False)
+                assert not reply.HasField("grad_hidden")  # the session does not train the bottom
+                losses.append(loss.item())
+            assert losses[-1] < losses[0]  # lr 1e-2 on one fixed batch: the loss must go down
+            assert stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=sid), timeout=10).steps_applied == 3
+            _expect_error(grpc.StatusCode.NOT_FOUND, lambda: _forward(stub, sid, 4, h, mask), "unknown")
+    finally:
+        provider.close()

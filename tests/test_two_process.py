@@ -1,0 +1,101 @@
+"""Two real processes through the console scripts: sap-server on port 0, sap-client train, SIGTERM, exit 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tiny_models import learnable_rows, write_csv
+
+BIN = Path(sys.executable).parent
+LISTENING = re.compile(r"^sap-server listening on (\S+):(\d+)$")
+METRIC_KEYS = ("eval_accuracy", "train_loss", "steps", "examples", "bytes_sent", "bytes_received", "seconds",
+               "examples_per_second", "split", "peft", "model")
+ROWS, EPOCHS, LR, BATCH, EVAL_FRACTION = 800, 10, 3e-3, 32, 0.25
+
+
+def _script(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"console script {path} is missing; install the package (pip install -e .)")
+    return str(path)
+
+
+def _wait_for_address(server: subprocess.Popen, timeout: float) -> tuple[str, list[str]]:
+    """Read the server's stdout until its 'listening' line; keep draining it afterwards."""
+    lines: queue.Queue[str | None] = queue.Queue()
+    seen: list[str] = []
+
+    def pump() -> None:
+        for line in server.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"sap-server printed no 'listening' line within {timeout} s; stdout: {seen}")
+        if line is None:
+            pytest.fail(f"sap-server exited ({server.wait()}) before listening; stdout: {seen}")
+        seen.append(line)
+        match = LISTENING.match(line)
+        if match:
+            return f"{match.group(1)}:{match.group(2)}", seen
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_train_through_two_processes(family, tiny_bert, tiny_llama, tmp_path):
+    folder = tiny_bert if family == "bert" else tiny_llama
+    data = write_csv(tmp_path / "data.csv", learnable_rows(ROWS, seed=0))
+    run = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SAP_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
+               TQDM_DISABLE="1", OMP_NUM_THREADS="1")  # one thread each: the two processes share the cores
+    server = subprocess.Popen([_script("sap-server"), "--model", str(folder), "--split", "1", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        address, _ = _wait_for_address(server, timeout=60)
+        assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+        client = subprocess.run([_script("sap-client"), "train", str(data), "--server", address, "--out", str(run),
+                                 "--epochs", str(EPOCHS), "--lr", str(LR), "--batch-size", str(BATCH),
+                                 "--eval-fraction", str(EVAL_FRACTION)],
+                                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert client.returncode == 0, client.stderr[-3000:]
+        assert "eval accuracy" in client.stdout
+
+        metrics = json.loads((run / "metrics.json").read_text())
+        missing = [key for key in METRIC_KEYS if key not in metrics]
+        assert not missing, f"metrics.json lacks {missing}"
+        assert metrics["eval_accuracy"] >= 0.9, metrics
+        assert metrics["split"] == 1 and metrics["peft"] == "lora" and metrics["model"] == folder.name
+        train_rows = ROWS - round(ROWS * EVAL_FRACTION)  # two balanced classes: the split is exact
+        assert metrics["examples"] == train_rows * EPOCHS
+        assert metrics["steps"] == EPOCHS * -(-train_rows // BATCH)
+        assert metrics["bytes_sent"] > 0 and metrics["bytes_received"] > 0
+        assert metrics["seconds"] > 0 and metrics["examples_per_second"] > 0
+        assert (run / "run.json").is_file()
+        assert any((tmp_path / "cache" / "bottoms").iterdir()), "the bottom was not cached under SAP_CACHE_DIR"
+
+        server.send_signal(signal.SIGTERM)
+        try:
+            code = server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("sap-server did not exit within 15 s of SIGTERM")
+        assert code == 0, server.stderr.read()[-3000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=10)
+        for stream in (server.stdout, server.stderr):
+            if stream is not None:
+                stream.close()
