@@ -24,9 +24,11 @@ def _check_eta(eta: float | torch.Tensor, batch_shape: tuple[int, ...]) -> torch
         if bad.any():
             raise ValueError(f"eta must be positive and finite everywhere; got {eta_t[bad].flatten()[0].item()!r}")
         try:
-            torch.broadcast_shapes(tuple(eta_t.shape), batch_shape)
-        except RuntimeError as exc:
-            raise ValueError(f"eta of shape {tuple(eta_t.shape)} does not broadcast to {batch_shape}") from exc
+            fits = torch.broadcast_shapes(tuple(eta_t.shape), batch_shape) == torch.Size(batch_shape)
+        except RuntimeError:
+            fits = False
+        if not fits:  # broadcasting *with* is not enough: the result must keep the batch shape
+            raise ValueError(f"eta of shape {tuple(eta_t.shape)} does not broadcast to {batch_shape}")
         return eta_t
     if isinstance(eta, bool) or not isinstance(eta, (int, float)):
         raise ValueError(f"eta must be a positive float or a tensor, got {eta!r}")
@@ -84,6 +86,14 @@ class NoiseConfig:
             raise ValueError(f"noise ratio must be positive and finite, got {self.noise_ratio!r}")
         if self.cti and not self.enabled:
             raise ValueError("CTI shapes the noise: it needs --eta or --noise-ratio")
+        from sap_client.cti import CTI_MODES
+
+        if self.cti_mode not in CTI_MODES:
+            raise ValueError(f"cti_mode must be one of {CTI_MODES}, got {self.cti_mode!r}")
+        if not (math.isfinite(self.cti_floor) and self.cti_floor > 0):
+            raise ValueError(f"cti floor must be positive and finite, got {self.cti_floor!r}")
+        if not 0 < self.cti_top <= 1:
+            raise ValueError(f"cti top fraction must be in (0, 1], got {self.cti_top!r}")
 
     @property
     def enabled(self) -> bool:

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir", type=Path, default=os.environ.get("SAP_STATE_DIR") or None,
                         help="folder where kept adapters are stored, so users can reattach for prediction "
                              "after a server restart (default $SAP_STATE_DIR; without it adapters live in memory)")
+    parser.add_argument("--record", type=Path, metavar="DIR",
+                        help="write every received hidden-state tensor and mask to DIR: the curious provider's "
+                             "view, for `sap-client audit --recorded DIR` (off by default; never use it on "
+                             "users who have not agreed to it)")
     parser.add_argument("--max-sessions", type=int, default=16, help="most sessions held at once (default 16)")
     parser.add_argument("--workers", type=int, default=8, help="RPC worker threads (default 8)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         provider = Provider.load(args.model, args.split, peft, max_sessions=args.max_sessions,
-                                 state_dir=args.state_dir)
+                                 state_dir=args.state_dir, record_dir=args.record)
         server, port = start_server(provider, args.host, args.port, workers=args.workers)
     except (SapError, OSError) as exc:
         print(f"sap-server: error: {exc}", file=sys.stderr)

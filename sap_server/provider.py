@@ -16,6 +16,7 @@ from sap_common.errors import ModelLoadError
 from sap_common.models.bundle import bundle_sha256, export_bottom
 from sap_common.models.registry import LoadedModel, load_model
 from sap_common.models.split import split_base
+from sap_common.recording import Recorder
 from sap_common.service import ServerInfo, SessionSpec
 from sap_server.adapters import AdapterRecord, AdapterStore
 from sap_server.peft import PeftConfig
@@ -35,7 +36,8 @@ class Provider:
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, split: int, peft: PeftConfig, *, max_sessions: int = 16,
-                    bundle_dir: Path | None = None, state_dir: Path | None = None) -> Provider:
+                    bundle_dir: Path | None = None, state_dir: Path | None = None,
+                    record_dir: Path | None = None) -> Provider:
         """Cut the loaded model at `split` and write the bottom bundle users download."""
         base = loaded.base
         total = base.config.num_hidden_layers
@@ -49,17 +51,22 @@ class Provider:
         info = ServerInfo(protocol_version=PROTOCOL_VERSION, model_id=loaded.model_id, family=meta.family,
                           model_type=meta.model_type, split=split, total_blocks=total,
                           hidden_size=meta.hidden_size, peft=peft.method, bottom_sha256=bundle_sha256(bundle_dir))
-        sessions = SessionManager(top, base, peft, max_sessions=max_sessions)
+        recorder = Recorder(record_dir) if record_dir is not None else None
+        if recorder is not None:
+            log.warning("recording every received hidden state to %s (--record: the curious provider's view)",
+                        record_dir)
+        sessions = SessionManager(top, base, peft, max_sessions=max_sessions, recorder=recorder)
         return cls(info=info, sessions=sessions, bundle_dir=bundle_dir, adapters=AdapterStore(state_dir),
                    _owns_bundle_dir=owns)
 
     @classmethod
     def load(cls, model: str, split: int, peft: PeftConfig, *, dtype: torch.dtype = torch.float32,
-             max_sessions: int = 16, state_dir: Path | None = None) -> Provider:
+             max_sessions: int = 16, state_dir: Path | None = None, record_dir: Path | None = None) -> Provider:
         loaded = load_model(model, dtype=dtype)
         log.info("loaded %s: %s, %d blocks, hidden %d", loaded.model_id, loaded.base.config.model_type,
                  loaded.base.config.num_hidden_layers, loaded.base.config.hidden_size)
-        return cls.from_loaded(loaded, split, peft, max_sessions=max_sessions, state_dir=state_dir)
+        return cls.from_loaded(loaded, split, peft, max_sessions=max_sessions, state_dir=state_dir,
+                               record_dir=record_dir)
 
     def keep_adapter(self, session_id: str) -> str:
         """Store the session's trained weights under a new random id (disk too, with a state dir)."""

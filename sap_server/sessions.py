@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from sap_common.errors import ResourceLimitError, SessionNotFoundError
 from sap_common.models.families import new_head
 from sap_common.models.split import TopModel
+from sap_common.recording import Recorder
 from sap_common.service import SessionSpec
 from sap_server.peft import PeftConfig, apply_peft
 from sap_server.trainer import TopTrainer
@@ -45,13 +46,15 @@ def build_session_top(template: TopModel, base: PreTrainedModel, peft: PeftConfi
 class SessionManager:
     """Creates, finds and closes sessions; thread-safe."""
 
-    def __init__(self, template: TopModel, base: PreTrainedModel, peft: PeftConfig, *, max_sessions: int = 16):
+    def __init__(self, template: TopModel, base: PreTrainedModel, peft: PeftConfig, *, max_sessions: int = 16,
+                 recorder: Recorder | None = None):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self.template = template.requires_grad_(False)
         self.base = base
         self.peft = peft
         self.max_sessions = max_sessions
+        self.recorder = recorder
         self._sessions: dict[str, TopTrainer] = {}
         self._lock = threading.Lock()
 
@@ -63,11 +66,12 @@ class SessionManager:
                 raise ResourceLimitError(f"the server already holds {self.max_sessions} sessions "
                                          f"(--max-sessions); close one first")
             top = build_session_top(self.template, self.base, self.peft, spec.num_labels, spec.seed)
+            session_id = secrets.token_hex(16)
             trainer = TopTrainer(top, learning_rate=spec.learning_rate, weight_decay=spec.weight_decay,
-                                 train_bottom=spec.train_bottom, num_labels=spec.num_labels, seed=spec.seed)
+                                 train_bottom=spec.train_bottom, num_labels=spec.num_labels, seed=spec.seed,
+                                 recorder=self.recorder, session_id=session_id)
             if state is not None:
                 trainer.load_trainable_state(state, steps_applied)
-            session_id = secrets.token_hex(16)
             self._sessions[session_id] = trainer
         log.info("session %s… opened: %d labels, %d trainable parameters", session_id[:8], spec.num_labels,
                  trainer.trainable_parameters)

@@ -9,6 +9,7 @@ import torch
 
 from sap_common.errors import InvalidInputError, ModelLoadError, StepOrderError
 from sap_common.models.split import TopModel
+from sap_common.recording import Recorder
 from sap_common.service import BackwardResult
 
 
@@ -23,8 +24,11 @@ class TopTrainer:
     """Runs Forward/Backward for one session and applies each optimizer step exactly once."""
 
     def __init__(self, top: TopModel, *, learning_rate: float, weight_decay: float, train_bottom: bool,
-                 num_labels: int = 0, seed: int = 0):
+                 num_labels: int = 0, seed: int = 0, recorder: Recorder | None = None,
+                 session_id: str = ""):
         self.top = top
+        self.recorder = recorder  # sap-server --record: keep what arrives, as a curious provider would
+        self.session_id = session_id
         self.num_labels = num_labels
         self.seed = seed
         self.train_bottom = train_bottom
@@ -65,6 +69,8 @@ class TopTrainer:
         if step != expected:
             raise StepOrderError(f"forward for step {step} but the next step is {expected}")
         hidden, attention_mask = self._check_inputs(hidden, attention_mask)
+        if self.recorder is not None:
+            self.recorder.record("forward", self.session_id, step, hidden, attention_mask)
         hidden.requires_grad_(self.train_bottom)
         self.top.train()
         logits = self.top(hidden, attention_mask)  # (B, C)
@@ -95,6 +101,8 @@ class TopTrainer:
     @torch.no_grad()
     def evaluate(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden, attention_mask = self._check_inputs(hidden, attention_mask)
+        if self.recorder is not None:
+            self.recorder.record("evaluate", self.session_id, 0, hidden, attention_mask)
         self.top.eval()
         return self.top(hidden, attention_mask).float()
 
