@@ -49,25 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also fine-tune the bottom blocks here (the server returns dL/dhidden)")
     train.add_argument("--out", type=Path, help="run folder for metrics.json and run.json "
                        "(default runs/YYYYmmdd-HHMMSS)")
-    noise = train.add_argument_group("privacy noise (d_chi-privacy on every token vector sent)")
-    level = noise.add_mutually_exclusive_group()
-    level.add_argument("--eta", type=_eta, default=None, metavar="ETA|none",
-                       help="noise parameter: E||noise|| = hidden_size / ETA, so smaller is noisier; "
-                            "'none' (the default) sends clean vectors")
-    level.add_argument("--noise-ratio", type=float, metavar="R",
-                       help="set eta so the expected noise norm is R times the mean hidden-state norm "
-                            "measured on the training data (nearest-neighbour inversion at k=0 on MiniLM: "
-                            "R<=3 recovers >95%% of tokens, R=4 ~71%%, R=6 ~20%%, R=8 ~7%%)")
-    noise.add_argument("--cti", action="store_true",
-                       help="contributing token identification: task-critical tokens get less noise "
-                            "(statistics from the training split, kept in RUN_DIR)")
-    noise.add_argument("--cti-mode", choices=CTI_MODES, default="scale",
-                       help="scale: eta x max(importance, floor); exempt: no noise on the top tokens per class")
-    noise.add_argument("--cti-floor", type=float, default=0.6, help="scale mode floor (default 0.6)")
-    noise.add_argument("--cti-top", type=float, default=0.1, help="exempt mode: fraction per class (default 0.1)")
-    noise.add_argument("--fresh-noise", action="store_true",
-                       help="draw new noise every epoch (default: each example's noisy vectors are drawn once "
-                            "and re-sent, since averaging several noisy copies strips the noise)")
+    _add_noise_flags(train)
 
     for name, what in (("predict", "write predictions for a CSV through a trained run"),
                        ("evaluate", "accuracy and macro-F1 of a trained run on a labelled CSV")):
@@ -86,7 +68,57 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--label-column", help="default: the run's label column")
             cmd.add_argument("--out", type=Path, metavar="EVAL.json",
                              help="where to write the figures (default RUN_DIR/evaluation.json)")
+    audit = commands.add_parser("audit", help="measure how much your split and noise protect (privacy audit)",
+                                description="Play the honest-but-curious provider on exactly what this client would "
+                                            "send for these settings (or, with --recorded, on what a `sap-server "
+                                            "--record` server received): embedding inversion (token recovery) "
+                                            "and, with --attribute-column, attribute inference. Writes "
+                                            "REPORT_DIR/report.json and report.md.")
+    audit.add_argument("data", type=Path, metavar="DATA.csv")
+    audit.add_argument("--server", default=os.environ.get("SAP_SERVER", DEFAULT_SERVER),
+                       help=f"sap-server HOST:PORT, for the bottom (default $SAP_SERVER or {DEFAULT_SERVER})")
+    audit.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
+    audit.add_argument("--text-column", default="text")
+    audit.add_argument("--label-column", default="label", help="used by CTI when present (default label)")
+    audit.add_argument("--attribute-column", help="private attribute to attack with attribute inference")
+    audit.add_argument("--max-examples", type=int, default=64, help="texts attacked (default 64)")
+    audit.add_argument("--run", type=Path, metavar="RUN_DIR",
+                       help="audit a finished run: its noise settings, CTI statistics and noise key")
+    audit.add_argument("--recorded", type=Path, metavar="DIR", help="attack a `sap-server --record DIR` recording")
+    audit.add_argument("--attack", choices=("auto", "nn", "optimization"), default="auto",
+                       help="auto: nearest neighbour where exact (decoder at k=0), else optimization")
+    audit.add_argument("--steps", type=int, default=400, help="optimization attack steps (default 400)")
+    audit.add_argument("--attack-lr", type=float, default=0.03, help="optimization attack Adam lr (default 0.03)")
+    audit.add_argument("--temperature", type=float, default=0.2, help="softmax temperature (default 0.2)")
+    audit.add_argument("--observations", default="1,4",
+                       help="comma-separated counts of noisy copies the provider averages (default 1,4)")
+    audit.add_argument("--batch-size", type=int, default=16)
+    audit.add_argument("--max-length", type=int, default=64)
+    audit.add_argument("--seed", type=int, default=0)
+    _add_noise_flags(audit)
     return parser
+
+
+def _add_noise_flags(parser: argparse.ArgumentParser) -> None:
+    noise = parser.add_argument_group("privacy noise (d_chi-privacy on every token vector sent)")
+    level = noise.add_mutually_exclusive_group()
+    level.add_argument("--eta", type=_eta, default=None, metavar="ETA|none",
+                       help="noise parameter: E||noise|| = hidden_size / ETA, so smaller is noisier; "
+                            "'none' (the default) sends clean vectors")
+    level.add_argument("--noise-ratio", type=float, metavar="R",
+                       help="set eta so the expected noise norm is R times the mean hidden-state norm "
+                            "measured on the training data (nearest-neighbour inversion at k=0 on MiniLM: "
+                            "R<=3 recovers >95%% of tokens, R=4 ~71%%, R=6 ~20%%, R=8 ~7%%)")
+    noise.add_argument("--cti", action="store_true",
+                       help="contributing token identification: task-critical tokens get less noise "
+                            "(statistics from the training split, kept in RUN_DIR)")
+    noise.add_argument("--cti-mode", choices=CTI_MODES, default="scale",
+                       help="scale: eta x max(importance, floor); exempt: no noise on the top tokens per class")
+    noise.add_argument("--cti-floor", type=float, default=0.6, help="scale mode floor (default 0.6)")
+    noise.add_argument("--cti-top", type=float, default=0.1, help="exempt mode: fraction per class (default 0.1)")
+    noise.add_argument("--fresh-noise", action="store_true",
+                       help="draw new noise every epoch (default: each example's noisy vectors are drawn once "
+                            "and re-sent, since averaging several noisy copies strips the noise)")
 
 
 def _eta(value: str) -> float | None:
@@ -145,9 +177,44 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_audit(args: argparse.Namespace, noise, attack) -> int:
+    from sap_client.commands import audit
+
+    report = audit(args.data, server=args.server, out=args.out, noise=noise, attack=attack,
+                   text_column=args.text_column, label_column=args.label_column,
+                   attribute_column=args.attribute_column, max_examples=args.max_examples, run_path=args.run,
+                   recorded=args.recorded, batch_size=args.batch_size, max_length=args.max_length)
+    line = (f"token recovery {report['eia_token_recovery']:.1%} (empirical privacy {report['eia_privacy']:.3f}, "
+            f"{report['attack']} attack)")
+    if "aia_accuracy" in report:
+        line += f"; attribute inference {report['aia_accuracy']:.3f} vs baseline {report['aia_baseline']:.3f}"
+    print(f"{line}; report in {args.out / 'report.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    noise = attack = None
+    if args.command in ("train", "audit"):
+        from sap_client.privacy import NoiseConfig
+
+        try:
+            noise = NoiseConfig(eta=args.eta, noise_ratio=args.noise_ratio, cti=args.cti, cti_mode=args.cti_mode,
+                                cti_floor=args.cti_floor, cti_top=args.cti_top, fresh_noise=args.fresh_noise)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.command == "audit":
+        from sap_client.audit.runner import AttackConfig
+
+        try:
+            observations = tuple(int(n) for n in args.observations.split(","))
+            attack = AttackConfig(attack=args.attack, steps=args.steps, lr=args.attack_lr,
+                                  temperature=args.temperature, seed=args.seed, observations=observations)
+        except ValueError as exc:
+            parser.error(f"audit: {exc}")
+        if args.max_examples < 2:
+            parser.error(f"--max-examples must be >= 2, got {args.max_examples}")
     if args.command == "train":
         from sap_client.trainer import TrainConfig
 
@@ -160,13 +227,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--max-examples must be >= 1, got {args.max_examples}")
         if args.eval is None and not 0 < args.eval_fraction < 1:
             parser.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
-        from sap_client.privacy import NoiseConfig
-
-        try:
-            noise = NoiseConfig(eta=args.eta, noise_ratio=args.noise_ratio, cti=args.cti, cti_mode=args.cti_mode,
-                                cti_floor=args.cti_floor, cti_top=args.cti_top, fresh_noise=args.fresh_noise)
-        except ValueError as exc:
-            parser.error(str(exc))
     _configure_logging(args.verbose)
     try:
         if args.command == "train":
@@ -175,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(args)
         if args.command == "evaluate":
             return run_evaluate(args)
+        if args.command == "audit":
+            return run_audit(args, noise, attack)
     except (SapError, ValueError) as exc:
         print(f"sap-client: error: {exc}", file=sys.stderr)
         return 1

@@ -29,7 +29,15 @@ def _privatizer(noise: NoiseConfig, eta: float | None, run: RunDir, stats: CtiSt
     return Privatizer(eta, key=run.noise_key(), eta_table=table)
 
 
-def _fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run: RunDir) -> Privatizer | None:
+def run_privatizer(run: RunDir, settings: dict) -> Privatizer | None:
+    """The privatizer a finished run used: its eta, CTI statistics and noise key."""
+    if not settings["eta"]:
+        return None
+    noise = NoiseConfig(**settings["noise"])
+    return _privatizer(noise, settings["eta"], run, CtiStatistics.load(run.file(CTI)) if noise.cti else None)
+
+
+def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run: RunDir) -> Privatizer | None:
     """Resolve eta (from --eta or --noise-ratio) and the CTI statistics on the training split only."""
     if not noise.enabled:
         log.warning("noise is off: hidden states leave this machine without privacy noise (use --eta or "
@@ -43,6 +51,8 @@ def _fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, ru
                  min(len(train), NORM_SAMPLE), eta, noise.noise_ratio)
     stats = None
     if noise.cti:
+        if not train.labels:
+            raise InvalidInputError("CTI needs labelled texts (a label column) to count tokens per class")
         token_ids = [trainer.tokenizer(text, truncation=True, max_length=trainer.config.max_length)["input_ids"]
                      for text in train.texts]
         vocab = trainer.bottom.input_embedding_matrix().shape[0]
@@ -72,7 +82,7 @@ def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise
                  info.model_id, info.model_type, info.split, info.total_blocks, info.peft, len(train_data),
                  len(held), len(data.label_names))
         trainer = SplitTrainer(bottom, tokenizer, service, config, fresh_noise=noise.fresh_noise)
-        trainer.privatizer = _fit_noise(noise, trainer, train_data, run)
+        trainer.privatizer = fit_noise(noise, trainer, train_data, run)
         trainer.open(len(data.label_names))
         metrics = trainer.fit(train_data, held)
         adapter_id = service.finish_session(trainer.session_id)
@@ -108,11 +118,8 @@ def _attach(run: RunDir, settings: dict, server: str | None, service_factory=Rem
     bottom, tokenizer, _ = load_server_bottom(service, info)
     if run.file(BOTTOM).exists():
         bottom.load_state_dict(load_file(str(run.file(BOTTOM))))
-    config = TrainConfig(**settings["config"])
-    noise = NoiseConfig(**settings["noise"])
-    stats = CtiStatistics.load(run.file(CTI)) if noise.cti else None
-    privatizer = _privatizer(noise, settings["eta"], run, stats) if settings["eta"] else None
-    trainer = SplitTrainer(bottom, tokenizer, service, config, privatizer)
+    trainer = SplitTrainer(bottom, tokenizer, service, TrainConfig(**settings["config"]),
+                           run_privatizer(run, settings))
     trainer.session_id, num_labels = service.attach_adapter(settings["adapter_id"])
     if num_labels != len(settings["label_names"]):
         raise ModelLoadError(f"adapter has {num_labels} labels, the run has {len(settings['label_names'])}")
@@ -172,3 +179,49 @@ def macro_f1(predictions: list[int], labels: list[int], num_classes: int) -> flo
         fn = sum(1 for p, y in zip(predictions, labels) if p != c and y == c)
         scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return sum(scores) / num_classes
+
+
+def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack, text_column: str,
+          label_column: str, attribute_column: str | None, max_examples: int, run_path: Path | None,
+          recorded: Path | None, batch_size: int, max_length: int) -> dict:
+    """Play the curious provider on what this client would send (or on a --record recording)."""
+    from sap_client.audit.runner import recorded_audit, simulated_audit, write_report
+    from sap_client.data import read_rows
+    from sap_common.recording import read_recording
+
+    settings = RunDir(run_path).read_run() if run_path else None
+    if settings:
+        text_column, label_column = settings["text_column"], settings["label_column"]
+        max_length = settings["config"]["max_length"]
+    header = read_rows(data_path, [text_column])[0].keys()
+    labelled = label_column in header
+    data = (load_labelled_csv(data_path, text_column, label_column, settings["label_names"] if settings else None)
+            if labelled else TextDataset(load_texts(data_path, text_column), [], []))
+    data = data.subset(list(range(min(max_examples, len(data))))) if labelled else \
+        TextDataset(data.texts[:max_examples], [], [])
+    attributes = None
+    if attribute_column:
+        values = [row[attribute_column].strip() for row in read_rows(data_path, [attribute_column])][:len(data)]
+        names = sorted(set(values))
+        attributes = [names.index(v) for v in values]
+    report_dir = RunDir(out).create()
+    with RemoteTopService(server) as service:
+        info = service.server_info()
+        bottom, tokenizer, _ = load_server_bottom(service, info)
+    trainer = SplitTrainer(bottom, tokenizer, service, TrainConfig(batch_size=batch_size, max_length=max_length))
+    if settings:
+        trainer.privatizer, eta = run_privatizer(RunDir(run_path), settings), settings["eta"]
+        noise = NoiseConfig(**settings["noise"])
+    else:
+        trainer.privatizer = fit_noise(noise, trainer, data, report_dir)
+        eta = trainer.privatizer.eta if trainer.privatizer else None
+    if recorded:
+        report = recorded_audit(trainer, data, read_recording(recorded), attack)
+        report["source"] = f"recorded traffic in {recorded}"
+    else:
+        report = simulated_audit(trainer, data, attributes, attack)
+        report["source"] = "simulated: what this client would send"
+    report.update(model=info.model_id, split=info.split, eta=eta, noise_ratio=noise.noise_ratio, cti=noise.cti,
+                  attribute_column=attribute_column, data=str(data_path))
+    write_report(report, out)
+    return report

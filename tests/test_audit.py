@@ -1,0 +1,90 @@
+"""The privacy audit end to end: a real recording of a two-process run, attacked two ways, must agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sap_client import cli as client_cli
+from tiny_models import learnable_rows, write_csv
+
+SCRIPTS = Path(sys.executable).parent
+
+
+def _start_server(args: list[str], env: dict) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([str(SCRIPTS / "sap-server"), *args, "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    line = proc.stdout.readline()
+    if not line.startswith("sap-server listening on "):
+        proc.kill()
+        pytest.fail(f"server did not start: {line!r}")
+    return proc, line.split()[-1]
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "SAP_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+
+def test_recorded_and_simulated_audits_agree(tiny_llama, tmp_path, env, capsys):
+    data = write_csv(tmp_path / "data.csv", learnable_rows(120, seed=3))
+    record, run = tmp_path / "recording", tmp_path / "run"
+    server, address = _start_server(["--model", str(tiny_llama), "--split", "0", "--record", str(record)], env)
+    try:
+        trained = subprocess.run([str(SCRIPTS / "sap-client"), "train", str(data), "--server", address,
+                                  "--out", str(run), "--epochs", "2", "--noise-ratio", "2.5", "--eval-fraction",
+                                  "0.25"], env=env, capture_output=True, text=True, timeout=120)
+        assert trained.returncode == 0, trained.stderr
+        assert len(list(record.glob("*-forward.safetensors"))) > 0
+        assert len(list(record.glob("*-evaluate.safetensors"))) > 0
+
+        reports = {}
+        for name, extra in (("simulated", []), ("recorded", ["--recorded", str(record)])):
+            out = tmp_path / name
+            code = client_cli.main(["audit", str(data), "--server", address, "--run", str(run), "--out", str(out),
+                                    "--max-examples", "120", "--observations", "1", *extra])
+            assert code == 0, capsys.readouterr().err
+            reports[name] = json.loads((out / "report.json").read_text())
+            assert (out / "report.md").read_text().startswith("# SAP privacy audit")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
+
+    simulated, recorded = reports["simulated"], reports["recorded"]
+    assert simulated["attack"] == recorded["attack"] == "nn"
+    # every distinct example the server received was matched to its text (2 epochs collapse to one copy)
+    assert recorded["recorded_examples"] == 120 and recorded["unmatched_examples"] == 0
+    assert 0.1 < simulated["eia_token_recovery"] < 0.9, simulated  # a noise level where the figure is informative
+    assert abs(simulated["eia_token_recovery"] - recorded["eia_token_recovery"]) <= 0.02, (simulated, recorded)
+    for key in ("split", "eta", "cti", "eia_token_recovery", "eia_privacy"):
+        assert key in simulated and key in recorded
+
+
+def test_audit_without_noise_recovers_everything_and_noise_protects(tiny_llama, tmp_path, env, capsys):
+    # the attribute ("party") is written into the text, so the attribute attack has something to find
+    with_party = write_csv(tmp_path / "party.csv", learnable_rows(60, seed=4), ("text", "party"))
+    server, address = _start_server(["--model", str(tiny_llama), "--split", "0"], env)
+    try:
+        figures = {}
+        for name, flags in (("clean", []), ("noisy", ["--noise-ratio", "10"])):
+            out = tmp_path / name
+            assert client_cli.main(["audit", str(with_party), "--server", address, "--out", str(out),
+                                    "--max-examples", "60", "--observations", "1,16", "--attribute-column", "party",
+                                    *flags]) == 0, capsys.readouterr().err
+            figures[name] = json.loads((out / "report.json").read_text())
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
+    clean, noisy = figures["clean"], figures["noisy"]
+    assert clean["eia_token_recovery"] >= 0.99 and clean["eia_privacy"] <= 0.01
+    assert noisy["eia_token_recovery"] < 0.2
+    by_n = {o["observations"]: o["recovery"] for o in noisy["observations"]}
+    assert by_n[16] > by_n[1] + 0.2, by_n  # averaging 16 copies cuts the noise 4x: it strips the privacy
+    for report in (clean, noisy):
+        assert {"aia_accuracy", "aia_baseline", "aia_privacy"} <= report.keys()
