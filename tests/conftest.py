@@ -25,6 +25,17 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SAP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sap-cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds contention on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "bert", layers=3)

@@ -25,13 +25,7 @@ from tiny_models import SPECIALS, WORDS, learnable_rows
 VOCAB = len(SPECIALS) + len(WORDS)  # chance of a blind guess: 1 / VOCAB, about 0.011
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: a second intra-op thread only adds contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bottom_and_batch(folder: Path, k: int,
