@@ -48,3 +48,9 @@ demo: install models data
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-run
+
+# The two-container demo (docker/compose.yaml; see docker/README.md). Needs a Docker engine with compose v2;
+# tests/test_compose.py runs the same services as local processes where there is none.
+.PHONY: compose-demo
+compose-demo:
+	docker compose -f docker/compose.yaml up --build --abort-on-container-exit --exit-code-from client

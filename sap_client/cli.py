@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from sap_client.cti import CTI_MODES
+from sap_common.devices import DEVICE_CHOICES, device_arg, resolve_device
 from sap_common.errors import SapError
 
 log = logging.getLogger("sap_client")
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also fine-tune the bottom blocks here (the server returns dL/dhidden)")
     train.add_argument("--out", type=Path, help="run folder for metrics.json and run.json "
                        "(default runs/YYYYmmdd-HHMMSS)")
+    _add_device_flag(train)
     _add_noise_flags(train)
 
     for name, what in (("predict", "write predictions for a CSV through a trained run"),
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "noise settings and kept adapter (works from a new process, and after a server "
                                   "restart with the same --state-dir).")
         cmd.add_argument("data", type=Path, metavar="DATA.csv")
+        _add_device_flag(cmd)
         cmd.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="the --out of sap-client train")
         cmd.add_argument("--server", default=os.environ.get("SAP_SERVER"),
                          help="sap-server HOST:PORT (default $SAP_SERVER, else the run's server)")
@@ -95,8 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--batch-size", type=int, default=16)
     audit.add_argument("--max-length", type=int, default=64)
     audit.add_argument("--seed", type=int, default=0)
+    _add_device_flag(audit)
     _add_noise_flags(audit)
     return parser
+
+
+def _add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=device_arg, default=os.environ.get("SAP_DEVICE", "auto"),
+                        metavar=DEVICE_CHOICES, help="where the bottom runs: auto = cuda when torch sees a GPU, "
+                        "else cpu (default $SAP_DEVICE or auto); noise is drawn and tensors are sent from the CPU")
 
 
 def _add_noise_flags(parser: argparse.ArgumentParser) -> None:
@@ -143,13 +153,13 @@ def _configure_logging(verbose: bool) -> None:
     hf_logging.disable_progress_bar()
 
 
-def run_train(args: argparse.Namespace, config, noise) -> int:
+def run_train(args: argparse.Namespace, config, noise, device) -> int:
     from sap_client.commands import train
 
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     metrics = train(args.data, server=args.server, out=out, config=config, noise=noise,
                     text_column=args.text_column, label_column=args.label_column, eval_path=args.eval,
-                    eval_fraction=args.eval_fraction, max_examples=args.max_examples)
+                    eval_fraction=args.eval_fraction, max_examples=args.max_examples, device=device)
     noise_note = (f"noise eta {metrics['eta']:.4g} (noise/signal {metrics['noise_to_signal']:.2f}"
                   f"{', CTI' if metrics['cti'] else ''})" if metrics["eta"] else "no noise")
     print(f"eval accuracy {metrics['eval_accuracy']:.4f} after {metrics['steps']} steps "
@@ -157,19 +167,20 @@ def run_train(args: argparse.Namespace, config, noise) -> int:
     return 0
 
 
-def run_predict(args: argparse.Namespace) -> int:
+def run_predict(args: argparse.Namespace, device) -> int:
     from sap_client.commands import predict
 
-    rows = predict(args.data, run_path=args.run, server=args.server, out=args.out, text_column=args.text_column)
+    rows = predict(args.data, run_path=args.run, server=args.server, out=args.out, text_column=args.text_column,
+                   device=device)
     print(f"{rows} predictions written to {args.out}")
     return 0
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
+def run_evaluate(args: argparse.Namespace, device) -> int:
     from sap_client.commands import evaluate
 
     figures = evaluate(args.data, run_path=args.run, server=args.server, text_column=args.text_column,
-                       label_column=args.label_column)
+                       label_column=args.label_column, device=device)
     out = args.out or args.run / "evaluation.json"
     out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"accuracy {figures['accuracy']:.4f}, macro-F1 {figures['macro_f1']:.4f} on {figures['examples']} "
@@ -177,13 +188,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_audit(args: argparse.Namespace, noise, attack) -> int:
+def run_audit(args: argparse.Namespace, noise, attack, device) -> int:
     from sap_client.commands import audit
 
     report = audit(args.data, server=args.server, out=args.out, noise=noise, attack=attack,
                    text_column=args.text_column, label_column=args.label_column,
                    attribute_column=args.attribute_column, max_examples=args.max_examples, run_path=args.run,
-                   recorded=args.recorded, batch_size=args.batch_size, max_length=args.max_length)
+                   recorded=args.recorded, batch_size=args.batch_size, max_length=args.max_length, device=device)
     line = (f"token recovery {report['eia_token_recovery']:.1%} (empirical privacy {report['eia_privacy']:.3f}, "
             f"{report['attack']} attack)")
     if "aia_accuracy" in report:
@@ -229,14 +240,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
     _configure_logging(args.verbose)
     try:
+        device = resolve_device(args.device)
         if args.command == "train":
-            return run_train(args, config, noise)
+            return run_train(args, config, noise, device)
         if args.command == "predict":
-            return run_predict(args)
+            return run_predict(args, device)
         if args.command == "evaluate":
-            return run_evaluate(args)
+            return run_evaluate(args, device)
         if args.command == "audit":
-            return run_audit(args, noise, attack)
+            return run_audit(args, noise, attack, device)
     except (SapError, ValueError) as exc:
         print(f"sap-client: error: {exc}", file=sys.stderr)
         return 1

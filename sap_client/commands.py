@@ -65,7 +65,7 @@ def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run
 
 def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise: NoiseConfig,
           text_column: str, label_column: str, eval_path: Path | None, eval_fraction: float,
-          max_examples: int | None) -> dict:
+          max_examples: int | None, device: torch.device | str = "cpu") -> dict:
     data = load_labelled_csv(data_path, text_column, label_column)
     if max_examples:
         data = data.subset(list(range(min(max_examples, len(data)))))
@@ -81,14 +81,14 @@ def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise
         log.info("server %s: %s (%s), split %d/%d, %s; %d train / %d eval examples, %d classes", server,
                  info.model_id, info.model_type, info.split, info.total_blocks, info.peft, len(train_data),
                  len(held), len(data.label_names))
-        trainer = SplitTrainer(bottom, tokenizer, service, config, fresh_noise=noise.fresh_noise)
+        trainer = SplitTrainer(bottom, tokenizer, service, config, fresh_noise=noise.fresh_noise, device=device)
         trainer.privatizer = fit_noise(noise, trainer, train_data, run)
         trainer.open(len(data.label_names))
         metrics = trainer.fit(train_data, held)
         adapter_id = service.finish_session(trainer.session_id)
         metrics.update(bytes_sent=service.bytes_sent, bytes_received=service.bytes_received)
     if config.train_bottom:
-        save_file({k: v.detach().contiguous() for k, v in bottom.state_dict().items()}, str(run.file(BOTTOM)))
+        save_file({k: v.detach().cpu().contiguous() for k, v in bottom.state_dict().items()}, str(run.file(BOTTOM)))
     privatizer = trainer.privatizer
     eta = privatizer.eta if privatizer else None
     metrics.update(split=info.split, total_blocks=info.total_blocks, peft=info.peft, model=info.model_id,
@@ -107,7 +107,8 @@ def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise
     return metrics
 
 
-def _attach(run: RunDir, settings: dict, server: str | None, service_factory=RemoteTopService):
+def _attach(run: RunDir, settings: dict, server: str | None, service_factory=RemoteTopService,
+            device: torch.device | str = "cpu"):
     """Connect, load the bottom (and its fine-tuned weights), reattach to the run's adapter."""
     service = service_factory(server or settings["server"])
     info = service.server_info()
@@ -119,20 +120,21 @@ def _attach(run: RunDir, settings: dict, server: str | None, service_factory=Rem
     if run.file(BOTTOM).exists():
         bottom.load_state_dict(load_file(str(run.file(BOTTOM))))
     trainer = SplitTrainer(bottom, tokenizer, service, TrainConfig(**settings["config"]),
-                           run_privatizer(run, settings))
+                           run_privatizer(run, settings), device=device)
     trainer.session_id, num_labels = service.attach_adapter(settings["adapter_id"])
     if num_labels != len(settings["label_names"]):
         raise ModelLoadError(f"adapter has {num_labels} labels, the run has {len(settings['label_names'])}")
     return service, trainer
 
 
-def _probabilities(run_path: Path, texts: list[str], server: str | None) -> tuple[torch.Tensor, dict]:
+def _probabilities(run_path: Path, texts: list[str], server: str | None,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict]:
     run = RunDir(run_path)
     settings = run.read_run()
     empty = [i + 2 for i, text in enumerate(texts) if not text]
     if empty:
         raise InvalidInputError(f"line {empty[0]} has an empty text ({len(empty)} such lines)")
-    service, trainer = _attach(run, settings, server)
+    service, trainer = _attach(run, settings, server, device=device)
     try:
         probabilities = trainer.predict(texts)
         service.close_session(trainer.session_id)
@@ -142,11 +144,11 @@ def _probabilities(run_path: Path, texts: list[str], server: str | None) -> tupl
 
 
 def predict(data_path: Path, *, run_path: Path, server: str | None, out: Path,
-            text_column: str | None) -> int:
+            text_column: str | None, device: torch.device | str = "cpu") -> int:
     """Write one row per input row: row number, predicted label, class probabilities. Returns rows."""
     settings = RunDir(run_path).read_run()
     texts = load_texts(data_path, text_column or settings["text_column"])
-    probabilities, _ = _probabilities(run_path, texts, server)
+    probabilities, _ = _probabilities(run_path, texts, server, device)
     names = settings["label_names"]
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="", encoding="utf-8") as handle:
@@ -158,12 +160,12 @@ def predict(data_path: Path, *, run_path: Path, server: str | None, out: Path,
 
 
 def evaluate(data_path: Path, *, run_path: Path, server: str | None, text_column: str | None,
-             label_column: str | None) -> dict:
+             label_column: str | None, device: torch.device | str = "cpu") -> dict:
     """Accuracy and macro-F1 of the run's adapter on labelled data, through the same split and noise."""
     settings = RunDir(run_path).read_run()
     data = load_labelled_csv(data_path, text_column or settings["text_column"],
                              label_column or settings["label_column"], settings["label_names"])
-    probabilities, _ = _probabilities(run_path, data.texts, server)
+    probabilities, _ = _probabilities(run_path, data.texts, server, device)
     predictions = probabilities.argmax(-1).tolist()
     return {"accuracy": sum(int(p == y) for p, y in zip(predictions, data.labels)) / len(data),
             "macro_f1": macro_f1(predictions, data.labels, len(settings["label_names"])),
@@ -183,7 +185,7 @@ def macro_f1(predictions: list[int], labels: list[int], num_classes: int) -> flo
 
 def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack, text_column: str,
           label_column: str, attribute_column: str | None, max_examples: int, run_path: Path | None,
-          recorded: Path | None, batch_size: int, max_length: int) -> dict:
+          recorded: Path | None, batch_size: int, max_length: int, device: torch.device | str = "cpu") -> dict:
     """Play the curious provider on what this client would send (or on a --record recording)."""
     from sap_client.audit.runner import recorded_audit, simulated_audit, write_report
     from sap_client.data import read_rows
@@ -208,7 +210,8 @@ def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack
     with RemoteTopService(server) as service:
         info = service.server_info()
         bottom, tokenizer, _ = load_server_bottom(service, info)
-    trainer = SplitTrainer(bottom, tokenizer, service, TrainConfig(batch_size=batch_size, max_length=max_length))
+    trainer = SplitTrainer(bottom, tokenizer, service, TrainConfig(batch_size=batch_size, max_length=max_length),
+                           device=device)
     if settings:
         trainer.privatizer, eta = run_privatizer(RunDir(run_path), settings), settings["eta"]
         noise = NoiseConfig(**settings["noise"])

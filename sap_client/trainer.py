@@ -47,12 +47,26 @@ class EvalResult:
     probabilities: torch.Tensor  # (N, C)
 
 
+def _place_bottom(bottom: BottomModel, device: torch.device) -> BottomModel:
+    """Run the bottom on device while its callers (this loop, the audit) keep CPU tensors: inputs move
+    there, outputs come back (differentiably, so dL/dhidden still reaches a trainable bottom). Noise is
+    drawn on the CPU from keyed generators and the codec sends CPU tensors, so nothing else changes."""
+    if device.type == "cpu":
+        return bottom
+    bottom.to(device)
+    bottom.register_forward_pre_hook(lambda _module, args: tuple(a.to(device) for a in args))
+    bottom.register_forward_hook(lambda _module, _args, output: output.cpu())
+    return bottom
+
+
 class SplitTrainer:
     """Runs the bottom locally and the top through a TopService, one step at a time."""
 
     def __init__(self, bottom: BottomModel, tokenizer: PreTrainedTokenizerBase, service: TopService,
-                 config: TrainConfig, privatizer: Privatizer | None = None, *, fresh_noise: bool = False):
-        self.bottom = bottom
+                 config: TrainConfig, privatizer: Privatizer | None = None, *, fresh_noise: bool = False,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.bottom = _place_bottom(bottom, self.device)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"
         self.service = service

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from sap_common.devices import DEVICE_CHOICES, DTYPES, device_arg, dtype_arg, resolve_device
 from sap_common.errors import SapError
 from sap_common.models.registry import ALIASES, DEFAULT_MODEL
 from sap_server.peft import PEFT_METHODS, PeftConfig
@@ -23,17 +24,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "Users download the bottom blocks, run them locally, and send (noisy) hidden states; "
                     "this server runs the top blocks with PEFT and never sees text or labels.",
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"model alias or local Hugging Face folder (default {DEFAULT_MODEL}). Aliases: {aliases}")
-    parser.add_argument("--split", type=int, default=6,
-                        help="k: blocks 0..k-1 go to the user, k..L-1 stay here; 0 = embeddings only (default 6)")
-    parser.add_argument("--peft", choices=PEFT_METHODS, default="lora", help="how the top is tuned (default lora)")
+    # Every flag a container needs has an environment default ($SAP_*), so images are configured the usual way.
+    env = os.environ.get
+    parser.add_argument("--model", default=env("SAP_MODEL", DEFAULT_MODEL),
+                        help=f"model alias or local Hugging Face folder (default $SAP_MODEL or {DEFAULT_MODEL}). "
+                             f"Aliases: {aliases}")
+    parser.add_argument("--split", type=int, default=env("SAP_SPLIT", 6),
+                        help="k: blocks 0..k-1 go to the user, k..L-1 stay here; 0 = embeddings only "
+                             "(default $SAP_SPLIT or 6)")
+    parser.add_argument("--peft", choices=PEFT_METHODS, default=env("SAP_PEFT", "lora"),
+                        help="how the top is tuned (default $SAP_PEFT or lora)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     parser.add_argument("--adapter-size", type=int, default=64, help="Adapter bottleneck width (default 64)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
-                        "0.0.0.0 to accept other machines)")
-    parser.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    parser.add_argument("--host", default=env("SAP_HOST", "127.0.0.1"),
+                        help="address to listen on (default $SAP_HOST or 127.0.0.1; 0.0.0.0 to accept other machines)")
+    parser.add_argument("--port", type=int, default=env("SAP_PORT", 50051),
+                        help="port (default $SAP_PORT or 50051; 0 picks a free one)")
+    parser.add_argument("--device", type=device_arg, default=env("SAP_DEVICE", "auto"), metavar=DEVICE_CHOICES,
+                        help="where the top runs: auto = cuda when torch sees a GPU, else cpu (default $SAP_DEVICE "
+                             "or auto); tensors on the wire are always CPU")
+    parser.add_argument("--dtype", type=dtype_arg, default=env("SAP_DTYPE", "float32"), metavar="|".join(DTYPES),
+                        help="dtype of the top's weights, PEFT parameters and head (default $SAP_DTYPE or float32); "
+                             "users' bottoms stay float32 and logits go back as float32")
     parser.add_argument("--state-dir", type=Path, default=os.environ.get("SAP_STATE_DIR") or None,
                         help="folder where kept adapters are stored, so users can reattach for prediction "
                              "after a server restart (default $SAP_STATE_DIR; without it adapters live in memory)")
@@ -73,15 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     from sap_server.provider import Provider
 
     try:
-        provider = Provider.load(args.model, args.split, peft, max_sessions=args.max_sessions,
-                                 state_dir=args.state_dir, record_dir=args.record)
+        device = resolve_device(args.device)
+        provider = Provider.load(args.model, args.split, peft, dtype=DTYPES[args.dtype], device=device,
+                                 max_sessions=args.max_sessions, state_dir=args.state_dir, record_dir=args.record)
         server, port = start_server(provider, args.host, args.port, workers=args.workers)
     except (SapError, OSError) as exc:
         print(f"sap-server: error: {exc}", file=sys.stderr)
         return 1
     info = provider.info
-    log.info("serving %s (%s), split %d of %d blocks, %s", info.model_id, info.model_type, info.split,
-             info.total_blocks, info.peft)
+    log.info("serving %s (%s), split %d of %d blocks, %s, top on %s in %s", info.model_id, info.model_type,
+             info.split, info.total_blocks, info.peft, device, args.dtype)
     try:
         ready = f"sap-server listening on {args.host}:{port}"
         serve_until_signal(server, on_ready=lambda: print(ready, flush=True))

@@ -15,7 +15,7 @@ from sap_common import PROTOCOL_VERSION
 from sap_common.errors import ModelLoadError
 from sap_common.models.bundle import bundle_sha256, export_bottom
 from sap_common.models.registry import LoadedModel, load_model
-from sap_common.models.split import split_base
+from sap_common.models.split import TopModel, split_base
 from sap_common.recording import Recorder
 from sap_common.service import ServerInfo, SessionSpec
 from sap_server.adapters import AdapterRecord, AdapterStore
@@ -37,8 +37,11 @@ class Provider:
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, split: int, peft: PeftConfig, *, max_sessions: int = 16,
                     bundle_dir: Path | None = None, state_dir: Path | None = None,
-                    record_dir: Path | None = None) -> Provider:
-        """Cut the loaded model at `split` and write the bottom bundle users download."""
+                    record_dir: Path | None = None, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> Provider:
+        """Cut the loaded model at `split`, write the bottom bundle users download, then place the top
+        on `device` in `dtype` (default: the loaded dtype). The bundle is written before the move, so
+        users get the bottom in the dtype it was loaded in, whatever the top runs in."""
         base = loaded.base
         total = base.config.num_hidden_layers
         bottom, top = split_base(base, split)
@@ -51,6 +54,7 @@ class Provider:
         info = ServerInfo(protocol_version=PROTOCOL_VERSION, model_id=loaded.model_id, family=meta.family,
                           model_type=meta.model_type, split=split, total_blocks=total,
                           hidden_size=meta.hidden_size, peft=peft.method, bottom_sha256=bundle_sha256(bundle_dir))
+        place_top(base, top, torch.device(device), dtype)
         recorder = Recorder(record_dir) if record_dir is not None else None
         if recorder is not None:
             log.warning("recording every received hidden state to %s (--record: the curious provider's view)",
@@ -61,12 +65,15 @@ class Provider:
 
     @classmethod
     def load(cls, model: str, split: int, peft: PeftConfig, *, dtype: torch.dtype = torch.float32,
-             max_sessions: int = 16, state_dir: Path | None = None, record_dir: Path | None = None) -> Provider:
-        loaded = load_model(model, dtype=dtype)
-        log.info("loaded %s: %s, %d blocks, hidden %d", loaded.model_id, loaded.base.config.model_type,
-                 loaded.base.config.num_hidden_layers, loaded.base.config.hidden_size)
+             device: torch.device | str = "cpu", max_sessions: int = 16, state_dir: Path | None = None,
+             record_dir: Path | None = None) -> Provider:
+        """Load in float32 (the users' bottom stays float32), then put the top on device in dtype."""
+        loaded = load_model(model, dtype=torch.float32)
+        log.info("loaded %s: %s, %d blocks, hidden %d; top on %s in %s", loaded.model_id,
+                 loaded.base.config.model_type, loaded.base.config.num_hidden_layers,
+                 loaded.base.config.hidden_size, device, str(dtype).removeprefix("torch."))
         return cls.from_loaded(loaded, split, peft, max_sessions=max_sessions, state_dir=state_dir,
-                               record_dir=record_dir)
+                               record_dir=record_dir, device=device, dtype=dtype)
 
     def keep_adapter(self, session_id: str) -> str:
         """Store the session's trained weights under a new random id (disk too, with a state dir)."""
@@ -96,3 +103,17 @@ class Provider:
     def close(self) -> None:
         if self._owns_bundle_dir:
             shutil.rmtree(self.bundle_dir, ignore_errors=True)
+
+
+def place_top(base: torch.nn.Module, top: TopModel, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Move the top's blocks and the base modules its heads reuse (final norm, pooler) to device/dtype.
+
+    The rotary embedding moves to the device only: its inv_freq stays float32, as transformers keeps it.
+    """
+    top.blocks.to(device=device, dtype=dtype)
+    for name in ("norm", "pooler"):  # LastTokenHead / EncoderHead build on these
+        module = getattr(base, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.to(device=device, dtype=dtype)
+    if top.rotary is not None:
+        top.rotary.to(device=device)

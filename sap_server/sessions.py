@@ -36,10 +36,13 @@ def build_session_top(template: TopModel, base: PreTrainedModel, peft: PeftConfi
     shared.update({id(b): b for b in template.buffers()})
     shared[id(template.config)] = template.config
     top = copy.deepcopy(template, memo=shared)
-    top.head = new_head(template.config, base, num_labels, torch.Generator().manual_seed(seed))
+    # The head is drawn on the CPU in float32 (the same start on any device), then placed with the blocks.
+    frozen = next(template.blocks.parameters())
+    top.head = new_head(template.config, base, num_labels, torch.Generator().manual_seed(seed)).to(
+        device=frozen.device, dtype=frozen.dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        apply_peft(top.blocks, top.family, peft)
+        apply_peft(top.blocks, top.family, peft)  # new PEFT weights take each wrapped layer's device/dtype
     return top
 
 

@@ -46,7 +46,7 @@ class TopTrainer:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Copies of the trainable weights (PEFT parameters and head), named as in the TopModel."""
-        return {name: p.detach().clone() for name, p in self.top.named_parameters() if p.requires_grad}
+        return {name: p.detach().cpu().clone() for name, p in self.top.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], steps_applied: int) -> None:
         """Restore weights saved by trainable_state (the optimizer state starts afresh)."""
@@ -68,14 +68,14 @@ class TopTrainer:
         expected = self.steps_applied + 1
         if step != expected:
             raise StepOrderError(f"forward for step {step} but the next step is {expected}")
-        hidden, attention_mask = self._check_inputs(hidden, attention_mask)
+        placed, placed_mask = self._check_inputs(hidden, attention_mask)
         if self.recorder is not None:
-            self.recorder.record("forward", self.session_id, step, hidden, attention_mask)
-        hidden.requires_grad_(self.train_bottom)
+            self.recorder.record("forward", self.session_id, step, hidden, attention_mask)  # as received
+        placed.requires_grad_(self.train_bottom)
         self.top.train()
-        logits = self.top(hidden, attention_mask)  # (B, C)
-        self._pending = _Pending(step=step, hidden=hidden, logits=logits)
-        return logits.detach().float()
+        logits = self.top(placed, placed_mask)  # (B, C), in the top's dtype, on its device
+        self._pending = _Pending(step=step, hidden=placed, logits=logits)
+        return logits.detach().float().cpu()
 
     def backward(self, step: int, grad_logits: torch.Tensor) -> BackwardResult:
         """Back-propagate dL/dlogits of `step` and apply the optimizer step; a retry is replayed."""
@@ -90,23 +90,24 @@ class TopTrainer:
                                     f"expected {tuple(pending.logits.shape)} (the logits of step {step})")
         _check_finite("grad_logits", grad_logits)
         self.optimizer.zero_grad(set_to_none=True)
-        pending.logits.backward(grad_logits.to(pending.logits.dtype))
+        pending.logits.backward(grad_logits.to(device=pending.logits.device, dtype=pending.logits.dtype))
         self.optimizer.step()
         self.steps_applied = step
         self._pending = None
-        grad_hidden = pending.hidden.grad.detach().float() if self.train_bottom else None
+        grad_hidden = pending.hidden.grad.detach().float().cpu() if self.train_bottom else None
         self._last_reply = BackwardResult(step, False, grad_hidden)
         return self._last_reply
 
     @torch.no_grad()
     def evaluate(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden, attention_mask = self._check_inputs(hidden, attention_mask)
+        placed, placed_mask = self._check_inputs(hidden, attention_mask)
         if self.recorder is not None:
-            self.recorder.record("evaluate", self.session_id, 0, hidden, attention_mask)
+            self.recorder.record("evaluate", self.session_id, 0, hidden, attention_mask)  # as received
         self.top.eval()
-        return self.top(hidden, attention_mask).float()
+        return self.top(placed, placed_mask).float().cpu()
 
     def _check_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate what arrived (CPU tensors from the codec); return it on the top's device and dtype."""
         size = self.top.config.hidden_size
         if hidden.dim() != 3 or hidden.shape[-1] != size:
             raise InvalidInputError(f"hidden_states has shape {tuple(hidden.shape)}, expected (B, T, {size})")
