@@ -57,6 +57,8 @@ def test_recorded_and_simulated_audits_agree(tiny_llama, tmp_path, env, capsys):
         assert server.wait(timeout=15) == 0
 
     simulated, recorded = reports["simulated"], reports["recorded"]
+    print(f"token recovery: simulated {simulated['eia_token_recovery']:.4f}, "
+          f"recorded {recorded['eia_token_recovery']:.4f}")
     assert simulated["attack"] == recorded["attack"] == "nn"
     # every distinct example the server received was matched to its text (2 epochs collapse to one copy)
     assert recorded["recorded_examples"] == 120 and recorded["unmatched_examples"] == 0
