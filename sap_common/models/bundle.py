@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokeniz
 
 from sap_common.errors import ModelLoadError
 from sap_common.models.families import truncated_config
-from sap_common.models.split import BottomModel, split_base
+from sap_common.models.split import BottomModel, whole_base_as_bottom
 
 WEIGHTS = "bottom.safetensors"
 META = "sap_bottom.json"
@@ -86,10 +86,10 @@ def load_bottom(folder: Path) -> tuple[BottomModel, PreTrainedTokenizerBase, Bot
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read bottom bundle {folder}: {exc}") from exc
     dtype = next(iter(state.values())).dtype if state else torch.float32
-    base = AutoModel.from_config(config, dtype=dtype)
-    bottom, _ = split_base(base, meta.split) if meta.split < config.num_hidden_layers else (None, None)
-    if bottom is None:  # a bottom holding every block of its truncated config
-        bottom = _whole_base_as_bottom(base)
+    if config.num_hidden_layers != meta.split:
+        raise ModelLoadError(f"bottom bundle {folder}: config has {config.num_hidden_layers} blocks, "
+                             f"{META} says {meta.split}")
+    bottom = whole_base_as_bottom(AutoModel.from_config(config, dtype=dtype))
     missing, unexpected = bottom.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelLoadError(f"bottom bundle {folder} does not match its config: missing {missing[:5]}, "
@@ -98,12 +98,3 @@ def load_bottom(folder: Path) -> tuple[BottomModel, PreTrainedTokenizerBase, Bot
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return bottom, tokenizer, meta
-
-
-def _whole_base_as_bottom(base) -> BottomModel:
-    from sap_common.models.families import base_blocks, family_of
-    from sap_common.models.split import _embeddings
-
-    config = base.config
-    return BottomModel(config, _embeddings(base, config), base_blocks(base, family_of(config)),
-                       getattr(base, "rotary_emb", None))

@@ -90,6 +90,13 @@ def split_base(base: PreTrainedModel, k: int) -> tuple[BottomModel, TopModel]:
     return bottom, top
 
 
+def whole_base_as_bottom(base: PreTrainedModel) -> BottomModel:
+    """A BottomModel over every block of base (a user's truncated copy holds exactly its k blocks)."""
+    config = base.config
+    return BottomModel(config, _embeddings(base, config), base_blocks(base, family_of(config)),
+                       getattr(base, "rotary_emb", None))
+
+
 def split_sequence_classifier(model: PreTrainedModel, k: int) -> tuple[BottomModel, TopModel]:
     """Split a transformers *ForSequenceClassification model, reusing its own head (for checks)."""
     base = model.base_model
