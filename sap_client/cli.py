@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run folder for metrics.json and run.json "
                        "(default runs/YYYYmmdd-HHMMSS)")
     _add_device_flag(train)
+    _add_wire_flag(train, default="float32")
     _add_noise_flags(train)
 
     for name, what in (("predict", "write predictions for a CSV through a trained run"),
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "restart with the same --state-dir).")
         cmd.add_argument("data", type=Path, metavar="DATA.csv")
         _add_device_flag(cmd)
+        _add_wire_flag(cmd, default=None)
         cmd.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="the --out of sap-client train")
         cmd.add_argument("--server", default=os.environ.get("SAP_SERVER"),
                          help="sap-server HOST:PORT (default $SAP_SERVER, else the run's server)")
@@ -107,6 +109,13 @@ def _add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_arg, default=os.environ.get("SAP_DEVICE", "auto"),
                         metavar=DEVICE_CHOICES, help="where the bottom runs: auto = cuda when torch sees a GPU, "
                         "else cpu (default $SAP_DEVICE or auto); noise is drawn and tensors are sent from the CPU")
+
+
+def _add_wire_flag(parser: argparse.ArgumentParser, *, default: str | None) -> None:
+    parser.add_argument("--wire-dtype", choices=("float32", "bfloat16", "float16"), default=default,
+                        help="dtype of the hidden states sent to the server: float32 is lossless, bfloat16 and "
+                             "float16 halve the bytes " + ("(default float32)" if default else
+                                                           "(default: the run's wire dtype)"))
 
 
 def _add_noise_flags(parser: argparse.ArgumentParser) -> None:
@@ -159,7 +168,8 @@ def run_train(args: argparse.Namespace, config, noise, device) -> int:
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     metrics = train(args.data, server=args.server, out=out, config=config, noise=noise,
                     text_column=args.text_column, label_column=args.label_column, eval_path=args.eval,
-                    eval_fraction=args.eval_fraction, max_examples=args.max_examples, device=device)
+                    eval_fraction=args.eval_fraction, max_examples=args.max_examples, device=device,
+                    wire_dtype=args.wire_dtype)
     noise_note = (f"noise eta {metrics['eta']:.4g} (noise/signal {metrics['noise_to_signal']:.2f}"
                   f"{', CTI' if metrics['cti'] else ''})" if metrics["eta"] else "no noise")
     print(f"eval accuracy {metrics['eval_accuracy']:.4f} after {metrics['steps']} steps "
@@ -171,7 +181,7 @@ def run_predict(args: argparse.Namespace, device) -> int:
     from sap_client.commands import predict
 
     rows = predict(args.data, run_path=args.run, server=args.server, out=args.out, text_column=args.text_column,
-                   device=device)
+                   device=device, wire_dtype=args.wire_dtype)
     print(f"{rows} predictions written to {args.out}")
     return 0
 
@@ -180,7 +190,7 @@ def run_evaluate(args: argparse.Namespace, device) -> int:
     from sap_client.commands import evaluate
 
     figures = evaluate(args.data, run_path=args.run, server=args.server, text_column=args.text_column,
-                       label_column=args.label_column, device=device)
+                       label_column=args.label_column, device=device, wire_dtype=args.wire_dtype)
     out = args.out or args.run / "evaluation.json"
     out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"accuracy {figures['accuracy']:.4f}, macro-F1 {figures['macro_f1']:.4f} on {figures['examples']} "

@@ -18,10 +18,18 @@ from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
 from sap_client.remote import RemoteTopService
 from sap_client.rundir import BOTTOM, CTI, METRICS, RUN, RunDir
 from sap_client.trainer import SplitTrainer, TrainConfig
+from sap_common.codec import WIRE_DTYPES
 from sap_common.errors import InvalidInputError, ModelLoadError
 
 log = logging.getLogger(__name__)
 NORM_SAMPLE = 256  # training texts used to measure the mean hidden-state norm for --noise-ratio
+HIDDEN_WIRE_DTYPES = ("float32", "bfloat16", "float16")  # --wire-dtype: float32 is lossless
+
+
+def wire_dtype_of(name: str) -> torch.dtype:
+    if name not in HIDDEN_WIRE_DTYPES:
+        raise InvalidInputError(f"wire dtype {name!r} is not one of {', '.join(HIDDEN_WIRE_DTYPES)}")
+    return WIRE_DTYPES[name]
 
 
 def _privatizer(noise: NoiseConfig, eta: float | None, run: RunDir, stats: CtiStatistics | None) -> Privatizer:
@@ -65,7 +73,8 @@ def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run
 
 def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise: NoiseConfig,
           text_column: str, label_column: str, eval_path: Path | None, eval_fraction: float,
-          max_examples: int | None, device: torch.device | str = "cpu") -> dict:
+          max_examples: int | None, device: torch.device | str = "cpu", wire_dtype: str = "float32") -> dict:
+    wire = wire_dtype_of(wire_dtype)
     data = load_labelled_csv(data_path, text_column, label_column)
     if max_examples:
         data = data.subset(list(range(min(max_examples, len(data)))))
@@ -74,7 +83,7 @@ def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise
     else:
         train_data, held = stratified_split(data, eval_fraction, config.seed)
     run = RunDir(out).create()
-    with RemoteTopService(server) as service:
+    with RemoteTopService(server, wire_dtype=wire) as service:
         info = service.server_info()
         bottom, tokenizer, _ = load_server_bottom(service, info)
         download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
@@ -93,7 +102,7 @@ def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise
     eta = privatizer.eta if privatizer else None
     metrics.update(split=info.split, total_blocks=info.total_blocks, peft=info.peft, model=info.model_id,
                    label_names=data.label_names, train_bottom=config.train_bottom,
-                   bottom_download_bytes=download_bytes, eta=eta, noise_ratio=noise.noise_ratio, cti=noise.cti,
+                   bottom_download_bytes=download_bytes, wire_dtype=wire_dtype, eta=eta, noise_ratio=noise.noise_ratio, cti=noise.cti,
                    cti_mode=noise.cti_mode if noise.cti else None,
                    noise_to_signal=privatizer.noise_to_signal if privatizer else 0.0,
                    noise_observations=("fresh noise every epoch" if noise.fresh_noise else
@@ -103,14 +112,16 @@ def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise
     run.write_json(RUN, {"server": server, "adapter_id": adapter_id, "model": info.model_id, "split": info.split,
                          "label_names": data.label_names, "text_column": text_column,
                          "label_column": label_column, "config": asdict(config), "noise": asdict(noise),
-                         "eta": eta, "data": str(data_path), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                         "eta": eta, "wire_dtype": wire_dtype, "data": str(data_path), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return metrics
 
 
 def _attach(run: RunDir, settings: dict, server: str | None, service_factory=RemoteTopService,
-            device: torch.device | str = "cpu"):
-    """Connect, load the bottom (and its fine-tuned weights), reattach to the run's adapter."""
-    service = service_factory(server or settings["server"])
+            device: torch.device | str = "cpu", wire_dtype: str | None = None):
+    """Connect, load the bottom (and its fine-tuned weights), reattach to the run's adapter. The wire
+    dtype is the run's (float32 for runs from before --wire-dtype) unless wire_dtype overrides it."""
+    wire = wire_dtype_of(wire_dtype or settings.get("wire_dtype", "float32"))
+    service = service_factory(server or settings["server"], wire_dtype=wire)
     info = service.server_info()
     if (info.model_id, info.split) != (settings["model"], settings["split"]):
         service.close()
@@ -128,13 +139,13 @@ def _attach(run: RunDir, settings: dict, server: str | None, service_factory=Rem
 
 
 def _probabilities(run_path: Path, texts: list[str], server: str | None,
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict]:
+                   device: torch.device | str = "cpu", wire_dtype: str | None = None) -> tuple[torch.Tensor, dict]:
     run = RunDir(run_path)
     settings = run.read_run()
     empty = [i + 2 for i, text in enumerate(texts) if not text]
     if empty:
         raise InvalidInputError(f"line {empty[0]} has an empty text ({len(empty)} such lines)")
-    service, trainer = _attach(run, settings, server, device=device)
+    service, trainer = _attach(run, settings, server, device=device, wire_dtype=wire_dtype)
     try:
         probabilities = trainer.predict(texts)
         service.close_session(trainer.session_id)
@@ -144,11 +155,11 @@ def _probabilities(run_path: Path, texts: list[str], server: str | None,
 
 
 def predict(data_path: Path, *, run_path: Path, server: str | None, out: Path,
-            text_column: str | None, device: torch.device | str = "cpu") -> int:
+            text_column: str | None, device: torch.device | str = "cpu", wire_dtype: str | None = None) -> int:
     """Write one row per input row: row number, predicted label, class probabilities. Returns rows."""
     settings = RunDir(run_path).read_run()
     texts = load_texts(data_path, text_column or settings["text_column"])
-    probabilities, _ = _probabilities(run_path, texts, server, device)
+    probabilities, _ = _probabilities(run_path, texts, server, device, wire_dtype)
     names = settings["label_names"]
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="", encoding="utf-8") as handle:
@@ -160,12 +171,12 @@ def predict(data_path: Path, *, run_path: Path, server: str | None, out: Path,
 
 
 def evaluate(data_path: Path, *, run_path: Path, server: str | None, text_column: str | None,
-             label_column: str | None, device: torch.device | str = "cpu") -> dict:
+             label_column: str | None, device: torch.device | str = "cpu", wire_dtype: str | None = None) -> dict:
     """Accuracy and macro-F1 of the run's adapter on labelled data, through the same split and noise."""
     settings = RunDir(run_path).read_run()
     data = load_labelled_csv(data_path, text_column or settings["text_column"],
                              label_column or settings["label_column"], settings["label_names"])
-    probabilities, _ = _probabilities(run_path, data.texts, server, device)
+    probabilities, _ = _probabilities(run_path, data.texts, server, device, wire_dtype)
     predictions = probabilities.argmax(-1).tolist()
     return {"accuracy": sum(int(p == y) for p, y in zip(predictions, data.labels)) / len(data),
             "macro_f1": macro_f1(predictions, data.labels, len(settings["label_names"])),

@@ -34,8 +34,12 @@ class RemoteTopService:
 
     def __init__(self, address: str, *, connect_timeout: float = 10.0, call_timeout: float = 600.0,
                  chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
+                 wire_dtype: torch.dtype = torch.float32):
+        if wire_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"wire_dtype={wire_dtype}: expected torch.float32, torch.bfloat16 or torch.float16")
         self.address = address
+        self.wire_dtype = wire_dtype  # hidden states are cast to it for the wire (float32: lossless)
         self.call_timeout = call_timeout
         self.chunk_bytes = chunk_bytes
         self.bytes_sent = 0
@@ -85,9 +89,8 @@ class RemoteTopService:
         return self._call(self._stub.OpenSession, codec.spec_to_proto(spec)).session_id
 
     def forward(self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        request = sap_pb2.ForwardRequest(session_id=session_id, step=step,
-                                         hidden_states=codec.encode_tensor(hidden),
-                                         attention_mask=codec.encode_tensor(attention_mask))
+        request = sap_pb2.ForwardRequest(session_id=session_id, step=step)
+        self._put_inputs(request, hidden, attention_mask)
         reply = self._chunked(self._stub.Forward, request, sap_pb2.ForwardReply)
         return codec.decode_tensor(reply.logits, field="logits")
 
@@ -100,8 +103,8 @@ class RemoteTopService:
         return BackwardResult(reply.applied_step, reply.replayed, grad_hidden)
 
     def evaluate(self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        request = sap_pb2.EvaluateRequest(session_id=session_id, hidden_states=codec.encode_tensor(hidden),
-                                          attention_mask=codec.encode_tensor(attention_mask))
+        request = sap_pb2.EvaluateRequest(session_id=session_id)
+        self._put_inputs(request, hidden, attention_mask)
         reply = self._chunked(self._stub.Evaluate, request, sap_pb2.ForwardReply)
         return codec.decode_tensor(reply.logits, field="logits")
 
@@ -117,6 +120,16 @@ class RemoteTopService:
         return reply.session_id, reply.num_labels
 
     # --- plumbing ---------------------------------------------------------------------------
+
+    def _put_inputs(self, request, hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Packed real tokens in the wire dtype; the padded form only for a mask that is not right-padded."""
+        if codec.is_right_padded(attention_mask):
+            packed, lengths = codec.pack_hidden(hidden, attention_mask)
+            request.packed_hidden.CopyFrom(codec.encode_tensor(packed, wire_dtype=self.wire_dtype))
+            request.lengths.extend(lengths)
+        else:
+            request.hidden_states.CopyFrom(codec.encode_tensor(hidden, wire_dtype=self.wire_dtype))
+            request.attention_mask.CopyFrom(codec.encode_tensor(attention_mask))
 
     def _call(self, method, request):
         self.bytes_sent += request.ByteSize()

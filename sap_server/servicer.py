@@ -106,7 +106,7 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     @_streaming_rpc
     def Forward(self, request_iterator, context):
         request = codec.from_chunks(request_iterator, sap_pb2.ForwardRequest, max_bytes=self.max_request_bytes)
-        hidden, mask = self._decode_inputs(request.hidden_states, request.attention_mask)
+        hidden, mask = self._decode_inputs(request)
         trainer = self.provider.sessions.get(request.session_id)
         with trainer.lock:
             logits = trainer.forward(request.step, hidden, mask)
@@ -127,15 +127,20 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     @_streaming_rpc
     def Evaluate(self, request_iterator, context):
         request = codec.from_chunks(request_iterator, sap_pb2.EvaluateRequest, max_bytes=self.max_request_bytes)
-        hidden, mask = self._decode_inputs(request.hidden_states, request.attention_mask)
+        hidden, mask = self._decode_inputs(request)
         trainer = self.provider.sessions.get(request.session_id)
         with trainer.lock:
             logits = trainer.evaluate(hidden, mask)
         return sap_pb2.ForwardReply(step=0, logits=codec.encode_tensor(logits))
 
-    def _decode_inputs(self, hidden_msg: sap_pb2.Tensor, mask_msg: sap_pb2.Tensor):
-        hidden = codec.decode_tensor(hidden_msg, field="hidden_states", allowed=_FLOATS)
-        mask = codec.decode_tensor(mask_msg, field="attention_mask", allowed=("int64", "int32", "bool", "uint8"))
+    def _decode_inputs(self, request: sap_pb2.ForwardRequest | sap_pb2.EvaluateRequest):
+        """(B, T, H) hidden states and (B, T) mask from the packed form when set, else the padded one."""
+        if request.HasField("packed_hidden"):
+            packed = codec.decode_tensor(request.packed_hidden, field="packed_hidden", allowed=_FLOATS)
+            return codec.unpack_hidden(packed, request.lengths, max_bytes=self.max_request_bytes)
+        hidden = codec.decode_tensor(request.hidden_states, field="hidden_states", allowed=_FLOATS)
+        mask = codec.decode_tensor(request.attention_mask, field="attention_mask",
+                                   allowed=("int64", "int32", "bool", "uint8"))
         return hidden, mask
 
 

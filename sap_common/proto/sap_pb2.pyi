@@ -113,16 +113,20 @@ class CloseSessionReply(_message.Message):
     def __init__(self, steps_applied: _Optional[int] = ..., adapter_id: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "step", "hidden_states", "attention_mask")
+    __slots__ = ("session_id", "step", "hidden_states", "attention_mask", "packed_hidden", "lengths")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    PACKED_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     hidden_states: Tensor
     attention_mask: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    packed_hidden: Tensor
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., packed_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("step", "logits")
@@ -153,11 +157,15 @@ class BackwardReply(_message.Message):
     def __init__(self, applied_step: _Optional[int] = ..., replayed: _Optional[bool] = ..., grad_hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("session_id", "hidden_states", "attention_mask")
+    __slots__ = ("session_id", "hidden_states", "attention_mask", "packed_hidden", "lengths")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    PACKED_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     hidden_states: Tensor
     attention_mask: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    packed_hidden: Tensor
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., packed_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
