@@ -138,10 +138,8 @@ def _attach(run: RunDir, settings: dict, server: str | None, service_factory=Rem
     return service, trainer
 
 
-def _probabilities(run_path: Path, texts: list[str], server: str | None,
-                   device: torch.device | str = "cpu", wire_dtype: str | None = None) -> tuple[torch.Tensor, dict]:
-    run = RunDir(run_path)
-    settings = run.read_run()
+def _probabilities(run: RunDir, settings: dict, texts: list[str], server: str | None,
+                   device: torch.device | str = "cpu", wire_dtype: str | None = None) -> torch.Tensor:
     empty = [i + 2 for i, text in enumerate(texts) if not text]
     if empty:
         raise InvalidInputError(f"line {empty[0]} has an empty text ({len(empty)} such lines)")
@@ -151,32 +149,34 @@ def _probabilities(run_path: Path, texts: list[str], server: str | None,
         service.close_session(trainer.session_id)
     finally:
         service.close()
-    return probabilities, settings
+    return probabilities
 
 
 def predict(data_path: Path, *, run_path: Path, server: str | None, out: Path,
             text_column: str | None, device: torch.device | str = "cpu", wire_dtype: str | None = None) -> int:
     """Write one row per input row: row number, predicted label, class probabilities. Returns rows."""
-    settings = RunDir(run_path).read_run()
+    run = RunDir(run_path)
+    settings = run.read_run()
     texts = load_texts(data_path, text_column or settings["text_column"])
-    probabilities, _ = _probabilities(run_path, texts, server, device, wire_dtype)
+    probabilities = _probabilities(run, settings, texts, server, device, wire_dtype)
     names = settings["label_names"]
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "label", *(f"p_{name}" for name in names)])
-        for row, probs in enumerate(probabilities.tolist()):
-            writer.writerow([row, names[max(range(len(probs)), key=probs.__getitem__)], *(f"{p:.6f}" for p in probs)])
+        for row, (best, probs) in enumerate(zip(probabilities.argmax(-1).tolist(), probabilities.tolist())):
+            writer.writerow([row, names[best], *(f"{p:.6f}" for p in probs)])
     return len(texts)
 
 
 def evaluate(data_path: Path, *, run_path: Path, server: str | None, text_column: str | None,
              label_column: str | None, device: torch.device | str = "cpu", wire_dtype: str | None = None) -> dict:
     """Accuracy and macro-F1 of the run's adapter on labelled data, through the same split and noise."""
-    settings = RunDir(run_path).read_run()
+    run = RunDir(run_path)
+    settings = run.read_run()
     data = load_labelled_csv(data_path, text_column or settings["text_column"],
                              label_column or settings["label_column"], settings["label_names"])
-    probabilities, _ = _probabilities(run_path, data.texts, server, device, wire_dtype)
+    probabilities = _probabilities(run, settings, data.texts, server, device, wire_dtype)
     predictions = probabilities.argmax(-1).tolist()
     return {"accuracy": sum(int(p == y) for p, y in zip(predictions, data.labels)) / len(data),
             "macro_f1": macro_f1(predictions, data.labels, len(settings["label_names"])),
@@ -206,15 +206,15 @@ def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack
     if settings:
         text_column, label_column = settings["text_column"], settings["label_column"]
         max_length = settings["config"]["max_length"]
-    header = read_rows(data_path, [text_column])[0].keys()
-    labelled = label_column in header
+    rows = read_rows(data_path, [text_column] + ([attribute_column] if attribute_column else []))
+    labelled = label_column in rows[0]
     data = (load_labelled_csv(data_path, text_column, label_column, settings["label_names"] if settings else None)
             if labelled else TextDataset(load_texts(data_path, text_column), [], []))
     data = data.subset(list(range(min(max_examples, len(data))))) if labelled else \
         TextDataset(data.texts[:max_examples], [], [])
     attributes = None
     if attribute_column:
-        values = [row[attribute_column].strip() for row in read_rows(data_path, [attribute_column])][:len(data)]
+        values = [row[attribute_column].strip() for row in rows][:len(data)]
         names = sorted(set(values))
         attributes = [names.index(v) for v in values]
     report_dir = RunDir(out).create()
