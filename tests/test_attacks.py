@@ -15,6 +15,7 @@ from sap_client.audit import (
     mean_pool,
     nearest_neighbour_inversion,
     optimization_inversion,
+    position_aware_inversion,
     token_recovery,
 )
 from sap_client.privacy import eta_for_noise_ratio, sample_dchi_noise
@@ -73,6 +74,24 @@ def test_nearest_neighbour_fails_under_heavy_noise(tiny_llama):
     observed = _observe(bottom, ids, mask, noise_ratio=10.0)
     result = token_recovery(nearest_neighbour_inversion(observed, bottom.input_embedding_matrix()), ids, mask)
     assert result["recovery"] < 0.3
+
+
+def test_position_aware_inversion_is_exact_at_k0_for_every_family(tiny_model):
+    """BERT's k = 0 output is LayerNorm(word + position + type): plain nearest neighbour over the word table
+    would miss; the position-aware candidates recover every token."""
+    bottom, ids, mask, specials = _bottom_and_batch(tiny_model, 0, _texts(8))
+    guesses = position_aware_inversion(_observe(bottom, ids, mask), mask, bottom)
+    result = token_recovery(guesses, ids, mask, specials)
+    assert result["recovery"] >= 0.99 and result["recovery_without_special"] >= 0.99
+    noisy = token_recovery(position_aware_inversion(_observe(bottom, ids, mask, noise_ratio=10.0), mask, bottom),
+                           ids, mask)
+    assert noisy["recovery"] < 0.3
+
+
+def test_position_aware_inversion_needs_k0(tiny_bert):
+    bottom, ids, mask, _ = _bottom_and_batch(tiny_bert, 1, _texts(2))
+    with pytest.raises(ValueError, match="k = 0"):
+        position_aware_inversion(_observe(bottom, ids, mask), mask, bottom)
 
 
 def test_nearest_neighbour_chunks_agree_with_cdist():

@@ -9,6 +9,7 @@ from sap_client.audit.inversion import (
     bottom_from_embeddings,
     nearest_neighbour_inversion,
     optimization_inversion,
+    position_aware_inversion,
     token_recovery,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "mean_pool",
     "nearest_neighbour_inversion",
     "optimization_inversion",
+    "position_aware_inversion",
     "token_recovery",
 ]

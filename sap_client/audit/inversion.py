@@ -51,6 +51,39 @@ def nearest_neighbour_inversion(observed: torch.Tensor, embedding: torch.Tensor,
     return ids.reshape(observed.shape[:-1]).to(observed.device)
 
 
+def position_aware_inversion(observed: torch.Tensor, attention_mask: torch.Tensor, bottom: BottomModel) -> torch.Tensor:
+    """Exact nearest-neighbour inversion of a k = 0 bottom, for every family: observed (B, T, H) -> ids (B, T).
+
+    A decoder's k = 0 output is the embedding row itself. An encoder (BERT) adds a position and a token
+    type embedding and applies LayerNorm, so the candidates differ per position: for position p they are
+    the embedding layer's outputs for every vocabulary token placed at p, and the guess is the nearest one.
+    """
+    if bottom.split != 0:
+        raise ValueError(f"position-aware nearest-neighbour inversion needs a k = 0 bottom, got k = {bottom.split}")
+    if observed.dim() != 3 or tuple(attention_mask.shape) != tuple(observed.shape[:2]):
+        raise ValueError(f"observed must be (B, T, H) and attention_mask (B, T), got {tuple(observed.shape)} and "
+                         f"{tuple(attention_mask.shape)}")
+    table = bottom.input_embedding_matrix().detach()  # (V, H)
+    if bottom.family is not ENCODER:
+        return nearest_neighbour_inversion(observed, table)
+    guesses = torch.zeros(observed.shape[:2], dtype=torch.long, device=observed.device)
+    vocab = torch.arange(table.shape[0], device=table.device).unsqueeze(1)  # (V, 1): every token, alone
+    was_training = bottom.training
+    bottom.eval()
+    try:
+        with torch.no_grad():
+            for p in tqdm(range(observed.shape[1]), desc="nearest-neighbour EIA", unit="position", disable=None):
+                rows = attention_mask[:, p].bool()
+                if not rows.any():
+                    continue
+                # every token at position p, as the embedding layer (positions, token types, LayerNorm) emits it
+                candidates = bottom.embeddings(input_ids=vocab, cache_length=p)[:, 0]  # (V, H)
+                guesses[rows, p] = nearest_neighbour_inversion(observed[rows, p], candidates).to(guesses.device)
+    finally:
+        bottom.train(was_training)
+    return guesses
+
+
 def bottom_from_embeddings(bottom: BottomModel, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Run bottom on token embeddings x (B, T, H) instead of ids -> hidden states (B, T, H).
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from sap_client.audit.attribute import attribute_inference, mean_pool
-from sap_client.audit.inversion import nearest_neighbour_inversion, optimization_inversion, token_recovery
+from sap_client.audit.inversion import (nearest_neighbour_inversion, optimization_inversion, position_aware_inversion,
+                                        token_recovery)
 from sap_client.data import TextDataset
 from sap_client.privacy import Privatizer
 from sap_client.trainer import SplitTrainer
-from sap_common.models.families import DECODER
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +41,18 @@ class AttackConfig:
 
 
 def chosen_attack(config: AttackConfig, trainer: SplitTrainer) -> str:
-    """At k = 0 a decoder's bottom output is the embedding row itself, so nearest neighbour is exact;
-    elsewhere (deeper splits, BERT's position embeddings + LayerNorm) the optimization attack is needed."""
+    """At k = 0 nearest neighbour is exact (over the embedding rows, or for an encoder over what its embedding
+    layer emits at each position); deeper splits need the optimization attack."""
     if config.attack != "auto":
         return config.attack
-    return "nn" if trainer.bottom.split == 0 and trainer.bottom.family is DECODER else "optimization"
+    return "nn" if trainer.bottom.split == 0 else "optimization"
 
 
 def _invert(kind: str, trainer: SplitTrainer, observed: torch.Tensor, mask: torch.Tensor,
             config: AttackConfig) -> torch.Tensor:
     if kind == "nn":
+        if trainer.bottom.split == 0:
+            return position_aware_inversion(observed, mask, trainer.bottom)
         return nearest_neighbour_inversion(observed, trainer.bottom.input_embedding_matrix().detach())
     return optimization_inversion(observed, mask, trainer.bottom, steps=config.steps, lr=config.lr,
                                   temperature=config.temperature, distance=config.distance, seed=config.seed)
