@@ -15,7 +15,7 @@ from sap_client.bottom import load_server_bottom
 from sap_client.cti import CtiStatistics, eta_table, fit_cti
 from sap_client.data import TextDataset, load_labelled_csv, load_texts, stratified_split
 from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
-from sap_client.remote import RemoteTopService
+from sap_client.remote import ClientCredentials, RemoteTopService
 from sap_client.rundir import BOTTOM, CTI, METRICS, RUN, RunDir
 from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_common.codec import WIRE_DTYPES
@@ -34,7 +34,7 @@ def wire_dtype_of(name: str) -> torch.dtype:
 
 def _privatizer(noise: NoiseConfig, eta: float | None, run: RunDir, stats: CtiStatistics | None) -> Privatizer:
     table = eta_table(stats, eta, mode=noise.cti_mode, floor=noise.cti_floor, top=noise.cti_top) if stats else None
-    return Privatizer(eta, key=run.noise_key(), eta_table=table)
+    return Privatizer(eta, key=run.noise_key(), eta_table=table, label_rows=noise.cti_rows == "label")
 
 
 def run_privatizer(run: RunDir, settings: dict) -> Privatizer | None:
@@ -73,7 +73,8 @@ def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run
 
 def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise: NoiseConfig,
           text_column: str, label_column: str, eval_path: Path | None, eval_fraction: float,
-          max_examples: int | None, device: torch.device | str = "cpu", wire_dtype: str = "float32") -> dict:
+          max_examples: int | None, device: torch.device | str = "cpu", wire_dtype: str = "float32",
+          credentials: ClientCredentials | None = None) -> dict:
     wire = wire_dtype_of(wire_dtype)
     data = load_labelled_csv(data_path, text_column, label_column)
     if max_examples:
@@ -83,7 +84,7 @@ def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise
     else:
         train_data, held = stratified_split(data, eval_fraction, config.seed)
     run = RunDir(out).create()
-    with RemoteTopService(server, wire_dtype=wire) as service:
+    with RemoteTopService(server, wire_dtype=wire, credentials=credentials) as service:
         info = service.server_info()
         bottom, tokenizer, _ = load_server_bottom(service, info)
         download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
@@ -117,11 +118,12 @@ def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise
 
 
 def _attach(run: RunDir, settings: dict, server: str | None, service_factory=RemoteTopService,
+            credentials: ClientCredentials | None = None,
             device: torch.device | str = "cpu", wire_dtype: str | None = None):
     """Connect, load the bottom (and its fine-tuned weights), reattach to the run's adapter. The wire
     dtype is the run's (float32 for runs from before --wire-dtype) unless wire_dtype overrides it."""
     wire = wire_dtype_of(wire_dtype or settings.get("wire_dtype", "float32"))
-    service = service_factory(server or settings["server"], wire_dtype=wire)
+    service = service_factory(server or settings["server"], wire_dtype=wire, credentials=credentials)
     info = service.server_info()
     if (info.model_id, info.split) != (settings["model"], settings["split"]):
         service.close()
@@ -139,11 +141,13 @@ def _attach(run: RunDir, settings: dict, server: str | None, service_factory=Rem
 
 
 def _probabilities(run: RunDir, settings: dict, texts: list[str], server: str | None,
-                   device: torch.device | str = "cpu", wire_dtype: str | None = None) -> torch.Tensor:
+                   device: torch.device | str = "cpu", wire_dtype: str | None = None,
+                   credentials: ClientCredentials | None = None) -> torch.Tensor:
     empty = [i + 2 for i, text in enumerate(texts) if not text]
     if empty:
         raise InvalidInputError(f"line {empty[0]} has an empty text ({len(empty)} such lines)")
-    service, trainer = _attach(run, settings, server, device=device, wire_dtype=wire_dtype)
+    service, trainer = _attach(run, settings, server, device=device, wire_dtype=wire_dtype,
+                               credentials=credentials)
     try:
         probabilities = trainer.predict(texts)
         service.close_session(trainer.session_id)
@@ -153,12 +157,13 @@ def _probabilities(run: RunDir, settings: dict, texts: list[str], server: str | 
 
 
 def predict(data_path: Path, *, run_path: Path, server: str | None, out: Path,
-            text_column: str | None, device: torch.device | str = "cpu", wire_dtype: str | None = None) -> int:
+            text_column: str | None, device: torch.device | str = "cpu", wire_dtype: str | None = None,
+            credentials: ClientCredentials | None = None) -> int:
     """Write one row per input row: row number, predicted label, class probabilities. Returns rows."""
     run = RunDir(run_path)
     settings = run.read_run()
     texts = load_texts(data_path, text_column or settings["text_column"])
-    probabilities = _probabilities(run, settings, texts, server, device, wire_dtype)
+    probabilities = _probabilities(run, settings, texts, server, device, wire_dtype, credentials)
     names = settings["label_names"]
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="", encoding="utf-8") as handle:
@@ -170,13 +175,14 @@ def predict(data_path: Path, *, run_path: Path, server: str | None, out: Path,
 
 
 def evaluate(data_path: Path, *, run_path: Path, server: str | None, text_column: str | None,
-             label_column: str | None, device: torch.device | str = "cpu", wire_dtype: str | None = None) -> dict:
+             label_column: str | None, device: torch.device | str = "cpu", wire_dtype: str | None = None,
+             credentials: ClientCredentials | None = None) -> dict:
     """Accuracy and macro-F1 of the run's adapter on labelled data, through the same split and noise."""
     run = RunDir(run_path)
     settings = run.read_run()
     data = load_labelled_csv(data_path, text_column or settings["text_column"],
                              label_column or settings["label_column"], settings["label_names"])
-    probabilities = _probabilities(run, settings, data.texts, server, device, wire_dtype)
+    probabilities = _probabilities(run, settings, data.texts, server, device, wire_dtype, credentials)
     predictions = probabilities.argmax(-1).tolist()
     return {"accuracy": sum(int(p == y) for p, y in zip(predictions, data.labels)) / len(data),
             "macro_f1": macro_f1(predictions, data.labels, len(settings["label_names"])),
@@ -196,7 +202,8 @@ def macro_f1(predictions: list[int], labels: list[int], num_classes: int) -> flo
 
 def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack, text_column: str,
           label_column: str, attribute_column: str | None, max_examples: int, run_path: Path | None,
-          recorded: Path | None, batch_size: int, max_length: int, device: torch.device | str = "cpu") -> dict:
+          recorded: Path | None, batch_size: int, max_length: int, device: torch.device | str = "cpu",
+          credentials: ClientCredentials | None = None) -> dict:
     """Play the curious provider on what this client would send (or on a --record recording)."""
     from sap_client.audit.runner import recorded_audit, simulated_audit, write_report
     from sap_client.data import read_rows
@@ -218,7 +225,7 @@ def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack
         names = sorted(set(values))
         attributes = [names.index(v) for v in values]
     report_dir = RunDir(out).create()
-    with RemoteTopService(server) as service:
+    with RemoteTopService(server, credentials=credentials) as service:
         info = service.server_info()
         bottom, tokenizer, _ = load_server_bottom(service, info)
     trainer = SplitTrainer(bottom, tokenizer, service, TrainConfig(batch_size=batch_size, max_length=max_length),

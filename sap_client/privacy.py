@@ -75,6 +75,9 @@ class NoiseConfig:
     cti_mode: str = field(default="scale", metadata={"help": "scale or exempt"})
     cti_floor: float = field(default=0.6, metadata={"help": "scale mode: eta = max(UI, floor) * eta"})
     cti_top: float = field(default=0.1, metadata={"help": "exempt mode: fraction of tokens per class exempted"})
+    cti_rows: str = field(default="label", metadata={
+        "help": "label: a training text's eta comes from its class row (DESIGN); max: every text, training too, "
+                "uses the max over classes, so the noise does not depend on the label"})
     fresh_noise: bool = field(default=False, metadata={"help": "new noise every epoch instead of once"})
 
     def __post_init__(self) -> None:
@@ -94,10 +97,15 @@ class NoiseConfig:
             raise ValueError(f"cti floor must be positive and finite, got {self.cti_floor!r}")
         if not 0 < self.cti_top <= 1:
             raise ValueError(f"cti top fraction must be in (0, 1], got {self.cti_top!r}")
+        if self.cti_rows not in CTI_ROWS:
+            raise ValueError(f"cti_rows must be one of {CTI_ROWS}, got {self.cti_rows!r}")
 
     @property
     def enabled(self) -> bool:
         return self.eta is not None or self.noise_ratio is not None
+
+
+CTI_ROWS = ("label", "max")
 
 
 class Privatizer:
@@ -108,7 +116,8 @@ class Privatizer:
     same noise (a provider that sees it twice learns nothing new), and a run can be replayed.
     """
 
-    def __init__(self, eta: float | None, *, key: bytes, eta_table: torch.Tensor | None = None):
+    def __init__(self, eta: float | None, *, key: bytes, eta_table: torch.Tensor | None = None,
+                 label_rows: bool = True):
         if eta is not None:
             _check_eta(eta, ())
         if eta_table is not None and eta is None:
@@ -116,6 +125,8 @@ class Privatizer:
         self.eta = eta
         self.key = key
         self.eta_table = eta_table  # (C + 1, V); +inf marks tokens exempt from noise
+        # CTI: a labelled (training) text uses its class row; False = the unlabeled (max) row for every text
+        self.label_rows = label_rows
         self.noise_norm_sum = 0.0
         self.hidden_norm_sum = 0.0
         self.tokens = 0
@@ -138,7 +149,7 @@ class Privatizer:
         if self.eta_table is not None:
             from sap_client.cti import token_eta
 
-            etas = token_eta(self.eta_table, input_ids, labels)  # (B, T)
+            etas = token_eta(self.eta_table, input_ids, labels if self.label_rows else None)  # (B, T)
         else:
             etas = torch.full(mask.shape, float(self.eta), dtype=torch.float64)
         for b, example_key in enumerate(example_keys):

@@ -261,6 +261,24 @@ def test_cti_table_row_follows_the_label():
     assert torch.equal(as_one[0][hit], hidden[0][hit])
 
 
+def test_cti_max_rows_make_the_noise_independent_of_the_label():
+    """label_rows=False (--cti-rows max): a training text gets the unlabeled (max) row whatever its label,
+    so the noise level a provider sees on a token says nothing about the label."""
+    hidden, mask, ids = _batch()
+    token = int(ids[0, 0])
+    table = torch.full((3, V), 4.0, dtype=torch.float64)
+    table[1, token] = 40.0  # important for class 1 only
+    table[2] = table[:2].max(dim=0).values
+    privatizer = Privatizer(4.0, key=b"secret", eta_table=table, label_rows=False)
+    unlabeled = privatizer(hidden[:1], mask[:1], ids[:1], None, KEYS[:1])
+    for label in (0, 1):
+        assert torch.equal(privatizer(hidden[:1], mask[:1], ids[:1], torch.tensor([label]), KEYS[:1]), unlabeled)
+    by_label = Privatizer(4.0, key=b"secret", eta_table=table)
+    assert not torch.equal(by_label(hidden[:1], mask[:1], ids[:1], torch.tensor([0]), KEYS[:1]), unlabeled)
+    with pytest.raises(ValueError, match="cti_rows"):
+        NoiseConfig(eta=1.0, cti=True, cti_rows="mean")
+
+
 def test_eta_table_needs_a_base_eta():
     with pytest.raises(ValueError, match="base eta"):
         Privatizer(None, key=b"k", eta_table=torch.ones(3, V))

@@ -16,6 +16,7 @@ from sap_client.audit.inversion import (nearest_neighbour_inversion, optimizatio
 from sap_client.data import TextDataset
 from sap_client.privacy import Privatizer
 from sap_client.trainer import SplitTrainer
+from sap_common.models.split import BottomModel
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,14 @@ def chosen_attack(config: AttackConfig, trainer: SplitTrainer) -> str:
     return "nn" if trainer.bottom.split == 0 else "optimization"
 
 
-def _invert(kind: str, trainer: SplitTrainer, observed: torch.Tensor, mask: torch.Tensor,
+def _invert(kind: str, bottom: BottomModel, observed: torch.Tensor, mask: torch.Tensor,
             config: AttackConfig) -> torch.Tensor:
+    """bottom is the attacker's copy: the pretrained bottom the provider shipped."""
     if kind == "nn":
-        if trainer.bottom.split == 0:
-            return position_aware_inversion(observed, mask, trainer.bottom)
-        return nearest_neighbour_inversion(observed, trainer.bottom.input_embedding_matrix().detach())
-    return optimization_inversion(observed, mask, trainer.bottom, steps=config.steps, lr=config.lr,
+        if bottom.split == 0:
+            return position_aware_inversion(observed, mask, bottom)
+        return nearest_neighbour_inversion(observed, bottom.input_embedding_matrix().detach())
+    return optimization_inversion(observed, mask, bottom, steps=config.steps, lr=config.lr,
                                   temperature=config.temperature, distance=config.distance, seed=config.seed)
 
 
@@ -77,9 +79,14 @@ def _send(privatizer: Privatizer | None, hidden, mask, input_ids, labels, keys: 
 
 
 def simulated_audit(trainer: SplitTrainer, data: TextDataset, attributes: list[int] | None,
-                    config: AttackConfig) -> dict:
-    """Attack what the client would send for `data`; with observations n > 1, average n noisy copies."""
+                    config: AttackConfig, attacker: BottomModel | None = None) -> dict:
+    """Attack what the client would send for `data`; with observations n > 1, average n noisy copies.
+
+    attacker: the provider's copy of the bottom (default: the client's own, i.e. a frozen bottom). After
+    fine-tuning the bottom, pass the pretrained one: the provider does not have the user's weights.
+    """
     kind = chosen_attack(config, trainer)
+    attacker = attacker if attacker is not None else trainer.bottom
     special = set(trainer.tokenizer.all_special_ids)
     privatizer = trainer.privatizer
     per_n: dict[int, list[tuple]] = {n: [] for n in config.observations}
@@ -92,13 +99,32 @@ def simulated_audit(trainer: SplitTrainer, data: TextDataset, attributes: list[i
             copies = [first] + [_send(privatizer, hidden, mask, input_ids, labels,
                                       [k + f"\0copy={i}".encode() for k in keys]) for i in range(1, n)]
             observed = torch.stack(copies).mean(0)
-            per_n[n].append((_invert(kind, trainer, observed, mask, config), input_ids, mask))
+            per_n[n].append((_invert(kind, attacker, observed, mask, config), input_ids, mask))
     report = {"attack": kind, "examples": len(data)}
     report["observations"] = [_recovery_entry(n, per_n[n], special) for n in config.observations]
     report.update(_eia_fields(report["observations"][0]))
     if attributes is not None:
-        report.update(_aia(torch.cat(pooled), attributes, config.seed))
+        report.update(attribute_report(torch.cat(pooled), attributes, config.seed))
     return report
+
+
+def sent_representations(trainer: SplitTrainer, data: TextDataset, clean: list | None = None) -> torch.Tensor:
+    """Mean-pooled vectors of what the client sends for each text (one observation): (N, H), the AIA input.
+
+    clean: an optional cache of the bottom's clean outputs for `data` (an empty list is filled; a filled one
+    is reused), for callers that privatize the same texts with several noise settings and a frozen bottom.
+    """
+    if clean is None or not clean:
+        batches = list(_batches(trainer, data))
+        if clean is not None:
+            clean.extend(batches)
+    else:
+        batches = clean
+    pooled = []
+    for texts, labels, input_ids, mask, hidden in batches:
+        sent = _send(trainer.privatizer, hidden, mask, input_ids, labels, [t.encode() for t in texts])
+        pooled.append(mean_pool(sent, mask))
+    return torch.cat(pooled)
 
 
 def _recovery_entry(n: int, results: list[tuple], special: set[int]) -> dict:
@@ -115,8 +141,8 @@ def _eia_fields(entry: dict) -> dict:
             "eia_privacy": entry["privacy"], "eia_tokens": entry["tokens"]}
 
 
-def _aia(features: torch.Tensor, attributes: list[int], seed: int) -> dict:
-    """Auxiliary half (the attacker's labelled data) vs victim half, split seeded and disjoint."""
+def attribute_report(features: torch.Tensor, attributes: list[int], seed: int) -> dict:
+    """AIA on pooled features (N, H): auxiliary half (the attacker's labelled data) vs victim half, split seeded and disjoint."""
     order = torch.randperm(len(attributes), generator=torch.Generator().manual_seed(seed))
     half = len(order) // 2
     aux, victim = order[:half], order[half:]
@@ -153,7 +179,7 @@ def recorded_audit(trainer: SplitTrainer, data: TextDataset, recording: list[tup
         truth = torch.nn.utils.rnn.pad_sequence([ids for _, ids in chunk], batch_first=True)  # (B, T)
         lengths = torch.tensor([len(rows) for rows, _ in chunk])
         mask = (torch.arange(observed.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
-        results.append((_invert(kind, trainer, observed, mask, config), truth, mask))
+        results.append((_invert(kind, trainer.bottom, observed, mask, config), truth, mask))
     if not results:
         raise ValueError("no recorded example matches a text of the data (same tokenizer, split and data?)")
     entry = _recovery_entry(1, results, set(trainer.tokenizer.all_special_ids))
