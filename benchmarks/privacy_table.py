@@ -73,6 +73,8 @@ class Grid:
     max_length: int = 64
     seed: int = 0
     eia_temperature: float = 0.2
+    # CTI with --cti-rows max (noise independent of the label) as well, at these noise ratios
+    cti_max_at: tuple[float, ...] = (0.25, 1, 2)
     notes: list[str] = field(default_factory=list)
 
 
@@ -86,13 +88,15 @@ FULL = Grid(
 QUICK = Grid(
     models=[ModelGrid("minilm-l6", (0, 2), (4,), train_examples=64, eval_examples=64, learning_rate=1e-3,
                       eia_examples=2, eia_steps=5, eia_lr=0.03, nn_examples=8, eia_length=16)],
-    extras_at=("minilm-l6", 2, 4.0), aia_examples=64, aia_length=32,
+    extras_at=("minilm-l6", 2, 4.0), aia_examples=64, aia_length=32, cti_max_at=(4,),
 )
 
 
-def _cell_id(model: str, split: int, ratio: float | None, cti: bool, peft: str, train_bottom: bool) -> str:
+def _cell_id(model: str, split: int, ratio: float | None, cti: bool, peft: str, train_bottom: bool,
+             cti_rows: str = "label") -> str:
     noise = "none" if ratio is None else f"R{ratio:g}"
-    return f"{model}_k{split}_{noise}{'_cti' if cti else ''}_{peft}{'_trained-bottom' if train_bottom else ''}"
+    shaped = ("_cti" + ("-max" if cti_rows == "max" else "")) if cti else ""
+    return f"{model}_k{split}_{noise}{shaped}_{peft}{'_trained-bottom' if train_bottom else ''}"
 
 
 def _datasets(spec: ModelGrid, grid: Grid) -> tuple[TextDataset, TextDataset, TextDataset, list[int]]:
@@ -171,15 +175,18 @@ def run_grid(grid: Grid, cells_dir: Path) -> None:
     for spec in grid.models:
         data = _datasets(spec, grid)
         for split in spec.splits:
-            plan = [(None, False, False)] + [(r, cti, False) for r in spec.ratios for cti in (False, True)]
+            plan = [(None, False, False, "label")] + [(r, cti, False, "label") for r in spec.ratios
+                                                      for cti in (False, True)]
+            plan += [(r, True, False, "max") for r in spec.ratios if r in grid.cti_max_at]
             extras = (spec.model, split) == (extra_model, extra_split)
             if extras:
-                plan.append((extra_ratio, False, True))  # the trained bottom, at the operating point
-            todo = [p for p in plan if not (cells_dir / f"{_cell_id(spec.model, split, p[0], p[1], 'lora', p[2])}.json").exists()]
+                plan.append((extra_ratio, False, True, "label"))  # the trained bottom, at the operating point
+            todo = [p for p in plan if not (cells_dir / f"{_cell_id(spec.model, split, p[0], p[1], 'lora', p[2], p[3])}.json").exists()]
             todo_peft = [m for m in ("bitfit", "adapter") if extras and not
                          (cells_dir / f"{_cell_id(spec.model, split, extra_ratio, False, m, False)}.json").exists()]
             for method in (["lora"] if todo else []) + todo_peft:
-                _run_provider(grid, spec, split, method, data, todo if method == "lora" else [(extra_ratio, False, False)],
+                _run_provider(grid, spec, split, method, data,
+                              todo if method == "lora" else [(extra_ratio, False, False, "label")],
                               cells_dir)
 
 
@@ -190,11 +197,11 @@ def _run_provider(grid: Grid, spec: ModelGrid, split: int, method: str, data, pl
         pretrained, tokenizer, _ = load_server_bottom(service, provider.info, Path(work) / "bottoms")
         pretrained.eval()
         cell = Cell(grid, spec, provider, service, pretrained, tokenizer, data, Path(work))
-        for ratio, cti, train_bottom in plan:
-            name = _cell_id(spec.model, split, ratio, cti, method, train_bottom)
+        for ratio, cti, train_bottom, cti_rows in plan:
+            name = _cell_id(spec.model, split, ratio, cti, method, train_bottom, cti_rows)
             log.info("cell %s", name)
             torch.manual_seed(grid.seed)
-            result = cell.run(ratio, cti, train_bottom)
+            result = cell.run(ratio, cti, train_bottom, cti_rows)
             (cells_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
             log.info("cell %s: accuracy %.3f, EIA privacy %.3f, AIA accuracy %.3f (train %.0f s, attacks %.0f s)",
                      name, result["accuracy"], result["eia_privacy"], result["aia_accuracy"],
@@ -204,15 +211,22 @@ def _run_provider(grid: Grid, spec: ModelGrid, split: int, method: str, data, pl
 
 # --- the report -----------------------------------------------------------------------------------------
 
-COLUMNS = ["model", "split", "peft", "train_bottom", "noise_ratio", "cti", "eta", "noise_to_signal", "accuracy",
+COLUMNS = ["model", "split", "peft", "train_bottom", "noise_ratio", "cti", "cti_rows", "eta", "noise_to_signal", "accuracy",
            "eval_majority", "eia_attack", "eia_recovery", "eia_recovery_without_special", "eia_privacy",
            "eia_tokens", "aia_accuracy", "aia_baseline", "aia_privacy", "train_seconds", "attack_seconds"]
+
+
+CTI_KINDS = ("off", "label", "max")  # CTI off; on with each text's class row (DESIGN); on with the max row
+
+
+def cti_kind(row: dict) -> str:
+    return "off" if not row["cti"] else row.get("cti_rows") or "label"
 
 
 def load_cells(cells_dir: Path) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in cells_dir.glob("*.json")]
     return sorted(rows, key=lambda r: (r["model"] != "minilm-l6", r["split"], r["peft"] != "lora", r["train_bottom"],
-                                       r["noise_ratio"] or 0.0, r["cti"]))
+                                       r["noise_ratio"] or 0.0, CTI_KINDS.index(cti_kind(r))))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -228,18 +242,17 @@ def write_plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    for ax, cti in zip(axes, (False, True)):
+    figure, axes = plt.subplots(1, 3, figsize=(17, 4.8), sharey=True)
+    for ax, kind in zip(axes, CTI_KINDS):
         for (model, split) in sorted({(r["model"], r["split"]) for r in rows}):
-            line = [r for r in rows if (r["model"], r["split"]) == (model, split) and r["peft"] == "lora"
-                    and not r["train_bottom"] and (r["cti"] == cti or r["noise_ratio"] is None)]
-            line.sort(key=lambda r: r["noise_ratio"] or 0.0)
+            line = _frontier(rows, model, split, kind)
             ax.plot([r["eia_privacy"] for r in line], [r["accuracy"] for r in line], marker="o",
                     label=f"{model} k={split}")
             for r in line:
                 ax.annotate(f"{r['noise_ratio'] or 0:g}", (r["eia_privacy"], r["accuracy"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
-        ax.set_title(f"frozen bottom, LoRA, CTI {'on' if cti else 'off'} (labels: noise ratio R)")
+        ax.set_title(f"CTI {'off' if kind == 'off' else f'on, {kind} rows'} (frozen bottom, LoRA; labels: R)",
+                     fontsize=10)
         ax.set_xlabel("empirical privacy against embedding inversion (1 - tokens recovered)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy on held-out movie snippets")
@@ -264,7 +277,7 @@ def markdown_table(rows: list[dict]) -> list[str]:
     for r in rows:
         lines.append(f"| {r['model']} | {r['split']} | {r['peft']} | {'trained' if r['train_bottom'] else 'frozen'} "
                      f"| {_fmt(r['noise_ratio'] if r['noise_ratio'] is None else float(r['noise_ratio']), 2)} "
-                     f"| {_fmt(r['cti'])} | {_fmt(float(r['noise_to_signal']), 2)} | {_fmt(r['accuracy'])} | {r['eia_attack']} | {_fmt(r['eia_recovery'])} "
+                     f"| {cti_kind(r)} | {_fmt(float(r['noise_to_signal']), 2)} | {_fmt(r['accuracy'])} | {r['eia_attack']} | {_fmt(r['eia_recovery'])} "
                      f"| {_fmt(r['eia_privacy'])} | {_fmt(r['aia_accuracy'])} ({_fmt(r['aia_baseline'])}) "
                      f"| {_fmt(r['aia_privacy'])} |")
     return lines
@@ -274,10 +287,10 @@ def _noise(row: dict) -> str:
     return "none" if row["noise_ratio"] is None else f"R {row['noise_ratio']:g}"
 
 
-def _frontier(rows: list[dict], model: str, split: int, cti: bool) -> list[dict]:
-    """The frozen-bottom LoRA cells of one split (no noise first), ordered by noise."""
+def _frontier(rows: list[dict], model: str, split: int, kind: str) -> list[dict]:
+    """The frozen-bottom LoRA cells of one split with one CTI kind (no noise first), ordered by noise."""
     line = [r for r in rows if (r["model"], r["split"], r["peft"], r["train_bottom"]) == (model, split, "lora", False)
-            and (r["noise_ratio"] is None or r["cti"] == cti)]
+            and (r["noise_ratio"] is None or cti_kind(r) == kind)]
     return sorted(line, key=lambda r: r["noise_ratio"] or 0.0)
 
 
@@ -311,20 +324,20 @@ def findings(rows: list[dict]) -> list[str]:
     # 2. privacy against noise (smaller eta = larger R), per split
     lines.append("- **Privacy against noise** (CTI off; EIA privacy as R grows, i.e. as eta falls):")
     for model, split in splits:
-        line = _frontier(rows, model, split, False)
+        line = _frontier(rows, model, split, "off")
         lines.append(f"  - {model} k = {split}: " + ", ".join(f"{_noise(r)} {r['eia_privacy']:.2f}" for r in line))
     # 3. CTI: accuracy at similar privacy
     lines.append("- **CTI** (accuracy of each CTI-on cell against the CTI-off curve of the same split, "
                  "interpolated at the same EIA privacy):")
     for model, split in splits:
-        off = _frontier(rows, model, split, False)
-        for r in _frontier(rows, model, split, True):
+        off = _frontier(rows, model, split, "off")
+        for r in _frontier(rows, model, split, "label") + _frontier(rows, model, split, "max"):
             if r["noise_ratio"] is None:
                 continue
             reference = _interpolate(off, r["eia_privacy"])
             versus = "outside the CTI-off curve" if reference is None else \
                 f"CTI off at that privacy: {reference:.3f} ({r['accuracy'] - reference:+.3f})"
-            lines.append(f"  - {model} k = {split}, R {r['noise_ratio']:g}: privacy {r['eia_privacy']:.2f}, "
+            lines.append(f"  - {model} k = {split}, R {r['noise_ratio']:g}, {cti_kind(r)} rows: privacy {r['eia_privacy']:.2f}, "
                          f"accuracy {r['accuracy']:.3f}; {versus}")
     # 4. the operating point nearest the paper's +62 % privacy for about -1 % accuracy
     candidates = []
@@ -342,14 +355,14 @@ def findings(rows: list[dict]) -> list[str]:
         lines.append(f"- **Nearest to the paper's operating point** (+62 points of EIA privacy for about 1 point "
                      f"of accuracy; distance = |gain - 0.62| + 10 |loss - 0.01|): {r['model']} k = {r['split']}, "
                      f"{r['peft']}, {'trained' if r['train_bottom'] else 'frozen'} bottom, R {r['noise_ratio']:g}, "
-                     f"CTI {'on' if r['cti'] else 'off'}: EIA privacy {base['eia_privacy']:.2f} -> "
+                     f"CTI {cti_kind(r)}: EIA privacy {base['eia_privacy']:.2f} -> "
                      f"{r['eia_privacy']:.2f} ({gain:+.2f}), accuracy {base['accuracy']:.3f} -> {r['accuracy']:.3f} "
                      f"({-loss:+.3f}).")
         cheap = [c for c in candidates if c[2] <= 0.015]
         if cheap:
             _, gain, loss, r, base = max(cheap, key=lambda c: c[1])
             lines.append(f"- **Most privacy for at most 1.5 points of accuracy**: {r['model']} k = {r['split']}, "
-                         f"R {r['noise_ratio']:g}, CTI {'on' if r['cti'] else 'off'}: privacy {gain:+.2f} "
+                         f"R {r['noise_ratio']:g}, CTI {cti_kind(r)}: privacy {gain:+.2f} "
                          f"(to {r['eia_privacy']:.2f}), accuracy {-loss:+.3f} (to {r['accuracy']:.3f}).")
     return lines
 

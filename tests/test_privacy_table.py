@@ -33,11 +33,12 @@ ROWS = [
     _cell(0, None, False, 0.80, 0.00), _cell(0, 1, False, 0.79, 0.10), _cell(0, 4, False, 0.60, 0.80),
     _cell(0, 1, True, 0.78, 0.65), _cell(0, 4, True, 0.55, 0.95),
     _cell(2, None, False, 0.80, 0.30), _cell(2, 1, False, 0.75, 0.90),
+    _cell(2, 1, True, 0.70, 0.95, cti_rows="max"),
 ]
 
 
 def test_interpolation_reads_the_cti_off_curve_at_equal_privacy():
-    off = privacy_table._frontier(ROWS, "m", 0, False)
+    off = privacy_table._frontier(ROWS, "m", 0, "off")
     assert [r["noise_ratio"] for r in off] == [None, 1, 4]
     assert privacy_table._interpolate(off, 0.45) == pytest.approx(0.79 + (0.60 - 0.79) * 0.5)
     assert privacy_table._interpolate(off, 0.99) is None  # beyond the curve: no comparison invented
@@ -47,10 +48,11 @@ def test_findings_name_the_nearest_operating_point_and_compare_cti():
     text = "\n".join(privacy_table.findings(ROWS))
     # k = 0, R 1, CTI on: +0.65 privacy for 2 points of accuracy is the nearest to (+0.62, -0.01)
     assert "Nearest to the paper's operating point" in text
-    assert "m k = 0, lora, frozen bottom, R 1, CTI on: EIA privacy 0.00 -> 0.65 (+0.65)" in text
+    assert "m k = 0, lora, frozen bottom, R 1, CTI label: EIA privacy 0.00 -> 0.65 (+0.65)" in text
     # the CTI-on cell at privacy 0.65 against the CTI-off curve there (0.79 -> 0.60 between 0.10 and 0.80)
     reference = 0.79 + (0.60 - 0.79) * (0.65 - 0.10) / (0.80 - 0.10)
     assert f"CTI off at that privacy: {reference:.3f} ({0.78 - reference:+.3f})" in text
+    assert "m k = 2, R 1, max rows: privacy 0.95, accuracy 0.700; outside the CTI-off curve" in text
     assert "R = none: 0.00 / 0.30" in text and "R = 1: 0.10 / 0.90" in text
 
 
