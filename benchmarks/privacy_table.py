@@ -391,6 +391,9 @@ def write_report(grid: Grid, rows: list[dict], out: Path, command: str, seconds:
              "Files: privacy_table.csv, privacy_table.png, privacy_table/cells/*.json.", ""]
     lines += markdown_table(rows)
     lines += ["", "## What the cells show (computed)", ""] + findings(rows)
+    discussion = Path(__file__).with_name("privacy_table_discussion.md")  # written by a person, after a run
+    if discussion.exists():
+        lines += ["", discussion.read_text().rstrip()]
     (out / "privacy_table.md").write_text("\n".join(lines) + "\n")
 
 
