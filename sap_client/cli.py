@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flag(train)
     _add_wire_flag(train, default="float32")
     _add_noise_flags(train)
+    _add_connection_flags(train)
 
     for name, what in (("predict", "write predictions for a CSV through a trained run"),
                        ("evaluate", "accuracy and macro-F1 of a trained run on a labelled CSV")):
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--label-column", help="default: the run's label column")
             cmd.add_argument("--out", type=Path, metavar="EVAL.json",
                              help="where to write the figures (default RUN_DIR/evaluation.json)")
+        _add_connection_flags(cmd)
     audit = commands.add_parser("audit", help="measure how much your split and noise protect (privacy audit)",
                                 description="Play the honest-but-curious provider on exactly what this client would "
                                             "send for these settings (or, with --recorded, on what a `sap-server "
@@ -102,7 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--seed", type=int, default=0)
     _add_device_flag(audit)
     _add_noise_flags(audit)
+    _add_connection_flags(audit)
     return parser
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    group = parser.add_argument_group("connection security (for a server with --api-keys or TLS)")
+    group.add_argument("--api-key", default=env("SAP_API_KEY") or None, metavar="KEY",
+                       help="the provider's API key (default $SAP_API_KEY; prefer the variable: a command line "
+                            "is visible to other users of this machine)")
+    group.add_argument("--tls-ca", type=Path, default=env("SAP_TLS_CA") or None, metavar="PEM",
+                       help="connect with TLS, trusting the server's certificate if this CA signed it "
+                            "(default $SAP_TLS_CA)")
+    group.add_argument("--tls-cert", type=Path, default=env("SAP_TLS_CERT") or None, metavar="PEM",
+                       help="mutual TLS: this client's certificate (default $SAP_TLS_CERT); needs --tls-key")
+    group.add_argument("--tls-key", type=Path, default=env("SAP_TLS_KEY") or None, metavar="PEM",
+                       help="the client certificate's private key (default $SAP_TLS_KEY)")
+
+
+def _credentials(args: argparse.Namespace):
+    """The connection flags as sap_client.remote.ClientCredentials."""
+    from sap_client.remote import ClientCredentials
+
+    return ClientCredentials(api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 def _add_device_flag(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +194,7 @@ def run_train(args: argparse.Namespace, config, noise, device) -> int:
     metrics = train(args.data, server=args.server, out=out, config=config, noise=noise,
                     text_column=args.text_column, label_column=args.label_column, eval_path=args.eval,
                     eval_fraction=args.eval_fraction, max_examples=args.max_examples, device=device,
-                    wire_dtype=args.wire_dtype)
+                    wire_dtype=args.wire_dtype, credentials=_credentials(args))
     noise_note = (f"noise eta {metrics['eta']:.4g} (noise/signal {metrics['noise_to_signal']:.2f}"
                   f"{', CTI' if metrics['cti'] else ''})" if metrics["eta"] else "no noise")
     print(f"eval accuracy {metrics['eval_accuracy']:.4f} after {metrics['steps']} steps "
@@ -181,7 +206,7 @@ def run_predict(args: argparse.Namespace, device) -> int:
     from sap_client.commands import predict
 
     rows = predict(args.data, run_path=args.run, server=args.server, out=args.out, text_column=args.text_column,
-                   device=device, wire_dtype=args.wire_dtype)
+                   device=device, wire_dtype=args.wire_dtype, credentials=_credentials(args))
     print(f"{rows} predictions written to {args.out}")
     return 0
 
@@ -190,7 +215,8 @@ def run_evaluate(args: argparse.Namespace, device) -> int:
     from sap_client.commands import evaluate
 
     figures = evaluate(args.data, run_path=args.run, server=args.server, text_column=args.text_column,
-                       label_column=args.label_column, device=device, wire_dtype=args.wire_dtype)
+                       label_column=args.label_column, device=device, wire_dtype=args.wire_dtype,
+                       credentials=_credentials(args))
     out = args.out or args.run / "evaluation.json"
     out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"accuracy {figures['accuracy']:.4f}, macro-F1 {figures['macro_f1']:.4f} on {figures['examples']} "
@@ -204,7 +230,8 @@ def run_audit(args: argparse.Namespace, noise, attack, device) -> int:
     report = audit(args.data, server=args.server, out=args.out, noise=noise, attack=attack,
                    text_column=args.text_column, label_column=args.label_column,
                    attribute_column=args.attribute_column, max_examples=args.max_examples, run_path=args.run,
-                   recorded=args.recorded, batch_size=args.batch_size, max_length=args.max_length, device=device)
+                   recorded=args.recorded, batch_size=args.batch_size, max_length=args.max_length, device=device,
+                   credentials=_credentials(args))
     line = (f"token recovery {report['eia_token_recovery']:.1%} (empirical privacy {report['eia_privacy']:.3f}, "
             f"{report['attack']} attack)")
     if "aia_accuracy" in report:
@@ -248,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--max-examples must be >= 1, got {args.max_examples}")
         if args.eval is None and not 0 < args.eval_fraction < 1:
             parser.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together (the client certificate and its private key)")
     _configure_logging(args.verbose)
     try:
         device = resolve_device(args.device)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import grpc
 import torch
 
 from sap_common import codec
 from sap_common.errors import (
+    AuthenticationError,
     InvalidInputError,
+    PermissionDeniedError,
     RemoteError,
     ResourceLimitError,
     SapError,
@@ -18,41 +26,116 @@ from sap_common.errors import (
     StepOrderError,
 )
 from sap_common.proto import sap_pb2, sap_pb2_grpc
-from sap_common.service import BackwardResult, ServerInfo, SessionSpec
+from sap_common.service import (
+    API_KEY_METADATA,
+    API_KEY_SCHEME,
+    SESSION_SECRET_METADATA,
+    BackwardResult,
+    ServerInfo,
+    SessionSpec,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ERROR_OF_STATUS: dict[grpc.StatusCode, type[SapError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
     grpc.StatusCode.NOT_FOUND: SessionNotFoundError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.FAILED_PRECONDITION: StepOrderError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceLimitError,
     grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
 }
 
+# Tried again: the server may not have seen the call (UNAVAILABLE) or its answer was lost (DEADLINE_EXCEEDED).
+# Both are safe for every RPC: Forward and Backward carry step numbers (a repeated Forward of the pending step
+# recomputes it, a repeated Backward of the applied step is answered from its record), a repeated CloseSession
+# gets the first close's reply, and Evaluate, GetServerInfo and DownloadBottom change nothing. A repeated
+# OpenSession whose first try did reach the server leaves that first session unused (it counts against
+# --max-sessions until the server forgets it).
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """How this client reaches a guarded provider: an API key and/or TLS (mutual TLS with a cert and key)."""
+
+    api_key: str | None = None
+    tls_ca: Path | None = None    # the CA that signed the server's certificate; setting it turns TLS on
+    tls_cert: Path | None = None  # mutual TLS: this client's certificate chain (turns TLS on too)
+    tls_key: Path | None = None   # ... and its private key
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("a client certificate (--tls-cert) and its key (--tls-key) go together")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca is not None or self.tls_cert is not None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """TLS credentials from the PEM files (InvalidInputError naming a file that cannot be read)."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(self.tls_ca, "TLS CA (--tls-ca)") if self.tls_ca else None,
+            private_key=_read_pem(self.tls_key, "TLS key (--tls-key)") if self.tls_key else None,
+            certificate_chain=_read_pem(self.tls_cert, "TLS certificate (--tls-cert)") if self.tls_cert else None)
+
 
 class RemoteTopService:
-    """Talks to one sap-server over one channel; counts the bytes it sends and receives."""
+    """Talks to one sap-server over one channel; counts the bytes it sends and receives.
 
-    def __init__(self, address: str, *, connect_timeout: float = 10.0, call_timeout: float = 600.0,
+    It keeps each session's secret (from OpenSession) and attaches it to the session's calls, and the API key
+    to every call. Each try of a call has its own deadline (call_timeout); UNAVAILABLE and DEADLINE_EXCEEDED
+    are tried again up to `tries` times in all, after retry_backoff seconds doubling up to retry_backoff_max,
+    each pause scaled by a random factor in [0.5, 1] so that many clients do not retry in lockstep.
+    """
+
+    def __init__(self, address: str, *, credentials: ClientCredentials | None = None,
+                 connect_timeout: float = 10.0, call_timeout: float = 600.0, tries: int = 5,
+                 retry_backoff: float = 0.5, retry_backoff_max: float = 8.0,
                  chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
                  wire_dtype: torch.dtype = torch.float32):
         if wire_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"wire_dtype={wire_dtype}: expected torch.float32, torch.bfloat16 or torch.float16")
+        if tries < 1:
+            raise ValueError(f"tries must be >= 1, got {tries}")
+        if not (call_timeout > 0 and retry_backoff >= 0 and retry_backoff_max >= retry_backoff):
+            raise ValueError("call_timeout must be > 0 and 0 <= retry_backoff <= retry_backoff_max")
         self.address = address
+        self.credentials = credentials or ClientCredentials()
         self.wire_dtype = wire_dtype  # hidden states are cast to it for the wire (float32: lossless)
         self.call_timeout = call_timeout
+        self.tries = tries
+        self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
         self.chunk_bytes = chunk_bytes
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._secrets: dict[str, str] = {}  # session id -> the secret its calls carry
+        self._random = random.Random()  # jitter only
         options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
-        self._channel = grpc.insecure_channel(address, options=options)
+                   ("grpc.max_receive_message_length", max_message_bytes),
+                   # after a lost connection, try to reconnect soon (gRPC's default waits 1 s, then longer)
+                   ("grpc.initial_reconnect_backoff_ms", 200),
+                   ("grpc.max_reconnect_backoff_ms", 4000)]
+        if self.credentials.tls:
+            self._channel = grpc.secure_channel(address, self.credentials.channel_credentials(), options=options)
+        else:
+            if self.credentials.api_key and not _is_loopback(address):
+                log.warning("sending the API key to %s without TLS (--tls-ca): anyone on the path can read it",
+                            address)
+            self._channel = grpc.insecure_channel(address, options=options)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
         except grpc.FutureTimeoutError:
             self._channel.close()
+            hint = ("check --tls-ca (the CA of the server's certificate) and, when the server requires client "
+                    "certificates, --tls-cert/--tls-key" if self.credentials.tls else
+                    "if the server uses TLS, pass --tls-ca")
             raise ServerUnavailableError(f"cannot reach sap-server at {address} within {connect_timeout:g} s "
-                                         f"(is it running? check --server HOST:PORT)") from None
+                                         f"(is it running? check --server HOST:PORT; {hint})") from None
         self._stub = sap_pb2_grpc.SplitLearningStub(self._channel)
 
     def close(self) -> None:
@@ -70,34 +153,36 @@ class RemoteTopService:
         return codec.info_from_proto(self._call(self._stub.GetServerInfo, sap_pb2.ServerInfoRequest()))
 
     def download_bottom(self, destination: Path) -> None:
-        handles: dict[str, object] = {}
-        try:
-            for chunk in self._call(self._stub.DownloadBottom, sap_pb2.DownloadBottomRequest()):
-                self.bytes_received += chunk.ByteSize()
-                handle = handles.get(chunk.path)
-                if handle is None:
-                    handle = handles[chunk.path] = _safe_target(destination, chunk.path).open("wb")
-                handle.seek(chunk.offset)
-                handle.write(chunk.data)
-        except grpc.RpcError as exc:
-            raise _as_sap_error(exc, self.address) from None
-        finally:
-            for handle in handles.values():
-                handle.close()
+        def attempt() -> None:  # a retry starts the download over: every file is rewritten from offset 0
+            handles: dict[str, object] = {}
+            try:
+                for chunk in self._stub.DownloadBottom(sap_pb2.DownloadBottomRequest(), timeout=self.call_timeout,
+                                                       metadata=self._metadata()):
+                    self.bytes_received += chunk.ByteSize()
+                    handle = handles.get(chunk.path)
+                    if handle is None:
+                        handle = handles[chunk.path] = _safe_target(destination, chunk.path).open("wb")
+                    handle.seek(chunk.offset)
+                    handle.write(chunk.data)
+            finally:
+                for handle in handles.values():
+                    handle.close()
+
+        self._retrying("DownloadBottom", attempt)
 
     def open_session(self, spec: SessionSpec) -> str:
-        return self._call(self._stub.OpenSession, codec.spec_to_proto(spec)).session_id
+        return self._opened(self._call(self._stub.OpenSession, codec.spec_to_proto(spec)))[0]
 
     def forward(self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         request = sap_pb2.ForwardRequest(session_id=session_id, step=step)
         self._put_inputs(request, hidden, attention_mask)
-        reply = self._chunked(self._stub.Forward, request, sap_pb2.ForwardReply)
+        reply = self._chunked(self._stub.Forward, request, sap_pb2.ForwardReply, session_id)
         return codec.decode_tensor(reply.logits, field="logits")
 
     def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult:
         request = sap_pb2.BackwardRequest(session_id=session_id, step=step,
                                           grad_logits=codec.encode_tensor(grad_logits))
-        reply = self._chunked(self._stub.Backward, request, sap_pb2.BackwardReply)
+        reply = self._chunked(self._stub.Backward, request, sap_pb2.BackwardReply, session_id)
         grad_hidden = (codec.decode_tensor(reply.grad_hidden, field="grad_hidden")
                        if reply.HasField("grad_hidden") else None)
         return BackwardResult(reply.applied_step, reply.replayed, grad_hidden)
@@ -105,21 +190,50 @@ class RemoteTopService:
     def evaluate(self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         request = sap_pb2.EvaluateRequest(session_id=session_id)
         self._put_inputs(request, hidden, attention_mask)
-        reply = self._chunked(self._stub.Evaluate, request, sap_pb2.ForwardReply)
+        reply = self._chunked(self._stub.Evaluate, request, sap_pb2.ForwardReply, session_id)
         return codec.decode_tensor(reply.logits, field="logits")
 
     def close_session(self, session_id: str) -> int:
-        return self._call(self._stub.CloseSession, sap_pb2.CloseSessionRequest(session_id=session_id)).steps_applied
+        request = sap_pb2.CloseSessionRequest(session_id=session_id)
+        steps = self._call(self._stub.CloseSession, request, session_id).steps_applied
+        self._secrets.pop(session_id, None)
+        return steps
 
     def finish_session(self, session_id: str) -> str:
         request = sap_pb2.CloseSessionRequest(session_id=session_id, keep=True)
-        return self._call(self._stub.CloseSession, request).adapter_id
+        adapter_id = self._call(self._stub.CloseSession, request, session_id).adapter_id
+        self._secrets.pop(session_id, None)
+        return adapter_id
 
     def attach_adapter(self, adapter_id: str) -> tuple[str, int]:
-        reply = self._call(self._stub.OpenSession, sap_pb2.OpenSessionRequest(adapter_id=adapter_id))
-        return reply.session_id, reply.num_labels
+        return self._opened(self._call(self._stub.OpenSession, sap_pb2.OpenSessionRequest(adapter_id=adapter_id)))
+
+    def session_secret(self, session_id: str) -> str | None:
+        return self._secrets.get(session_id)
+
+    def use_session(self, session_id: str, secret: str | None) -> None:
+        if not secret:
+            raise ValueError("use_session needs the session's secret")
+        self._secrets[session_id] = secret
 
     # --- plumbing ---------------------------------------------------------------------------
+
+    def _opened(self, reply: sap_pb2.OpenSessionReply) -> tuple[str, int]:
+        """Keep the new session's secret; (session id, num_labels)."""
+        if not reply.session_secret:
+            raise RemoteError("the server opened a session without a session secret: it is older than this "
+                              "client (protocol without session secrets); upgrade sap-server")
+        self._secrets[reply.session_id] = reply.session_secret
+        return reply.session_id, reply.num_labels
+
+    def _metadata(self, session_id: str | None = None) -> list[tuple[str, str]]:
+        """The API key (when set) on every call; the session's secret on the session's calls."""
+        metadata = []
+        if self.credentials.api_key:
+            metadata.append((API_KEY_METADATA, f"{API_KEY_SCHEME} {self.credentials.api_key}"))
+        if session_id is not None and session_id in self._secrets:
+            metadata.append((SESSION_SECRET_METADATA, self._secrets[session_id]))
+        return metadata
 
     def _put_inputs(self, request, hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Packed real tokens in the wire dtype; the padded form only for a mask that is not right-padded."""
@@ -131,33 +245,76 @@ class RemoteTopService:
             request.hidden_states.CopyFrom(codec.encode_tensor(hidden, wire_dtype=self.wire_dtype))
             request.attention_mask.CopyFrom(codec.encode_tensor(attention_mask))
 
-    def _call(self, method, request):
-        self.bytes_sent += request.ByteSize()
-        try:
-            reply = method(request, timeout=self.call_timeout)
-        except grpc.RpcError as exc:
-            raise _as_sap_error(exc, self.address) from None
+    def _call(self, method, request, session_id: str | None = None):
+        def attempt():
+            self.bytes_sent += request.ByteSize()
+            return method(request, timeout=self.call_timeout, metadata=self._metadata(session_id))
+
+        reply = self._retrying(_rpc_name(method), attempt)
         if hasattr(reply, "ByteSize"):
             self.bytes_received += reply.ByteSize()
         return reply
 
-    def _chunked(self, method, request, reply_type):
+    def _chunked(self, method, request, reply_type, session_id: str):
         chunks = list(codec.to_chunks(request, self.chunk_bytes))
-        self.bytes_sent += sum(len(c.data) for c in chunks)
-        try:
-            replies = list(method(iter(chunks), timeout=self.call_timeout))
-        except grpc.RpcError as exc:
-            raise _as_sap_error(exc, self.address) from None
+
+        def attempt():
+            self.bytes_sent += sum(len(c.data) for c in chunks)
+            return list(method(iter(chunks), timeout=self.call_timeout, metadata=self._metadata(session_id)))
+
+        replies = self._retrying(_rpc_name(method), attempt)
         self.bytes_received += sum(len(c.data) for c in replies)
         return codec.from_chunks(replies, reply_type)
 
+    def _retrying(self, name: str, attempt: Callable[[], T]) -> T:
+        """attempt(), tried again on UNAVAILABLE / DEADLINE_EXCEEDED with bounded exponential backoff and
+        jitter; any other status (or the last try's) becomes the matching SapError."""
+        delay = self.retry_backoff
+        for number in range(1, self.tries + 1):
+            try:
+                return attempt()
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                if code not in RETRYABLE or number == self.tries:
+                    raise _as_sap_error(exc, self.address, name, number) from None
+                pause = min(delay, self.retry_backoff_max) * self._random.uniform(0.5, 1.0)
+                log.warning("%s to %s: %s (try %d of %d); trying again in %.2f s", name, self.address, code.name,
+                            number, self.tries, pause)
+                time.sleep(pause)
+                delay *= 2
+        raise AssertionError("unreachable")  # the loop returns or raises
 
-def _as_sap_error(exc: grpc.RpcError, address: str) -> SapError:
+
+def _rpc_name(method) -> str:
+    """'Forward' for the stub's multi-callable of /sap.v1.SplitLearning/Forward (best effort, for messages)."""
+    name = getattr(method, "_method", b"")
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    return name.rsplit("/", 1)[-1] or "call"
+
+
+def _as_sap_error(exc: grpc.RpcError, address: str, name: str = "call", tries: int = 1) -> SapError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return ServerUnavailableError(f"sap-server at {address} is unavailable: {details}")
+    if code in RETRYABLE:
+        after = f" after {tries} tries" if tries > 1 else ""
+        return ServerUnavailableError(f"sap-server at {address} did not answer {name}{after} "
+                                      f"({code.name}): {details}")
     return ERROR_OF_STATUS.get(code, RemoteError)(f"server answered {code.name if code else '?'}: {details}")
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+    if not data.strip():
+        raise InvalidInputError(f"{what}: {path} is empty")
+    return data
 
 
 def _safe_target(destination: Path, relative: str) -> Path:

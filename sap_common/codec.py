@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, fields
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import TypeVar
 
 import torch
@@ -21,10 +21,12 @@ __all__ = [
     "MAX_DIMS",
     "MAX_PACKED_ROWS",
     "WIRE_DTYPES",
+    "Undecodable",
     "decode_tensor",
     "encode_tensor",
     "from_chunks",
     "is_right_padded",
+    "lenient_parser",
     "pack_hidden",
     "tensor_nbytes",
     "to_chunks",
@@ -143,6 +145,30 @@ def decode_tensor(
     return raw.view(dtype).reshape(shape)
 
 
+class Undecodable:
+    """Stands for received bytes that do not parse as the expected message (see lenient_parser)."""
+
+    def __init__(self, name: str, size: int, reason: str):
+        self.name, self.size, self.reason = name, size, reason
+
+    def error(self) -> InvalidInputError:
+        return InvalidInputError(f"{self.size} bytes do not parse as a {self.name}: {self.reason}")
+
+
+def lenient_parser(message_type: type[M]) -> Callable[[bytes], M | Undecodable]:
+    """A request deserializer that never raises: bytes that do not parse become an Undecodable, which the
+    servicer answers with INVALID_ARGUMENT (gRPC itself would answer a failing deserializer with INTERNAL)."""
+    name = message_type.DESCRIPTOR.name
+
+    def parse(data: bytes) -> M | Undecodable:
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, ValueError, TypeError) as exc:
+            return Undecodable(name, len(data), str(exc) or type(exc).__name__)
+
+    return parse
+
+
 def to_chunks(message: Message, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[sap_pb2.Chunk]:
     """Serialize a message once and yield it as Chunks of at most chunk_bytes (at least one)."""
     if chunk_bytes <= 0:
@@ -167,6 +193,8 @@ def from_chunks(
     count = 0
     for chunk in chunks:
         count += 1
+        if isinstance(chunk, Undecodable):  # the Chunk envelope itself was garbage
+            raise InvalidInputError(f"{name} stream: chunk {count}: {chunk.error()}")
         buf += chunk.data
         if len(buf) > max_bytes:
             raise InvalidInputError(

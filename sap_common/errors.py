@@ -20,6 +20,14 @@ class SessionNotFoundError(SapError, KeyError):
         return str(self.args[0]) if self.args else "session not found"
 
 
+class AuthenticationError(SapError):
+    """A call lacks a credential it needs: no or an unknown API key, no session secret (UNAUTHENTICATED)."""
+
+
+class PermissionDeniedError(SapError):
+    """A call's credential does not grant what it asks: a wrong session secret (PERMISSION_DENIED)."""
+
+
 class StepOrderError(SapError):
     """A training request arrived for a step that is not the next one expected."""
 

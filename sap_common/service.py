@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
+
+# gRPC metadata (the wire contract besides sap.proto). Every call of a session after OpenSession carries the
+# secret OpenSession returned; with `sap-server --api-keys`, GetServerInfo, DownloadBottom and OpenSession
+# carry `authorization: Bearer KEY`.
+SESSION_SECRET_METADATA = "sap-session-secret"
+API_KEY_METADATA = "authorization"
+API_KEY_SCHEME = "Bearer"
+
+MAX_NUM_LABELS = 4096  # a session's classification head is (hidden, num_labels): keep a request from asking for GBs
 
 
 @dataclass(frozen=True)
@@ -33,12 +43,12 @@ class SessionSpec:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.num_labels < 2:
-            raise ValueError(f"num_labels must be >= 2, got {self.num_labels}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 2 <= self.num_labels <= MAX_NUM_LABELS:
+            raise ValueError(f"num_labels must be in 2..{MAX_NUM_LABELS}, got {self.num_labels}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):  # NaN fails both
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,12 @@ class BackwardResult:
 
 
 class TopService(Protocol):
-    """Remote (gRPC, sap_client.remote) and local (sap_server.local) implementations share this."""
+    """Remote (gRPC, sap_client.remote) and local (sap_server.local) implementations share this.
+
+    A session is named by its id; over the wire every call of a session also carries the session's
+    secret, which the remote implementation keeps per session and attaches by itself (in-process there is
+    no wire to guard, so the local implementation has none).
+    """
 
     def server_info(self) -> ServerInfo: ...
 
@@ -74,3 +89,10 @@ class TopService(Protocol):
 
     def attach_adapter(self, adapter_id: str) -> tuple[str, int]:
         """Open a session on a kept adapter (e.g. from a new process); returns (session id, num_labels)."""
+
+    def session_secret(self, session_id: str) -> str | None:
+        """The secret this service attaches to the session's calls (None when it needs none: in-process).
+        A client that must reconnect to the same session from another process keeps it with the session id."""
+
+    def use_session(self, session_id: str, secret: str | None) -> None:
+        """Adopt a session opened elsewhere (its id and secret, e.g. kept by an earlier process)."""

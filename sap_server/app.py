@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from sap_common import codec
-from sap_common.proto import sap_pb2_grpc
+from sap_server.auth import ApiKeys, ServerTls
 from sap_server.provider import Provider
-from sap_server.servicer import SplitLearningServicer
+from sap_server.servicer import SplitLearningServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +24,32 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
+def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
+    """TLS with the server's certificate; with a client CA (mutual TLS) every client must present a
+    certificate that CA signed, or the handshake fails before any RPC."""
+    return grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)], root_certificates=tls.client_ca,
+                                       require_client_auth=tls.mutual)
+
+
 def start_server(provider: Provider, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8,
                  chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
-    """Start serving; returns the server and the port it really listens on (port 0 picks a free one)."""
+                 max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES, api_keys: ApiKeys | None = None,
+                 tls: ServerTls | None = None,
+                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
+    """Start serving; returns the server and the port it really listens on (port 0 picks a free one).
+
+    api_keys gate GetServerInfo, DownloadBottom and OpenSession; tls switches the port to TLS (mutual TLS
+    when it has a client CA); interceptors are for tests that simulate a flaky network."""
     if chunk_bytes >= max_message_bytes:
         raise ValueError(f"chunk_bytes ({chunk_bytes}) must be below max_message_bytes ({max_message_bytes})")
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sap-rpc"),
-                         options=channel_options(max_message_bytes))
-    servicer = SplitLearningServicer(provider, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes)
-    sap_pb2_grpc.add_SplitLearningServicer_to_server(servicer, server)
+                         options=channel_options(max_message_bytes), interceptors=list(interceptors))
+    servicer = SplitLearningServicer(provider, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes,
+                                     api_keys=api_keys)
+    add_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    bound = (server.add_secure_port(address, server_credentials(tls)) if tls is not None
+             else server.add_insecure_port(address))
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()

@@ -12,6 +12,7 @@ from sap_common.devices import DEVICE_CHOICES, DTYPES, device_arg, dtype_arg, re
 from sap_common.errors import SapError
 from sap_common.models.registry import ALIASES, DEFAULT_MODEL
 from sap_server.peft import PEFT_METHODS, PeftConfig
+from sap_server.trainer import DEFAULT_MAX_BATCH_TOKENS
 
 log = logging.getLogger("sap_server")
 
@@ -55,6 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
                              "view, for `sap-client audit --recorded DIR` (off by default; never use it on "
                              "users who have not agreed to it)")
     parser.add_argument("--max-sessions", type=int, default=16, help="most sessions held at once (default 16)")
+    parser.add_argument("--max-batch-tokens", type=int, metavar="N",
+                        default=env("SAP_MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS),
+                        help="most batch x length one Forward/Evaluate may carry; larger requests get "
+                             f"RESOURCE_EXHAUSTED (default $SAP_MAX_BATCH_TOKENS or {DEFAULT_MAX_BATCH_TOKENS})")
+    security = parser.add_argument_group(
+        "security", "Every session is guarded by a random secret that only its opener learns. These add API keys "
+                    "and TLS; without TLS, use a private network or an SSH tunnel.")
+    security.add_argument("--api-keys", type=Path, default=env("SAP_API_KEYS") or None, metavar="FILE",
+                          help="require an API key (one per line in FILE; '#' starts a comment line) to fetch the "
+                               "server info and bottom and to open sessions (default $SAP_API_KEYS; none: open)")
+    security.add_argument("--tls-cert", type=Path, default=env("SAP_TLS_CERT") or None, metavar="PEM",
+                          help="serve TLS with this certificate chain (default $SAP_TLS_CERT); needs --tls-key")
+    security.add_argument("--tls-key", type=Path, default=env("SAP_TLS_KEY") or None, metavar="PEM",
+                          help="the certificate's private key (default $SAP_TLS_KEY)")
+    security.add_argument("--tls-client-ca", type=Path, default=env("SAP_TLS_CLIENT_CA") or None, metavar="PEM",
+                          help="mutual TLS: require every client to present a certificate signed by this CA "
+                               "(default $SAP_TLS_CLIENT_CA)")
     parser.add_argument("--workers", type=int, default=8, help="RPC worker threads (default 8)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -67,9 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     if args.split < 0:
         parser.error(f"--split must be >= 0, got {args.split}")
-    for flag, value in (("--max-sessions", args.max_sessions), ("--workers", args.workers)):
+    for flag, value in (("--max-sessions", args.max_sessions), ("--workers", args.workers),
+                        ("--max-batch-tokens", args.max_batch_tokens)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together (the certificate and its private key)")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     try:
         peft = PeftConfig(method=args.peft, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                           adapter_size=args.adapter_size)
@@ -83,19 +106,30 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     from sap_server.app import serve_until_signal, start_server
+    from sap_server.auth import ApiKeys, ServerTls
     from sap_server.provider import Provider
 
     try:
+        # Credentials first: a missing file fails in a second, not after the model has loaded.
+        api_keys = ApiKeys.from_file(args.api_keys) if args.api_keys is not None else None
+        tls = ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
         device = resolve_device(args.device)
         provider = Provider.load(args.model, args.split, peft, dtype=DTYPES[args.dtype], device=device,
-                                 max_sessions=args.max_sessions, state_dir=args.state_dir, record_dir=args.record)
-        server, port = start_server(provider, args.host, args.port, workers=args.workers)
-    except (SapError, OSError) as exc:
+                                 max_sessions=args.max_sessions, state_dir=args.state_dir, record_dir=args.record,
+                                 max_batch_tokens=args.max_batch_tokens)
+        server, port = start_server(provider, args.host, args.port, workers=args.workers, api_keys=api_keys,
+                                    tls=tls)
+    except (SapError, OSError, RuntimeError) as exc:  # RuntimeError: gRPC refusing the TLS files
         print(f"sap-server: error: {exc}", file=sys.stderr)
         return 1
     info = provider.info
     log.info("serving %s (%s), split %d of %d blocks, %s, top on %s in %s", info.model_id, info.model_type,
              info.split, info.total_blocks, info.peft, device, args.dtype)
+    log.info("security: %s; %s", ("mutual TLS" if tls.mutual else "TLS") if tls else "no TLS",
+             f"{len(api_keys)} API keys" if api_keys else "no API keys (anyone who reaches the port may open sessions)")
+    if tls is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without TLS: hidden states and session secrets travel in the clear; "
+                    "use --tls-cert/--tls-key, a private network or an SSH tunnel", args.host)
     try:
         ready = f"sap-server listening on {args.host}:{port}"
         serve_until_signal(server, on_ready=lambda: print(ready, flush=True))

@@ -13,7 +13,9 @@ from sap_server.provider import Provider
 
 
 class LocalTopService:
-    """Calls the provider's sessions directly: the same code the gRPC servicer calls."""
+    """Calls the provider's sessions directly: the same code the gRPC servicer calls.
+
+    In-process there is no wire to guard, so calls carry no session secret (session_secret is None)."""
 
     def __init__(self, provider: Provider):
         self.provider = provider
@@ -52,9 +54,15 @@ class LocalTopService:
 
     def finish_session(self, session_id: str) -> str:
         adapter_id = self.provider.keep_adapter(session_id)
-        self.provider.sessions.close(session_id)
+        self.provider.sessions.close(session_id, adapter_id=adapter_id)
         return adapter_id
 
     def attach_adapter(self, adapter_id: str) -> tuple[str, int]:
         session_id, trainer = self.provider.attach_adapter(adapter_id)
         return session_id, trainer.num_labels
+
+    def session_secret(self, session_id: str) -> str | None:
+        return None
+
+    def use_session(self, session_id: str, secret: str | None) -> None:
+        self.provider.sessions.get(session_id)  # only checks that it exists: in-process needs no secret

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from sap_common import PROTOCOL_VERSION
-from sap_common.errors import ModelLoadError
+from sap_common.errors import InvalidInputError, ModelLoadError
 from sap_common.models.bundle import bundle_sha256, export_bottom
 from sap_common.models.registry import LoadedModel, load_model
 from sap_common.models.split import TopModel, split_base
@@ -21,7 +21,7 @@ from sap_common.service import ServerInfo, SessionSpec
 from sap_server.adapters import AdapterRecord, AdapterStore
 from sap_server.peft import PeftConfig
 from sap_server.sessions import SessionManager
-from sap_server.trainer import TopTrainer
+from sap_server.trainer import DEFAULT_MAX_BATCH_TOKENS, TopTrainer
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class Provider:
     def from_loaded(cls, loaded: LoadedModel, split: int, peft: PeftConfig, *, max_sessions: int = 16,
                     bundle_dir: Path | None = None, state_dir: Path | None = None,
                     record_dir: Path | None = None, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None) -> Provider:
+                    dtype: torch.dtype | None = None,
+                    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> Provider:
         """Cut the loaded model at `split`, write the bottom bundle users download, then place the top
         on `device` in `dtype` (default: the loaded dtype). The bundle is written before the move, so
         users get the bottom in the dtype it was loaded in, whatever the top runs in."""
@@ -59,21 +60,22 @@ class Provider:
         if recorder is not None:
             log.warning("recording every received hidden state to %s (--record: the curious provider's view)",
                         record_dir)
-        sessions = SessionManager(top, base, peft, max_sessions=max_sessions, recorder=recorder)
+        sessions = SessionManager(top, base, peft, max_sessions=max_sessions, recorder=recorder,
+                                  max_batch_tokens=max_batch_tokens)
         return cls(info=info, sessions=sessions, bundle_dir=bundle_dir, adapters=AdapterStore(state_dir),
                    _owns_bundle_dir=owns)
 
     @classmethod
     def load(cls, model: str, split: int, peft: PeftConfig, *, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", max_sessions: int = 16, state_dir: Path | None = None,
-             record_dir: Path | None = None) -> Provider:
+             record_dir: Path | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> Provider:
         """Load in float32 (the users' bottom stays float32), then put the top on device in dtype."""
         loaded = load_model(model, dtype=torch.float32)
         log.info("loaded %s: %s, %d blocks, hidden %d; top on %s in %s", loaded.model_id,
                  loaded.base.config.model_type, loaded.base.config.num_hidden_layers,
                  loaded.base.config.hidden_size, device, str(dtype).removeprefix("torch."))
         return cls.from_loaded(loaded, split, peft, max_sessions=max_sessions, state_dir=state_dir,
-                               record_dir=record_dir, device=device, dtype=dtype)
+                               record_dir=record_dir, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens)
 
     def keep_adapter(self, session_id: str) -> str:
         """Store the session's trained weights under a new random id (disk too, with a state dir)."""
@@ -96,8 +98,11 @@ class Provider:
             raise ModelLoadError(f"adapter {adapter_id[:8]}… was trained for {record.model_id} split {record.split} "
                                  f"{record.peft['method']}; this server serves {self.info.model_id} split "
                                  f"{self.info.split} {self.sessions.peft.method}")
-        spec = SessionSpec(num_labels=record.num_labels, learning_rate=learning_rate, seed=record.seed,
-                           weight_decay=weight_decay)
+        try:
+            spec = SessionSpec(num_labels=record.num_labels, learning_rate=learning_rate, seed=record.seed,
+                               weight_decay=weight_decay)
+        except ValueError as exc:
+            raise InvalidInputError(f"OpenSessionRequest: {exc}") from exc
         return self.sessions.open(spec, state=record.state, steps_applied=record.steps_applied)
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""The gRPC servicer: decode a request, call the provider's sessions, encode the reply, map errors."""
+"""The gRPC servicer: authenticate, decode a request, call the provider's sessions, encode the reply, map errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import grpc
 
 from sap_common import codec
 from sap_common.errors import (
+    AuthenticationError,
     InvalidInputError,
     ModelLoadError,
+    PermissionDeniedError,
     ResourceLimitError,
     SapError,
     SessionNotFoundError,
@@ -19,7 +21,10 @@ from sap_common.errors import (
 )
 from sap_common.models.bundle import bundle_files
 from sap_common.proto import sap_pb2, sap_pb2_grpc
+from sap_common.service import API_KEY_METADATA, SESSION_SECRET_METADATA
+from sap_server.auth import ApiKeys, require_secret
 from sap_server.provider import Provider
+from sap_server.trainer import check_batch_tokens
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,8 @@ log = logging.getLogger(__name__)
 STATUS_OF_ERROR: tuple[tuple[type[SapError], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (SessionNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (StepOrderError, grpc.StatusCode.FAILED_PRECONDITION),
     (ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -38,18 +45,25 @@ def status_for(error: SapError) -> grpc.StatusCode:
     return next(code for kind, code in STATUS_OF_ERROR if isinstance(error, kind))
 
 
+def _abort(context, name: str, exc: Exception) -> None:
+    """SapErrors become their status with their message; anything else INTERNAL without details."""
+    if isinstance(exc, SapError):
+        context.abort(status_for(exc), str(exc))
+    log.error("%s failed", name, exc_info=exc)  # a bug: log it, reveal nothing of the internals to the caller
+    context.abort(grpc.StatusCode.INTERNAL, f"{name} failed on the server; see its log")
+
+
 def _rpc(method: Callable) -> Callable:
-    """Turn SapErrors into a status with their message; anything else into INTERNAL without details."""
+    """Run a unary-reply method; a request that did not parse is INVALID_ARGUMENT, errors become statuses."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
+            if isinstance(request, codec.Undecodable):
+                raise request.error()
             return method(self, request, context)
-        except SapError as exc:
-            context.abort(status_for(exc), str(exc))
-        except Exception:  # a bug: log it, reveal nothing of the internals to the caller
-            log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed on the server; see its log")
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status, see _abort
+            _abort(context, method.__name__, exc)
 
     return wrapper
 
@@ -65,21 +79,56 @@ def _streaming_rpc(method: Callable) -> Callable:
     return wrapper
 
 
+def _reply_stream(method: Callable) -> Callable:
+    """Like _rpc for generator methods (a stream of replies)."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            if isinstance(request, codec.Undecodable):
+                raise request.error()
+            yield from method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status, see _abort
+            _abort(context, method.__name__, exc)
+
+    return wrapper
+
+
+def _metadata(context, key: str) -> str | None:
+    """The value of a text metadata key the caller sent (the first one), or None."""
+    for name, value in context.invocation_metadata() or ():
+        if name == key and isinstance(value, str):
+            return value
+    return None
+
+
 class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
+    """Authentication first, then validation, then the session: a refused call changes nothing.
+
+    - GetServerInfo, DownloadBottom, OpenSession: the API key when the server has keys.
+    - Forward, Backward, Evaluate, CloseSession: the session's secret (metadata sap-session-secret).
+      No secret: UNAUTHENTICATED before the stream is even read; unknown or closed session: NOT_FOUND;
+      a wrong secret: PERMISSION_DENIED.
+    """
+
     def __init__(self, provider: Provider, *, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
-                 max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES):
+                 max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES, api_keys: ApiKeys | None = None):
         self.provider = provider
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
         self.max_request_bytes = max_request_bytes
+        self.api_keys = api_keys
 
     @_rpc
     def GetServerInfo(self, request, context):
+        self._check_api_key(context)
         return codec.info_to_proto(self.provider.info, max_message_bytes=self.max_message_bytes,
                                    chunk_bytes=self.chunk_bytes)
 
+    @_reply_stream
     def DownloadBottom(self, request, context) -> Iterator[sap_pb2.FileChunk]:
+        self._check_api_key(context)
         folder = self.provider.bundle_dir
         for relative in bundle_files(folder):
             data = (folder / relative).read_bytes()
@@ -89,34 +138,46 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     @_rpc
     def OpenSession(self, request, context):
+        self._check_api_key(context)
         if request.adapter_id:
             session_id, trainer = self.provider.attach_adapter(
                 request.adapter_id, learning_rate=request.learning_rate or 5e-4, weight_decay=request.weight_decay)
         else:
             session_id, trainer = self.provider.sessions.open(codec.spec_from_proto(request))
         return sap_pb2.OpenSessionReply(session_id=session_id, trainable_parameters=trainer.trainable_parameters,
-                                        num_labels=trainer.num_labels, steps_applied=trainer.steps_applied)
+                                        num_labels=trainer.num_labels, steps_applied=trainer.steps_applied,
+                                        session_secret=trainer.secret)
 
     @_rpc
     def CloseSession(self, request, context):
+        sessions, secret = self.provider.sessions, _metadata(context, SESSION_SECRET_METADATA)
+        closed = sessions.closed(request.session_id, secret)
+        if closed is not None:  # a retried close (its owner's secret): the first close's reply again
+            if request.keep and not closed.adapter_id:
+                raise SessionNotFoundError(f"session {request.session_id[:8]!r}… was closed without keeping "
+                                           f"its adapter")
+            return sap_pb2.CloseSessionReply(steps_applied=closed.steps_applied, adapter_id=closed.adapter_id)
+        sessions.authenticate(request.session_id, secret)
         adapter_id = self.provider.keep_adapter(request.session_id) if request.keep else ""
-        return sap_pb2.CloseSessionReply(steps_applied=self.provider.sessions.close(request.session_id),
+        return sap_pb2.CloseSessionReply(steps_applied=sessions.close(request.session_id, adapter_id=adapter_id),
                                          adapter_id=adapter_id)
 
     @_streaming_rpc
     def Forward(self, request_iterator, context):
+        secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))  # before reading the stream
         request = codec.from_chunks(request_iterator, sap_pb2.ForwardRequest, max_bytes=self.max_request_bytes)
+        trainer = self.provider.sessions.authenticate(request.session_id, secret)
         hidden, mask = self._decode_inputs(request)
-        trainer = self.provider.sessions.get(request.session_id)
         with trainer.lock:
             logits = trainer.forward(request.step, hidden, mask)
         return sap_pb2.ForwardReply(step=request.step, logits=codec.encode_tensor(logits))
 
     @_streaming_rpc
     def Backward(self, request_iterator, context):
+        secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
         request = codec.from_chunks(request_iterator, sap_pb2.BackwardRequest, max_bytes=self.max_request_bytes)
+        trainer = self.provider.sessions.authenticate(request.session_id, secret)
         grad = codec.decode_tensor(request.grad_logits, field="grad_logits", allowed=_FLOATS)
-        trainer = self.provider.sessions.get(request.session_id)
         with trainer.lock:
             result = trainer.backward(request.step, grad)
         reply = sap_pb2.BackwardReply(applied_step=result.applied_step, replayed=result.replayed)
@@ -126,22 +187,68 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     @_streaming_rpc
     def Evaluate(self, request_iterator, context):
+        secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
         request = codec.from_chunks(request_iterator, sap_pb2.EvaluateRequest, max_bytes=self.max_request_bytes)
+        trainer = self.provider.sessions.authenticate(request.session_id, secret)
         hidden, mask = self._decode_inputs(request)
-        trainer = self.provider.sessions.get(request.session_id)
         with trainer.lock:
             logits = trainer.evaluate(hidden, mask)
         return sap_pb2.ForwardReply(step=0, logits=codec.encode_tensor(logits))
 
+    def _check_api_key(self, context) -> None:
+        if self.api_keys is not None:
+            self.api_keys.check(_metadata(context, API_KEY_METADATA))
+
     def _decode_inputs(self, request: sap_pb2.ForwardRequest | sap_pb2.EvaluateRequest):
-        """(B, T, H) hidden states and (B, T) mask from the packed form when set, else the padded one."""
+        """(B, T, H) hidden states and (B, T) mask from the packed form when set, else the padded one.
+
+        The hidden size and the batch x length limit of a packed request are checked before it is unpacked
+        (unpacking allocates the padded batch); the trainer checks everything again on the padded form."""
         if request.HasField("packed_hidden"):
             packed = codec.decode_tensor(request.packed_hidden, field="packed_hidden", allowed=_FLOATS)
+            size = self.provider.info.hidden_size
+            if packed.dim() == 2 and packed.shape[1] != size:
+                raise InvalidInputError(f"packed_hidden has shape {list(packed.shape)}, expected (N_real, {size}): "
+                                        f"this server's hidden size is {size}")
+            if request.lengths:
+                check_batch_tokens(len(request.lengths), max(request.lengths),
+                                   self.provider.sessions.max_batch_tokens)
             return codec.unpack_hidden(packed, request.lengths, max_bytes=self.max_request_bytes)
         hidden = codec.decode_tensor(request.hidden_states, field="hidden_states", allowed=_FLOATS)
         mask = codec.decode_tensor(request.attention_mask, field="attention_mask",
                                    allowed=("int64", "int32", "bool", "uint8"))
         return hidden, mask
+
+
+def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
+    """Register the servicer like the generated add_SplitLearningServicer_to_server, but with request parsers
+    that never raise: bytes that are not the expected message reach the servicer as codec.Undecodable and
+    get INVALID_ARGUMENT (a raising parser would make gRPC answer INTERNAL)."""
+    pb = sap_pb2
+    handlers = {
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerInfo, request_deserializer=codec.lenient_parser(pb.ServerInfoRequest),
+            response_serializer=pb.ServerInfo.SerializeToString),
+        "DownloadBottom": grpc.unary_stream_rpc_method_handler(
+            servicer.DownloadBottom, request_deserializer=codec.lenient_parser(pb.DownloadBottomRequest),
+            response_serializer=pb.FileChunk.SerializeToString),
+        "OpenSession": grpc.unary_unary_rpc_method_handler(
+            servicer.OpenSession, request_deserializer=codec.lenient_parser(pb.OpenSessionRequest),
+            response_serializer=pb.OpenSessionReply.SerializeToString),
+        "CloseSession": grpc.unary_unary_rpc_method_handler(
+            servicer.CloseSession, request_deserializer=codec.lenient_parser(pb.CloseSessionRequest),
+            response_serializer=pb.CloseSessionReply.SerializeToString),
+    }
+    for name in ("Forward", "Backward", "Evaluate"):
+        handlers[name] = grpc.stream_stream_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=codec.lenient_parser(pb.Chunk),
+            response_serializer=pb.Chunk.SerializeToString)
+    service = pb.DESCRIPTOR.services_by_name["SplitLearning"]
+    missing = {m.name for m in service.methods} - handlers.keys()
+    if missing:  # a new RPC in sap.proto must be registered here too
+        raise RuntimeError(f"add_to_server: no handler for {sorted(missing)}")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 _FLOATS = ("float32", "float16", "bfloat16")

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from sap_common.errors import InvalidInputError, ModelLoadError, StepOrderError
+from sap_common.errors import InvalidInputError, ModelLoadError, ResourceLimitError, StepOrderError
 from sap_common.models.split import TopModel
 from sap_common.recording import Recorder
 from sap_common.service import BackwardResult
+
+DEFAULT_MAX_BATCH_TOKENS = 65536  # most batch x length one Forward/Evaluate may carry (sap-server --max-batch-tokens)
 
 
 @dataclass
@@ -25,10 +27,14 @@ class TopTrainer:
 
     def __init__(self, top: TopModel, *, learning_rate: float, weight_decay: float, train_bottom: bool,
                  num_labels: int = 0, seed: int = 0, recorder: Recorder | None = None,
-                 session_id: str = ""):
+                 session_id: str = "", secret: str = "", max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
         self.top = top
         self.recorder = recorder  # sap-server --record: keep what arrives, as a curious provider would
         self.session_id = session_id
+        # Every call of the session over the wire must carry it (checked by SessionManager.authenticate);
+        # kept here, with the rest of the session's state, so it can be saved and restored with it.
+        self.secret = secret
+        self.max_batch_tokens = max_batch_tokens
         self.num_labels = num_labels
         self.seed = seed
         self.train_bottom = train_bottom
@@ -74,6 +80,9 @@ class TopTrainer:
         placed.requires_grad_(self.train_bottom)
         self.top.train()
         logits = self.top(placed, placed_mask)  # (B, C), in the top's dtype, on its device
+        # Finite but huge inputs can overflow inside the top; refuse before keeping a graph whose backward
+        # would write NaN into this session's weights (the pending forward of this step, if any, is kept).
+        _check_finite("logits computed from hidden_states (values too large?)", logits)
         self._pending = _Pending(step=step, hidden=placed, logits=logits)
         return logits.detach().float().cpu()
 
@@ -90,7 +99,14 @@ class TopTrainer:
                                     f"expected {tuple(pending.logits.shape)} (the logits of step {step})")
         _check_finite("grad_logits", grad_logits)
         self.optimizer.zero_grad(set_to_none=True)
-        pending.logits.backward(grad_logits.to(device=pending.logits.device, dtype=pending.logits.dtype))
+        pending.hidden.grad = None  # a refused earlier try of this step must not accumulate into dL/dhidden
+        pending.logits.backward(grad_logits.to(device=pending.logits.device, dtype=pending.logits.dtype),
+                                retain_graph=True)  # kept until the step is applied, so a refusal can be retried
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one device sync
+            self.optimizer.zero_grad(set_to_none=True)
+            raise InvalidInputError(f"grad_logits of step {step} give a non-finite weight gradient (values too "
+                                    f"large?); nothing was applied")
         self.optimizer.step()
         self.steps_applied = step
         self._pending = None
@@ -111,6 +127,7 @@ class TopTrainer:
         size = self.top.config.hidden_size
         if hidden.dim() != 3 or hidden.shape[-1] != size:
             raise InvalidInputError(f"hidden_states has shape {tuple(hidden.shape)}, expected (B, T, {size})")
+        check_batch_tokens(hidden.shape[0], hidden.shape[1], self.max_batch_tokens)
         if not hidden.is_floating_point():
             raise InvalidInputError(f"hidden_states has dtype {hidden.dtype}, expected a float dtype")
         if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
@@ -123,8 +140,19 @@ class TopTrainer:
         if (attention_mask.sum(-1) == 0).any():
             raise InvalidInputError("attention_mask has a row with no real token")
         _check_finite("hidden_states", hidden)
+        narrowed = hidden.dtype != self._param.dtype  # e.g. float32 values too large for a float16 top
         hidden = hidden.to(device=self._param.device, dtype=self._param.dtype)
+        if narrowed:
+            _check_finite(f"hidden_states in the server's dtype {str(hidden.dtype).removeprefix('torch.')}", hidden)
         return hidden, attention_mask.to(device=self._param.device, dtype=torch.long)
+
+
+def check_batch_tokens(batch: int, length: int, limit: int) -> None:
+    """ResourceLimitError when a (batch, length) input is larger than the server takes at once."""
+    if batch * length > limit:
+        raise ResourceLimitError(f"hidden_states batch x length = {batch} x {length} = {batch * length} tokens; "
+                                 f"this server takes at most {limit} per request (--max-batch-tokens): send "
+                                 f"smaller batches or shorter texts")
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:

@@ -128,8 +128,22 @@ def _stub(address: str):
     return channel, sap_pb2_grpc.SplitLearningStub(channel)
 
 
+SECRETS: dict[str, str] = {}  # session id -> its secret (every call of a session carries it as metadata)
+
+
+def _open(stub, num_labels: int) -> str:
+    reply = stub.OpenSession(sap_pb2.OpenSessionRequest(num_labels=num_labels, learning_rate=1e-3), timeout=10)
+    SECRETS[reply.session_id] = reply.session_secret
+    return reply.session_id
+
+
+def _md(session_id: str) -> list[tuple[str, str]]:
+    return [("sap-session-secret", SECRETS[session_id])]
+
+
 def _call(method, message, reply_type):
-    return codec.from_chunks(list(method(codec.to_chunks(message, 1024), timeout=30)), reply_type)
+    return codec.from_chunks(list(method(codec.to_chunks(message, 1024), timeout=30,
+                                         metadata=_md(message.session_id))), reply_type)
 
 
 def test_packed_and_padded_requests_give_identical_logits(served):
@@ -138,14 +152,14 @@ def test_packed_and_padded_requests_give_identical_logits(served):
     packed, lengths = codec.pack_hidden(hidden, mask)
     channel, stub = _stub(address)
     with channel:
-        session = stub.OpenSession(sap_pb2.OpenSessionRequest(num_labels=3, learning_rate=1e-3), timeout=10).session_id
+        session = _open(stub, num_labels=3)
         padded = sap_pb2.EvaluateRequest(session_id=session, hidden_states=codec.encode_tensor(hidden),
                                          attention_mask=codec.encode_tensor(mask))
         lean = sap_pb2.EvaluateRequest(session_id=session, packed_hidden=codec.encode_tensor(packed),
                                        lengths=lengths)
         a = codec.decode_tensor(_call(stub.Evaluate, padded, sap_pb2.ForwardReply).logits)
         b = codec.decode_tensor(_call(stub.Evaluate, lean, sap_pb2.ForwardReply).logits)
-        stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=session), timeout=10)
+        stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=session), timeout=10, metadata=_md(session))
     assert torch.equal(a, b)
 
 
@@ -158,7 +172,7 @@ def test_malformed_packed_request_is_invalid_argument(served, rpc, rows, lengths
     _, address = served
     channel, stub = _stub(address)
     with channel:
-        session = stub.OpenSession(sap_pb2.OpenSessionRequest(num_labels=2, learning_rate=1e-3), timeout=10).session_id
+        session = _open(stub, num_labels=2)
         packed = codec.encode_tensor(torch.randn(rows, HIDDEN))
         if rpc == "Forward":
             request, method = sap_pb2.ForwardRequest(session_id=session, step=1, packed_hidden=packed,
@@ -177,7 +191,7 @@ def test_malformed_packed_request_is_invalid_argument(served, rpc, rows, lengths
         ok = sap_pb2.ForwardRequest(session_id=session, step=1, packed_hidden=codec.encode_tensor(good_packed),
                                     lengths=good_lengths)
         assert _call(stub.Forward, ok, sap_pb2.ForwardReply).step == 1
-        stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=session), timeout=10)
+        stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=session), timeout=10, metadata=_md(session))
 
 
 def test_remote_service_refuses_a_non_float_wire_dtype(served):

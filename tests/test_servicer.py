@@ -19,6 +19,7 @@ from sap_server.provider import Provider
 
 HIDDEN = 32  # tiny models' hidden size
 NUM_LABELS = 3
+SECRETS: dict[str, str] = {}  # session id -> the secret OpenSession returned; raw calls carry it as metadata
 
 
 def _provider(folder: Path, **kwargs) -> Provider:
@@ -39,7 +40,20 @@ def _open(stub, num_labels: int = NUM_LABELS, seed: int = 0) -> str:
     reply = stub.OpenSession(sap_pb2.OpenSessionRequest(num_labels=num_labels, learning_rate=1e-2, seed=seed),
                              timeout=10)
     assert reply.session_id and reply.trainable_parameters > 0
+    assert len(reply.session_secret) == 64
+    SECRETS[reply.session_id] = reply.session_secret
     return reply.session_id
+
+
+def _md(session_id: str) -> list[tuple[str, str]]:
+    """The session's secret as call metadata (a well-formed but wrong one for a made-up session id)."""
+    return [("sap-session-secret", SECRETS.get(session_id, "0" * 64))]
+
+
+def _close(stub, session_id: str) -> int:
+    """CloseSession with the session's secret; the steps it had applied."""
+    return stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=session_id), timeout=10,
+                             metadata=_md(session_id)).steps_applied
 
 
 def _inputs(batch: int = 2, length: int = 5, hidden: int = HIDDEN, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +71,7 @@ def _forward_request(session_id: str, step: int, hidden: torch.Tensor, mask: tor
 
 def _call(method, message, reply_type):
     """A chunked RPC through the raw stub: message -> Chunks -> server -> Chunks -> reply_type."""
-    replies = list(method(codec.to_chunks(message, 1024), timeout=30))
+    replies = list(method(codec.to_chunks(message, 1024), timeout=30, metadata=_md(message.session_id)))
     return codec.from_chunks(replies, reply_type)
 
 
@@ -147,7 +161,7 @@ def test_too_many_sessions_is_resource_exhausted(tiny_llama):
             stub = sap_pb2_grpc.SplitLearningStub(channel)
             first = _open(stub)
             _expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: _open(stub, seed=1), "1 sessions")
-            assert stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=first), timeout=10).steps_applied == 0
+            assert _close(stub, first) == 0
             _open(stub, seed=2)  # closing one frees the slot
     finally:
         provider.close()
@@ -166,7 +180,7 @@ def test_forward_unknown_session_is_not_found(served):
 def test_close_unknown_session_is_not_found(served):
     _, stub = served
     _expect_error(grpc.StatusCode.NOT_FOUND,
-                  lambda: stub.CloseSession(sap_pb2.CloseSessionRequest(session_id="nope"), timeout=10), "unknown")
+                  lambda: _close(stub, "nope"), "unknown")
 
 
 def test_forward_input_errors_are_invalid_argument_and_server_keeps_serving(served):
@@ -203,10 +217,11 @@ def test_forward_input_errors_are_invalid_argument_and_server_keeps_serving(serv
     empty_row[1] = 0
     _expect_error(bad, lambda: _forward(stub, sid, 1, h, empty_row), "attention_mask", "no real token")
     # bytes that are not a ForwardRequest at all
-    garbage = lambda: list(stub.Forward(iter([sap_pb2.Chunk(data=b"\xff" * 16)]), timeout=10))  # noqa: E731
+    garbage = lambda: list(stub.Forward(iter([sap_pb2.Chunk(data=b"\xff" * 16)]), timeout=10,  # noqa: E731
+                                        metadata=_md(sid)))
     _expect_error(bad, garbage, "ForwardRequest")
     # an empty stream
-    _expect_error(bad, lambda: list(stub.Forward(iter([]), timeout=10)), "0 chunks")
+    _expect_error(bad, lambda: list(stub.Forward(iter([]), timeout=10, metadata=_md(sid))), "0 chunks")
 
     # none of that touched the session: step 1 is still the next one and trains normally
     before = _top_state(provider, sid)
@@ -256,7 +271,7 @@ def test_backward_retry_is_replayed_without_a_second_optimizer_step(served):
     retried = _top_state(provider, sid)
     assert all(torch.equal(applied[n], retried[n]) for n in applied), "a retried Backward changed the weights"
     assert provider.sessions.get(sid).steps_applied == 1
-    assert stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=sid), timeout=10).steps_applied == 1
+    assert _close(stub, sid) == 1
 
 
 def test_backward_with_wrong_grad_shape_is_invalid_argument(served):
@@ -312,6 +327,7 @@ def test_tensor_larger_than_message_cap_streams_in_chunks(tiny_llama):
         with running_server(provider, chunk_bytes=chunk, max_message_bytes=cap) as address:
             with RemoteTopService(address, chunk_bytes=chunk, max_message_bytes=cap) as service:
                 sid = service.open_session(SessionSpec(num_labels=2, learning_rate=1e-3, seed=0))
+                SECRETS[sid] = service.session_secret(sid)
                 evaluated = service.evaluate(sid, hidden, mask)
                 trainer = provider.sessions.get(sid)
                 expected = trainer.evaluate(hidden.clone(), mask.clone())
@@ -327,7 +343,8 @@ def test_tensor_larger_than_message_cap_streams_in_chunks(tiny_llama):
                 stub = sap_pb2_grpc.SplitLearningStub(channel)
                 whole = _forward_request(sid, 2, hidden, mask).SerializeToString()
                 _expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              lambda: list(stub.Forward(iter([sap_pb2.Chunk(data=whole)]), timeout=10)))
+                              lambda: list(stub.Forward(iter([sap_pb2.Chunk(data=whole)]), timeout=10,
+                                                        metadata=_md(sid))))
     finally:
         provider.close()
 
@@ -352,7 +369,7 @@ def test_training_round_trip_for_each_family(tiny_model):
                 assert not reply.HasField("grad_hidden")  # the session does not train the bottom
                 losses.append(loss.item())
             assert losses[-1] < losses[0]  # lr 1e-2 on one fixed batch: the loss must go down
-            assert stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=sid), timeout=10).steps_applied == 3
+            assert _close(stub, sid) == 3
             _expect_error(grpc.StatusCode.NOT_FOUND, lambda: _forward(stub, sid, 4, h, mask), "unknown")
     finally:
         provider.close()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asap_common/proto/sap.proto\x12\x06sap.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x13\n\x11ServerInfoRequest\"\xeb\x01\n\nServerInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\r\n\x05split\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x0c\n\x04peft\x18\x08 \x01(\t\x12\x15\n\rbottom_sha256\x18\t \x01(\t\x12\x19\n\x11max_message_bytes\x18\n \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x0b \x01(\x04\"\x17\n\x15\x44ownloadBottomRequest\"K\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x8d\x01\n\x12OpenSessionRequest\x12\x12\n\nnum_labels\x18\x01 \x01(\r\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x14\n\x0ctrain_bottom\x18\x04 \x01(\x08\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x12\n\nadapter_id\x18\x06 \x01(\t\"o\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14trainable_parameters\x18\x02 \x01(\x04\x12\x12\n\nnum_labels\x18\x03 \x01(\r\x12\x15\n\rsteps_applied\x18\x04 \x01(\x04\"7\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\x08\">\n\x11\x43loseSessionReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\x12\x12\n\nadapter_id\x18\x02 \x01(\t\"\xb9\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12%\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0e.sap.v1.Tensor\x12&\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x0e.sap.v1.Tensor\x12%\n\rpacked_hidden\x18\x05 \x01(\x0b\x32\x0e.sap.v1.Tensor\x12\x0f\n\x07lengths\x18\x06 \x03(\r\"<\n\x0c\x46orwardReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06logits\x18\x02 \x01(\x0b\x32\x0e.sap.v1.Tensor\"X\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12#\n\x0bgrad_logits\x18\x03 \x01(\x0b\x32\x0e.sap.v1.Tensor\"\\\n\rBackwardReply\x12\x14\n\x0c\x61pplied_step\x18\x01 \x01(\x04\x12\x10\n\x08replayed\x18\x02 \x01(\x08\x12#\n\x0bgrad_hidden\x18\x03 \x01(\x0b\x32\x0e.sap.v1.Tensor\"\xac\x01\n\x0f\x45valuateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\rhidden_states\x18\x02 \x01(\x0b\x32\x0e.sap.v1.Tensor\x12&\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x0e.sap.v1.Tensor\x12%\n\rpacked_hidden\x18\x05 \x01(\x0b\x32\x0e.sap.v1.Tensor\x12\x0f\n\x07lengths\x18\x06 \x03(\r2\xab\x03\n\rSplitLearning\x12>\n\rGetServerInfo\x12\x19.sap.v1.ServerInfoRequest\x1a\x12.sap.v1.ServerInfo\x12\x44\n\x0e\x44ownloadBottom\x12\x1d.sap.v1.DownloadBottomRequest\x1a\x11.sap.v1.FileChunk0\x01\x12\x43\n\x0bOpenSession\x12\x1a.sap.v1.OpenSessionRequest\x1a\x18.sap.v1.OpenSessionReply\x12\x46\n\x0c\x43loseSession\x12\x1b.sap.v1.CloseSessionRequest\x1a\x19.sap.v1.CloseSessionReply\x12+\n\x07\x46orward\x12\r.sap.v1.Chunk\x1a\r.sap.v1.Chunk(\x01\x30\x01\x12,\n\x08\x42\x61\x63kward\x12\r.sap.v1.Chunk\x1a\r.sap.v1.Chunk(\x01\x30\x01\x12,\n\x08\x45valuate\x12\r.sap.v1.Chunk\x1a\r.sap.v1.Chunk(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asap_common/proto/sap.proto\x12\x06sap.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x13\n\x11ServerInfoRequest\"\xeb\x01\n\nServerInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\r\n\x05split\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x0c\n\x04peft\x18\x08 \x01(\t\x12\x15\n\rbottom_sha256\x18\t \x01(\t\x12\x19\n\x11max_message_bytes\x18\n \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x0b \x01(\x04\"\x17\n\x15\x44ownloadBottomRequest\"K\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x8d\x01\n\x12OpenSessionRequest\x12\x12\n\nnum_labels\x18\x01 \x01(\r\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x14\n\x0ctrain_bottom\x18\x04 \x01(\x08\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x12\n\nadapter_id\x18\x06 \x01(\t\"\x87\x01\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14trainable_parameters\x18\x02 \x01(\x04\x12\x12\n\nnum_labels\x18\x03 \x01(\r\x12\x15\n\rsteps_applied\x18\x04 \x01(\x04\x12\x16\n\x0esession_secret\x18\x05 \x01(\t\"7\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\x08\">\n\x11\x43loseSessionReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\x12\x12\n\nadapter_id\x18\x02 \x01(\t\"\xb9\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12%\n\rhidden_states\x18\x03 \x01(\x0b\x32\x0e.sap.v1.Tensor\x12&\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x0e.sap.v1.Tensor\x12%\n\rpacked_hidden\x18\x05 \x01(\x0b\x32\x0e.sap.v1.Tensor\x12\x0f\n\x07lengths\x18\x06 \x03(\r\"<\n\x0c\x46orwardReply\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06logits\x18\x02 \x01(\x0b\x32\x0e.sap.v1.Tensor\"X\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12#\n\x0bgrad_logits\x18\x03 \x01(\x0b\x32\x0e.sap.v1.Tensor\"\\\n\rBackwardReply\x12\x14\n\x0c\x61pplied_step\x18\x01 \x01(\x04\x12\x10\n\x08replayed\x18\x02 \x01(\x08\x12#\n\x0bgrad_hidden\x18\x03 \x01(\x0b\x32\x0e.sap.v1.Tensor\"\xac\x01\n\x0f\x45valuateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\rhidden_states\x18\x02 \x01(\x0b\x32\x0e.sap.v1.Tensor\x12&\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x0e.sap.v1.Tensor\x12%\n\rpacked_hidden\x18\x05 \x01(\x0b\x32\x0e.sap.v1.Tensor\x12\x0f\n\x07lengths\x18\x06 \x03(\r2\xab\x03\n\rSplitLearning\x12>\n\rGetServerInfo\x12\x19.sap.v1.ServerInfoRequest\x1a\x12.sap.v1.ServerInfo\x12\x44\n\x0e\x44ownloadBottom\x12\x1d.sap.v1.DownloadBottomRequest\x1a\x11.sap.v1.FileChunk0\x01\x12\x43\n\x0bOpenSession\x12\x1a.sap.v1.OpenSessionRequest\x1a\x18.sap.v1.OpenSessionReply\x12\x46\n\x0c\x43loseSession\x12\x1b.sap.v1.CloseSessionRequest\x1a\x19.sap.v1.CloseSessionReply\x12+\n\x07\x46orward\x12\r.sap.v1.Chunk\x1a\r.sap.v1.Chunk(\x01\x30\x01\x12,\n\x08\x42\x61\x63kward\x12\r.sap.v1.Chunk\x1a\r.sap.v1.Chunk(\x01\x30\x01\x12,\n\x08\x45valuate\x12\r.sap.v1.Chunk\x1a\r.sap.v1.Chunk(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,22 +45,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILECHUNK']._serialized_end=474
   _globals['_OPENSESSIONREQUEST']._serialized_start=477
   _globals['_OPENSESSIONREQUEST']._serialized_end=618
-  _globals['_OPENSESSIONREPLY']._serialized_start=620
-  _globals['_OPENSESSIONREPLY']._serialized_end=731
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=733
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=788
-  _globals['_CLOSESESSIONREPLY']._serialized_start=790
-  _globals['_CLOSESESSIONREPLY']._serialized_end=852
-  _globals['_FORWARDREQUEST']._serialized_start=855
-  _globals['_FORWARDREQUEST']._serialized_end=1040
-  _globals['_FORWARDREPLY']._serialized_start=1042
-  _globals['_FORWARDREPLY']._serialized_end=1102
-  _globals['_BACKWARDREQUEST']._serialized_start=1104
-  _globals['_BACKWARDREQUEST']._serialized_end=1192
-  _globals['_BACKWARDREPLY']._serialized_start=1194
-  _globals['_BACKWARDREPLY']._serialized_end=1286
-  _globals['_EVALUATEREQUEST']._serialized_start=1289
-  _globals['_EVALUATEREQUEST']._serialized_end=1461
-  _globals['_SPLITLEARNING']._serialized_start=1464
-  _globals['_SPLITLEARNING']._serialized_end=1891
+  _globals['_OPENSESSIONREPLY']._serialized_start=621
+  _globals['_OPENSESSIONREPLY']._serialized_end=756
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=758
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=813
+  _globals['_CLOSESESSIONREPLY']._serialized_start=815
+  _globals['_CLOSESESSIONREPLY']._serialized_end=877
+  _globals['_FORWARDREQUEST']._serialized_start=880
+  _globals['_FORWARDREQUEST']._serialized_end=1065
+  _globals['_FORWARDREPLY']._serialized_start=1067
+  _globals['_FORWARDREPLY']._serialized_end=1127
+  _globals['_BACKWARDREQUEST']._serialized_start=1129
+  _globals['_BACKWARDREQUEST']._serialized_end=1217
+  _globals['_BACKWARDREPLY']._serialized_start=1219
+  _globals['_BACKWARDREPLY']._serialized_end=1311
+  _globals['_EVALUATEREQUEST']._serialized_start=1314
+  _globals['_EVALUATEREQUEST']._serialized_end=1486
+  _globals['_SPLITLEARNING']._serialized_start=1489
+  _globals['_SPLITLEARNING']._serialized_end=1916
 # @@protoc_insertion_point(module_scope)

@@ -85,16 +85,18 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, num_labels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., train_bottom: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., adapter_id: _Optional[str] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
-    __slots__ = ("session_id", "trainable_parameters", "num_labels", "steps_applied")
+    __slots__ = ("session_id", "trainable_parameters", "num_labels", "steps_applied", "session_secret")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
     STEPS_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     trainable_parameters: int
     num_labels: int
     steps_applied: int
-    def __init__(self, session_id: _Optional[str] = ..., trainable_parameters: _Optional[int] = ..., num_labels: _Optional[int] = ..., steps_applied: _Optional[int] = ...) -> None: ...
+    session_secret: str
+    def __init__(self, session_id: _Optional[str] = ..., trainable_parameters: _Optional[int] = ..., num_labels: _Optional[int] = ..., steps_applied: _Optional[int] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id", "keep")
