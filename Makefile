@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sap-installed
 
 .PHONY: install models data proto test test-fast demo clean help
+.PHONY: bench bench-quick
 
 help:
 	@echo "make demo       set up everything, then train SmolLM2-135M (split 6) on real movie snippets"
@@ -13,6 +14,9 @@ help:
 	@echo "make models     convert the SmolLM2 GGUF to a cached safetensors folder (once)"
 	@echo "make data       build data/movie_snippets.csv and data/convention_paragraphs.csv"
 	@echo "make proto      regenerate sap_common/proto/ from proto/"
+	@echo "make privacy-table  the utility/privacy grid on real data (benchmarks/results/privacy_table.md)"
+	@echo "make bench      split vs single-process benchmarks, memory, slow link (benchmarks/README.md)"
+	@echo "make bench-quick  the reduced benchmark (MiniLM split 2, < 2 min): one JSON line"
 
 install: $(STAMP)
 
@@ -46,6 +50,12 @@ test-fast: install
 demo: install models data
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
+bench: install models data
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
+
+bench-quick: install models data
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache demo-run
 
@@ -54,3 +64,10 @@ clean:
 .PHONY: compose-demo
 compose-demo:
 	docker compose -f docker/compose.yaml up --build --abort-on-container-exit --exit-code-from client
+
+# The paper's utility/privacy table on real data (benchmarks/privacy_table.py; its cells took 104 min on a
+# shared 2-core machine). Finished cells are kept in benchmarks/results/privacy_table/cells/: a stopped
+# run resumes where it stopped.
+.PHONY: privacy-table
+privacy-table: install models data
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/privacy_table.py

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +22,8 @@ from sap_common.service import SessionSpec, TopService
 
 log = logging.getLogger(__name__)
 
+# What the client sends for one batch: (hidden with graph or None, sent (B, T, H), mask (B, T)).
+Outgoing = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -29,6 +35,8 @@ class TrainConfig:
     max_length: int = field(default=64, metadata={"help": "tokens per example after truncation"})
     seed: int = field(default=0, metadata={"help": "seeds data order and the server's initial weights"})
     train_bottom: bool = field(default=False, metadata={"help": "also fine-tune the user's bottom blocks"})
+    prefetch: bool = field(default=True, metadata={"help": "with a frozen bottom, prepare batch i+1 while "
+                                                          "batch i is on the server (results unchanged)"})
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length"):
@@ -59,6 +67,79 @@ def _place_bottom(bottom: BottomModel, device: torch.device) -> BottomModel:
     return bottom
 
 
+class Prefetcher:
+    """Runs work(item) for each item in one background thread, at most `depth` results ahead of the consumer.
+
+    Iterating yields the results in the items' order. An exception in the worker is re-raised in the
+    consuming thread (with the worker's traceback); leaving the with-block, normally or by an exception,
+    stops the worker and joins it, so no thread outlives the block.
+    """
+
+    _DONE = object()  # end-of-items marker
+    _POLL = 0.1  # seconds between checks of the stop flag while the queue is full or empty
+
+    def __init__(self, work: Callable[[object], object], items: Iterable, *, depth: int = 1,
+                 name: str = "sap-prefetch"):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._work = work
+        self._items = list(items)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self) -> Prefetcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker (it finishes the item in hand, if any) and wait for it."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def __iter__(self) -> Iterator:
+        while True:
+            try:
+                ok, value = self._queue.get(timeout=self._POLL)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the prefetch worker stopped without a result") from None
+                continue
+            if not ok:
+                raise value  # the worker's exception, surfacing here in the consumer
+            if value is self._DONE:
+                return
+            yield value
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if self._stop.is_set() or not self._put((True, self._work(item))):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._put((False, exc))
+            return
+        self._put((True, self._DONE))
+
+    def _put(self, entry: tuple[bool, object]) -> bool:
+        """Queue entry unless the consumer has stopped; False when it has."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=self._POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+def _labels(data: TextDataset, batch: list[int]) -> torch.Tensor:
+    return torch.tensor([data.labels[i] for i in batch])  # (B,)
+
+
 class SplitTrainer:
     """Runs the bottom locally and the top through a TopService, one step at a time."""
 
@@ -83,6 +164,10 @@ class SplitTrainer:
         # (real tokens only, (len, H)) is computed once and re-sent unchanged in later epochs.
         self.reuse_sent = not config.train_bottom and not fresh_noise
         self._sent_cache: dict[int, torch.Tensor] = {}
+        # Overlap: a frozen bottom does not depend on the server's steps, so batch i+1 can be computed
+        # and privatized while batch i's RPCs are in flight. Noise is keyed per example and the order
+        # comes from the seeded generator, so the results are the same with and without it.
+        self.prefetch = config.prefetch and not config.train_bottom
 
     def open(self, num_labels: int) -> str:
         spec = SessionSpec(num_labels=num_labels, learning_rate=self.config.learning_rate, seed=self.config.seed,
@@ -125,17 +210,21 @@ class SplitTrainer:
         mask = (torch.arange(sent.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
         return sent, mask
 
-    def step(self, texts: list[str], labels: torch.Tensor, *, ids: list[int] | None = None, epoch: int = 1) -> float:
-        """One optimizer step on both sides; returns the batch loss. ids name the examples (for reuse)."""
-        step = self.steps + 1
+    def _prepare(self, texts: list[str], labels: torch.Tensor, ids: list[int] | None, epoch: int) -> Outgoing:
+        """The batch as it will be sent: from the sent cache, or computed (and cached) now."""
         cached = self._cached(ids)
         if cached is not None:
-            hidden, (sent, mask) = None, cached
-        else:
-            hidden, sent, mask = self._outgoing(texts, labels, train=True, epoch=epoch)
-            if self.reuse_sent and ids is not None:
-                for row, i in enumerate(ids):
-                    self._sent_cache[i] = sent[row, : int(mask[row].sum())].clone()
+            return None, *cached
+        hidden, sent, mask = self._outgoing(texts, labels, train=True, epoch=epoch)
+        if self.reuse_sent and ids is not None:
+            for row, i in enumerate(ids):
+                self._sent_cache[i] = sent[row, : int(mask[row].sum())].clone()
+        return hidden, sent, mask
+
+    def _exchange(self, outgoing: Outgoing, labels: torch.Tensor) -> float:
+        """Forward and Backward of one prepared batch (and the bottom's step when it trains); the loss."""
+        hidden, sent, mask = outgoing
+        step = self.steps + 1
         logits = self.service.forward(self.session_id, step, sent, mask).requires_grad_(True)  # (B, C)
         loss = F.cross_entropy(logits, labels)
         (grad_logits,) = torch.autograd.grad(loss, logits)
@@ -149,19 +238,42 @@ class SplitTrainer:
         self.steps = result.applied_step
         return loss.item()
 
+    def step(self, texts: list[str], labels: torch.Tensor, *, ids: list[int] | None = None, epoch: int = 1) -> float:
+        """One optimizer step on both sides; returns the batch loss. ids name the examples (for reuse)."""
+        return self._exchange(self._prepare(texts, labels, ids, epoch), labels)
+
+    def _prepared(self, data: TextDataset, batches: list[list[int]], epoch: int) -> Iterator[Outgoing]:
+        """Each batch prepared for sending, in order: in a background thread when prefetching."""
+        def prepare(batch: list[int]) -> Outgoing:
+            return self._prepare([data.texts[i] for i in batch], _labels(data, batch), batch, epoch)
+
+        if not self.prefetch:
+            yield from map(prepare, batches)
+            return
+        with Prefetcher(prepare, batches, depth=1) as prefetched:  # at most 2 batches ahead
+            yield from prefetched
+
+    def train_batches(self, data: TextDataset, batches: list[list[int]], *, description: str = "train",
+                      epoch: int = 1) -> list[float]:
+        """One optimizer step per batch of example indices into data, in order; the batch losses."""
+        losses = []
+        # closing(): leaving the loop early (an RPC error) stops and joins the prefetch thread at once.
+        with closing(self._prepared(data, batches, epoch)) as prepared, \
+                tqdm(total=len(batches), desc=description, unit="step", disable=None, leave=False) as bar:
+            for batch, outgoing in zip(batches, prepared):
+                loss = self._exchange(outgoing, _labels(data, batch))
+                losses.append(loss)
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.4f}")
+        return losses
+
     def train_epoch(self, data: TextDataset, generator: torch.Generator, description: str = "train",
                     epoch: int = 1) -> float:
         """One pass in a seeded random order; returns the mean batch loss."""
         order = torch.randperm(len(data), generator=generator).tolist()
         size = self.config.batch_size
-        losses = []
-        with tqdm(range(0, len(order), size), desc=description, unit="step", disable=None, leave=False) as bar:
-            for start in bar:
-                batch = order[start:start + size]
-                loss = self.step([data.texts[i] for i in batch], torch.tensor([data.labels[i] for i in batch]),
-                                 ids=batch, epoch=epoch)
-                losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.4f}")
+        batches = [order[start:start + size] for start in range(0, len(order), size)]
+        losses = self.train_batches(data, batches, description=description, epoch=epoch)
         return sum(losses) / len(losses)
 
     def predict(self, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
