@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from sap_client.cti import CTI_MODES
+from sap_client.privacy import CTI_ROWS
 from sap_common.devices import DEVICE_CHOICES, device_arg, resolve_device
 from sap_common.errors import SapError
 
@@ -160,6 +161,10 @@ def _add_noise_flags(parser: argparse.ArgumentParser) -> None:
                        help="scale: eta x max(importance, floor); exempt: no noise on the top tokens per class")
     noise.add_argument("--cti-floor", type=float, default=0.6, help="scale mode floor (default 0.6)")
     noise.add_argument("--cti-top", type=float, default=0.1, help="exempt mode: fraction per class (default 0.1)")
+    noise.add_argument("--cti-rows", choices=CTI_ROWS, default="label",
+                       help="label (default, DESIGN's rule): a training text's eta comes from its own class's "
+                            "row, so the noise level depends on the label; max: every text uses the max over "
+                            "classes, as at inference, so it does not")
     noise.add_argument("--fresh-noise", action="store_true",
                        help="draw new noise every epoch (default: each example's noisy vectors are drawn once "
                             "and re-sent, since averaging several noisy copies strips the noise)")
@@ -249,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             noise = NoiseConfig(eta=args.eta, noise_ratio=args.noise_ratio, cti=args.cti, cti_mode=args.cti_mode,
-                                cti_floor=args.cti_floor, cti_top=args.cti_top, fresh_noise=args.fresh_noise)
+                                cti_floor=args.cti_floor, cti_top=args.cti_top, cti_rows=args.cti_rows,
+                                fresh_noise=args.fresh_noise)
         except ValueError as exc:
             parser.error(str(exc))
     if args.command == "audit":

@@ -140,6 +140,11 @@ def test_client_cti_needs_noise(good_csv, capsys):
     _usage_error(client_cli.main, ["train", str(good_csv), "--cti"], capsys, "CTI")
 
 
+def test_client_cti_rows_choices(good_csv, capsys):
+    _usage_error(client_cli.main, ["train", str(good_csv), "--noise-ratio", "1", "--cti", "--cti-rows", "mean"],
+                 capsys, "--cti-rows")
+
+
 def test_client_eta_and_noise_ratio_exclusive(good_csv, capsys):
     _usage_error(client_cli.main, ["train", str(good_csv), "--eta", "10", "--noise-ratio", "3"], capsys,
                  "not allowed with")
