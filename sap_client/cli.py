@@ -28,10 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.subcommands = commands  # main() reads the train subparser's actions for --resume
     train = commands.add_parser("train", help="fine-tune through a sap-server on a labelled CSV",
                                 description="Fine-tune through a sap-server on a labelled CSV "
-                                            "(a header row; one text column and one label column).")
-    train.add_argument("data", type=Path, metavar="DATA.csv", help="training data")
+                                            "(a header row; one text column and one label column). While it "
+                                            "runs, RUN_DIR holds a checkpoint (written whenever the server, run "
+                                            "with --state-dir, checkpoints the session): a run cut short, by a "
+                                            "server restart or this process being killed, continues with "
+                                            "`sap-client train --resume RUN_DIR`.")
+    train.add_argument("data", type=Path, metavar="DATA.csv", nargs="?",
+                       help="training data (not needed with --resume: the run's own)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                       help="continue the unfinished run in RUN_DIR from its latest checkpoint, with the run's own "
+                            "data and settings (training, noise and CTI settings, seeds, noise key): only --server, "
+                            "--device and the connection flags may be given besides, and other flags must equal the "
+                            "run's. The server must still have the run's session (a restarted server needs the same "
+                            "--state-dir). Ends with the same metrics and weights as an uninterrupted run")
     train.add_argument("--server", default=os.environ.get("SAP_SERVER", DEFAULT_SERVER),
                        help=f"sap-server address HOST:PORT (default $SAP_SERVER or {DEFAULT_SERVER})")
     train.add_argument("--text-column", default="text", help="column holding the text (default text)")
@@ -193,18 +205,71 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def run_train(args: argparse.Namespace, config, noise, device) -> int:
-    from sap_client.commands import train
+    from sap_client.commands import resume, train
 
-    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    metrics = train(args.data, server=args.server, out=out, config=config, noise=noise,
-                    text_column=args.text_column, label_column=args.label_column, eval_path=args.eval,
-                    eval_fraction=args.eval_fraction, max_examples=args.max_examples, device=device,
-                    wire_dtype=args.wire_dtype, credentials=_credentials(args))
+    if args.resume is not None:
+        out = args.run_dir = args.resume
+        explicit_server = "server" in args.explicit or os.environ.get("SAP_SERVER")
+        metrics = resume(out, server=args.server if explicit_server else None, device=device,
+                         credentials=_credentials(args))
+    else:
+        out = args.run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        metrics = train(args.data, server=args.server, out=out, config=config, noise=noise,
+                        text_column=args.text_column, label_column=args.label_column, eval_path=args.eval,
+                        eval_fraction=args.eval_fraction, max_examples=args.max_examples, device=device,
+                        wire_dtype=args.wire_dtype, credentials=_credentials(args))
     noise_note = (f"noise eta {metrics['eta']:.4g} (noise/signal {metrics['noise_to_signal']:.2f}"
                   f"{', CTI' if metrics['cti'] else ''})" if metrics["eta"] else "no noise")
+    resumed = f", resumed at step {metrics['resumed_at_steps'][-1]}" if metrics.get("resumed_at_steps") else ""
     print(f"eval accuracy {metrics['eval_accuracy']:.4f} after {metrics['steps']} steps "
-          f"({metrics['seconds']:.1f} s, {noise_note}); run in {out}")
+          f"({metrics['seconds']:.1f} s, {noise_note}{resumed}); run in {out}")
     return 0
+
+
+# With --resume, these flags may be given (where to connect and how); any other must equal the run's setting.
+RESUME_FREE = frozenset({"command", "verbose", "resume", "server", "device", "api_key", "tls_ca", "tls_cert",
+                         "tls_key"})
+
+
+def _explicit_flags(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations the command line really set (not filled from a default): parse again with every default of
+    the subcommand suppressed."""
+    saved = {action: action.default for action in sub._actions}
+    try:
+        for action in sub._actions:
+            action.default = argparse.SUPPRESS
+        # (a positional left out comes back as its suppressed default passed through its type, e.g.
+        # Path('==SUPPRESS=='); an explicit None, like `--eta none`, means the default anyway)
+        return {dest for dest, value in vars(parser.parse_args(argv)).items()
+                if value is not None and str(value) != argparse.SUPPRESS}
+    finally:
+        for action, default in saved.items():
+            action.default = default
+
+
+def _resume_conflicts(args: argparse.Namespace, sub: argparse.ArgumentParser) -> list[str]:
+    """`--flag value (the run's: other)` for every flag given with --resume that differs from the run's setting."""
+    from sap_client.rundir import RunDir
+
+    settings = RunDir(args.resume).read_run()
+    config, noise = settings.get("config", {}), settings.get("noise", {})
+    saved = {"data": settings.get("data"), "eval": settings.get("eval"), "eval_fraction": settings.get("eval_fraction"),
+             "max_examples": settings.get("max_examples"), "text_column": settings.get("text_column"),
+             "label_column": settings.get("label_column"), "wire_dtype": settings.get("wire_dtype"),
+             "epochs": config.get("epochs"), "batch_size": config.get("batch_size"), "lr": config.get("learning_rate"),
+             "max_length": config.get("max_length"), "seed": config.get("seed"),
+             "train_bottom": config.get("train_bottom"), "out": str(args.resume.resolve()),
+             **{name: noise.get(name) for name in ("eta", "noise_ratio", "cti", "cti_mode", "cti_floor", "cti_top",
+                                                   "cti_rows", "fresh_noise")}}
+    flags = {action.dest: action.option_strings[0] if action.option_strings else action.metavar
+             for action in sub._actions}
+    conflicts = []
+    for dest in sorted(args.explicit - RESUME_FREE):
+        given = getattr(args, dest)
+        ours = str(Path(given).resolve()) if isinstance(given, Path) else given
+        if dest not in saved or ours != saved[dest]:
+            conflicts.append(f"{flags.get(dest, dest)} {given} (the run's: {saved.get(dest, 'not a setting')})")
+    return conflicts
 
 
 def run_predict(args: argparse.Namespace, device) -> int:
@@ -248,7 +313,7 @@ def run_audit(args: argparse.Namespace, noise, attack, device) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    noise = attack = None
+    noise = attack = config = None
     if args.command in ("train", "audit"):
         from sap_client.privacy import NoiseConfig
 
@@ -269,7 +334,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"audit: {exc}")
         if args.max_examples < 2:
             parser.error(f"--max-examples must be >= 2, got {args.max_examples}")
-    if args.command == "train":
+    if args.command == "train" and args.resume is not None:
+        train_parser = parser.subcommands.choices["train"]
+        args.explicit = _explicit_flags(parser, train_parser, argv)
+        try:  # a missing run folder is the runtime error resume() gives (exit 1)
+            conflicts = _resume_conflicts(args, train_parser) if (args.resume / "run.json").is_file() else []
+        except SapError as exc:
+            parser.error(f"--resume {args.resume}: {exc}")
+        if conflicts:
+            parser.error("--resume continues the run with its own settings; these flags differ from them: "
+                         + "; ".join(conflicts) + ". Leave them out, or start a new run with another --out")
+    elif args.command == "train" and args.data is None:
+        parser.error("train: the DATA.csv argument is required (unless --resume RUN_DIR)")
+    if args.command == "train" and args.resume is None:
         from sap_client.trainer import TrainConfig
 
         try:
@@ -298,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sap-client: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("sap-client: interrupted", file=sys.stderr)
+        run_dir = getattr(args, "run_dir", None)
+        hint = (f"; continue the run with `sap-client train --resume {run_dir}`"
+                if run_dir is not None and (run_dir / "checkpoint.safetensors").is_file() else "")
+        print(f"sap-client: interrupted{hint}", file=sys.stderr)
         return 130
     parser.error(f"unknown command {args.command!r}")
     return 2

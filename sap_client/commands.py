@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import time
 from dataclasses import asdict
@@ -16,10 +17,11 @@ from sap_client.cti import CtiStatistics, eta_table, fit_cti
 from sap_client.data import TextDataset, load_labelled_csv, load_texts, stratified_split
 from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
 from sap_client.remote import ClientCredentials, RemoteTopService
-from sap_client.rundir import BOTTOM, CTI, METRICS, RUN, RunDir
-from sap_client.trainer import SplitTrainer, TrainConfig
+from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, METRICS, RUN, RunDir
+from sap_client.trainer import SplitTrainer, TrainConfig, TrainProgress
+from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from sap_common.codec import WIRE_DTYPES
-from sap_common.errors import InvalidInputError, ModelLoadError
+from sap_common.errors import InvalidInputError, ModelLoadError, SapError, SessionNotFoundError, StepOrderError
 
 log = logging.getLogger(__name__)
 NORM_SAMPLE = 256  # training texts used to measure the mean hidden-state norm for --noise-ratio
@@ -71,49 +73,212 @@ def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run
     return _privatizer(noise, eta, run, stats)
 
 
-def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise: NoiseConfig,
-          text_column: str, label_column: str, eval_path: Path | None, eval_fraction: float,
-          max_examples: int | None, device: torch.device | str = "cpu", wire_dtype: str = "float32",
-          credentials: ClientCredentials | None = None) -> dict:
-    wire = wire_dtype_of(wire_dtype)
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _training_data(data_path: Path, text_column: str, label_column: str, eval_path: Path | None,
+                   eval_fraction: float, max_examples: int | None, seed: int) -> tuple[list[str], TextDataset,
+                                                                                     TextDataset]:
+    """(label names, training split, held-out split), the same every time for the same files and settings."""
     data = load_labelled_csv(data_path, text_column, label_column)
     if max_examples:
         data = data.subset(list(range(min(max_examples, len(data)))))
     if eval_path:
         train_data, held = data, load_labelled_csv(eval_path, text_column, label_column, data.label_names)
     else:
-        train_data, held = stratified_split(data, eval_fraction, config.seed)
+        train_data, held = stratified_split(data, eval_fraction, seed)
+    return data.label_names, train_data, held
+
+
+class _Checkpointer:
+    """Writes the client's checkpoint (RUN_DIR/checkpoint.safetensors) when the provider announces one of its
+    own (BackwardReply.checkpointed), before the next step is sent; and once right after the session opens."""
+
+    def __init__(self, run: RunDir, trainer: SplitTrainer, service: RemoteTopService, *, bytes_sent: int = 0,
+                 bytes_received: int = 0):
+        self.run, self.trainer, self.service = run, trainer, service
+        self.bytes_sent, self.bytes_received = bytes_sent, bytes_received  # traffic of earlier processes
+        self.step: int | None = None  # the step of the latest checkpoint written
+
+    def __call__(self, progress: TrainProgress) -> None:
+        trainer = self.trainer
+        if trainer.privatizer is not None:
+            progress.privatizer = trainer.privatizer.state()
+        meta = {"format": CHECKPOINT_FORMAT, "session_id": trainer.session_id,
+                "session_secret": self.service.session_secret(trainer.session_id), "step": progress.step,
+                "progress": asdict(progress), "bytes_sent": self.bytes_sent + self.service.bytes_sent,
+                "bytes_received": self.bytes_received + self.service.bytes_received,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        tensors: dict[str, torch.Tensor] = {}
+        if trainer.bottom_optimizer is not None:
+            tensors.update({_BOTTOM + name: value for name, value in trainer.bottom.state_dict().items()})
+            optimizer_tensors, meta["bottom_optimizer"] = optimizer_to_tensors(trainer.bottom_optimizer,
+                                                                               _BOTTOM_OPTIMIZER)
+            tensors.update(optimizer_tensors)
+        self.run.write_checkpoint(meta, tensors)
+        self.step = progress.step
+        log.debug("client checkpoint at step %d", progress.step)
+
+    def hint(self, exc: SapError) -> SapError:
+        """exc, its message ending with how to continue the run (when there is a checkpoint to continue from)."""
+        if self.step is None:
+            return exc
+        return type(exc)(f"{exc}; the run can continue from its checkpoint at step {self.step}: "
+                         f"sap-client train --resume {self.run.path}")
+
+
+CHECKPOINT_FORMAT = 1
+_BOTTOM, _BOTTOM_OPTIMIZER = "bottom/", "bottom_optimizer/"
+
+
+def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise: NoiseConfig,
+          text_column: str, label_column: str, eval_path: Path | None, eval_fraction: float,
+          max_examples: int | None, device: torch.device | str = "cpu", wire_dtype: str = "float32",
+          credentials: ClientCredentials | None = None) -> dict:
+    wire = wire_dtype_of(wire_dtype)
+    label_names, train_data, held = _training_data(data_path, text_column, label_column, eval_path, eval_fraction,
+                                                   max_examples, config.seed)
     run = RunDir(out).create()
+    if run.file(CHECKPOINT).exists() and not run.file(METRICS).exists():
+        raise InvalidInputError(f"{out} holds an unfinished run: continue it with `sap-client train --resume {out}`, "
+                                f"or choose another --out")
     with RemoteTopService(server, wire_dtype=wire, credentials=credentials) as service:
         info = service.server_info()
         bottom, tokenizer, _ = load_server_bottom(service, info)
         download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
         log.info("server %s: %s (%s), split %d/%d, %s; %d train / %d eval examples, %d classes", server,
                  info.model_id, info.model_type, info.split, info.total_blocks, info.peft, len(train_data),
-                 len(held), len(data.label_names))
+                 len(held), len(label_names))
         trainer = SplitTrainer(bottom, tokenizer, service, config, fresh_noise=noise.fresh_noise, device=device)
         trainer.privatizer = fit_noise(noise, trainer, train_data, run)
-        trainer.open(len(data.label_names))
-        metrics = trainer.fit(train_data, held)
-        adapter_id = service.finish_session(trainer.session_id)
+        eta = trainer.privatizer.eta if trainer.privatizer else None
+        settings = {"server": server, "model": info.model_id, "split": info.split, "label_names": label_names,
+                    "text_column": text_column, "label_column": label_column, "config": asdict(config),
+                    "noise": asdict(noise), "eta": eta, "wire_dtype": wire_dtype,
+                    "data": str(Path(data_path).resolve()), "data_sha256": _file_sha256(data_path),
+                    "eval": str(Path(eval_path).resolve()) if eval_path else None,
+                    "eval_sha256": _file_sha256(eval_path) if eval_path else None,
+                    "eval_fraction": None if eval_path else eval_fraction, "max_examples": max_examples,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None}
+        for stale in (METRICS, CHECKPOINT):
+            run.file(stale).unlink(missing_ok=True)
+        run.write_json(RUN, settings)  # before the first step: what --resume needs
+        trainer.open(len(label_names))
+        checkpoint = _Checkpointer(run, trainer, service)
+        checkpoint(TrainProgress())  # the session id and secret, so even a run cut short at once can resume
+        try:
+            metrics = trainer.fit(train_data, held, on_checkpoint=checkpoint)
+            adapter_id = service.finish_session(trainer.session_id)
+        except SapError as exc:
+            raise checkpoint.hint(exc) from exc
         metrics.update(bytes_sent=service.bytes_sent, bytes_received=service.bytes_received)
+    return _complete(run, settings, metrics, trainer, info, noise, adapter_id, download_bytes)
+
+
+def resume(run_path: Path, *, server: str | None = None, device: torch.device | str = "cpu",
+           credentials: ClientCredentials | None = None) -> dict:
+    """Continue an unfinished `train` run from RUN_DIR's latest checkpoint, with the run's own settings."""
+    run = RunDir(run_path)
+    settings = run.read_run()
+    if run.file(METRICS).exists() or settings.get("finished"):
+        raise InvalidInputError(f"{run_path} holds a completed run (its metrics.json is written): nothing to resume")
+    if "data_sha256" not in settings:
+        raise InvalidInputError(f"{run_path}/{RUN} has no resume information (written by an older sap-client)")
+    config, noise = TrainConfig(**settings["config"]), NoiseConfig(**settings["noise"])
+    data_path = Path(settings["data"])
+    eval_path = Path(settings["eval"]) if settings.get("eval") else None
+    for path, digest in ((data_path, settings["data_sha256"]), (eval_path, settings.get("eval_sha256"))):
+        if path is not None and path.is_file() and _file_sha256(path) != digest:
+            raise InvalidInputError(f"{path} changed since the run started (its SHA-256 differs): resuming on other "
+                                    f"data would not continue the same run")
+    label_names, train_data, held = _training_data(data_path, settings["text_column"], settings["label_column"],
+                                                   eval_path, settings.get("eval_fraction") or 0.1,
+                                                   settings.get("max_examples"), config.seed)
+    if label_names != settings["label_names"]:
+        raise InvalidInputError(f"{data_path} now has the labels {label_names}, the run {settings['label_names']}")
+    saved = run.read_checkpoint()
+    server = server or settings["server"]
+    wire = wire_dtype_of(settings.get("wire_dtype", "float32"))
+    with RemoteTopService(server, wire_dtype=wire, credentials=credentials) as service:
+        info = service.server_info()
+        if (info.model_id, info.split) != (settings["model"], settings["split"]):
+            raise ModelLoadError(f"the run was trained on {settings['model']} split {settings['split']}; the server "
+                                 f"at {server} serves {info.model_id} split {info.split}")
+        bottom, tokenizer, _ = load_server_bottom(service, info)
+        download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
+        trainer = SplitTrainer(bottom, tokenizer, service, config, run_privatizer(run, settings),
+                               fresh_noise=noise.fresh_noise, device=device)
+        progress = TrainProgress(**saved[1]["progress"]) if saved is not None else None
+        if saved is not None and saved[1].get("format") != CHECKPOINT_FORMAT:
+            raise InvalidInputError(f"{run.file(CHECKPOINT)} has format {saved[1].get('format')!r}, expected "
+                                    f"{CHECKPOINT_FORMAT}")
+        if saved is not None:
+            tensors, meta = saved
+            if config.train_bottom:
+                bottom.load_state_dict({name[len(_BOTTOM):]: value for name, value in tensors.items()
+                                        if name.startswith(_BOTTOM)})
+                optimizer_from_tensors(trainer.bottom_optimizer, tensors, meta["bottom_optimizer"], _BOTTOM_OPTIMIZER)
+            service.use_session(meta["session_id"], meta["session_secret"])
+            try:
+                service.resume_session(meta["session_id"], progress.step)
+            except (StepOrderError, SessionNotFoundError) as exc:
+                if progress.step == 0:  # nothing to lose: the same seeds give the same run in a new session
+                    log.warning("the server cannot resume the run's session at step 0 (%s): a new session starts",
+                                exc)
+                    saved = None
+                elif isinstance(exc, StepOrderError):
+                    raise StepOrderError(f"the server cannot bring the run's session back to step {progress.step}, "
+                                         f"where the run's checkpoint is: {exc}") from exc
+                else:
+                    raise SessionNotFoundError(f"the server does not know the run's session (was it restarted "
+                                               f"without its --state-dir, or is this another server?): {exc}") from exc
+        if saved is None:  # cut short before its first step: start it again (the same seeds, the same run)
+            trainer.open(len(label_names))
+            checkpoint, progress = _Checkpointer(run, trainer, service), TrainProgress()
+            checkpoint(progress)
+        else:
+            trainer.session_id, trainer.steps = meta["session_id"], progress.step
+            progress.resumed_at.append(progress.step)
+            checkpoint = _Checkpointer(run, trainer, service, bytes_sent=meta["bytes_sent"],
+                                       bytes_received=meta["bytes_received"])
+            checkpoint.step = progress.step
+            log.info("resuming %s at step %d (epoch %d, batch %d)", run_path, progress.step, progress.epoch,
+                     progress.position + 1)
+        try:
+            metrics = trainer.fit(train_data, held, progress=progress, on_checkpoint=checkpoint)
+            adapter_id = service.finish_session(trainer.session_id)
+        except SapError as exc:
+            raise checkpoint.hint(exc) from exc
+        metrics.update(bytes_sent=checkpoint.bytes_sent + service.bytes_sent,
+                       bytes_received=checkpoint.bytes_received + service.bytes_received)
+    return _complete(run, settings, metrics, trainer, info, noise, adapter_id, download_bytes)
+
+
+def _complete(run: RunDir, settings: dict, metrics: dict, trainer: SplitTrainer, info, noise: NoiseConfig,
+              adapter_id: str, download_bytes: int) -> dict:
+    """Write the finished run: the bottom (when it trained), metrics.json, run.json; drop the checkpoint."""
+    config = trainer.config
     if config.train_bottom:
-        save_file({k: v.detach().cpu().contiguous() for k, v in bottom.state_dict().items()}, str(run.file(BOTTOM)))
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainer.bottom.state_dict().items()},
+                  str(run.file(BOTTOM)))
     privatizer = trainer.privatizer
     eta = privatizer.eta if privatizer else None
     metrics.update(split=info.split, total_blocks=info.total_blocks, peft=info.peft, model=info.model_id,
-                   label_names=data.label_names, train_bottom=config.train_bottom,
-                   bottom_download_bytes=download_bytes, wire_dtype=wire_dtype, eta=eta, noise_ratio=noise.noise_ratio, cti=noise.cti,
-                   cti_mode=noise.cti_mode if noise.cti else None,
+                   label_names=settings["label_names"], train_bottom=config.train_bottom,
+                   bottom_download_bytes=download_bytes, wire_dtype=settings["wire_dtype"], eta=eta,
+                   noise_ratio=noise.noise_ratio, cti=noise.cti, cti_mode=noise.cti_mode if noise.cti else None,
                    noise_to_signal=privatizer.noise_to_signal if privatizer else 0.0,
                    noise_observations=("fresh noise every epoch" if noise.fresh_noise else
                                        "one per example" if trainer.reuse_sent else
                                        "one per step (trainable bottom)") if eta else "no noise")
     run.write_json(METRICS, metrics)
-    run.write_json(RUN, {"server": server, "adapter_id": adapter_id, "model": info.model_id, "split": info.split,
-                         "label_names": data.label_names, "text_column": text_column,
-                         "label_column": label_column, "config": asdict(config), "noise": asdict(noise),
-                         "eta": eta, "wire_dtype": wire_dtype, "data": str(data_path), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    run.write_json(RUN, dict(settings, adapter_id=adapter_id, finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
+    run.file(CHECKPOINT).unlink(missing_ok=True)  # it holds the session secret, and the session is closed
     return metrics
 
 
@@ -122,6 +287,9 @@ def _attach(run: RunDir, settings: dict, server: str | None, service_factory=Rem
             device: torch.device | str = "cpu", wire_dtype: str | None = None):
     """Connect, load the bottom (and its fine-tuned weights), reattach to the run's adapter. The wire
     dtype is the run's (float32 for runs from before --wire-dtype) unless wire_dtype overrides it."""
+    if not settings.get("adapter_id"):
+        raise InvalidInputError(f"{run.path} holds a run that has not finished training (no adapter yet): "
+                                f"continue it with `sap-client train --resume {run.path}`")
     wire = wire_dtype_of(wire_dtype or settings.get("wire_dtype", "float32"))
     service = service_factory(server or settings["server"], wire_dtype=wire, credentials=credentials)
     info = service.server_info()

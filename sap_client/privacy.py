@@ -108,6 +108,22 @@ class NoiseConfig:
 CTI_ROWS = ("label", "max")
 
 
+class NoiseTally:
+    """Noise/signal measurements of a batch prepared ahead of time, counted by commit() when it is sent (so the
+    running sums at any step do not depend on how far ahead the preparation ran)."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[Privatizer, tuple[float, float, int]]] = []
+
+    def record(self, owner: Privatizer, measured: tuple[float, float, int]) -> None:
+        self._entries.append((owner, measured))
+
+    def commit(self) -> None:
+        entries, self._entries = self._entries, []
+        for owner, measured in entries:
+            owner.add([measured])
+
+
 class Privatizer:
     """Prepares what leaves the user: padding zeroed, every real token vector perturbed with d_chi noise.
 
@@ -136,12 +152,31 @@ class Privatizer:
         """Measured mean ||noise|| / mean ||hidden|| over every real token sent so far."""
         return self.noise_norm_sum / self.hidden_norm_sum if self.hidden_norm_sum > 0 else 0.0
 
+    def add(self, tally: list[tuple[float, float, int]]) -> None:
+        """Count measured examples: (||noise|| sum, ||hidden|| sum, real tokens) each."""
+        for noise_norm, hidden_norm, tokens in tally:
+            self.noise_norm_sum += noise_norm
+            self.hidden_norm_sum += hidden_norm
+            self.tokens += tokens
+
+    def state(self) -> dict:
+        """The running sums (for a client checkpoint); load_state puts them back."""
+        return {"noise_norm_sum": self.noise_norm_sum, "hidden_norm_sum": self.hidden_norm_sum, "tokens": self.tokens}
+
+    def load_state(self, state: dict) -> None:
+        self.noise_norm_sum = float(state["noise_norm_sum"])
+        self.hidden_norm_sum = float(state["hidden_norm_sum"])
+        self.tokens = int(state["tokens"])
+
     def _seed(self, example_key: bytes) -> int:
         return int.from_bytes(hmac.new(self.key, example_key, hashlib.sha256).digest()[:8], "little")
 
     def __call__(self, hidden: torch.Tensor, attention_mask: torch.Tensor, input_ids: torch.Tensor,
-                 labels: torch.Tensor | None, example_keys: list[bytes]) -> torch.Tensor:
-        """hidden (B, T, H) -> the tensor to send, (B, T, H); padding rows are zeros."""
+                 labels: torch.Tensor | None, example_keys: list[bytes],
+                 tally: NoiseTally | None = None) -> torch.Tensor:
+        """hidden (B, T, H) -> the tensor to send, (B, T, H); padding rows are zeros.
+
+        The noise/signal sums count each example at once, or, with a tally, when tally.commit() runs."""
         mask = attention_mask.to(torch.bool)
         sent = hidden.detach().clone() * mask.unsqueeze(-1).to(hidden.dtype)
         if self.eta is None:
@@ -160,8 +195,11 @@ class Privatizer:
             noise = sample_dchi_noise((len(positions), hidden.shape[-1]), torch.where(exempt, 1.0, eta_b),
                                       generator=generator, dtype=hidden.dtype)
             noise[exempt] = 0.0
-            self.noise_norm_sum += noise.norm(dim=-1).sum().item()
-            self.hidden_norm_sum += hidden[b, positions].norm(dim=-1).sum().item()
-            self.tokens += len(positions)
+            measured = (noise.norm(dim=-1).sum().item(), hidden[b, positions].norm(dim=-1).sum().item(),
+                        len(positions))
+            if tally is None:
+                self.add([measured])
+            else:
+                tally.record(self, measured)
             sent[b, positions] += noise
         return sent

@@ -51,7 +51,8 @@ ERROR_OF_STATUS: dict[grpc.StatusCode, type[SapError]] = {
 # Tried again: the server may not have seen the call (UNAVAILABLE) or its answer was lost (DEADLINE_EXCEEDED).
 # Both are safe for every RPC: Forward and Backward carry step numbers (a repeated Forward of the pending step
 # recomputes it, a repeated Backward of the applied step is answered from its record), a repeated CloseSession
-# gets the first close's reply, and Evaluate, GetServerInfo and DownloadBottom change nothing. A repeated
+# gets the first close's reply, a repeated ResumeSession finds the session at the step the first one brought it
+# to (and accepts), and Evaluate, GetServerInfo and DownloadBottom change nothing. A repeated
 # OpenSession whose first try did reach the server leaves that first session unused (it counts against
 # --max-sessions until the server forgets it).
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -185,7 +186,7 @@ class RemoteTopService:
         reply = self._chunked(self._stub.Backward, request, sap_pb2.BackwardReply, session_id)
         grad_hidden = (codec.decode_tensor(reply.grad_hidden, field="grad_hidden")
                        if reply.HasField("grad_hidden") else None)
-        return BackwardResult(reply.applied_step, reply.replayed, grad_hidden)
+        return BackwardResult(reply.applied_step, reply.replayed, grad_hidden, reply.checkpointed)
 
     def evaluate(self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         request = sap_pb2.EvaluateRequest(session_id=session_id)
@@ -204,6 +205,10 @@ class RemoteTopService:
         adapter_id = self._call(self._stub.CloseSession, request, session_id).adapter_id
         self._secrets.pop(session_id, None)
         return adapter_id
+
+    def resume_session(self, session_id: str, step: int) -> int:
+        request = sap_pb2.ResumeSessionRequest(session_id=session_id, step=step)
+        return self._call(self._stub.ResumeSession, request, session_id).steps_applied
 
     def attach_adapter(self, adapter_id: str) -> tuple[str, int]:
         return self._opened(self._call(self._stub.OpenSession, sap_pb2.OpenSessionRequest(adapter_id=adapter_id)))

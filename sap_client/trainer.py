@@ -16,14 +16,16 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from sap_client.data import TextDataset
-from sap_client.privacy import Privatizer
+from sap_client.privacy import NoiseTally, Privatizer
+from sap_common.checkpoint import seeded_draws
 from sap_common.models.split import BottomModel
 from sap_common.service import SessionSpec, TopService
 
 log = logging.getLogger(__name__)
 
-# What the client sends for one batch: (hidden with graph or None, sent (B, T, H), mask (B, T)).
-Outgoing = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]
+# What the client sends for one batch: (hidden with graph or None, sent (B, T, H), mask (B, T), the privatizer's
+# measurements of the batch, counted when it is sent (None: nothing new was noised)).
+Outgoing = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, NoiseTally | None]
 
 
 @dataclass
@@ -46,6 +48,22 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class TrainProgress:
+    """Where a run stands after `step`: what the client checkpoints (with its bottom, when that trains) and what
+    SplitTrainer.fit continues from. The data order is replayed from the seeded generator, so (epoch,
+    position) is all it takes to find the next batch."""
+
+    step: int = 0  # optimizer steps applied on both sides
+    epoch: int = 1  # the epoch under way (1-based)
+    position: int = 0  # batches of that epoch done
+    losses: list[float] = field(default_factory=list)  # the batch losses of that epoch so far
+    history: list[dict] = field(default_factory=list)  # one entry per finished epoch
+    seconds: float = 0.0  # training time spent so far, in every process of the run
+    privatizer: dict | None = None  # Privatizer.state(): its running noise/signal sums
+    resumed_at: list[int] = field(default_factory=list)  # steps the run was resumed at
 
 
 @dataclass
@@ -156,6 +174,7 @@ class SplitTrainer:
         self.fresh_noise = fresh_noise
         self.session_id: str | None = None
         self.steps = 0
+        self.last_checkpointed = False
         self.bottom.requires_grad_(config.train_bottom)
         self.bottom_optimizer = (torch.optim.AdamW(self.bottom.parameters(), lr=config.learning_rate,
                                                    weight_decay=config.weight_decay)
@@ -181,14 +200,17 @@ class SplitTrainer:
                                return_tensors="pt")
         return batch["input_ids"], batch["attention_mask"]
 
-    def _outgoing(self, texts: list[str], labels: torch.Tensor | None, *, train: bool,
-                  epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _outgoing(self, texts: list[str], labels: torch.Tensor | None, *, train: bool, epoch: int = 0,
+                  tally: NoiseTally | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(hidden with graph, the tensor that is sent, mask). Padding is sent as zeros, never as
-        bottom outputs: at k >= 1 those mix in the real tokens."""
+        bottom outputs: at k >= 1 those mix in the real tokens. tally: see Privatizer.__call__."""
         input_ids, mask = self.encode(texts)
         if train and self.config.train_bottom:
             self.bottom.train()
-            hidden = self.bottom(input_ids, mask)  # (B, T, H)
+            # Dropout of a trainable bottom draws from (seed, step) alone (sap_common.checkpoint.seeded_draws), so
+            # a resumed run recomputes a step exactly. The bottom trains without prefetch: this is step steps + 1.
+            with seeded_draws(self.config.seed, self.steps + 1, self.device, purpose="bottom-dropout"):
+                hidden = self.bottom(input_ids, mask)  # (B, T, H)
         else:
             self.bottom.eval()
             with torch.no_grad():
@@ -198,7 +220,7 @@ class SplitTrainer:
         else:
             tag = f"\0epoch={epoch}" if train and self.fresh_noise else ""
             keys = [(text + tag).encode() for text in texts]
-            sent = self.privatizer(hidden, mask, input_ids, labels, keys)
+            sent = self.privatizer(hidden, mask, input_ids, labels, keys, tally=tally)
         return hidden, sent, mask
 
     def _cached(self, ids: list[int] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -214,16 +236,18 @@ class SplitTrainer:
         """The batch as it will be sent: from the sent cache, or computed (and cached) now."""
         cached = self._cached(ids)
         if cached is not None:
-            return None, *cached
-        hidden, sent, mask = self._outgoing(texts, labels, train=True, epoch=epoch)
+            return None, *cached, None
+        tally = NoiseTally() if self.privatizer is not None else None
+        hidden, sent, mask = self._outgoing(texts, labels, train=True, epoch=epoch, tally=tally)
         if self.reuse_sent and ids is not None:
             for row, i in enumerate(ids):
                 self._sent_cache[i] = sent[row, : int(mask[row].sum())].clone()
-        return hidden, sent, mask
+        return hidden, sent, mask, tally
 
     def _exchange(self, outgoing: Outgoing, labels: torch.Tensor) -> float:
-        """Forward and Backward of one prepared batch (and the bottom's step when it trains); the loss."""
-        hidden, sent, mask = outgoing
+        """Forward and Backward of one prepared batch (and the bottom's step when it trains); the loss.
+        self.last_checkpointed says whether the provider checkpointed the session at this step."""
+        hidden, sent, mask, tally = outgoing
         step = self.steps + 1
         logits = self.service.forward(self.session_id, step, sent, mask).requires_grad_(True)  # (B, C)
         loss = F.cross_entropy(logits, labels)
@@ -236,6 +260,9 @@ class SplitTrainer:
             hidden.backward(result.grad_hidden.to(hidden.dtype))
             self.bottom_optimizer.step()
         self.steps = result.applied_step
+        self.last_checkpointed = result.checkpointed
+        if tally is not None:
+            tally.commit()
         return loss.item()
 
     def step(self, texts: list[str], labels: torch.Tensor, *, ids: list[int] | None = None, epoch: int = 1) -> float:
@@ -254,8 +281,9 @@ class SplitTrainer:
             yield from prefetched
 
     def train_batches(self, data: TextDataset, batches: list[list[int]], *, description: str = "train",
-                      epoch: int = 1) -> list[float]:
-        """One optimizer step per batch of example indices into data, in order; the batch losses."""
+                      epoch: int = 1, on_step: Callable[[float, bool], None] | None = None) -> list[float]:
+        """One optimizer step per batch of example indices into data, in order; the batch losses.
+        on_step(loss, checkpointed) runs after each step, before the next one is sent."""
         losses = []
         # closing(): leaving the loop early (an RPC error) stops and joins the prefetch thread at once.
         with closing(self._prepared(data, batches, epoch)) as prepared, \
@@ -263,6 +291,8 @@ class SplitTrainer:
             for batch, outgoing in zip(batches, prepared):
                 loss = self._exchange(outgoing, _labels(data, batch))
                 losses.append(loss)
+                if on_step is not None:
+                    on_step(loss, self.last_checkpointed)
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.4f}")
         return losses
@@ -271,9 +301,7 @@ class SplitTrainer:
                     epoch: int = 1) -> float:
         """One pass in a seeded random order; returns the mean batch loss."""
         order = torch.randperm(len(data), generator=generator).tolist()
-        size = self.config.batch_size
-        batches = [order[start:start + size] for start in range(0, len(order), size)]
-        losses = self.train_batches(data, batches, description=description, epoch=epoch)
+        losses = self.train_batches(data, self._batches(order), description=description, epoch=epoch)
         return sum(losses) / len(losses)
 
     def predict(self, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
@@ -291,20 +319,64 @@ class SplitTrainer:
         correct = sum(int(p == y) for p, y in zip(predictions, data.labels))
         return EvalResult(correct / len(data), predictions, probabilities)
 
-    def fit(self, train: TextDataset, eval_data: TextDataset) -> dict:
-        """Train for config.epochs, evaluating after each; returns the run's metrics."""
+    def _batches(self, order: list[int]) -> list[list[int]]:
+        size = self.config.batch_size
+        return [order[start:start + size] for start in range(0, len(order), size)]
+
+    def _rebuild_sent_cache(self, data: TextDataset, progress: TrainProgress) -> None:
+        """Resuming with one observation per example: fill the sent cache as the interrupted run had it (every
+        example of the epoch-1 batches already done, computed in those same batches, so the tensors are
+        bit-identical; nothing is sent). The privatizer's sums are restored from the checkpoint afterwards."""
+        if not self.reuse_sent or (progress.epoch == 1 and progress.position == 0):
+            return
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.config.seed)).tolist()
+        batches = self._batches(order)
+        done = batches[:progress.position] if progress.epoch == 1 else batches
+        for batch in done:  # the measurements are dropped: the checkpoint's sums already count these batches
+            self._prepare([data.texts[i] for i in batch], _labels(data, batch), batch, 1)
+        log.info("rebuilt the sent cache of %d examples (one observation per example)", len(self._sent_cache))
+
+    def fit(self, train: TextDataset, eval_data: TextDataset, *, progress: TrainProgress | None = None,
+            on_checkpoint: Callable[[TrainProgress], None] | None = None) -> dict:
+        """Train for config.epochs, evaluating after each; returns the run's metrics.
+
+        progress (from the client's checkpoint) continues a run where it stood: the data order is replayed,
+        the steps done are skipped. on_checkpoint(progress) runs whenever the provider says it checkpointed
+        the session at a step, before the next step is sent (so the provider is never more than one
+        checkpoint ahead of the client's latest)."""
         if self.session_id is None:
             self.open(len(train.label_names))
+        progress = progress if progress is not None else TrainProgress()
+        if progress.step != self.steps:
+            raise ValueError(f"progress is at step {progress.step} but the trainer at step {self.steps}")
+        self._rebuild_sent_cache(train, progress)
+        if self.privatizer is not None and progress.privatizer is not None:
+            self.privatizer.load_state(progress.privatizer)
         generator = torch.Generator().manual_seed(self.config.seed)
-        started = time.perf_counter()
-        history = []
+        started, before = time.perf_counter(), progress.seconds
+
+        def on_step(loss: float, checkpointed: bool) -> None:
+            progress.step, progress.position = self.steps, progress.position + 1
+            progress.losses.append(loss)
+            if checkpointed and on_checkpoint is not None:
+                progress.seconds = before + time.perf_counter() - started
+                progress.privatizer = self.privatizer.state() if self.privatizer is not None else None
+                on_checkpoint(progress)
+
         for epoch in range(1, self.config.epochs + 1):
-            loss = self.train_epoch(train, generator, description=f"epoch {epoch}/{self.config.epochs}",
-                                    epoch=epoch)
+            order = torch.randperm(len(train), generator=generator).tolist()  # drawn for every epoch: replayed
+            if epoch < progress.epoch:
+                continue
+            batches = self._batches(order)
+            self.train_batches(train, batches[progress.position:], description=f"epoch {epoch}/{self.config.epochs}",
+                               epoch=epoch, on_step=on_step)
+            loss = sum(progress.losses) / len(progress.losses)
             accuracy = self.evaluate(eval_data).accuracy
-            history.append({"epoch": epoch, "train_loss": loss, "eval_accuracy": accuracy})
+            progress.history.append({"epoch": epoch, "train_loss": loss, "eval_accuracy": accuracy})
+            progress.epoch, progress.position, progress.losses = epoch + 1, 0, []
             log.info("epoch %d/%d: train loss %.4f, eval accuracy %.4f", epoch, self.config.epochs, loss, accuracy)
-        seconds = time.perf_counter() - started
+        seconds = before + time.perf_counter() - started
+        history = progress.history
         examples = len(train) * self.config.epochs
         return {
             "eval_accuracy": history[-1]["eval_accuracy"],
@@ -317,6 +389,7 @@ class SplitTrainer:
             "seconds": seconds,
             "examples_per_second": examples / seconds if seconds > 0 else 0.0,
             "history": history,
+            "resumed_at_steps": list(progress.resumed_at),
         }
 
     @torch.no_grad()

@@ -56,6 +56,9 @@ class BackwardResult:
     applied_step: int
     replayed: bool
     grad_hidden: torch.Tensor | None  # (B, T, H) when the session trains the bottom
+    # The provider checkpointed the session at applied_step before answering: the client checkpoints its own
+    # side before it sends the next step (see sap.proto, BackwardReply.checkpointed).
+    checkpointed: bool = False
 
 
 class TopService(Protocol):
@@ -83,6 +86,10 @@ class TopService(Protocol):
 
     def close_session(self, session_id: str) -> int:
         """Close the session; returns the number of optimizer steps it applied."""
+
+    def resume_session(self, session_id: str, step: int) -> int:
+        """Bring the session back to `step` (a provider checkpoint, or the live state when it is exactly there);
+        returns the step. A provider without that step refuses (StepOrderError naming the steps it has)."""
 
     def finish_session(self, session_id: str) -> str:
         """Close the session keeping its trained adapter on the provider; returns the adapter id."""

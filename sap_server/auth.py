@@ -1,8 +1,8 @@
 """Who may call: session secrets, provider API keys and the server's TLS files (no gRPC here).
 
 - Every session has a random secret, returned once by OpenSession; each later call of the session carries
-  it and is checked in constant time (hmac.compare_digest). It lives in the session object (TopTrainer),
-  so it can be saved and restored with the rest of the session's state.
+  it and is checked in constant time (hmac.compare_digest of SHA-256 digests). The server keeps only the
+  digest (in the session object, TopTrainer, and in its checkpoints under --state-dir), never the secret.
 - With `sap-server --api-keys FILE`, opening a session (and fetching the server's info and bottom) needs
   `authorization: Bearer KEY` with one of the file's keys. Keys are kept only as SHA-256 digests and a
   presented key is compared with every one of them, so the time taken says nothing about which key (or
@@ -28,6 +28,11 @@ def new_session_secret() -> str:
     return secrets.token_hex(SECRET_BYTES)
 
 
+def secret_digest(secret: str) -> bytes:
+    """What the server keeps of a session secret: its SHA-256 digest."""
+    return hashlib.sha256(secret.encode()).digest()
+
+
 def require_secret(presented: str | None) -> str:
     """The presented secret, or AuthenticationError when the call carries none (checked before any lookup,
     so a call without a secret learns nothing, not even whether its session id exists)."""
@@ -37,12 +42,12 @@ def require_secret(presented: str | None) -> str:
     return presented
 
 
-def check_session_secret(expected: str, presented: str | None, session_id: str) -> None:
-    """Raise unless presented is the session's secret (constant time in the secret's content).
+def check_session_secret(expected_digest: bytes, presented: str | None, session_id: str) -> None:
+    """Raise unless presented is the secret whose SHA-256 digest is expected_digest (constant time).
 
     The message names only what the caller sent (a prefix of its own session id), nothing of other sessions.
     """
-    if not hmac.compare_digest(expected.encode(), require_secret(presented).encode()):
+    if not hmac.compare_digest(expected_digest, secret_digest(require_secret(presented))):
         raise PermissionDeniedError(f"the session secret does not match session {session_id[:8]!r}…")
 
 

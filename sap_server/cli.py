@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from sap_common.devices import DEVICE_CHOICES, DTYPES, device_arg, dtype_arg, re
 from sap_common.errors import SapError
 from sap_common.models.registry import ALIASES, DEFAULT_MODEL
 from sap_server.peft import PEFT_METHODS, PeftConfig
-from sap_server.trainer import DEFAULT_MAX_BATCH_TOKENS
+from sap_server.trainer import DEFAULT_CHECKPOINT_EVERY, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BATCH_TOKENS
 
 log = logging.getLogger("sap_server")
 
@@ -49,13 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the top's weights, PEFT parameters and head (default $SAP_DTYPE or float32); "
                              "users' bottoms stay float32 and logits go back as float32")
     parser.add_argument("--state-dir", type=Path, default=os.environ.get("SAP_STATE_DIR") or None,
-                        help="folder where kept adapters are stored, so users can reattach for prediction "
-                             "after a server restart (default $SAP_STATE_DIR; without it adapters live in memory)")
+                        help="folder for what must survive a restart (default $SAP_STATE_DIR; without it, memory "
+                             "only): kept adapters (DIR/adapters), so users can reattach for prediction, and "
+                             "session checkpoints (DIR/sessions): a server killed even with SIGKILL and started "
+                             "again with the same DIR knows every checkpointed session and loads it on its first "
+                             "call, so `sap-client train --resume RUN_DIR` can continue the run")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N",
+                        default=env("SAP_CHECKPOINT_EVERY", DEFAULT_CHECKPOINT_EVERY),
+                        help="with --state-dir: checkpoint each session (trainable weights, optimizer state, step) "
+                             "every N steps, before replying, and when it opens, is unloaded or closes; the two "
+                             "latest per session are kept "
+                             f"(default $SAP_CHECKPOINT_EVERY or {DEFAULT_CHECKPOINT_EVERY})")
+    parser.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                        default=env("SAP_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
+                        help="a session without a call for this long leaves memory: with --state-dir it is "
+                             "checkpointed and unloaded (its next call loads it again), without --state-dir it is "
+                             "closed (its next call gets NOT_FOUND); 0 = never "
+                             f"(default $SAP_IDLE_TIMEOUT or {DEFAULT_IDLE_TIMEOUT:g})")
     parser.add_argument("--record", type=Path, metavar="DIR",
                         help="write every received hidden-state tensor and mask to DIR: the curious provider's "
                              "view, for `sap-client audit --recorded DIR` (off by default; never use it on "
                              "users who have not agreed to it)")
-    parser.add_argument("--max-sessions", type=int, default=16, help="most sessions held at once (default 16)")
+    parser.add_argument("--max-sessions", type=int, default=16,
+                        help="most sessions held in memory at once (default 16); sessions unloaded for idleness "
+                             "or kept on disk by a restarted server do not count until they are loaded again")
     parser.add_argument("--max-batch-tokens", type=int, metavar="N",
                         default=env("SAP_MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS),
                         help="most batch x length one Forward/Evaluate may carry; larger requests get "
@@ -86,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.split < 0:
         parser.error(f"--split must be >= 0, got {args.split}")
     for flag, value in (("--max-sessions", args.max_sessions), ("--workers", args.workers),
-                        ("--max-batch-tokens", args.max_batch_tokens)):
+                        ("--max-batch-tokens", args.max_batch_tokens), ("--checkpoint-every", args.checkpoint_every)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
+    if not (args.idle_timeout >= 0 and math.isfinite(args.idle_timeout)):
+        parser.error(f"--idle-timeout must be a number of seconds >= 0 (0 = never), got {args.idle_timeout}")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together (the certificate and its private key)")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -116,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         provider = Provider.load(args.model, args.split, peft, dtype=DTYPES[args.dtype], device=device,
                                  max_sessions=args.max_sessions, state_dir=args.state_dir, record_dir=args.record,
-                                 max_batch_tokens=args.max_batch_tokens)
+                                 max_batch_tokens=args.max_batch_tokens, checkpoint_every=args.checkpoint_every,
+                                 idle_timeout=args.idle_timeout)
         server, port = start_server(provider, args.host, args.port, workers=args.workers, api_keys=api_keys,
                                     tls=tls)
     except (SapError, OSError, RuntimeError) as exc:  # RuntimeError: gRPC refusing the TLS files
@@ -127,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
              info.split, info.total_blocks, info.peft, device, args.dtype)
     log.info("security: %s; %s", ("mutual TLS" if tls.mutual else "TLS") if tls else "no TLS",
              f"{len(api_keys)} API keys" if api_keys else "no API keys (anyone who reaches the port may open sessions)")
+    if args.state_dir is not None:
+        log.info("state dir %s: sessions checkpointed every %d steps; idle sessions unloaded after %g s",
+                 args.state_dir, args.checkpoint_every, args.idle_timeout)
+    elif args.idle_timeout:
+        log.info("no --state-dir: sessions are not checkpointed, and a session idle for %g s is closed",
+                 args.idle_timeout)
     if tls is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without TLS: hidden states and session secrets travel in the clear; "
                     "use --tls-cert/--tls-key, a private network or an SSH tunnel", args.host)
@@ -134,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         ready = f"sap-server listening on {args.host}:{port}"
         serve_until_signal(server, on_ready=lambda: print(ready, flush=True))
     finally:
+        provider.sessions.stop_reaper()
+        if args.state_dir is not None:  # a graceful stop: every session continues where it stood after a restart
+            log.info("checkpointed %d sessions", provider.sessions.checkpoint_loaded())
         provider.close()
     log.info("stopped")
     return 0

@@ -30,35 +30,34 @@ class LocalTopService:
             shutil.copyfile(self.provider.bundle_dir / relative, target)
 
     def open_session(self, spec: SessionSpec) -> str:
-        session_id, _ = self.provider.sessions.open(spec)
+        session_id, _, _ = self.provider.sessions.open(spec)
         return session_id
 
     def forward(self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        trainer = self.provider.sessions.get(session_id)
-        with trainer.lock:
+        with self.provider.sessions.use(session_id, None, check=False) as trainer:
             # detach+clone: the provider must never share a graph or storage with the user's tensors
             return trainer.forward(step, hidden.detach().clone(), attention_mask.detach().clone())
 
     def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult:
-        trainer = self.provider.sessions.get(session_id)
-        with trainer.lock:
+        with self.provider.sessions.use(session_id, None, check=False) as trainer:
             return trainer.backward(step, grad_logits.detach().clone())
 
     def evaluate(self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        trainer = self.provider.sessions.get(session_id)
-        with trainer.lock:
+        with self.provider.sessions.use(session_id, None, check=False) as trainer:
             return trainer.evaluate(hidden.detach().clone(), attention_mask.detach().clone())
 
     def close_session(self, session_id: str) -> int:
-        return self.provider.sessions.close(session_id)
+        return self.provider.close_session(session_id, None, keep=False, check=False).steps_applied
 
     def finish_session(self, session_id: str) -> str:
-        adapter_id = self.provider.keep_adapter(session_id)
-        self.provider.sessions.close(session_id, adapter_id=adapter_id)
-        return adapter_id
+        return self.provider.close_session(session_id, None, keep=True, check=False).adapter_id
+
+    def resume_session(self, session_id: str, step: int) -> int:
+        self.provider.sessions.resume(session_id, None, step, check=False)
+        return step
 
     def attach_adapter(self, adapter_id: str) -> tuple[str, int]:
-        session_id, trainer = self.provider.attach_adapter(adapter_id)
+        session_id, trainer, _ = self.provider.attach_adapter(adapter_id)
         return session_id, trainer.num_labels
 
     def session_secret(self, session_id: str) -> str | None:

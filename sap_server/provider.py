@@ -19,9 +19,10 @@ from sap_common.models.split import TopModel, split_base
 from sap_common.recording import Recorder
 from sap_common.service import ServerInfo, SessionSpec
 from sap_server.adapters import AdapterRecord, AdapterStore
+from sap_server.checkpoints import ClosedSession, SessionStore
 from sap_server.peft import PeftConfig
 from sap_server.sessions import SessionManager
-from sap_server.trainer import DEFAULT_MAX_BATCH_TOKENS, TopTrainer
+from sap_server.trainer import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_BATCH_TOKENS, TopTrainer
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,16 @@ class Provider:
                     bundle_dir: Path | None = None, state_dir: Path | None = None,
                     record_dir: Path | None = None, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None,
-                    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> Provider:
+                    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+                    idle_timeout: float | None = None) -> Provider:
         """Cut the loaded model at `split`, write the bottom bundle users download, then place the top
         on `device` in `dtype` (default: the loaded dtype). The bundle is written before the move, so
-        users get the bottom in the dtype it was loaded in, whatever the top runs in."""
+        users get the bottom in the dtype it was loaded in, whatever the top runs in.
+
+        state_dir keeps adapters (state_dir/adapters) and session checkpoints (state_dir/sessions, every
+        checkpoint_every steps); idle_timeout (seconds; None or 0: never) starts the idle reaper, which
+        checkpoints and unloads idle sessions (closes them without a state_dir)."""
         base = loaded.base
         total = base.config.num_hidden_layers
         bottom, top = split_base(base, split)
@@ -60,37 +67,46 @@ class Provider:
         if recorder is not None:
             log.warning("recording every received hidden state to %s (--record: the curious provider's view)",
                         record_dir)
+        store = (SessionStore(state_dir, {"model_id": info.model_id, "split": split, "peft": asdict(peft)})
+                 if state_dir is not None else None)
         sessions = SessionManager(top, base, peft, max_sessions=max_sessions, recorder=recorder,
-                                  max_batch_tokens=max_batch_tokens)
+                                  max_batch_tokens=max_batch_tokens, store=store, checkpoint_every=checkpoint_every)
+        if idle_timeout:
+            sessions.start_reaper(idle_timeout)
         return cls(info=info, sessions=sessions, bundle_dir=bundle_dir, adapters=AdapterStore(state_dir),
                    _owns_bundle_dir=owns)
 
     @classmethod
     def load(cls, model: str, split: int, peft: PeftConfig, *, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", max_sessions: int = 16, state_dir: Path | None = None,
-             record_dir: Path | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> Provider:
+             record_dir: Path | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+             checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, idle_timeout: float | None = None) -> Provider:
         """Load in float32 (the users' bottom stays float32), then put the top on device in dtype."""
         loaded = load_model(model, dtype=torch.float32)
         log.info("loaded %s: %s, %d blocks, hidden %d; top on %s in %s", loaded.model_id,
                  loaded.base.config.model_type, loaded.base.config.num_hidden_layers,
                  loaded.base.config.hidden_size, device, str(dtype).removeprefix("torch."))
         return cls.from_loaded(loaded, split, peft, max_sessions=max_sessions, state_dir=state_dir,
-                               record_dir=record_dir, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens)
+                               record_dir=record_dir, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens,
+                               checkpoint_every=checkpoint_every, idle_timeout=idle_timeout)
 
-    def keep_adapter(self, session_id: str) -> str:
-        """Store the session's trained weights under a new random id (disk too, with a state dir)."""
-        trainer = self.sessions.get(session_id)
-        with trainer.lock:
-            record = AdapterRecord(adapter_id=secrets.token_hex(16), model_id=self.info.model_id,
-                                   split=self.info.split, peft=asdict(self.sessions.peft),
-                                   num_labels=trainer.num_labels, seed=trainer.seed,
-                                   steps_applied=trainer.steps_applied, state=trainer.trainable_state())
+    def keep_adapter(self, trainer: TopTrainer) -> str:
+        """Store the session's trained weights under a new random id (disk too, with a state dir); the caller
+        holds trainer.lock."""
+        record = AdapterRecord(adapter_id=secrets.token_hex(16), model_id=self.info.model_id,
+                               split=self.info.split, peft=asdict(self.sessions.peft),
+                               num_labels=trainer.num_labels, seed=trainer.seed,
+                               steps_applied=trainer.steps_applied, state=trainer.trainable_state())
         self.adapters.put(record)
         log.info("adapter %s… kept (%d steps)", record.adapter_id[:8], record.steps_applied)
         return record.adapter_id
 
+    def close_session(self, session_id: str, secret: str | None, *, keep: bool, check: bool = True) -> ClosedSession:
+        """Close a session (authenticated when check), keeping its adapter when keep."""
+        return self.sessions.close(session_id, secret, check=check, keep=self.keep_adapter if keep else None)
+
     def attach_adapter(self, adapter_id: str, *, learning_rate: float = 5e-4,
-                       weight_decay: float = 0.0) -> tuple[str, TopTrainer]:
+                       weight_decay: float = 0.0) -> tuple[str, TopTrainer, str]:
         """A new session starting from a stored adapter (to predict, or to train on)."""
         record = self.adapters.get(adapter_id)
         expected = (self.info.model_id, self.info.split, asdict(self.sessions.peft))
@@ -106,6 +122,7 @@ class Provider:
         return self.sessions.open(spec, state=record.state, steps_applied=record.steps_applied)
 
     def close(self) -> None:
+        self.sessions.stop_reaper()
         if self._owns_bundle_dir:
             shutil.rmtree(self.bundle_dir, ignore_errors=True)
 

@@ -106,7 +106,8 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     """Authentication first, then validation, then the session: a refused call changes nothing.
 
     - GetServerInfo, DownloadBottom, OpenSession: the API key when the server has keys.
-    - Forward, Backward, Evaluate, CloseSession: the session's secret (metadata sap-session-secret).
+    - Forward, Backward, Evaluate, CloseSession, ResumeSession: the session's secret (metadata
+      sap-session-secret).
       No secret: UNAUTHENTICATED before the stream is even read; unknown or closed session: NOT_FOUND;
       a wrong secret: PERMISSION_DENIED.
     """
@@ -140,35 +141,37 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     def OpenSession(self, request, context):
         self._check_api_key(context)
         if request.adapter_id:
-            session_id, trainer = self.provider.attach_adapter(
+            session_id, trainer, secret = self.provider.attach_adapter(
                 request.adapter_id, learning_rate=request.learning_rate or 5e-4, weight_decay=request.weight_decay)
         else:
-            session_id, trainer = self.provider.sessions.open(codec.spec_from_proto(request))
+            session_id, trainer, secret = self.provider.sessions.open(codec.spec_from_proto(request))
         return sap_pb2.OpenSessionReply(session_id=session_id, trainable_parameters=trainer.trainable_parameters,
                                         num_labels=trainer.num_labels, steps_applied=trainer.steps_applied,
-                                        session_secret=trainer.secret)
+                                        session_secret=secret)
 
     @_rpc
     def CloseSession(self, request, context):
         sessions, secret = self.provider.sessions, _metadata(context, SESSION_SECRET_METADATA)
         closed = sessions.closed(request.session_id, secret)
-        if closed is not None:  # a retried close (its owner's secret): the first close's reply again
-            if request.keep and not closed.adapter_id:
-                raise SessionNotFoundError(f"session {request.session_id[:8]!r}… was closed without keeping "
-                                           f"its adapter")
-            return sap_pb2.CloseSessionReply(steps_applied=closed.steps_applied, adapter_id=closed.adapter_id)
-        sessions.authenticate(request.session_id, secret)
-        adapter_id = self.provider.keep_adapter(request.session_id) if request.keep else ""
-        return sap_pb2.CloseSessionReply(steps_applied=sessions.close(request.session_id, adapter_id=adapter_id),
-                                         adapter_id=adapter_id)
+        if closed is None:
+            closed = self.provider.close_session(request.session_id, secret, keep=request.keep)
+        elif request.keep and not closed.adapter_id:  # a retried close (its owner's secret)
+            raise SessionNotFoundError(f"session {request.session_id[:8]!r}… was closed without keeping its adapter")
+        # a retried close gets the first close's reply again
+        return sap_pb2.CloseSessionReply(steps_applied=closed.steps_applied, adapter_id=closed.adapter_id)
+
+    @_rpc
+    def ResumeSession(self, request, context):
+        secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
+        trainer = self.provider.sessions.resume(request.session_id, secret, request.step)
+        return sap_pb2.ResumeSessionReply(steps_applied=request.step, num_labels=trainer.num_labels)
 
     @_streaming_rpc
     def Forward(self, request_iterator, context):
         secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))  # before reading the stream
         request = codec.from_chunks(request_iterator, sap_pb2.ForwardRequest, max_bytes=self.max_request_bytes)
-        trainer = self.provider.sessions.authenticate(request.session_id, secret)
-        hidden, mask = self._decode_inputs(request)
-        with trainer.lock:
+        with self.provider.sessions.use(request.session_id, secret) as trainer:
+            hidden, mask = self._decode_inputs(request)
             logits = trainer.forward(request.step, hidden, mask)
         return sap_pb2.ForwardReply(step=request.step, logits=codec.encode_tensor(logits))
 
@@ -176,11 +179,11 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     def Backward(self, request_iterator, context):
         secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
         request = codec.from_chunks(request_iterator, sap_pb2.BackwardRequest, max_bytes=self.max_request_bytes)
-        trainer = self.provider.sessions.authenticate(request.session_id, secret)
-        grad = codec.decode_tensor(request.grad_logits, field="grad_logits", allowed=_FLOATS)
-        with trainer.lock:
-            result = trainer.backward(request.step, grad)
-        reply = sap_pb2.BackwardReply(applied_step=result.applied_step, replayed=result.replayed)
+        with self.provider.sessions.use(request.session_id, secret) as trainer:
+            grad = codec.decode_tensor(request.grad_logits, field="grad_logits", allowed=_FLOATS)
+            result = trainer.backward(request.step, grad)  # checkpointed (--state-dir) before this reply
+        reply = sap_pb2.BackwardReply(applied_step=result.applied_step, replayed=result.replayed,
+                                      checkpointed=result.checkpointed)
         if result.grad_hidden is not None:
             reply.grad_hidden.CopyFrom(codec.encode_tensor(result.grad_hidden))
         return reply
@@ -189,9 +192,8 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     def Evaluate(self, request_iterator, context):
         secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
         request = codec.from_chunks(request_iterator, sap_pb2.EvaluateRequest, max_bytes=self.max_request_bytes)
-        trainer = self.provider.sessions.authenticate(request.session_id, secret)
-        hidden, mask = self._decode_inputs(request)
-        with trainer.lock:
+        with self.provider.sessions.use(request.session_id, secret) as trainer:
+            hidden, mask = self._decode_inputs(request)
             logits = trainer.evaluate(hidden, mask)
         return sap_pb2.ForwardReply(step=0, logits=codec.encode_tensor(logits))
 
@@ -238,6 +240,9 @@ def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
         "CloseSession": grpc.unary_unary_rpc_method_handler(
             servicer.CloseSession, request_deserializer=codec.lenient_parser(pb.CloseSessionRequest),
             response_serializer=pb.CloseSessionReply.SerializeToString),
+        "ResumeSession": grpc.unary_unary_rpc_method_handler(
+            servicer.ResumeSession, request_deserializer=codec.lenient_parser(pb.ResumeSessionRequest),
+            response_serializer=pb.ResumeSessionReply.SerializeToString),
     }
     for name in ("Forward", "Backward", "Evaluate"):
         handlers[name] = grpc.stream_stream_rpc_method_handler(

@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
+from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors, seeded_draws
 from sap_common.errors import InvalidInputError, ModelLoadError, ResourceLimitError, StepOrderError
 from sap_common.models.split import TopModel
 from sap_common.recording import Recorder
-from sap_common.service import BackwardResult
+from sap_common.service import BackwardResult, SessionSpec
 
 DEFAULT_MAX_BATCH_TOKENS = 65536  # most batch x length one Forward/Evaluate may carry (sap-server --max-batch-tokens)
+DEFAULT_CHECKPOINT_EVERY = 20  # sap-server --checkpoint-every (steps)
+DEFAULT_IDLE_TIMEOUT = 1800.0  # sap-server --idle-timeout (seconds)
+
+
+@dataclass
+class SessionSnapshot:
+    """Everything that restores a session at steps_applied (a pending forward is not part of it)."""
+
+    spec: SessionSpec
+    steps_applied: int
+    secret_digest: bytes = field(repr=False)
+    weights: dict[str, torch.Tensor] = field(repr=False)  # trainable parameters (PEFT + head), by name
+    optimizer: tuple[dict[str, torch.Tensor], dict] = field(repr=False)  # sap_common.checkpoint format
+    last_reply: BackwardResult | None = field(repr=False)  # the reply of steps_applied, for a retried Backward
+    announced: bool = False  # the client was told (BackwardReply.checkpointed) or it is the session's opening
+
+
+OPTIMIZER_PREFIX = "optimizer/"
 
 
 @dataclass
@@ -27,21 +48,31 @@ class TopTrainer:
 
     def __init__(self, top: TopModel, *, learning_rate: float, weight_decay: float, train_bottom: bool,
                  num_labels: int = 0, seed: int = 0, recorder: Recorder | None = None,
-                 session_id: str = "", secret: str = "", max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+                 session_id: str = "", secret_digest: bytes = b"", max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 checkpoint_every: int = 0, on_checkpoint: Callable[[TopTrainer], bool] | None = None):
         self.top = top
         self.recorder = recorder  # sap-server --record: keep what arrives, as a curious provider would
         self.session_id = session_id
-        # Every call of the session over the wire must carry it (checked by SessionManager.authenticate);
-        # kept here, with the rest of the session's state, so it can be saved and restored with it.
-        self.secret = secret
+        # SHA-256 of the secret every call of the session over the wire must carry (checked by
+        # SessionManager); kept here, with the rest of the session's state, so it is saved and restored with it.
+        self.secret_digest = secret_digest
         self.max_batch_tokens = max_batch_tokens
         self.num_labels = num_labels
         self.seed = seed
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
         self.train_bottom = train_bottom
         self.parameters = [p for p in top.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, weight_decay=weight_decay)
         self.steps_applied = 0
+        # With sap-server --state-dir: after applying a step that is a multiple of checkpoint_every,
+        # on_checkpoint(self) saves the session before the reply goes out (True when it was written).
+        self.checkpoint_every = checkpoint_every
+        self.on_checkpoint = on_checkpoint
+        self.saved_step: int | None = None  # the step of the last checkpoint written or loaded (None: none)
         self.lock = threading.Lock()
+        self.last_used = time.monotonic()  # for the idle reaper (SessionManager.unload_idle)
+        self.unloaded = False  # set (under lock) when the session left memory: callers look it up again
         self._pending: _Pending | None = None
         self._last_reply: BackwardResult | None = None
         self._param = next(top.parameters())
@@ -69,6 +100,32 @@ class TopTrainer:
                 param.copy_(state[name])
         self.steps_applied = steps_applied
 
+    @property
+    def spec(self) -> SessionSpec:
+        return SessionSpec(num_labels=self.num_labels, learning_rate=self.learning_rate, seed=self.seed,
+                           train_bottom=self.train_bottom, weight_decay=self.weight_decay)
+
+    def snapshot(self, *, announced: bool = False) -> SessionSnapshot:
+        """The session's state now (call with self.lock held): the weights as CPU copies, the optimizer state as
+        the live tensors, so write the snapshot out before the next step."""
+        return SessionSnapshot(spec=self.spec, steps_applied=self.steps_applied, secret_digest=self.secret_digest,
+                               weights=self.trainable_state(),
+                               optimizer=optimizer_to_tensors(self.optimizer, OPTIMIZER_PREFIX),
+                               last_reply=self._last_reply, announced=announced)
+
+    def restore(self, snapshot: SessionSnapshot) -> None:
+        """Put the session back into the snapshot's state: weights, AdamW state, step, the last reply (so a
+        retried Backward of that step is replayed); a pending forward is dropped (call with self.lock held)."""
+        self.load_trainable_state(snapshot.weights, snapshot.steps_applied)
+        tensors, meta = snapshot.optimizer
+        optimizer_from_tensors(self.optimizer, tensors, meta, OPTIMIZER_PREFIX)
+        self._last_reply = snapshot.last_reply
+        self._pending = None
+        self.saved_step = snapshot.steps_applied
+
+    def drop_pending(self) -> None:
+        self._pending = None
+
     def forward(self, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Training forward of `step` (must be the next step); keeps the graph until backward."""
         expected = self.steps_applied + 1
@@ -79,7 +136,11 @@ class TopTrainer:
             self.recorder.record("forward", self.session_id, step, hidden, attention_mask)  # as received
         placed.requires_grad_(self.train_bottom)
         self.top.train()
-        logits = self.top(placed, placed_mask)  # (B, C), in the top's dtype, on its device
+        # Dropout draws of this forward are a function of (session seed, step) only (sap_common.checkpoint.
+        # seeded_draws): a forward recomputed after a restart or a resume draws the same masks, and sessions
+        # running at once in this process do not disturb each other's draws, so no RNG state is saved.
+        with seeded_draws(self.seed, step, self._param.device):
+            logits = self.top(placed, placed_mask)  # (B, C), in the top's dtype, on its device
         # Finite but huge inputs can overflow inside the top; refuse before keeping a graph whose backward
         # would write NaN into this session's weights (the pending forward of this step, if any, is kept).
         _check_finite("logits computed from hidden_states (values too large?)", logits)
@@ -89,7 +150,7 @@ class TopTrainer:
     def backward(self, step: int, grad_logits: torch.Tensor) -> BackwardResult:
         """Back-propagate dL/dlogits of `step` and apply the optimizer step; a retry is replayed."""
         if self._last_reply is not None and step == self._last_reply.applied_step:
-            return BackwardResult(step, True, self._last_reply.grad_hidden)
+            return BackwardResult(step, True, self._last_reply.grad_hidden, self._last_reply.checkpointed)
         pending = self._pending
         if pending is None or pending.step != step:
             have = "no forward is pending" if pending is None else f"the pending forward is step {pending.step}"
@@ -111,7 +172,10 @@ class TopTrainer:
         self.steps_applied = step
         self._pending = None
         grad_hidden = pending.hidden.grad.detach().float().cpu() if self.train_bottom else None
-        self._last_reply = BackwardResult(step, False, grad_hidden)
+        due = self.on_checkpoint is not None and self.checkpoint_every > 0 and step % self.checkpoint_every == 0
+        self._last_reply = BackwardResult(step, False, grad_hidden, checkpointed=due)
+        if due and not self.on_checkpoint(self):  # written before the reply, or the reply says it was not
+            self._last_reply = BackwardResult(step, False, grad_hidden, checkpointed=False)
         return self._last_reply
 
     @torch.no_grad()

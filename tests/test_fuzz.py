@@ -74,7 +74,7 @@ class Fuzzer:
         self.fresh, self.pending, self.closed = fresh, pending, closed  # no step yet / forward 1 pending / closed
         self.pending_batch = pending_batch
         self.unary = {name: channel.unary_unary(SERVICE + name)
-                      for name in ("GetServerInfo", "OpenSession", "CloseSession")}
+                      for name in ("GetServerInfo", "OpenSession", "CloseSession", "ResumeSession")}
         self.download = channel.unary_stream(SERVICE + "DownloadBottom")
         self.stream = {name: channel.stream_stream(SERVICE + name) for name in ("Forward", "Backward", "Evaluate")}
 
@@ -137,7 +137,7 @@ class Fuzzer:
 
     def case(self) -> Case:
         kind = self.rng.choices(["info", "download", "open", "close", "inputs", "backward", "bytes", "secret",
-                                 "closed"], weights=[1, 1, 2, 2, 6, 3, 3, 3, 1])[0]
+                                 "closed", "resume"], weights=[1, 1, 2, 2, 6, 3, 3, 3, 1, 2])[0]
         return getattr(self, f"_{kind}")()
 
     def _info(self) -> Case:
@@ -206,6 +206,39 @@ class Fuzzer:
         payload, md = self._random_bytes(), self._md(session, self.rng.choice(["real", "wrong"]))
         return Case("CloseSession", "random bytes",
                     self._unary("CloseSession", payload, md),
+                    frozenset({INVALID, NOT_FOUND}))
+
+    def _resume(self) -> Case:
+        """ResumeSession with no, a wrong or a made-up identity, a step the session is not at, or bad bytes.
+        (Never step 0 with the real secret: the sessions are at step 0, so that would be accepted.)"""
+        session = self.rng.choice([self.fresh, self.pending])
+        step = self.rng.choice([1, 2, 1000, 2**64 - 1])
+        choice = self.rng.randrange(6)
+        request = sap_pb2.ResumeSessionRequest(session_id=session.sid, step=self.rng.choice([0, step]))
+        if choice == 0:
+            return Case("ResumeSession", "no secret", self._unary("ResumeSession", request.SerializeToString()),
+                        frozenset({UNAUTH}), ("secret",))
+        if choice == 1:
+            return Case("ResumeSession", "wrong secret",
+                        self._unary("ResumeSession", request.SerializeToString(), self._md(session, "wrong")),
+                        frozenset({DENIED}), ("does not match",))
+        if choice == 2:
+            request.session_id = self.rng.choice([self.rng.randbytes(16).hex(), "", "../x", session.sid[:-1]])
+            return Case("ResumeSession", "unknown session",
+                        self._unary("ResumeSession", request.SerializeToString(), self._md(session, "real")),
+                        frozenset({NOT_FOUND}), ("unknown or closed",))
+        if choice == 3:
+            request = sap_pb2.ResumeSessionRequest(session_id=self.closed.sid, step=step)
+            return Case("ResumeSession", "closed session",
+                        self._unary("ResumeSession", request.SerializeToString(), self._md(self.closed, "real")),
+                        frozenset({NOT_FOUND}), ("unknown or closed",))
+        if choice == 4:
+            request.step = step
+            return Case("ResumeSession", "a step it is not at",
+                        self._unary("ResumeSession", request.SerializeToString(), self._md(session, "real")),
+                        frozenset({ORDER}), ("cannot resume", f"step {step}"))
+        payload, md = self._random_bytes(), self._md(session, self.rng.choice(["real", "wrong"]))
+        return Case("ResumeSession", "random bytes", self._unary("ResumeSession", payload, md),
                     frozenset({INVALID, NOT_FOUND}))
 
     def _inputs(self) -> Case:
@@ -455,7 +488,7 @@ def test_fuzz_every_rpc_then_train_to_the_exact_weights(tiny_llama):
             assert not failures, f"{len(failures)} of {REQUESTS} wrong:\n" + "\n".join(failures[:20])
             assert codes[S.INTERNAL] == codes[S.UNKNOWN] == codes[S.OK] == 0
             assert set(codes) == {INVALID, NOT_FOUND, UNAUTH, DENIED, ORDER, LIMIT}, codes
-            assert min(per_rpc.values()) >= 20 and len(per_rpc) == 7, per_rpc
+            assert min(per_rpc.values()) >= 20 and len(per_rpc) == 8, per_rpc
             print(f"\n{REQUESTS} fuzzed requests: {dict(per_rpc)}; statuses {({c.name: n for c, n in codes.items()})}")
 
             # nothing reached the sessions: same weights, no step, the same pending forward

@@ -149,14 +149,16 @@ class BackwardRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardReply(_message.Message):
-    __slots__ = ("applied_step", "replayed", "grad_hidden")
+    __slots__ = ("applied_step", "replayed", "grad_hidden", "checkpointed")
     APPLIED_STEP_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     GRAD_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTED_FIELD_NUMBER: _ClassVar[int]
     applied_step: int
     replayed: bool
     grad_hidden: Tensor
-    def __init__(self, applied_step: _Optional[int] = ..., replayed: _Optional[bool] = ..., grad_hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    checkpointed: bool
+    def __init__(self, applied_step: _Optional[int] = ..., replayed: _Optional[bool] = ..., grad_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., checkpointed: _Optional[bool] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("session_id", "hidden_states", "attention_mask", "packed_hidden", "lengths")
@@ -171,3 +173,19 @@ class EvaluateRequest(_message.Message):
     packed_hidden: Tensor
     lengths: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, session_id: _Optional[str] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., packed_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ResumeSessionRequest(_message.Message):
+    __slots__ = ("session_id", "step")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class ResumeSessionReply(_message.Message):
+    __slots__ = ("steps_applied", "num_labels")
+    STEPS_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
+    steps_applied: int
+    num_labels: int
+    def __init__(self, steps_applied: _Optional[int] = ..., num_labels: _Optional[int] = ...) -> None: ...

@@ -69,6 +69,11 @@ class SplitLearningStub:
                 request_serializer=sap__common_dot_proto_dot_sap__pb2.Chunk.SerializeToString,
                 response_deserializer=sap__common_dot_proto_dot_sap__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.ResumeSession = channel.unary_unary(
+                '/sap.v1.SplitLearning/ResumeSession',
+                request_serializer=sap__common_dot_proto_dot_sap__pb2.ResumeSessionRequest.SerializeToString,
+                response_deserializer=sap__common_dot_proto_dot_sap__pb2.ResumeSessionReply.FromString,
+                _registered_method=True)
 
 
 class SplitLearningServicer:
@@ -119,6 +124,12 @@ class SplitLearningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitLearningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +167,11 @@ def add_SplitLearningServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=sap__common_dot_proto_dot_sap__pb2.Chunk.FromString,
                     response_serializer=sap__common_dot_proto_dot_sap__pb2.Chunk.SerializeToString,
+            ),
+            'ResumeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSession,
+                    request_deserializer=sap__common_dot_proto_dot_sap__pb2.ResumeSessionRequest.FromString,
+                    response_serializer=sap__common_dot_proto_dot_sap__pb2.ResumeSessionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +363,33 @@ class SplitLearning:
             '/sap.v1.SplitLearning/Evaluate',
             sap__common_dot_proto_dot_sap__pb2.Chunk.SerializeToString,
             sap__common_dot_proto_dot_sap__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sap.v1.SplitLearning/ResumeSession',
+            sap__common_dot_proto_dot_sap__pb2.ResumeSessionRequest.SerializeToString,
+            sap__common_dot_proto_dot_sap__pb2.ResumeSessionReply.FromString,
             options,
             channel_credentials,
             insecure,
