@@ -6,10 +6,20 @@ PEFT fine-tuning of the same model, in one run, on the same machine, data, batch
     python benchmarks/bench.py --slow-link # the quick set plus the slow-link mode
 
 The split side is the real thing: a `sap-server` subprocess on loopback (`--port 0`) and, in this process,
-the client (SplitTrainer over RemoteTopService: frozen bottom, d_chi noise, prefetch on, packed wire).
+the client (SplitTrainer over RemoteTopService: frozen bottom, d_chi noise, packed wire).
 The single-process side is AutoModelForSequenceClassification with the same PEFT on the same top blocks,
 frozen bottom blocks, AdamW, trained on the same batches. The two are timed in alternating chunks
 (ABBA order) so machine noise hits both alike; warm-up steps are not timed.
+
+Threads: the single process is first timed at 1 torch thread and at one per core, and runs at the faster
+(the baseline at its best: on 2 cores, two threads win on an idle machine and lose badly on a busy one,
+where a parallel region waits for a descheduled thread). The server gets the same count. The split is
+then timed the same way in its two ways of running (on batches used nowhere else), and runs the faster:
+"overlap", the client's prefetch thread computing batch i+1 with half the threads while the server works
+on batch i, and "sequential", no prefetch, the client using all the threads while the server waits for
+it. On a machine where client and server share few cores the overlap only makes them fight over them
+(a parallel region waits for its slowest thread); with a real network in between it hides the client's
+work. --threads N sets N everywhere (both split modes are still tried).
 
 Figures (ratios are split over single-process unless named otherwise):
 - throughput_ratio: training examples/s. Measured on examples seen for the first time, so the split
@@ -46,6 +56,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch at run time
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sap_common.openmp import prefer_short_spin  # noqa: E402
+
+# This process is the split's client, so it starts as sap-client does: OpenMP's idle threads spin for a
+# short time (sap_common/openmp.py). The single process runs here too; it trains as fast either way
+# (benchmarks/README.md has the side-by-side check). GOMP_SPINCOUNT in the environment wins.
+prefer_short_spin()
 
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -86,14 +103,17 @@ class Settings:
     predict_warmup: int = 2
     predict_reps: dict[int, int] = field(default_factory=lambda: {1: 16, 32: 6})  # batch -> timed calls
     wire_steps: int = 3  # steps per wire dtype for the bytes-per-dtype figures
+    second_epoch: bool = False  # also time the same batches again (the split re-sends its cached tensors)
     memory: bool = False  # client peak RSS vs full model, server RSS per session
     sessions: int = 6  # sessions opened for the per-session server memory
     slow_link: bool = False
-    slow_steps: int = 6  # steps per wire dtype on each path
+    slow_steps: int = 8  # steps per wire dtype on each path (alternating in chunks of 2)
     mbit: float = 100.0
     rtt_ms: float = 40.0
     seed: int = 0
     threads: int | None = None  # torch threads of each process (bench and server); None: torch's default
+    split_mode: str | None = None  # "overlap" or "sequential"; None: time both (calibration), keep the faster
+    calibration_steps: int = 2  # timed steps per split mode and pass (each on fresh batches)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(batch_size=self.batch_size, max_length=self.max_length,
@@ -161,7 +181,7 @@ def _wait_for_line(process: subprocess.Popen, pattern: str, timeout: float, log=
 
 
 def server_rss_mib(pid: int) -> float:
-    """Resident memory of a process (VmRSS in /proc/PID/status), MiB."""
+    """Resident memory of a process (VmRSS in /proc/PID/status), MiB: the server's, or a child's own."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -184,14 +204,48 @@ def thread_choices(settings: Settings) -> list[int]:
     return [settings.threads] if settings.threads else sorted({1, os.cpu_count() or 1})
 
 
+SPLIT_MODES = ("overlap", "sequential")
+
+
 def split_threads(settings: Settings, single_threads: int) -> tuple[int, int]:
     """(client, server) torch threads. --threads N: N each. Otherwise the server, which does most of the
-    work (the top's forward and backward), gets what trains the single process fastest; the client,
-    whose bottom and noise overlap with the server's work, half of it, so that the two together do not
-    oversubscribe the cores (on 2 cores: client 1 + server 2, the fastest split measured there)."""
+    work (the top's forward and backward), gets what trains the single process fastest; the client, in
+    overlap mode (its bottom and noise run beside the server's work), half of it, so that the two together
+    do not oversubscribe the cores; in sequential mode it gets the server's count (see client_mode)."""
     if settings.threads:
         return settings.threads, settings.threads
     return max(1, single_threads // 2), single_threads
+
+
+def client_mode(side: SplitSide, mode: str, overlap_threads: int, sequential_threads: int) -> None:
+    """Run the split client in `mode`: overlap = prefetch on, fewer threads; sequential = prefetch off."""
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"split mode must be one of {SPLIT_MODES}, got {mode!r}")
+    side.trainer.prefetch = mode == "overlap"
+    side.threads = overlap_threads if mode == "overlap" else sequential_threads
+
+
+def calibrate_split(side: SplitSide, batches: list[list[int]], settings: Settings, overlap_threads: int,
+                    sequential_threads: int) -> dict[str, float]:
+    """Seconds per step of the split in each mode on fresh batches (one untimed step per mode first, then
+    interleaved passes of settings.calibration_steps steps each); leaves the side in the faster mode."""
+    modes = [settings.split_mode] if settings.split_mode else list(SPLIT_MODES)
+    steps = settings.calibration_steps
+    needed = len(modes) * (1 + 2 * steps)
+    if len(batches) < needed:
+        raise ValueError(f"split calibration needs {needed} batches, got {len(batches)}")
+    fresh = iter(batches)
+    timings: dict[str, list[float]] = {mode: [] for mode in modes}
+    for mode in modes:
+        client_mode(side, mode, overlap_threads, sequential_threads)
+        side.train([next(fresh)])
+    for _ in range(2):
+        for mode in modes:
+            client_mode(side, mode, overlap_threads, sequential_threads)
+            timings[mode].append(side.train([next(fresh) for _ in range(steps)]) / steps)
+    per_step = {mode: statistics.mean(t) for mode, t in timings.items()}
+    client_mode(side, min(per_step, key=per_step.get), overlap_threads, sequential_threads)
+    return per_step
 
 
 # --- the two sides -----------------------------------------------------------------------------------
@@ -212,6 +266,8 @@ class SplitSide:
         else:
             self.info, self.bottom, self.tokenizer = shared.info, shared.bottom, shared.tokenizer
         self.trainer = SplitTrainer(self.bottom, self.tokenizer, self.service, settings.train_config())
+        if shared is not None:  # the same way of running as the side it shares with (see calibrate_split)
+            self.trainer.prefetch = shared.trainer.prefetch
         if shared is None:
             with torch_threads(self.threads):
                 norm = self.trainer.mean_hidden_norm(data.texts[:256])
@@ -367,10 +423,16 @@ def measure_training(split: SplitSide, single: SingleSide, batches: list[list[in
     sent_before = split.service.bytes_sent
     seconds, cpu = alternate({"split": split.train, "single": single.train}, chunks,
                              cpu=lambda: cpu_seconds(server_pid))
+    sent = split.service.bytes_sent - sent_before
     examples = sum(len(b) for b in timed)
+    again = {}
+    if settings.second_epoch:  # the same batches again: the split skips the bottom and the noise
+        seconds_again, _ = alternate({"split": split.train, "single": single.train}, chunks)
+        again = {"second_epoch_split_examples_per_s": examples / seconds_again["split"],
+                 "second_epoch_single_examples_per_s": examples / seconds_again["single"],
+                 "second_epoch_throughput_ratio": seconds_again["single"] / seconds_again["split"]}
     tokens = sum(len(ids) for b in timed for ids in split.tokenizer(
         [split.data.texts[i] for i in b], truncation=True, max_length=settings.max_length)["input_ids"])
-    sent = split.service.bytes_sent - sent_before
     hidden = split.info.hidden_size
     naive = settings.max_length * (hidden * 4 + MASK_BYTES)
     return {
@@ -390,6 +452,7 @@ def measure_training(split: SplitSide, single: SingleSide, batches: list[list[in
         "naive_bytes_per_example": naive,
         "wire_bytes_ratio": sent / examples / naive,
         "real_tokens_per_example": tokens / examples,
+        **again,
     }
 
 
@@ -417,12 +480,11 @@ def measure_predict(split: SplitSide, single: SingleSide, texts: list[str], sett
     return out
 
 
-def measure_wire(address: str, first: SplitSide, batches: list[list[int]], settings: Settings,
-                 dtypes=WIRE_NAMES) -> dict:
-    """Per wire dtype, on a fresh session: bytes sent per example and seconds per step at address."""
+def measure_wire(address: str, first: SplitSide, batches: list[list[int]], settings: Settings) -> dict:
+    """Per wire dtype, on a fresh session: bytes sent per example and seconds per step."""
     out = {}
     naive = settings.max_length * (first.info.hidden_size * 4 + MASK_BYTES)
-    for name in dtypes:
+    for name in WIRE_NAMES:
         side = SplitSide(address, first.data, settings, wire_dtype=name, shared=first)
         try:
             side.train(batches[:1])  # warm-up: the channel and the session
@@ -437,25 +499,15 @@ def measure_wire(address: str, first: SplitSide, batches: list[list[int]], setti
     return out
 
 
-def measure_slow_link(address: str, first: SplitSide, batches: list[list[int]], settings: Settings) -> dict:
-    """Step time on loopback (compute) and through the slow link; transfer = slow - loopback."""
+@contextmanager
+def slow_link_proxy(target: str, mbit: float, rtt_ms: float) -> Iterator[str]:
+    """benchmarks/slow_link.py in its own process (so its timing does not share this one's GIL)."""
     log = tempfile.TemporaryFile(mode="w+")
     proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("slow_link.py")), "--listen",
-                              "127.0.0.1:0", "--target", address, "--mbit", str(settings.mbit),
-                              "--rtt-ms", str(settings.rtt_ms)], stdout=subprocess.PIPE, stderr=log, text=True)
+                              "127.0.0.1:0", "--target", target, "--mbit", str(mbit), "--rtt-ms", str(rtt_ms)],
+                             stdout=subprocess.PIPE, stderr=log, text=True)
     try:
-        slow_address = _wait_for_line(proxy, r"slow-link listening on (\S+)", 60, log)
-        out = {"mbit": settings.mbit, "rtt_ms": settings.rtt_ms, "steps": len(batches) - 1}
-        for name in WIRE_NAMES:
-            # loopback and slow link alternate per dtype, each on a fresh session with an empty sent cache
-            loopback = measure_wire(address, first, batches, settings, dtypes=(name,))[name]
-            slow = measure_wire(slow_address, first, batches, settings, dtypes=(name,))[name]
-            out[name] = {"bytes_sent_per_example": slow["bytes_sent_per_example"],
-                         "step_seconds_loopback": loopback["step_seconds"],
-                         "step_seconds_slow_link": slow["step_seconds"],
-                         "compute_seconds": loopback["step_seconds"],
-                         "transfer_seconds": slow["step_seconds"] - loopback["step_seconds"]}
-        return out
+        yield _wait_for_line(proxy, r"slow-link listening on (\S+)", 60, log)
     finally:
         proxy.send_signal(signal.SIGTERM)
         try:
@@ -467,28 +519,64 @@ def measure_slow_link(address: str, first: SplitSide, batches: list[list[int]], 
         log.close()
 
 
-def measure_server_sessions(server: ServerProcess, first: SplitSide, batch: list[int], settings: Settings) -> dict:
-    """Server RSS after 1 vs N sessions that each trained one step (adapter, head, AdamW state)."""
-    sides = []
+def measure_slow_link(address: str, first: SplitSide, batches: list[list[int]], settings: Settings) -> dict:
+    """Per wire dtype: seconds per training step on plain loopback (compute) and through the slow link,
+    the two paths alternating chunk by chunk on the same batches; transfer = slow link - loopback.
+    `expected_transfer_seconds` is the floor the link sets: the bytes sent per step at its rate plus two
+    round trips (Forward, then Backward)."""
+    out = {"mbit": settings.mbit, "rtt_ms": settings.rtt_ms, "steps": len(batches) - 1}
+    chunks = [batches[i:i + 2] for i in range(1, len(batches), 2)]
+    with slow_link_proxy(address, settings.mbit, settings.rtt_ms) as slow_address:
+        for name in WIRE_NAMES:
+            paths = {"loopback": SplitSide(address, first.data, settings, wire_dtype=name, shared=first),
+                     "slow_link": SplitSide(slow_address, first.data, settings, wire_dtype=name, shared=first)}
+            try:
+                for side in paths.values():
+                    side.train(batches[:1])  # warm-up: channel, session, the link's first round trips
+                before = paths["slow_link"].service.bytes_sent
+                seconds, _ = alternate({path: side.train for path, side in paths.items()}, chunks)
+                sent_per_step = (paths["slow_link"].service.bytes_sent - before) / (len(batches) - 1)
+            finally:
+                for side in paths.values():
+                    side.close()
+            loopback, slow = (seconds[path] / (len(batches) - 1) for path in ("loopback", "slow_link"))
+            out[name] = {"bytes_sent_per_step": sent_per_step,
+                         "step_seconds_loopback": loopback, "step_seconds_slow_link": slow,
+                         "compute_seconds": loopback, "transfer_seconds": slow - loopback,
+                         "expected_transfer_seconds": sent_per_step * 8 / (settings.mbit * 1e6)
+                         + 2 * settings.rtt_ms / 1000}
+    return out
+
+
+def measure_server_sessions(server: ServerProcess, first: SplitSide, batch: list[int], settings: Settings,
+                            trainable_parameters: int) -> dict:
+    """Server RSS with 1 session vs N, each session opened, then each trained one step. The opened figure
+    is the session's own weights (PEFT + head); after a step it adds gradients and AdamW state, and
+    whatever the allocator keeps of the step's activations. Expected (weights, gradients and two AdamW
+    moments in float32): 16 bytes per trainable parameter."""
+    sides = [SplitSide(server.address, first.data, settings, shared=first)]
     try:
-        for count in range(settings.sessions):
-            side = SplitSide(server.address, first.data, settings, shared=first)
+        sides[0].train([batch])
+        one = server_rss_mib(server.pid)
+        sides += [SplitSide(server.address, first.data, settings, shared=first) for _ in range(settings.sessions - 1)]
+        opened = server_rss_mib(server.pid)
+        for side in sides[1:]:
             side.train([batch])
-            sides.append(side)
-            if count == 0:
-                one = server_rss_mib(server.pid)
-        many = server_rss_mib(server.pid)
+        trained = server_rss_mib(server.pid)
     finally:
         for side in sides:
             side.close()
-    return {"sessions": settings.sessions, "rss_one_session_mib": one, "rss_n_sessions_mib": many,
-            "mib_per_extra_session": (many - one) / (settings.sessions - 1)}
+    extra = settings.sessions - 1
+    return {"sessions": settings.sessions, "rss_one_session_mib": one, "rss_n_opened_mib": opened,
+            "rss_n_trained_mib": trained, "mib_per_extra_session_opened": (opened - one) / extra,
+            "mib_per_extra_session": (trained - one) / extra, "trainable_parameters": trainable_parameters,
+            "expected_mib_per_session": trainable_parameters * 16 / 2**20}
 
 
 def measure_client_memory(model: str, split: int, address: str, texts: list[str], settings: Settings) -> dict:
     """Peak RSS of a process holding only the bottom (downloaded from the server) vs one that loads the
-    full model, each running one forward over the same batch in its own subprocess."""
-    peaks = {}
+    full model, each running one forward over the same batch in its own fresh subprocess."""
+    peaks, held = {}, {}
     with tempfile.TemporaryDirectory(prefix="sap-bench-") as tmp:
         batch = Path(tmp) / "texts.json"
         batch.write_text(json.dumps(texts[:settings.batch_size]))
@@ -499,9 +587,14 @@ def measure_client_memory(model: str, split: int, address: str, texts: list[str]
                                     capture_output=True, text=True, timeout=600)
             if result.returncode != 0:
                 raise RuntimeError(f"memory child ({role}) failed:\n{result.stderr[-2000:]}")
-            peaks[role] = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+            figures = json.loads(result.stdout.strip().splitlines()[-1])
+            peaks[role], held[role] = figures["peak_rss_mib"], figures["rss_mib"]
     return {"client_peak_rss_mib": peaks["bottom"], "full_model_peak_rss_mib": peaks["full"],
-            "client_memory_ratio": peaks["bottom"] / peaks["full"]}
+            "client_memory_ratio": peaks["bottom"] / peaks["full"],
+            # what each holds after the forward (the peak includes loading: load_bottom holds the
+            # bottom twice for a moment, the state dict and the model it is copied into)
+            "client_rss_mib": held["bottom"], "full_model_rss_mib": held["full"],
+            "client_rss_ratio": held["bottom"] / held["full"]}
 
 
 def _child_memory(args: argparse.Namespace) -> None:
@@ -527,8 +620,18 @@ def _child_memory(args: argparse.Namespace) -> None:
         inputs = tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
         with torch.no_grad():
             model(**inputs)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
-    print(json.dumps({"role": args.child_memory, "peak_rss_mib": peak_kib / 1024}))
+    print(json.dumps({"role": args.child_memory, "peak_rss_mib": peak_rss_mib(),
+                      "rss_mib": server_rss_mib(os.getpid()),
+                      "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM), MiB. Not ru_maxrss: Linux carries that over exec
+    from the forking process, so a child of the (large) bench process would report the bench's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: the best there is
 
 
 # --- one model ---------------------------------------------------------------------------------------
@@ -547,7 +650,9 @@ def bench_model(model: str, split: int, data: TextDataset, settings: Settings, *
                 log: Callable[[str], None] = print) -> dict:
     """Every figure for one model cut at split, against one sap-server subprocess."""
     train_steps = settings.warmup_steps + settings.rounds * settings.steps_per_round
-    batches = batches_of(data, settings, train_steps)
+    calibration = len(SPLIT_MODES) * (1 + 2 * settings.calibration_steps)
+    batches = batches_of(data, settings, train_steps + calibration)
+    batches, calibration_batches = batches[:train_steps], batches[train_steps:]
     wire_batches = batches[:settings.wire_steps + 1]
     slow_batches = batches[:settings.slow_steps + 1]
     used = {i for b in batches for i in b}
@@ -560,7 +665,6 @@ def bench_model(model: str, split: int, data: TextDataset, settings: Settings, *
     client_threads, server_threads = split_threads(settings, single.threads)
     result["threads"] = {"single": single.threads, "client": client_threads, "server": server_threads,
                          "single_seconds_per_step_by_threads": calibration}
-    log(f"[{model} k={split}] torch threads: {result['threads']}")
     server_started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sap-bench-cache-") as cache, \
             sap_server(model, split, max_sessions=settings.sessions + 8, threads=server_threads) as server:
@@ -569,15 +673,23 @@ def bench_model(model: str, split: int, data: TextDataset, settings: Settings, *
         split_side = SplitSide(server.address, data, settings, cache_root=Path(cache), threads=client_threads)
         result.update(hidden_size=split_side.info.hidden_size, total_blocks=split_side.info.total_blocks,
                       peft=split_side.info.peft, eta=split_side.eta, noise_ratio=settings.noise_ratio)
+        modes = calibrate_split(split_side, calibration_batches, settings, client_threads, server_threads)
+        result["split_mode"] = "overlap" if split_side.trainer.prefetch else "sequential"
+        result["split_seconds_per_step_by_mode"] = modes
+        result["threads"]["client"] = split_side.threads
+        log(f"[{model} k={split}] torch threads: {result['threads']}; split mode {result['split_mode']} "
+            f"(s/step: {', '.join(f'{m} {v:.3f}' for m, v in modes.items())})")
         result["training"] = measure_training(split_side, single, batches, settings, server.pid)
         result["noise_to_signal"] = split_side.trainer.privatizer.noise_to_signal
         log(f"[{model} k={split}] training: throughput ratio {result['training']['throughput_ratio']:.3f}")
         result["predict"] = measure_predict(split_side, single, held, settings)
         log(f"[{model} k={split}] predict: p50 ratio at 32 {result['predict']['batch_32']['p50_ratio']:.3f}")
+        result["trainable_parameters"] = sum(p.numel() for p in single.model.parameters() if p.requires_grad)
         del single  # free the single-process model before the memory figures
         result["wire"] = measure_wire(server.address, split_side, wire_batches, settings)
         if settings.memory:
-            result["server_sessions"] = measure_server_sessions(server, split_side, batches[0], settings)
+            result["server_sessions"] = measure_server_sessions(server, split_side, batches[0], settings,
+                                                                result["trainable_parameters"])
             result["client_memory"] = measure_client_memory(model, split, server.address, data.texts, settings)
             log(f"[{model} k={split}] memory: client {result['client_memory']['client_memory_ratio']:.3f} of full, "
                 f"{result['server_sessions']['mib_per_extra_session']:.1f} MiB per extra session")
@@ -612,6 +724,7 @@ def headline(result: dict) -> dict:
         "predict_p50_ratio_batch_1": round(predict["batch_1"]["p50_ratio"], 4),
         "cpu_ratio": round(training["cpu_ratio"], 4) if training["cpu_ratio"] else None,
         "threads": {k: v for k, v in result["threads"].items() if k != "single_seconds_per_step_by_threads"},
+        "split_mode": result["split_mode"],
         "split_examples_per_s": round(training["split_examples_per_s"], 2),
         "single_examples_per_s": round(training["single_examples_per_s"], 2),
         "bytes_sent_per_example": round(training["bytes_sent_per_example"], 1),
@@ -631,6 +744,11 @@ def table(result: dict) -> str:
              f"{t['throughput_ratio']:.3f} (>= 0.90)"),
             ("torch threads", f"client {th['client']} + server {th['server']}", f"{th['single']}",
              "single s/step: " + ", ".join(f"{n}: {v:.3f}" for n, v in th["single_seconds_per_step_by_threads"].items())),
+            ("split mode", result["split_mode"], "",
+             "split s/step: " + ", ".join(f"{m}: {v:.3f}" for m, v in result["split_seconds_per_step_by_mode"].items())),
+            *([("  second epoch (split re-sends cached tensors)",
+                f"{t['second_epoch_split_examples_per_s']:.1f}", f"{t['second_epoch_single_examples_per_s']:.1f}",
+                f"{t['second_epoch_throughput_ratio']:.3f}")] if "second_epoch_throughput_ratio" in t else []),
             ("training CPU ms / example (both processes)", f"{t['split_cpu_seconds_per_example'] * 1000:.1f}",
              f"{t['single_cpu_seconds_per_example'] * 1000:.1f}",
              f"{t['cpu_ratio']:.3f}" if t["cpu_ratio"] else "-"),
@@ -648,15 +766,19 @@ def table(result: dict) -> str:
         c, s = result["client_memory"], result["server_sessions"]
         rows.append(("client peak RSS MiB (bottom vs full)", f"{c['client_peak_rss_mib']:.0f}",
                      f"{c['full_model_peak_rss_mib']:.0f}", f"{c['client_memory_ratio']:.3f}"))
-        rows.append(("server RSS MiB per extra session", f"{s['mib_per_extra_session']:.1f}", "",
-                     f"({s['sessions']} sessions)"))
+        if "client_rss_mib" in c:
+            rows.append(("client RSS MiB after loading (bottom vs full)", f"{c['client_rss_mib']:.0f}",
+                         f"{c['full_model_rss_mib']:.0f}", f"{c['client_rss_ratio']:.3f}"))
+        rows.append(("server RSS MiB per extra session (opened / trained)",
+                     f"{s['mib_per_extra_session_opened']:.1f} / {s['mib_per_extra_session']:.1f}", "",
+                     f"expected {s['expected_mib_per_session']:.1f} ({s['sessions']} sessions)"))
     if "slow_link" in result:
         link = result["slow_link"]
         for name in WIRE_NAMES:
             d = link[name]
             rows.append((f"step s, {link['mbit']:g} Mbit/s {link['rtt_ms']:g} ms RTT, {name}",
-                         f"{d['step_seconds_slow_link']:.3f}",
-                         f"compute {d['compute_seconds']:.3f}", f"transfer {d['transfer_seconds']:.3f}"))
+                         f"{d['step_seconds_slow_link']:.3f}", f"compute {d['compute_seconds']:.3f}",
+                         f"transfer {d['transfer_seconds']:.3f} (floor {d['expected_transfer_seconds']:.3f})"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"{result['model']} split {result['split']} (hidden {result['hidden_size']}, "
              f"{result['total_blocks']} blocks, {result['peft']}, noise ratio {result['noise_ratio']}, "
@@ -733,7 +855,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     settings = Settings(batch_size=args.batch_size, max_length=args.max_length, noise_ratio=args.noise_ratio,
                         wire_dtype=args.wire_dtype, mbit=args.mbit, rtt_ms=args.rtt_ms, threads=args.threads,
-                        memory=not args.quick, slow_link=args.slow_link or not args.quick)
+                        memory=not args.quick, slow_link=args.slow_link or not args.quick,
+                        second_epoch=not args.quick)
     if not args.quick:  # more timed steps: the full run has the time
         settings = replace(settings, rounds=6, steps_per_round=8, predict_reps={1: 40, 32: 12})
     settings = replace(settings, rounds=args.rounds or settings.rounds,

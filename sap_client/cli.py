@@ -11,6 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from sap_common.openmp import prefer_short_spin
+
+prefer_short_spin()  # before the imports below load torch (sap_common/openmp.py)
+
 from sap_client.cti import CTI_MODES
 from sap_client.privacy import CTI_ROWS
 from sap_common.devices import DEVICE_CHOICES, device_arg, resolve_device

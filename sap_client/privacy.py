@@ -47,12 +47,18 @@ def sample_dchi_noise(shape: tuple[int, ...], eta: float | torch.Tensor, *, gene
     if not shape or shape[-1] < 1 or any(s < 0 for s in shape):
         raise ValueError(f"shape must end in a dimension d >= 1 and have no negative sizes, got {shape}")
     eta_t = _check_eta(eta, shape[:-1])
-    d = shape[-1]
-    direction = torch.randn(shape, generator=generator, dtype=torch.float64)
-    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-    # Erlang(d, 1) = -sum of d log-uniforms; 1 - U lies in (0, 1], so the log is finite.
+    gaussians = torch.randn(shape, generator=generator, dtype=torch.float64)
     uniforms = torch.rand(shape, generator=generator, dtype=torch.float64)
-    radius = -torch.log1p(-uniforms).sum(dim=-1) / eta_t  # (...,) broadcast against eta
+    return _dchi_from_draws(gaussians, uniforms, eta_t, dtype)
+
+
+def _dchi_from_draws(gaussians: torch.Tensor, uniforms: torch.Tensor, eta: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """d_chi noise from its raw draws (float64, (..., d) each; eta broadcastable to (...,)): a uniform
+    direction (normalized Gaussians) times an Erlang(d, eta) norm."""
+    direction = gaussians / gaussians.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    # Erlang(d, 1) = -sum of d log-uniforms; 1 - U lies in (0, 1], so the log is finite.
+    radius = -torch.log1p(-uniforms).sum(dim=-1) / eta  # (...,) broadcast against eta
     return (direction * radius.unsqueeze(-1)).to(dtype)
 
 
@@ -187,19 +193,28 @@ class Privatizer:
             etas = token_eta(self.eta_table, input_ids, labels if self.label_rows else None)  # (B, T)
         else:
             etas = torch.full(mask.shape, float(self.eta), dtype=torch.float64)
-        for b, example_key in enumerate(example_keys):
-            positions = mask[b].nonzero().squeeze(-1)  # real tokens of example b
-            eta_b = etas[b, positions]
-            exempt = torch.isinf(eta_b)
+        # Each example's draws come from its own keyed generator, in the order sample_dchi_noise draws them
+        # (its Gaussians, then its uniforms); the rest runs once over the batch's real tokens (row-major:
+        # example by example), which gives the same values as one sample_dchi_noise call per example.
+        lengths = mask.sum(-1).tolist()
+        size = hidden.shape[-1]
+        gaussians, uniforms = [], []
+        for example_key, length in zip(example_keys, lengths, strict=True):
             generator = torch.Generator().manual_seed(self._seed(example_key))
-            noise = sample_dchi_noise((len(positions), hidden.shape[-1]), torch.where(exempt, 1.0, eta_b),
-                                      generator=generator, dtype=hidden.dtype)
-            noise[exempt] = 0.0
-            measured = (noise.norm(dim=-1).sum().item(), hidden[b, positions].norm(dim=-1).sum().item(),
-                        len(positions))
+            gaussians.append(torch.randn((length, size), generator=generator, dtype=torch.float64))
+            uniforms.append(torch.rand((length, size), generator=generator, dtype=torch.float64))
+        real_eta = etas[mask]  # (N_real,)
+        exempt = torch.isinf(real_eta)
+        noise = _dchi_from_draws(torch.cat(gaussians), torch.cat(uniforms),
+                                 _check_eta(torch.where(exempt, 1.0, real_eta), real_eta.shape), hidden.dtype)
+        noise[exempt] = 0.0
+        real_hidden = hidden.detach()[mask]
+        for noise_norms, hidden_norms, length in zip(noise.norm(dim=-1).split(lengths),
+                                                     real_hidden.norm(dim=-1).split(lengths), lengths):
+            measured = (noise_norms.sum().item(), hidden_norms.sum().item(), length)
             if tally is None:
                 self.add([measured])
             else:
                 tally.record(self, measured)
-            sent[b, positions] += noise
+        sent[mask] = real_hidden + noise
         return sent

@@ -12,6 +12,7 @@ import grpc
 
 from sap_common import codec
 from sap_server.auth import ApiKeys, ServerTls
+from sap_server.compute import ComputeThread
 from sap_server.provider import Provider
 from sap_server.servicer import SplitLearningServicer, add_to_server
 
@@ -34,7 +35,7 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
 def start_server(provider: Provider, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8,
                  chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES, api_keys: ApiKeys | None = None,
-                 tls: ServerTls | None = None,
+                 tls: ServerTls | None = None, compute: ComputeThread | None = None,
                  interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
     """Start serving; returns the server and the port it really listens on (port 0 picks a free one).
 
@@ -45,7 +46,7 @@ def start_server(provider: Provider, host: str = "127.0.0.1", port: int = 0, *, 
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sap-rpc"),
                          options=channel_options(max_message_bytes), interceptors=list(interceptors))
     servicer = SplitLearningServicer(provider, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes,
-                                     api_keys=api_keys)
+                                     api_keys=api_keys, compute=compute)
     add_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = (server.add_secure_port(address, server_credentials(tls)) if tls is not None

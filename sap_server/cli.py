@@ -9,6 +9,10 @@ import os
 import sys
 from pathlib import Path
 
+from sap_common.openmp import prefer_short_spin
+
+prefer_short_spin()  # before the imports below load torch (sap_common/openmp.py)
+
 from sap_common.devices import DEVICE_CHOICES, DTYPES, device_arg, dtype_arg, resolve_device
 from sap_common.errors import SapError
 from sap_common.models.registry import ALIASES, DEFAULT_MODEL
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     from sap_server.app import serve_until_signal, start_server
     from sap_server.auth import ApiKeys, ServerTls
+    from sap_server.compute import compute_thread
     from sap_server.provider import Provider
 
     try:
@@ -134,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         api_keys = ApiKeys.from_file(args.api_keys) if args.api_keys is not None else None
         tls = ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
         device = resolve_device(args.device)
-        provider = Provider.load(args.model, args.split, peft, dtype=DTYPES[args.dtype], device=device,
-                                 max_sessions=args.max_sessions, state_dir=args.state_dir, record_dir=args.record,
-                                 max_batch_tokens=args.max_batch_tokens, checkpoint_every=args.checkpoint_every,
-                                 idle_timeout=args.idle_timeout)
+        # Loaded on the thread that will run every step (sap_server/compute.py: one OpenMP team).
+        provider = compute_thread().run(
+            Provider.load, args.model, args.split, peft, dtype=DTYPES[args.dtype], device=device,
+            max_sessions=args.max_sessions, state_dir=args.state_dir, record_dir=args.record,
+            max_batch_tokens=args.max_batch_tokens, checkpoint_every=args.checkpoint_every,
+            idle_timeout=args.idle_timeout)
         server, port = start_server(provider, args.host, args.port, workers=args.workers, api_keys=api_keys,
                                     tls=tls)
     except (SapError, OSError, RuntimeError) as exc:  # RuntimeError: gRPC refusing the TLS files

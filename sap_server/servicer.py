@@ -23,6 +23,7 @@ from sap_common.models.bundle import bundle_files
 from sap_common.proto import sap_pb2, sap_pb2_grpc
 from sap_common.service import API_KEY_METADATA, SESSION_SECRET_METADATA
 from sap_server.auth import ApiKeys, require_secret
+from sap_server.compute import ComputeThread, compute_thread
 from sap_server.provider import Provider
 from sap_server.trainer import check_batch_tokens
 
@@ -114,8 +115,13 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     def __init__(self, provider: Provider, *, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
-                 max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES, api_keys: ApiKeys | None = None):
+                 max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES, api_keys: ApiKeys | None = None,
+                 compute: ComputeThread | None = None):
         self.provider = provider
+        # Tensor work (decoding, the sessions' steps, checkpoints, encoding) runs on the process's compute
+        # thread, not on the gRPC workers (why: sap_server/compute.py); the workers read the request
+        # streams, check API keys and send the replies, so a slow upload does not hold up other sessions.
+        self.compute = compute or compute_thread()
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
         self.max_request_bytes = max_request_bytes
@@ -140,6 +146,9 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     @_rpc
     def OpenSession(self, request, context):
         self._check_api_key(context)
+        return self.compute.run(self._open_session, request)
+
+    def _open_session(self, request) -> sap_pb2.OpenSessionReply:
         if request.adapter_id:
             session_id, trainer, secret = self.provider.attach_adapter(
                 request.adapter_id, learning_rate=request.learning_rate or 5e-4, weight_decay=request.weight_decay)
@@ -154,7 +163,7 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         sessions, secret = self.provider.sessions, _metadata(context, SESSION_SECRET_METADATA)
         closed = sessions.closed(request.session_id, secret)
         if closed is None:
-            closed = self.provider.close_session(request.session_id, secret, keep=request.keep)
+            closed = self.compute.run(self.provider.close_session, request.session_id, secret, keep=request.keep)
         elif request.keep and not closed.adapter_id:  # a retried close (its owner's secret)
             raise SessionNotFoundError(f"session {request.session_id[:8]!r}… was closed without keeping its adapter")
         # a retried close gets the first close's reply again
@@ -163,13 +172,16 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     @_rpc
     def ResumeSession(self, request, context):
         secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
-        trainer = self.provider.sessions.resume(request.session_id, secret, request.step)
+        trainer = self.compute.run(self.provider.sessions.resume, request.session_id, secret, request.step)
         return sap_pb2.ResumeSessionReply(steps_applied=request.step, num_labels=trainer.num_labels)
 
     @_streaming_rpc
     def Forward(self, request_iterator, context):
         secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))  # before reading the stream
         request = codec.from_chunks(request_iterator, sap_pb2.ForwardRequest, max_bytes=self.max_request_bytes)
+        return self.compute.run(self._forward, request, secret)
+
+    def _forward(self, request: sap_pb2.ForwardRequest, secret: str) -> sap_pb2.ForwardReply:
         with self.provider.sessions.use(request.session_id, secret) as trainer:
             hidden, mask = self._decode_inputs(request)
             logits = trainer.forward(request.step, hidden, mask)
@@ -179,6 +191,9 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     def Backward(self, request_iterator, context):
         secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
         request = codec.from_chunks(request_iterator, sap_pb2.BackwardRequest, max_bytes=self.max_request_bytes)
+        return self.compute.run(self._backward, request, secret)
+
+    def _backward(self, request: sap_pb2.BackwardRequest, secret: str) -> sap_pb2.BackwardReply:
         with self.provider.sessions.use(request.session_id, secret) as trainer:
             grad = codec.decode_tensor(request.grad_logits, field="grad_logits", allowed=_FLOATS)
             result = trainer.backward(request.step, grad)  # checkpointed (--state-dir) before this reply
@@ -192,6 +207,9 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     def Evaluate(self, request_iterator, context):
         secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
         request = codec.from_chunks(request_iterator, sap_pb2.EvaluateRequest, max_bytes=self.max_request_bytes)
+        return self.compute.run(self._evaluate, request, secret)
+
+    def _evaluate(self, request: sap_pb2.EvaluateRequest, secret: str) -> sap_pb2.ForwardReply:
         with self.provider.sessions.use(request.session_id, secret) as trainer:
             hidden, mask = self._decode_inputs(request)
             logits = trainer.evaluate(hidden, mask)

@@ -28,6 +28,7 @@ from sap_common.recording import Recorder
 from sap_common.service import SessionSpec
 from sap_server.auth import check_session_secret, new_session_secret, require_secret, secret_digest
 from sap_server.checkpoints import ClosedSession, SessionStore
+from sap_server.compute import compute_thread
 from sap_server.peft import PeftConfig, apply_peft
 from sap_server.trainer import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_BATCH_TOKENS, TopTrainer
 
@@ -341,8 +342,8 @@ class SessionManager:
 
         def reap() -> None:
             while not self._stop_reaper.wait(interval):
-                try:
-                    self.unload_idle(idle_timeout)
+                try:  # on the compute thread, like every step (sap_server/compute.py)
+                    compute_thread().run(self.unload_idle, idle_timeout)
                 except Exception:  # noqa: BLE001 - the reaper must outlive a bad round
                     log.exception("unloading idle sessions failed")
 

@@ -54,23 +54,32 @@ def _check_core(result: dict, settings: bench.Settings) -> None:
         for key in ("split_p50_ms", "split_p95_ms", "single_p50_ms", "single_p95_ms", "p50_ratio", "p95_ratio"):
             assert _positive(figures[key]), (batch, key, figures[key])
     assert result["noise_to_signal"] == pytest.approx(settings.noise_ratio, rel=0.3), "noise is on"
+    # both ways of running the split were timed, and the bench ran the faster one
+    modes = result["split_seconds_per_step_by_mode"]
+    assert set(modes) == set(bench.SPLIT_MODES) and all(_positive(v) for v in modes.values())
+    assert result["split_mode"] == min(modes, key=modes.get)
 
 
 def test_full_bench_on_tiny_bert(tiny_bert):
-    settings = replace(REDUCED, memory=True, slow_link=True, mbit=200.0, rtt_ms=10.0)
+    settings = replace(REDUCED, memory=True, slow_link=True, second_epoch=True, mbit=200.0, rtt_ms=10.0)
     report = bench.run([(str(tiny_bert), 1)], settings, _data(), log=lambda _line: None)
     result = report["results"][0]
     _check_core(result, settings)
+    assert _positive(result["training"]["second_epoch_throughput_ratio"])
     memory = result["client_memory"]
+    assert _positive(memory["client_rss_mib"]) and _positive(memory["client_rss_ratio"])
     assert _positive(memory["client_peak_rss_mib"]) and _positive(memory["full_model_peak_rss_mib"])
     assert _positive(memory["client_memory_ratio"])
     sessions = result["server_sessions"]
     assert sessions["sessions"] == 3 and math.isfinite(sessions["mib_per_extra_session"])
+    assert math.isfinite(sessions["mib_per_extra_session_opened"])
+    assert sessions["trainable_parameters"] > 0 and _positive(sessions["expected_mib_per_session"])
     link = result["slow_link"]
     for name in bench.WIRE_NAMES:
         figures = link[name]
         assert _positive(figures["step_seconds_slow_link"]) and _positive(figures["compute_seconds"])
-        assert math.isfinite(figures["transfer_seconds"])
+        assert math.isfinite(figures["transfer_seconds"]) and _positive(figures["bytes_sent_per_step"])
+        assert _positive(figures["expected_transfer_seconds"])
         assert figures["transfer_seconds"] == pytest.approx(
             figures["step_seconds_slow_link"] - figures["step_seconds_loopback"])
     headline = report["headline"]
