@@ -15,7 +15,7 @@ import os
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -144,12 +144,14 @@ def step_seed(seed: int, step: int, purpose: str = "dropout") -> int:
 
 
 @contextlib.contextmanager
-def seeded_draws(seed: int, step: int, device: torch.device | None = None,
+def seeded_draws(seed: int, step: int, device: torch.device | Iterable[torch.device] | None = None,
                  purpose: str = "dropout") -> Iterator[None]:
-    """Run the block with the global generators (CPU, and `device` when it is a CUDA device) seeded from
-    (seed, step), restoring them afterwards; one block at a time in the process (GLOBAL_RNG_LOCK)."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device is not None and device.type == "cuda" else []
+    """Run the block with the global generators (CPU, and each CUDA device among `device`, one device or
+    several: a top spread over GPUs) seeded from (seed, step), restoring them afterwards; one block at a
+    time in the process (GLOBAL_RNG_LOCK)."""
+    given = [device] if isinstance(device, torch.device) else list(device or ())
+    devices = sorted({d.index if d.index is not None else torch.cuda.current_device()
+                      for d in given if d.type == "cuda"})
     value = step_seed(seed, step, purpose)
     with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
         torch.default_generator.manual_seed(value)

@@ -13,7 +13,15 @@ from sap_common.openmp import prefer_short_spin
 
 prefer_short_spin()  # before the imports below load torch (sap_common/openmp.py)
 
-from sap_common.devices import DEVICE_CHOICES, DTYPES, device_arg, dtype_arg, resolve_device
+from sap_common.devices import (
+    DEVICE_CHOICES,
+    DTYPES,
+    default_max_memory,
+    device_arg,
+    dtype_arg,
+    parse_max_memory,
+    resolve_device,
+)
 from sap_common.errors import SapError
 from sap_common.models.registry import ALIASES, DEFAULT_MODEL
 from sap_server.peft import PEFT_METHODS, PeftConfig
@@ -53,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", type=dtype_arg, default=env("SAP_DTYPE", "float32"), metavar="|".join(DTYPES),
                         help="dtype of the top's weights, PEFT parameters and head (default $SAP_DTYPE or float32); "
                              "users' bottoms stay float32 and logits go back as float32")
+    parser.add_argument("--device-map", choices=("none", "balanced"), default=env("SAP_DEVICE_MAP", "none"),
+                        help="balanced: a top too large for one GPU is spread over several, contiguous blocks per "
+                             "device, about equal shares (as transformers' device_map='balanced'); each session's "
+                             "head goes to the last device (default $SAP_DEVICE_MAP or none: all on --device)")
+    parser.add_argument("--max-memory", metavar="DEV=SIZE,...", default=os.environ.get("SAP_MAX_MEMORY") or None,
+                        help="with --device-map balanced: the devices to use, in order, and what each may hold, "
+                             "e.g. cuda:0=20GiB,cuda:1=20GiB (a cpu=... entry lets the last blocks run on the CPU); "
+                             "default $SAP_MAX_MEMORY or every visible GPU at 90%% of its free memory")
     parser.add_argument("--state-dir", type=Path, default=os.environ.get("SAP_STATE_DIR") or None,
                         help="folder for what must survive a restart (default $SAP_STATE_DIR; without it, memory "
                              "only): kept adapters (DIR/adapters), so users can reattach for prediction, and "
@@ -113,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} must be >= 1, got {value}")
     if not (args.idle_timeout >= 0 and math.isfinite(args.idle_timeout)):
         parser.error(f"--idle-timeout must be a number of seconds >= 0 (0 = never), got {args.idle_timeout}")
+    if args.max_memory is not None and args.device_map != "balanced":
+        parser.error("--max-memory goes with --device-map balanced")
+    if args.max_memory is not None:
+        try:
+            parse_max_memory(args.max_memory)
+        except ValueError as exc:
+            parser.error(str(exc))
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together (the certificate and its private key)")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -139,15 +162,22 @@ def main(argv: list[str] | None = None) -> int:
         api_keys = ApiKeys.from_file(args.api_keys) if args.api_keys is not None else None
         tls = ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
         device = resolve_device(args.device)
+        max_memory = None
+        if args.device_map == "balanced":
+            max_memory = parse_max_memory(args.max_memory) if args.max_memory else default_max_memory()
+            for spread in max_memory:
+                resolve_device(str(spread))  # each must exist here
+            device = next(iter(max_memory))
         # Loaded on the thread that will run every step (sap_server/compute.py: one OpenMP team).
         provider = compute_thread().run(
             Provider.load, args.model, args.split, peft, dtype=DTYPES[args.dtype], device=device,
             max_sessions=args.max_sessions, state_dir=args.state_dir, record_dir=args.record,
             max_batch_tokens=args.max_batch_tokens, checkpoint_every=args.checkpoint_every,
-            idle_timeout=args.idle_timeout)
+            idle_timeout=args.idle_timeout, max_memory=max_memory)
         server, port = start_server(provider, args.host, args.port, workers=args.workers, api_keys=api_keys,
                                     tls=tls)
-    except (SapError, OSError, RuntimeError) as exc:  # RuntimeError: gRPC refusing the TLS files
+    except (SapError, OSError, RuntimeError, ValueError) as exc:  # RuntimeError: gRPC refusing the TLS files;
+        # ValueError: the top does not fit --max-memory
         print(f"sap-server: error: {exc}", file=sys.stderr)
         return 1
     info = provider.info

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from sap_common import PROTOCOL_VERSION
+from sap_common.devices import plan_blocks
 from sap_common.errors import InvalidInputError, ModelLoadError
 from sap_common.models.bundle import bundle_sha256, export_bottom
 from sap_common.models.registry import LoadedModel, load_model
@@ -42,10 +43,13 @@ class Provider:
                     dtype: torch.dtype | None = None,
                     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                    idle_timeout: float | None = None) -> Provider:
+                    idle_timeout: float | None = None,
+                    max_memory: dict[torch.device, int] | None = None) -> Provider:
         """Cut the loaded model at `split`, write the bottom bundle users download, then place the top
         on `device` in `dtype` (default: the loaded dtype). The bundle is written before the move, so
-        users get the bottom in the dtype it was loaded in, whatever the top runs in.
+        users get the bottom in the dtype it was loaded in, whatever the top runs in. With max_memory
+        (sap-server --device-map balanced) the top's blocks are spread over its devices instead
+        (block_plan), each session's head on the last one.
 
         state_dir keeps adapters (state_dir/adapters) and session checkpoints (state_dir/sessions, every
         checkpoint_every steps); idle_timeout (seconds; None or 0: never) starts the idle reaper, which
@@ -62,7 +66,11 @@ class Provider:
         info = ServerInfo(protocol_version=PROTOCOL_VERSION, model_id=loaded.model_id, family=meta.family,
                           model_type=meta.model_type, split=split, total_blocks=total,
                           hidden_size=meta.hidden_size, peft=peft.method, bottom_sha256=bundle_sha256(bundle_dir))
-        place_top(base, top, torch.device(device), dtype)
+        plan = block_plan(top, dtype, max_memory) if max_memory else None
+        if plan is not None:
+            log.info("top blocks %d..%d over %s", split, total - 1,
+                     ", ".join(f"{d}: {plan.count(d)}" for d in dict.fromkeys(plan)))
+        place_top(base, top, torch.device(device) if plan is None else plan[0], dtype, plan)
         recorder = Recorder(record_dir) if record_dir is not None else None
         if recorder is not None:
             log.warning("recording every received hidden state to %s (--record: the curious provider's view)",
@@ -80,15 +88,17 @@ class Provider:
     def load(cls, model: str, split: int, peft: PeftConfig, *, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", max_sessions: int = 16, state_dir: Path | None = None,
              record_dir: Path | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-             checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, idle_timeout: float | None = None) -> Provider:
-        """Load in float32 (the users' bottom stays float32), then put the top on device in dtype."""
+             checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, idle_timeout: float | None = None,
+             max_memory: dict[torch.device, int] | None = None) -> Provider:
+        """Load in float32 (the users' bottom stays float32), then put the top on device in dtype (spread
+        over max_memory's devices when given)."""
         loaded = load_model(model, dtype=torch.float32)
         log.info("loaded %s: %s, %d blocks, hidden %d; top on %s in %s", loaded.model_id,
                  loaded.base.config.model_type, loaded.base.config.num_hidden_layers,
                  loaded.base.config.hidden_size, device, str(dtype).removeprefix("torch."))
         return cls.from_loaded(loaded, split, peft, max_sessions=max_sessions, state_dir=state_dir,
                                record_dir=record_dir, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens,
-                               checkpoint_every=checkpoint_every, idle_timeout=idle_timeout)
+                               checkpoint_every=checkpoint_every, idle_timeout=idle_timeout, max_memory=max_memory)
 
     def keep_adapter(self, trainer: TopTrainer) -> str:
         """Store the session's trained weights under a new random id (disk too, with a state dir); the caller
@@ -127,15 +137,34 @@ class Provider:
             shutil.rmtree(self.bundle_dir, ignore_errors=True)
 
 
-def place_top(base: torch.nn.Module, top: TopModel, device: torch.device, dtype: torch.dtype | None) -> None:
-    """Move the top's blocks and the base modules its heads reuse (final norm, pooler) to device/dtype.
+def place_top(base: torch.nn.Module, top: TopModel, device: torch.device, dtype: torch.dtype | None,
+              plan: list[torch.device] | None = None) -> None:
+    """Move the top's blocks and the base modules its heads reuse (final norm, pooler) to device/dtype;
+    with a plan (one device per block, sap-server --device-map), block i to plan[i], the final norm and
+    pooler (and so each session's head) to the last block's device.
 
-    The rotary embedding moves to the device only: its inv_freq stays float32, as transformers keeps it.
+    The rotary embedding moves to the (first) device only: its inv_freq stays float32, as transformers
+    keeps it; run_blocks moves the positions it computes to each block's device.
     """
-    top.blocks.to(device=device, dtype=dtype)
+    plan = plan or [device] * len(top.blocks)
+    if len(plan) != len(top.blocks):
+        raise ValueError(f"device plan has {len(plan)} entries for {len(top.blocks)} blocks")
+    for block, block_device in zip(top.blocks, plan):
+        block.to(device=block_device, dtype=dtype)
     for name in ("norm", "pooler"):  # LastTokenHead / EncoderHead build on these
         module = getattr(base, name, None)
         if isinstance(module, torch.nn.Module):
-            module.to(device=device, dtype=dtype)
+            module.to(device=plan[-1], dtype=dtype)
     if top.rotary is not None:
-        top.rotary.to(device=device)
+        top.rotary.to(device=plan[0])
+
+
+def block_plan(top: TopModel, dtype: torch.dtype | None, max_memory: dict[torch.device, int]) -> list[torch.device]:
+    """One device per top block for --device-map balanced: sap_common.devices.plan_blocks over the blocks'
+    sizes in the serving dtype (parameters and buffers)."""
+    def size(block: torch.nn.Module) -> int:
+        tensors = [*block.parameters(), *block.buffers()]
+        return sum(t.numel() * (torch.empty((), dtype=dtype).element_size() if dtype and t.is_floating_point()
+                                else t.element_size()) for t in tensors)
+
+    return plan_blocks([size(block) for block in top.blocks], max_memory)

@@ -51,7 +51,7 @@ def build_session_top(template: TopModel, base: PreTrainedModel, peft: PeftConfi
     shared[id(template.config)] = template.config
     top = copy.deepcopy(template, memo=shared)
     # The head is drawn on the CPU in float32 (the same start on any device), then placed with the blocks.
-    frozen = next(template.blocks.parameters())
+    frozen = next(template.blocks[-1].parameters())  # the head follows the last block (--device-map)
     top.head = new_head(template.config, base, num_labels, torch.Generator().manual_seed(seed)).to(
         device=frozen.device, dtype=frozen.dtype)
     with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):  # the lock: training forwards seed it too

@@ -75,7 +75,8 @@ class TopTrainer:
         self.unloaded = False  # set (under lock) when the session left memory: callers look it up again
         self._pending: _Pending | None = None
         self._last_reply: BackwardResult | None = None
-        self._param = next(top.parameters())
+        self._param = next(top.parameters())  # on the first block's device: where the inputs go
+        self._devices = sorted({p.device for p in top.parameters()}, key=str)  # all of them (--device-map)
 
     @property
     def trainable_parameters(self) -> int:
@@ -139,7 +140,7 @@ class TopTrainer:
         # Dropout draws of this forward are a function of (session seed, step) only (sap_common.checkpoint.
         # seeded_draws): a forward recomputed after a restart or a resume draws the same masks, and sessions
         # running at once in this process do not disturb each other's draws, so no RNG state is saved.
-        with seeded_draws(self.seed, step, self._param.device):
+        with seeded_draws(self.seed, step, self._devices):
             logits = self.top(placed, placed_mask)  # (B, C), in the top's dtype, on its device
         # Finite but huge inputs can overflow inside the top; refuse before keeping a graph whose backward
         # would write NaN into this session's weights (the pending forward of this step, if any, is kept).
@@ -164,7 +165,8 @@ class TopTrainer:
         pending.logits.backward(grad_logits.to(device=pending.logits.device, dtype=pending.logits.dtype),
                                 retain_graph=True)  # kept until the step is applied, so a refusal can be retried
         grads = [p.grad for p in self.parameters if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one device sync
+        first = self._param.device  # the top may span devices (--device-map): gather the flags on one
+        if grads and not bool(torch.stack([torch.isfinite(g).all().to(first) for g in grads]).all()):  # one sync
             self.optimizer.zero_grad(set_to_none=True)
             raise InvalidInputError(f"grad_logits of step {step} give a non-finite weight gradient (values too "
                                     f"large?); nothing was applied")

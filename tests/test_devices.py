@@ -18,7 +18,7 @@ from sap_client import cli as client_cli
 from sap_client.bottom import load_server_bottom
 from sap_client.data import TextDataset
 from sap_client.trainer import SplitTrainer, TrainConfig
-from sap_common.devices import DeviceUnavailableError, resolve_device
+from sap_common.devices import DeviceUnavailableError, parse_max_memory, plan_blocks, resolve_device
 from sap_common.models.registry import load_model
 from sap_common.recording import read_recording
 from sap_server import cli as server_cli
@@ -105,11 +105,13 @@ def test_client_asked_for_cuda_without_one_exits_1(command, tmp_path, capsys):
 def test_environment_gives_the_defaults(monkeypatch, tmp_path):
     for name, value in {"SAP_MODEL": "minilm-l6", "SAP_SPLIT": "2", "SAP_PEFT": "bitfit", "SAP_HOST": "0.0.0.0",
                         "SAP_PORT": "6000", "SAP_DEVICE": "cpu", "SAP_DTYPE": "bfloat16",
-                        "SAP_STATE_DIR": str(tmp_path), "SAP_SERVER": "provider:7000"}.items():
+                        "SAP_STATE_DIR": str(tmp_path), "SAP_SERVER": "provider:7000", "SAP_DEVICE_MAP": "balanced",
+                        "SAP_MAX_MEMORY": "cpu=1GiB"}.items():
         monkeypatch.setenv(name, value)
     args = server_cli.build_parser().parse_args([])
     assert (args.model, args.split, args.peft, args.host, args.port, args.device, args.dtype, args.state_dir) == \
            ("minilm-l6", 2, "bitfit", "0.0.0.0", 6000, "cpu", "bfloat16", tmp_path)
+    assert (args.device_map, args.max_memory) == ("balanced", "cpu=1GiB")
     assert server_cli.build_parser().parse_args(["--split", "3"]).split == 3  # a flag beats the environment
     args = client_cli.build_parser().parse_args(["train", "data.csv"])
     assert (args.server, args.device) == ("provider:7000", "cpu")
@@ -219,3 +221,95 @@ def test_cuda_server_and_client_over_two_processes(dtype, tiny_llama, tmp_path):
     assert f"top on cuda in {dtype}" in log, log[-2000:]
     assert metrics["eval_accuracy"] >= 0.75, metrics["history"]
     print(f"\ncuda {dtype}: {json.dumps({k: metrics[k] for k in ('eval_accuracy', 'seconds', 'examples_per_second')})}")
+
+
+# --- a top spread over several devices (--device-map balanced) -------------------------------------------
+
+CPU, GPU0, GPU1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+
+
+def test_plan_blocks_gives_contiguous_balanced_shares():
+    assert plan_blocks([10] * 6, {GPU0: 100, GPU1: 100}) == [GPU0] * 3 + [GPU1] * 3
+    assert plan_blocks([10] * 5, {GPU0: 100, GPU1: 100, CPU: 100}) == [GPU0] * 2 + [GPU1] * 2 + [CPU]
+    assert plan_blocks([10] * 6, {GPU0: 25, GPU1: 100}) == [GPU0] * 2 + [GPU1] * 4, "a full device hands over"
+    assert plan_blocks([10] * 4, {CPU: 2**62}) == [CPU] * 4
+    with pytest.raises(ValueError, match="do not fit"):
+        plan_blocks([10] * 6, {GPU0: 25, GPU1: 25})
+
+
+def test_parse_max_memory():
+    assert parse_max_memory("cuda:0=20GiB, cuda:1=1.5GB,cpu=64GiB") == {
+        GPU0: 20 * 2**30, GPU1: 1_500_000_000, CPU: 64 * 2**30}
+    assert parse_max_memory("cuda=1KiB") == {GPU0: 1024}
+    for bad, message in (("cuda:0", "DEVICE=SIZE"), ("gpu0=1GiB", "device"), ("cuda:0=1GiB,cuda:0=2GiB", "twice"),
+                         ("", "empty"), ("cpu=lots", "DEVICE=SIZE")):
+        with pytest.raises(ValueError, match=message):
+            parse_max_memory(bad)
+
+
+def test_max_memory_without_device_map_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        server_cli.main(["--max-memory", "cpu=1GiB"])
+    assert exit_info.value.code == 2
+    assert "--device-map balanced" in capsys.readouterr().err
+
+
+def _spread_run(folder: Path, tmp_path: Path, max_memory: dict | None, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A short training run on a frozen bottom (CPU) and a top placed by max_memory (or all on device);
+    the session's trained weights."""
+    provider = Provider.from_loaded(load_model(str(folder)), split=1, peft=PeftConfig(), device=device,
+                                    max_memory=max_memory)
+    try:
+        service = LocalTopService(provider)
+        bottom, tokenizer, _ = load_server_bottom(service, service.server_info(), cache_root=tmp_path / "cache")
+        trainer = SplitTrainer(bottom, tokenizer, service, TrainConfig(batch_size=8, learning_rate=1e-2, seed=3))
+        trainer.open(2)
+        data = _dataset(learnable_rows(32, seed=5))
+        trainer.train_batches(data, [list(range(i, i + 8)) for i in range(0, 32, 8)])
+        session = provider.sessions.get(trainer.session_id)
+        devices = [next(block.parameters()).device for block in session.top.blocks]
+        assert next(session.top.head.parameters()).device == devices[-1], "the head follows the last block"
+        return {"devices": devices, **session.trainable_state()}
+    finally:
+        provider.close()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_balanced_map_on_the_cpu_trains_as_the_plain_top(family, tiny_bert, tiny_llama, tmp_path, one_thread):
+    folder = tiny_bert if family == "bert" else tiny_llama
+    spread = _spread_run(folder, tmp_path / "spread", {CPU: 2**40})
+    plain = _spread_run(folder, tmp_path / "plain", None)
+    assert spread.pop("devices") == plain.pop("devices")
+    assert spread.keys() == plain.keys() and all(torch.equal(spread[k], plain[k]) for k in plain)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_top_spread_over_a_gpu_and_the_cpu_trains_as_on_one_device(family, tiny_bert, tiny_llama, tmp_path):
+    """Blocks on cuda:0 and the CPU (one GPU here; two GPUs take the same code path): the hidden states,
+    masks and rotary positions cross devices inside the top, dropout is seeded on both."""
+    folder = tiny_bert if family == "bert" else tiny_llama
+    spread = _spread_run(folder, tmp_path / "spread", {GPU0: 2**40, CPU: 2**40})  # 2 top blocks: one each
+    plain = _spread_run(folder, tmp_path / "plain", None, device="cpu")
+    devices = spread.pop("devices")
+    assert GPU0 in devices and CPU in devices, devices
+    plain.pop("devices")
+    for name, weight in plain.items():
+        assert torch.allclose(spread[name].cpu(), weight, atol=1e-4, rtol=1e-3), name
+
+
+def test_cli_device_map_on_the_cpu_serves_a_client(tiny_llama, tmp_path):
+    metrics, log = _two_process_run(tmp_path, tiny_llama, ["--device-map", "balanced", "--max-memory", "cpu=4GiB"],
+                                    ["--device", "cpu"])
+    assert "top blocks 1..2 over cpu: 2" in log, log[-2000:]
+    assert metrics["eval_accuracy"] >= 0.75, metrics["history"]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cli_device_map_spreads_the_top_over_a_gpu_and_the_cpu(tiny_llama, tmp_path):
+    metrics, log = _two_process_run(tmp_path, tiny_llama,
+                                    ["--device-map", "balanced", "--max-memory", "cuda:0=1GiB,cpu=4GiB"],
+                                    ["--device", "cpu"])
+    assert "top blocks 1..2 over cuda:0: 1, cpu: 1" in log, log[-2000:]
+    assert metrics["eval_accuracy"] >= 0.75, metrics["history"]
+    print(f"\ncuda:0 + cpu: {json.dumps({k: metrics[k] for k in ('eval_accuracy', 'seconds', 'examples_per_second')})}")

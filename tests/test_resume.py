@@ -712,7 +712,8 @@ def _check_against(uninterrupted, run: Path, state: Path, capsys) -> None:
     assert metrics["steps"] == expected_metrics["steps"] and metrics["examples"] == expected_metrics["examples"]
     assert [h["eval_accuracy"] for h in metrics["history"]] == [h["eval_accuracy"] for h in expected_metrics["history"]]
     assert [h["train_loss"] for h in metrics["history"]] == pytest.approx(
-        [h["train_loss"] for h in expected_metrics["history"]], rel=1e-6)
+        [h["train_loss"] for h in expected_metrics["history"]], rel=1e-5)  # the 1e-5: on a 16-core
+    # machine torch's parallel reductions can differ in the last bits between two runs of the same step
     assert metrics["eval_accuracy"] == expected_metrics["eval_accuracy"]
     assert metrics["noise_to_signal"] == pytest.approx(expected_metrics["noise_to_signal"], rel=1e-6)
     adapter_id = json.loads((run / "run.json").read_text())["adapter_id"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,27 +95,59 @@ def run_blocks(
     attention_mask: torch.Tensor,
     rotary: nn.Module | None,
 ) -> torch.Tensor:
-    """Run blocks first_index.. of the original model on hidden (B, T, H) with a (B, T) padding mask."""
+    """Run blocks first_index.. of the original model on hidden (B, T, H) with a (B, T) padding mask.
+
+    The blocks may sit on different devices (sap-server --device-map): the hidden states move to each
+    block's device, the masks and positions once per device; the result is on the last block's device."""
     if len(blocks) == 0:
         return hidden
     if family is ENCODER:
-        mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+        masks_on = _per_device(create_bidirectional_mask(config=config, inputs_embeds=hidden,
+                                                         attention_mask=attention_mask))
         for block in blocks:
-            hidden = block(hidden, attention_mask=mask)
+            device = _device_of(block, hidden.device)
+            hidden = block(hidden.to(device), attention_mask=masks_on(device))
         return hidden
     # Decoder: causal + padding masks, rotary positions 0..T-1 (right padding, as in the unsplit model).
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
     mask_kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
                        position_ids=position_ids)
-    masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-    position_embeddings = rotary(hidden, position_ids)
+    positions_on = _per_device((position_ids, rotary(hidden, position_ids)))
+    masks_on: dict[str, Callable[[torch.device], object]] = {}
     for offset, block in enumerate(blocks):
         kind = _layer_type(config, first_index + offset)
-        if kind not in masks:
-            masks[kind] = create_sliding_window_causal_mask(**mask_kwargs)
-        hidden = block(hidden, attention_mask=masks[kind], position_ids=position_ids,
+        if kind not in masks_on:
+            masks_on[kind] = _per_device(create_causal_mask(**mask_kwargs) if kind == "full_attention"
+                                         else create_sliding_window_causal_mask(**mask_kwargs))
+        device = _device_of(block, hidden.device)
+        block_positions, position_embeddings = positions_on(device)
+        hidden = block(hidden.to(device), attention_mask=masks_on[kind](device), position_ids=block_positions,
                        position_embeddings=position_embeddings)
     return hidden
+
+
+def _device_of(module: nn.Module, default: torch.device) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else default
+
+
+def _per_device(value):
+    """value (a tensor, None, or a tuple of them) -> a function giving it on a device, moved once per device."""
+    copies: dict[torch.device, object] = {}
+
+    def move(item, device):
+        if isinstance(item, torch.Tensor):
+            return item.to(device)
+        if isinstance(item, tuple):
+            return tuple(move(part, device) for part in item)
+        return item
+
+    def on(device: torch.device):
+        if device not in copies:
+            copies[device] = move(value, device)
+        return copies[device]
+
+    return on
 
 
 class EncoderHead(nn.Module):

@@ -65,7 +65,7 @@ class TopModel(nn.Module):
             raise ModelLoadError("this TopModel has no classification head yet (a session attaches one)")
         hidden = run_blocks(self.config, self.family, self.blocks, self.first_index, hidden,
                             attention_mask, self.rotary)
-        return self.head(hidden, attention_mask)
+        return self.head(hidden, attention_mask.to(hidden.device))  # the last block's device (--device-map)
 
 
 def _embeddings(base: nn.Module, config: PretrainedConfig) -> nn.Module:
