@@ -80,7 +80,7 @@ class Grid:
 FULL = Grid(
     models=[ModelGrid("minilm-l6", (0, 1, 2, 4), (1, 2, 4, 8), train_examples=2000, eval_examples=500,
                       learning_rate=1e-3, eia_examples=8, eia_steps=100, eia_lr=0.03, cti_max_at=(1, 2)),
-            ModelGrid("smollm2-135m", (6,), (0.25, 1), train_examples=512, eval_examples=500,
+            ModelGrid("smollm2-135m", (6,), (0.25, 1, 2), train_examples=512, eval_examples=500,
                       learning_rate=1e-3, eia_examples=4, eia_steps=200, eia_lr=0.03, nn_examples=0)],
     extras_at=("minilm-l6", 2, 2.0),
 )
