@@ -152,15 +152,20 @@ def sap_server(model: str, split: int, *, max_sessions: int = 16, threads: int |
         address = _wait_for_line(process, r"sap-server listening on (\S+)", timeout, log)
         yield ServerProcess(process, address)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        process.stdout.close()
-        log.close()
+        _stop(process, log, timeout=30)
+
+
+def _stop(process: subprocess.Popen, log, timeout: float) -> None:
+    """SIGTERM a helper process (the server, the slow-link proxy), SIGKILL it after timeout; close its pipes."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    process.stdout.close()
+    log.close()
 
 
 def _wait_for_line(process: subprocess.Popen, pattern: str, timeout: float, log=None) -> str:
@@ -509,14 +514,7 @@ def slow_link_proxy(target: str, mbit: float, rtt_ms: float) -> Iterator[str]:
     try:
         yield _wait_for_line(proxy, r"slow-link listening on (\S+)", 60, log)
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        try:
-            proxy.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait()
-        proxy.stdout.close()
-        log.close()
+        _stop(proxy, log, timeout=10)
 
 
 def measure_slow_link(address: str, first: SplitSide, batches: list[list[int]], settings: Settings) -> dict:

@@ -33,6 +33,7 @@ from sap_common.service import (
     BackwardResult,
     ServerInfo,
     SessionSpec,
+    read_credentials_file,
 )
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,10 @@ class ClientCredentials:
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """TLS credentials from the PEM files (InvalidInputError naming a file that cannot be read)."""
         return grpc.ssl_channel_credentials(
-            root_certificates=_read_pem(self.tls_ca, "TLS CA (--tls-ca)") if self.tls_ca else None,
-            private_key=_read_pem(self.tls_key, "TLS key (--tls-key)") if self.tls_key else None,
-            certificate_chain=_read_pem(self.tls_cert, "TLS certificate (--tls-cert)") if self.tls_cert else None)
+            root_certificates=read_credentials_file(self.tls_ca, "TLS CA (--tls-ca)") if self.tls_ca else None,
+            private_key=read_credentials_file(self.tls_key, "TLS key (--tls-key)") if self.tls_key else None,
+            certificate_chain=(read_credentials_file(self.tls_cert, "TLS certificate (--tls-cert)")
+                               if self.tls_cert else None))
 
 
 class RemoteTopService:
@@ -310,16 +312,6 @@ def _as_sap_error(exc: grpc.RpcError, address: str, name: str = "call", tries: i
 def _is_loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0].strip("[]")
     return host in ("127.0.0.1", "localhost", "::1")
-
-
-def _read_pem(path: Path, what: str) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidInputError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
-    if not data.strip():
-        raise InvalidInputError(f"{what}: {path} is empty")
-    return data
 
 
 def _safe_target(destination: Path, relative: str) -> Path:

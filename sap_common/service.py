@@ -9,6 +9,8 @@ from typing import Protocol
 
 import torch
 
+from sap_common.errors import InvalidInputError
+
 # gRPC metadata (the wire contract besides sap.proto). Every call of a session after OpenSession carries the
 # secret OpenSession returned; with `sap-server --api-keys`, GetServerInfo, DownloadBottom and OpenSession
 # carry `authorization: Bearer KEY`.
@@ -103,3 +105,15 @@ class TopService(Protocol):
 
     def use_session(self, session_id: str, secret: str | None) -> None:
         """Adopt a session opened elsewhere (its id and secret, e.g. kept by an earlier process)."""
+
+
+def read_credentials_file(path: Path, what: str) -> bytes:
+    """The bytes of a credentials file (API keys, TLS certificate, key or CA), or InvalidInputError that names
+    the file and what it was for; used by both sap-server and sap-client."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+    if not data.strip():
+        raise InvalidInputError(f"{what}: {path} is empty")
+    return data

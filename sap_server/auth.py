@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sap_common.errors import AuthenticationError, InvalidInputError, PermissionDeniedError
-from sap_common.service import API_KEY_METADATA, API_KEY_SCHEME, SESSION_SECRET_METADATA
+from sap_common.service import API_KEY_METADATA, API_KEY_SCHEME, SESSION_SECRET_METADATA, read_credentials_file
 
 SECRET_BYTES = 32  # a session secret is 64 hex digits
 
@@ -67,7 +67,7 @@ class ApiKeys:
     @classmethod
     def from_file(cls, path: Path) -> ApiKeys:
         """One key per line; blank lines and lines starting with '#' are ignored, spaces around keys too."""
-        text = read_file(path, "API key file (--api-keys)").decode("utf-8", errors="replace")
+        text = read_credentials_file(path, "API key file (--api-keys)").decode("utf-8", errors="replace")
         keys = [line.strip() for line in text.splitlines()]
         keys = [key for key in keys if key and not key.startswith("#")]
         if not keys:
@@ -108,20 +108,11 @@ class ServerTls:
 
     @classmethod
     def from_files(cls, cert: Path, key: Path, client_ca: Path | None = None) -> ServerTls:
-        return cls(read_file(cert, "TLS certificate (--tls-cert)"), read_file(key, "TLS key (--tls-key)"),
-                   read_file(client_ca, "client CA (--tls-client-ca)") if client_ca is not None else None)
+        return cls(read_credentials_file(cert, "TLS certificate (--tls-cert)"),
+                   read_credentials_file(key, "TLS key (--tls-key)"),
+                   read_credentials_file(client_ca, "client CA (--tls-client-ca)") if client_ca is not None else None)
 
     @property
     def mutual(self) -> bool:
         return self.client_ca is not None
 
-
-def read_file(path: Path, what: str) -> bytes:
-    """The bytes of a credentials file, or InvalidInputError that names the file and what it was for."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidInputError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
-    if not data.strip():
-        raise InvalidInputError(f"{what}: {path} is empty")
-    return data

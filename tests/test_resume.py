@@ -46,9 +46,11 @@ from sap_server.local import LocalTopService
 from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 from sap_server.trainer import SessionSnapshot
+from session_steps import BATCH, NUM_LABELS
+from session_steps import batch as _batch
+from session_steps import step as _step
 from tiny_models import bert_config, learnable_rows, make_tokenizer, write_csv
 
-HIDDEN, NUM_LABELS, BATCH, LENGTH = 32, 2, 4, 6
 SECRET_KEY = "sap-session-secret"
 Weights = dict[str, torch.Tensor]
 
@@ -59,22 +61,6 @@ def _provider(folder: Path, state_dir: Path | None = None, **kwargs) -> Provider
     return Provider.from_loaded(load_model(str(folder)), split=1, peft=PeftConfig(), state_dir=state_dir, **kwargs)
 
 
-def _batch(seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (B, T, H), right-padded mask (B, T), labels (B,) of one step, from (seed, step) alone."""
-    g = torch.Generator().manual_seed(1000 * seed + step)
-    hidden = torch.randn(BATCH, LENGTH, HIDDEN, generator=g)
-    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
-    mask[0, -2:] = 0
-    return hidden, mask, torch.randint(0, NUM_LABELS, (BATCH,), generator=g)
-
-
-def _step(service, session_id: str, seed: int, step: int) -> BackwardResult:
-    hidden, mask, labels = _batch(seed, step)
-    logits = service.forward(session_id, step, hidden, mask).requires_grad_(True)
-    (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels), logits)
-    result = service.backward(session_id, step, grad)
-    assert (result.applied_step, result.replayed) == (step, False)
-    return result
 
 
 def _spec(seed: int) -> SessionSpec:
