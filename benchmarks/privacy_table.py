@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
 import json
 import logging
 import platform
@@ -36,7 +37,7 @@ from sap_client.bottom import load_server_bottom
 from sap_client.commands import fit_noise
 from sap_client.data import TextDataset, load_labelled_csv
 from sap_client.privacy import NoiseConfig
-from sap_client.rundir import RunDir
+from sap_client.rundir import KEY, RunDir
 from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_server.local import LocalTopService
 from sap_server.peft.config import PeftConfig
@@ -77,6 +78,23 @@ class Grid:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class CtiStudy:
+    """CTI on against off at one split, repeated over seeds (one seed moves accuracy by several points).
+
+    Every seed runs the CTI-off curve and the CTI cells; the CTI cells are compared with the off curve at
+    the same EIA privacy, seed by seed and on the means."""
+
+    model: str
+    split: int
+    seeds: tuple[int, ...]
+    off_ratios: tuple[float, ...]
+    cti_ratios: tuple[float, ...]
+    cti_rows: tuple[str, ...] = ("label", "max")
+    exempt_ratios: tuple[float, ...] = ()  # --cti-mode exempt (no noise on the top tokens), max rows
+    exempt_top: float = 0.02
+
+
 FULL = Grid(
     models=[ModelGrid("minilm-l6", (0, 1, 2, 4), (1, 2, 4, 8), train_examples=2000, eval_examples=500,
                       learning_rate=1e-3, eia_examples=8, eia_steps=100, eia_lr=0.03, cti_max_at=(1, 2)),
@@ -84,6 +102,10 @@ FULL = Grid(
                       learning_rate=1e-3, eia_examples=4, eia_steps=200, eia_lr=0.03, nn_examples=0)],
     extras_at=("minilm-l6", 2, 2.0),
 )
+FULL_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1, 1.5, 2, 2.5), cti_ratios=(1, 1.5),
+                          exempt_ratios=(2, 2.5))
+QUICK_CTI_STUDY = CtiStudy("minilm-l6", 2, seeds=(0, 1), off_ratios=(2, 4), cti_ratios=(2,), cti_rows=("max",),
+                           exempt_ratios=(4,))
 QUICK = Grid(
     models=[ModelGrid("minilm-l6", (0, 2), (4,), train_examples=64, eval_examples=64, learning_rate=1e-3,
                       eia_examples=2, eia_steps=5, eia_lr=0.03, nn_examples=8, eia_length=16, cti_max_at=(4,))],
@@ -120,15 +142,19 @@ class Cell:
         self.work = work
         self._clean_paragraphs: list = []
 
-    def run(self, ratio: float | None, cti: bool, train_bottom: bool, cti_rows: str = "label") -> dict:
+    def run(self, ratio: float | None, cti: bool, train_bottom: bool, cti_rows: str = "label",
+            seed: int | None = None, cti_mode: str = "scale", cti_top: float = 0.1) -> dict:
         grid, spec = self.grid, self.spec
+        seed = grid.seed if seed is None else seed
         split = self.provider.info.split
         bottom = copy.deepcopy(self.pretrained) if train_bottom else self.pretrained
-        config = TrainConfig(batch_size=grid.batch_size, max_length=grid.max_length, seed=grid.seed,
+        config = TrainConfig(batch_size=grid.batch_size, max_length=grid.max_length, seed=seed,
                              learning_rate=spec.learning_rate, train_bottom=train_bottom)
         trainer = SplitTrainer(bottom, self.tokenizer, self.service, config)
         run = RunDir(Path(tempfile.mkdtemp(dir=self.work))).create()
-        noise = NoiseConfig(noise_ratio=ratio, cti=cti, cti_rows=cti_rows)
+        # the noise key comes from the seed (a real client draws a random one), so that a cell can be re-run
+        run.file(KEY).write_text(hashlib.sha256(f"sap privacy table noise key {seed}".encode()).hexdigest() + "\n")
+        noise = NoiseConfig(noise_ratio=ratio, cti=cti, cti_rows=cti_rows, cti_mode=cti_mode, cti_top=cti_top)
         trainer.privatizer = fit_noise(noise, trainer, self.train, run) if ratio is not None else None
         started = time.perf_counter()
         metrics = trainer.fit(self.train, self.held)
@@ -142,19 +168,21 @@ class Cell:
                                    TrainConfig(batch_size=examples, max_length=grid.max_length if nn else spec.eia_length),
                                    trainer.privatizer)
         attack = AttackConfig(attack="nn" if nn else "optimization", steps=spec.eia_steps, lr=spec.eia_lr,
-                              temperature=grid.eia_temperature, seed=grid.seed)
+                              temperature=grid.eia_temperature, seed=seed)
         eia = simulated_audit(attack_view, self.train.subset(list(range(examples))), None, attack,
                               attacker=self.pretrained)
         pooled_view = SplitTrainer(bottom, self.tokenizer, self.service,
                                    TrainConfig(batch_size=32, max_length=grid.aia_length), trainer.privatizer)
         # the paragraphs' clean bottom outputs are the same in every frozen-bottom cell: computed once
         clean = [] if train_bottom else self._clean_paragraphs
-        aia = attribute_report(sent_representations(pooled_view, self.paragraphs, clean), self.parties, grid.seed)
+        aia = attribute_report(sent_representations(pooled_view, self.paragraphs, clean), self.parties, seed)
         privatizer = trainer.privatizer
         return {
             "model": self.provider.info.model_id, "split": split, "total_blocks": self.provider.info.total_blocks,
-            "peft": self.provider.info.peft, "train_bottom": train_bottom,
-            "noise_ratio": ratio, "cti": cti, "cti_rows": cti_rows if cti else None, "eta": privatizer.eta if privatizer else None,
+            "peft": self.provider.info.peft, "train_bottom": train_bottom, "seed": seed,
+            "noise_ratio": ratio, "cti": cti, "cti_rows": cti_rows if cti else None,
+            "cti_mode": cti_mode if cti else None, "cti_top": cti_top if cti and cti_mode == "exempt" else None,
+            "eta": privatizer.eta if privatizer else None,
             "noise_to_signal": privatizer.noise_to_signal if privatizer else 0.0,
             "accuracy": metrics["eval_accuracy"], "eval_majority": metrics["eval_majority"],
             "train_examples": metrics["train_examples"], "eval_examples": metrics["eval_examples"],
@@ -189,6 +217,38 @@ def run_grid(grid: Grid, cells_dir: Path) -> None:
                               cells_dir)
 
 
+def _study_cell_id(study: CtiStudy, seed: int, ratio: float, rows: str | None, exempt: bool = False) -> str:
+    kind = "off" if rows is None else f"cti-exempt{study.exempt_top:g}-{rows}" if exempt else f"cti-{rows}"
+    return f"{study.model}_k{study.split}_s{seed}_R{ratio:g}_{kind}"
+
+
+def run_cti_study(grid: Grid, study: CtiStudy, study_dir: Path) -> None:
+    study_dir.mkdir(parents=True, exist_ok=True)
+    spec = next(m for m in grid.models if m.model == study.model)
+    plan = [(seed, r, None, False) for seed in study.seeds for r in study.off_ratios]
+    plan += [(seed, r, rows, False) for seed in study.seeds for r in study.cti_ratios for rows in study.cti_rows]
+    plan += [(seed, r, "max", True) for seed in study.seeds for r in study.exempt_ratios]
+    todo = [p for p in plan if not (study_dir / f"{_study_cell_id(study, *p)}.json").exists()]
+    if not todo:
+        return
+    provider = Provider.load(spec.model, study.split, PeftConfig(method="lora"))
+    service = LocalTopService(provider)
+    with tempfile.TemporaryDirectory(prefix="sap-cti-study-") as work:
+        pretrained, tokenizer, _ = load_server_bottom(service, provider.info, Path(work) / "bottoms")
+        pretrained.eval()
+        cell = Cell(grid, spec, provider, service, pretrained, tokenizer, _datasets(spec, grid), Path(work))
+        for seed, ratio, rows, exempt in todo:
+            name = _study_cell_id(study, seed, ratio, rows, exempt)
+            log.info("CTI study cell %s", name)
+            torch.manual_seed(seed)
+            result = cell.run(ratio, rows is not None, False, rows or "label", seed=seed,
+                              cti_mode="exempt" if exempt else "scale", cti_top=study.exempt_top)
+            (study_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+            log.info("cell %s: accuracy %.3f, EIA privacy %.3f (train %.0f s, attacks %.0f s)", name,
+                     result["accuracy"], result["eia_privacy"], result["train_seconds"], result["attack_seconds"])
+    provider.close()
+
+
 def _run_provider(grid: Grid, spec: ModelGrid, split: int, method: str, data, plan, cells_dir: Path) -> None:
     provider = Provider.load(spec.model, split, PeftConfig(method=method))
     service = LocalTopService(provider)
@@ -219,7 +279,10 @@ CTI_KINDS = ("off", "label", "max")  # CTI off; on with each text's class row (D
 
 
 def cti_kind(row: dict) -> str:
-    return "off" if not row["cti"] else row.get("cti_rows") or "label"
+    if not row["cti"]:
+        return "off"
+    rows = row.get("cti_rows") or "label"
+    return f"exempt {row['cti_top']:g}, {rows}" if row.get("cti_mode") == "exempt" else rows
 
 
 def load_cells(cells_dir: Path) -> list[dict]:
@@ -368,6 +431,53 @@ def findings(rows: list[dict]) -> list[str]:
     return lines
 
 
+def study_findings(study: CtiStudy, cells: list[dict]) -> list[str]:
+    """The CTI study's table and its comparison at equal privacy, per seed and on the means over seeds."""
+    def order(kind: str) -> int:
+        return CTI_KINDS.index(kind) if kind in CTI_KINDS else len(CTI_KINDS)
+
+    configs = sorted({(cti_kind(r), float(r["noise_ratio"])) for r in cells}, key=lambda c: (order(c[0]), c[1]))
+    seeds = sorted({r["seed"] for r in cells})
+    by = {(cti_kind(r), float(r["noise_ratio"]), r["seed"]): r for r in cells}
+    lines = [f"Model {study.model}, split k = {study.split}, frozen bottom, LoRA; seeds {', '.join(map(str, seeds))} "
+             "(each seed: data order, adapter initialisation, noise key, attack start). "
+             "`python benchmarks/privacy_table.py` runs it after the grid; cells in privacy_table/cti_study/.", "",
+             "| CTI | R | noise/signal sent | accuracy per seed | mean accuracy | EIA privacy per seed | mean EIA privacy |",
+             "|---|---|---|---|---|---|---|"]
+    means = {}
+    for c in configs:
+        got = [by[(*c, s)] for s in seeds if (*c, s) in by]
+        acc = [r["accuracy"] for r in got]
+        priv = [r["eia_privacy"] for r in got]
+        means[c] = (sum(priv) / len(priv), sum(acc) / len(acc), len(got))
+        lines.append(f"| {c[0]} | {c[1]:g} | {sum(float(r['noise_to_signal']) for r in got) / len(got):.2f} "
+                     f"| {' / '.join(f'{a:.3f}' for a in acc)} | {means[c][1]:.3f} "
+                     f"| {' / '.join(f'{p:.2f}' for p in priv)} | {means[c][0]:.2f} |")
+    lines += ["", "CTI against the CTI-off curve at the same EIA privacy (linear between the off points; each seed "
+              "against its own off curve, and the means against the mean curve):"]
+    for c in configs:
+        if c[0] == "off":
+            continue
+        per_seed = []
+        for s in seeds:
+            off = [{"eia_privacy": by[(k, r, s)]["eia_privacy"], "accuracy": by[(k, r, s)]["accuracy"]}
+                   for k, r in configs if k == "off" and (k, r, s) in by]
+            mine = by.get((*c, s))
+            reference = _interpolate(off, mine["eia_privacy"]) if mine else None
+            per_seed.append(None if reference is None else mine["accuracy"] - reference)
+        mean_off = [{"eia_privacy": p, "accuracy": a} for (k, _), (p, a, _) in means.items() if k == "off"]
+        reference = _interpolate(mean_off, means[c][0])
+        shown = ", ".join("outside" if d is None else f"{d:+.3f}" for d in per_seed)
+        inside = [d for d in per_seed if d is not None]
+        lines.append(f"- {c[0]} rows, R {c[1]:g}: mean privacy {means[c][0]:.2f}, mean accuracy {means[c][1]:.3f}; "
+                     + ("outside the mean off curve" if reference is None else
+                        f"off curve there {reference:.3f} ({means[c][1] - reference:+.3f})")
+                     + f"; per seed {shown}"
+                     + (f" (mean {sum(inside) / len(inside):+.3f}, {sum(d > 0 for d in inside)} of {len(inside)} above)"
+                        if inside else ""))
+    return lines
+
+
 def _versions() -> str:
     import peft
     import transformers
@@ -376,13 +486,14 @@ def _versions() -> str:
             f"peft {peft.__version__}; {platform.machine()}, {torch.get_num_threads()} threads")
 
 
-def write_report(grid: Grid, rows: list[dict], out: Path, command: str, seconds: float | None) -> None:
+def write_report(grid: Grid, rows: list[dict], out: Path, command: str, seconds: float | None,
+                 study: CtiStudy | None = None, study_cells: list[dict] | None = None) -> None:
     write_csv(rows, out / "privacy_table.csv")
     write_plot(rows, out / "privacy_table.png")
     settings = json.dumps(asdict(grid))
     lines = ["# Utility and privacy of the split, on real data", "",
-             f"Written by `{command}` ({_versions()}); seed {grid.seed} everywhere (data order, server "
-             "weights, noise key derivation, attacks)." + (f" Wall time {seconds / 60:.0f} min." if seconds else ""),
+             f"Written by `{command}` ({_versions()}); seed {grid.seed} (data order, adapter "
+             "initialisation, noise key, attacks); the CTI study at the end repeats its cells over several seeds." + (f" Wall time {seconds / 60:.0f} min." if seconds else ""),
              "", f"Grid: `{settings}`", "",
              "R is the noise ratio E||n|| / mean||h|| at the split (the eta that gives it is in the CSV). Accuracy: "
              "held-out movie snippets after one epoch through the split. EIA: tokens of the first training "
@@ -392,6 +503,8 @@ def write_report(grid: Grid, rows: list[dict], out: Path, command: str, seconds:
              "Files: privacy_table.csv, privacy_table.png, privacy_table/cells/*.json.", ""]
     lines += markdown_table(rows)
     lines += ["", "## What the cells show (computed)", ""] + findings(rows)
+    if study and study_cells:
+        lines += ["", "## CTI over several seeds (computed)", ""] + study_findings(study, study_cells)
     discussion = Path(__file__).with_name("privacy_table_discussion.md")  # written by a person, after a run
     if discussion.exists():
         lines += ["", discussion.read_text().rstrip()]
@@ -415,13 +528,18 @@ def main(argv: list[str] | None = None) -> int:
     name = "privacy_table_quick" if args.quick else "privacy_table"
     out = args.out if not args.quick else args.out / name
     cells_dir = args.out / name / "cells"
+    study = QUICK_CTI_STUDY if args.quick else FULL_CTI_STUDY
+    study_dir = args.out / name / "cti_study"
     started = time.perf_counter()
     if not args.report_only:
         run_grid(grid, cells_dir)
+        if study.model in {m.model for m in grid.models}:
+            run_cti_study(grid, study, study_dir)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/privacy_table.py" + (" --quick" if args.quick else "")
+    study_cells = [json.loads(p.read_text()) for p in sorted(study_dir.glob("*.json"))]
     write_report(grid, load_cells(cells_dir), out, command,
-                 None if args.report_only else time.perf_counter() - started)
+                 None if args.report_only else time.perf_counter() - started, study, study_cells)
     print(f"wrote {out / 'privacy_table.md'}, .csv and .png from {len(list(cells_dir.glob('*.json')))} cells")
     return 0
 

@@ -63,3 +63,18 @@ def test_report_files(tmp_path):
     with (tmp_path / "privacy_table.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(ROWS)
     assert (tmp_path / "privacy_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cti_study_compares_each_seed_with_its_own_off_curve_and_the_means():
+    study = privacy_table.CtiStudy("m", 4, seeds=(0, 1), off_ratios=(1, 2), cti_ratios=(1,), cti_rows=("max",))
+    cells = [_cell(4, 1, False, 0.70, 0.20, seed=0), _cell(4, 2, False, 0.60, 0.60, seed=0),
+             _cell(4, 1, False, 0.72, 0.30, seed=1), _cell(4, 2, False, 0.56, 0.70, seed=1),
+             _cell(4, 1, True, 0.66, 0.40, seed=0, cti_rows="max"),
+             _cell(4, 1, True, 0.60, 0.80, seed=1, cti_rows="max")]  # beyond seed 1's own off curve
+    text = "\n".join(privacy_table.study_findings(study, cells))
+    assert "| off | 1 | 1.00 | 0.700 / 0.720 | 0.710 | 0.20 / 0.30 | 0.25 |" in text
+    # seed 0: off curve at privacy 0.40 is 0.70 + (0.60 - 0.70) * 0.5 = 0.65, so +0.010; seed 1 has no comparison
+    # means: CTI (0.60, 0.63) against the mean off curve (0.25, 0.71)-(0.65, 0.58), read at 0.60
+    assert ("max rows, R 1: mean privacy 0.60, mean accuracy 0.630; off curve there "
+            f"{0.71 + (0.58 - 0.71) * (0.60 - 0.25) / 0.40:.3f}") in text
+    assert "per seed +0.010, outside (mean +0.010, 1 of 1 above)" in text
