@@ -65,9 +65,9 @@ clean:
 compose-demo:
 	docker compose -f docker/compose.yaml up --build --abort-on-container-exit --exit-code-from client
 
-# The paper's utility/privacy table on real data (benchmarks/privacy_table.py; its cells took 104 min on a
-# shared 2-core machine). Finished cells are kept in benchmarks/results/privacy_table/cells/: a stopped
-# run resumes where it stopped.
+# The paper's utility/privacy table on real data (benchmarks/privacy_table.py), then its CTI study over
+# three seeds; their cells took about 2.5 h on a shared 2-core machine. Finished cells are kept in
+# benchmarks/results/privacy_table/{cells,cti_study}/: a stopped run resumes where it stopped.
 .PHONY: privacy-table
 privacy-table: install models data
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/privacy_table.py

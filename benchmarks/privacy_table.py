@@ -442,6 +442,7 @@ def study_findings(study: CtiStudy, cells: list[dict]) -> list[str]:
     lines = [f"Model {study.model}, split k = {study.split}, frozen bottom, LoRA; seeds {', '.join(map(str, seeds))} "
              "(each seed: data order, adapter initialisation, noise key, attack start). "
              "`python benchmarks/privacy_table.py` runs it after the grid; cells in privacy_table/cti_study/.", "",
+             f"Study: `{json.dumps(asdict(study))}`", "",
              "| CTI | R | noise/signal sent | accuracy per seed | mean accuracy | EIA privacy per seed | mean EIA privacy |",
              "|---|---|---|---|---|---|---|"]
     means = {}
