@@ -29,6 +29,7 @@ from sap_common.service import SessionSpec
 from sap_server.auth import check_session_secret, new_session_secret, require_secret, secret_digest
 from sap_server.checkpoints import ClosedSession, SessionStore
 from sap_server.compute import compute_thread
+from sap_server.heap import trim_heap
 from sap_server.peft import PeftConfig, apply_peft
 from sap_server.trainer import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_BATCH_TOKENS, TopTrainer
 
@@ -276,6 +277,8 @@ class SessionManager:
                 self._sessions.pop(session_id, None)
                 trainer.unloaded = True
                 self._remember_closed(session_id, record)
+        del trainer  # the last reference: the session's tensors are freed here
+        trim_heap()
         log.info("session %s… closed after %d steps", session_id[:8], record.steps_applied)
         return record
 
@@ -318,6 +321,9 @@ class SessionManager:
                 done.append(sid)
             finally:
                 trainer.lock.release()
+        if done:
+            del idle, trainer  # the unloaded sessions' last references
+            trim_heap()
         return done
 
     def checkpoint_loaded(self) -> int:
