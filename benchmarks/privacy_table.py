@@ -212,9 +212,11 @@ def run_grid(grid: Grid, cells_dir: Path) -> None:
             todo_peft = [m for m in ("bitfit", "adapter") if extras and not
                          (cells_dir / f"{_cell_id(spec.model, split, extra_ratio, False, m, False)}.json").exists()]
             for method in (["lora"] if todo else []) + todo_peft:
-                _run_provider(grid, spec, split, method, data,
-                              todo if method == "lora" else [(extra_ratio, False, False, "label")],
-                              cells_dir)
+                plan_here = todo if method == "lora" else [(extra_ratio, False, False, "label")]
+                jobs = [(_cell_id(spec.model, split, ratio, cti, method, train_bottom, cti_rows), grid.seed,
+                         {"ratio": ratio, "cti": cti, "train_bottom": train_bottom, "cti_rows": cti_rows})
+                        for ratio, cti, train_bottom, cti_rows in plan_here]
+                _run_cells(grid, spec, split, method, data, jobs, cells_dir)
 
 
 def _study_cell_id(study: CtiStudy, seed: int, ratio: float, rows: str | None, exempt: bool = False) -> str:
@@ -228,40 +230,29 @@ def run_cti_study(grid: Grid, study: CtiStudy, study_dir: Path) -> None:
     plan = [(seed, r, None, False) for seed in study.seeds for r in study.off_ratios]
     plan += [(seed, r, rows, False) for seed in study.seeds for r in study.cti_ratios for rows in study.cti_rows]
     plan += [(seed, r, "max", True) for seed in study.seeds for r in study.exempt_ratios]
-    todo = [p for p in plan if not (study_dir / f"{_study_cell_id(study, *p)}.json").exists()]
-    if not todo:
-        return
-    provider = Provider.load(spec.model, study.split, PeftConfig(method="lora"))
-    service = LocalTopService(provider)
-    with tempfile.TemporaryDirectory(prefix="sap-cti-study-") as work:
-        pretrained, tokenizer, _ = load_server_bottom(service, provider.info, Path(work) / "bottoms")
-        pretrained.eval()
-        cell = Cell(grid, spec, provider, service, pretrained, tokenizer, _datasets(spec, grid), Path(work))
-        for seed, ratio, rows, exempt in todo:
-            name = _study_cell_id(study, seed, ratio, rows, exempt)
-            log.info("CTI study cell %s", name)
-            torch.manual_seed(seed)
-            result = cell.run(ratio, rows is not None, False, rows or "label", seed=seed,
-                              cti_mode="exempt" if exempt else "scale", cti_top=study.exempt_top)
-            (study_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-            log.info("cell %s: accuracy %.3f, EIA privacy %.3f (train %.0f s, attacks %.0f s)", name,
-                     result["accuracy"], result["eia_privacy"], result["train_seconds"], result["attack_seconds"])
-    provider.close()
+    jobs = [(_study_cell_id(study, seed, ratio, rows, exempt), seed,
+             {"ratio": ratio, "cti": rows is not None, "train_bottom": False, "cti_rows": rows or "label",
+              "cti_mode": "exempt" if exempt else "scale", "cti_top": study.exempt_top})
+            for seed, ratio, rows, exempt in plan]
+    todo = [job for job in jobs if not (study_dir / f"{job[0]}.json").exists()]
+    if todo:
+        _run_cells(grid, spec, study.split, "lora", _datasets(spec, grid), todo, study_dir)
 
 
-def _run_provider(grid: Grid, spec: ModelGrid, split: int, method: str, data, plan, cells_dir: Path) -> None:
+def _run_cells(grid: Grid, spec: ModelGrid, split: int, method: str, data, jobs: list[tuple[str, int, dict]],
+               out_dir: Path) -> None:
+    """Load the provider once, then run each job (cell name, seed, Cell.run settings) and write its JSON."""
     provider = Provider.load(spec.model, split, PeftConfig(method=method))
     service = LocalTopService(provider)
     with tempfile.TemporaryDirectory(prefix="sap-privacy-table-") as work:
         pretrained, tokenizer, _ = load_server_bottom(service, provider.info, Path(work) / "bottoms")
         pretrained.eval()
         cell = Cell(grid, spec, provider, service, pretrained, tokenizer, data, Path(work))
-        for ratio, cti, train_bottom, cti_rows in plan:
-            name = _cell_id(spec.model, split, ratio, cti, method, train_bottom, cti_rows)
+        for name, seed, settings in jobs:
             log.info("cell %s", name)
-            torch.manual_seed(grid.seed)
-            result = cell.run(ratio, cti, train_bottom, cti_rows)
-            (cells_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+            torch.manual_seed(seed)
+            result = cell.run(seed=seed, **settings)
+            (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
             log.info("cell %s: accuracy %.3f, EIA privacy %.3f, AIA accuracy %.3f (train %.0f s, attacks %.0f s)",
                      name, result["accuracy"], result["eia_privacy"], result["aia_accuracy"],
                      result["train_seconds"], result["attack_seconds"])
@@ -450,7 +441,7 @@ def study_findings(study: CtiStudy, cells: list[dict]) -> list[str]:
         got = [by[(*c, s)] for s in seeds if (*c, s) in by]
         acc = [r["accuracy"] for r in got]
         priv = [r["eia_privacy"] for r in got]
-        means[c] = (sum(priv) / len(priv), sum(acc) / len(acc), len(got))
+        means[c] = (sum(priv) / len(priv), sum(acc) / len(acc))
         lines.append(f"| {c[0]} | {c[1]:g} | {sum(float(r['noise_to_signal']) for r in got) / len(got):.2f} "
                      f"| {' / '.join(f'{a:.3f}' for a in acc)} | {means[c][1]:.3f} "
                      f"| {' / '.join(f'{p:.2f}' for p in priv)} | {means[c][0]:.2f} |")
@@ -466,7 +457,7 @@ def study_findings(study: CtiStudy, cells: list[dict]) -> list[str]:
             mine = by.get((*c, s))
             reference = _interpolate(off, mine["eia_privacy"]) if mine else None
             per_seed.append(None if reference is None else mine["accuracy"] - reference)
-        mean_off = [{"eia_privacy": p, "accuracy": a} for (k, _), (p, a, _) in means.items() if k == "off"]
+        mean_off = [{"eia_privacy": p, "accuracy": a} for (k, _), (p, a) in means.items() if k == "off"]
         reference = _interpolate(mean_off, means[c][0])
         shown = ", ".join("outside" if d is None else f"{d:+.3f}" for d in per_seed)
         inside = [d for d in per_seed if d is not None]

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import sys
 
-log = logging.getLogger(__name__)
 _trim = None
 if sys.platform.startswith("linux"):
     try:
