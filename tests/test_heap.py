@@ -24,6 +24,7 @@ import re, torch
 from pathlib import Path
 from sap_server.heap import trim_heap
 rss = lambda: int(re.search(r"VmRSS:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+before = rss()
 first = torch.empty(1 << 18)  # freeing a 1 MiB block raises glibc's mmap threshold: later ones come from the heap
 del first
 big, small = [], []
@@ -33,7 +34,7 @@ for _ in range(200):
 del big
 kept = rss()
 assert trim_heap()
-print(kept, rss())
+print(before, kept, rss())
 """
 
 
@@ -41,7 +42,10 @@ print(kept, rss())
 def test_trim_returns_pages_that_the_heap_keeps():
     # in a fresh process: the test process's heap is shaped by whatever ran before
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120, check=True)
-    kept, trimmed = map(float, out.stdout.split())
+    before, kept, trimmed = map(float, out.stdout.split())
+    if kept - before < 150:  # seen on a 16-core GPU machine (torch 2.11): the freed blocks were already gone
+        pytest.skip(f"this allocator handed the freed blocks back by itself (RSS {before:.0f} -> {kept:.0f} MiB "
+                    f"after freeing 200 MiB): nothing for malloc_trim to return")
     assert kept - trimmed > 100, f"malloc_trim handed back {kept - trimmed:.0f} of the 200 MiB freed"
 
 
