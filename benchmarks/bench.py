@@ -8,8 +8,8 @@ PEFT fine-tuning of the same model, in one run, on the same machine, data, batch
 The split side is the real thing: a `sap-server` subprocess on loopback (`--port 0`) and, in this process,
 the client (SplitTrainer over RemoteTopService: frozen bottom, d_chi noise, packed wire).
 The single-process side is AutoModelForSequenceClassification with the same PEFT on the same top blocks,
-frozen bottom blocks, AdamW, trained on the same batches. The two are timed in alternating chunks
-(ABBA order) so machine noise hits both alike; warm-up steps are not timed.
+frozen bottom blocks, AdamW, trained on the same batches. The two are timed in alternating chunks of
+2 steps (ABBA order) so machine noise hits both alike; warm-up steps are not timed.
 
 Threads: the single process is first timed at 1 torch thread and at one per core, and runs at the faster
 (the baseline at its best: on 2 cores, two threads win on an idle machine and lose badly on a busy one,
@@ -98,8 +98,11 @@ class Settings:
     noise_ratio: float = 0.25  # E||noise|| / mean||h||, as the demo
     wire_dtype: str = "bfloat16"  # the lean wire the throughput and bytes figures use
     warmup_steps: int = 3  # per side, untimed
-    rounds: int = 4  # alternating timed chunks per side
-    steps_per_round: int = 6
+    # Timed steps per side = rounds * steps_per_round, alternating every steps_per_round steps: this machine's
+    # speed drifts by 20-30 % over seconds, and short chunks put both sides in the same stretch of it
+    # (benchmarks/README.md: chunks of 6 steps gave ratios of 0.83-1.12 over six runs, of 2 steps 0.91-1.02).
+    rounds: int = 20
+    steps_per_round: int = 2
     predict_warmup: int = 2
     predict_reps: dict[int, int] = field(default_factory=lambda: {1: 16, 32: 6})  # batch -> timed calls
     wire_steps: int = 3  # steps per wire dtype for the bytes-per-dtype figures
@@ -384,17 +387,21 @@ class SingleSide:
 # --- measurements ------------------------------------------------------------------------------------
 
 
-def alternate(runs: dict[str, Callable[[object], float]], chunks: list,
-              cpu: Callable[[], float] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+def alternate(runs: dict[str, Callable[[object], float]], chunks: list, cpu: Callable[[], float] | None = None,
+              per_chunk: dict[str, list[float]] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Run each side on every chunk, alternating which goes first (ABBA...): total wall seconds per side,
-    and CPU seconds per side as counted by cpu() (both processes), which a busy machine disturbs less."""
+    and CPU seconds per side as counted by cpu() (both processes), which a busy machine disturbs less.
+    per_chunk, if given, receives each side's wall seconds chunk by chunk."""
     names = list(runs)
     wall, cpu_used = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     for index, chunk in enumerate(chunks):
         for name in names if index % 2 == 0 else names[::-1]:
             before = cpu() if cpu else 0.0
-            wall[name] += runs[name](chunk)
+            seconds = runs[name](chunk)
+            wall[name] += seconds
             cpu_used[name] += (cpu() - before) if cpu else 0.0
+            if per_chunk is not None:
+                per_chunk.setdefault(name, []).append(seconds)
     return wall, cpu_used
 
 
@@ -426,8 +433,9 @@ def measure_training(split: SplitSide, single: SingleSide, batches: list[list[in
     size = settings.steps_per_round
     chunks = [timed[i:i + size] for i in range(0, len(timed), size)]
     sent_before = split.service.bytes_sent
+    per_chunk: dict[str, list[float]] = {}
     seconds, cpu = alternate({"split": split.train, "single": single.train}, chunks,
-                             cpu=lambda: cpu_seconds(server_pid))
+                             cpu=lambda: cpu_seconds(server_pid), per_chunk=per_chunk)
     sent = split.service.bytes_sent - sent_before
     examples = sum(len(b) for b in timed)
     again = {}
@@ -452,6 +460,10 @@ def measure_training(split: SplitSide, single: SingleSide, batches: list[list[in
         "split_cpu_seconds_per_example": cpu["split"] / examples,
         "single_cpu_seconds_per_example": cpu["single"] / examples,
         "cpu_ratio": cpu["split"] / cpu["single"] if cpu["single"] > 0 else None,
+        # the spread behind the ratio: each chunk's seconds per step, chunk by chunk in the order they ran
+        "chunk_steps": size,
+        "split_seconds_per_step_by_chunk": [round(t / len(c), 4) for t, c in zip(per_chunk["split"], chunks)],
+        "single_seconds_per_step_by_chunk": [round(t / len(c), 4) for t, c in zip(per_chunk["single"], chunks)],
         "wire_dtype": settings.wire_dtype,
         "bytes_sent_per_example": sent / examples,
         "naive_bytes_per_example": naive,
@@ -856,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
                         memory=not args.quick, slow_link=args.slow_link or not args.quick,
                         second_epoch=not args.quick)
     if not args.quick:  # more timed steps: the full run has the time
-        settings = replace(settings, rounds=6, steps_per_round=8, predict_reps={1: 40, 32: 12})
+        settings = replace(settings, rounds=24, predict_reps={1: 40, 32: 12})
     settings = replace(settings, rounds=args.rounds or settings.rounds,
                        steps_per_round=args.steps_per_round or settings.steps_per_round)
     models = args.models or list(QUICK_MODELS if args.quick else FULL_MODELS)

@@ -42,6 +42,12 @@ def _check_core(result: dict, settings: bench.Settings) -> None:
                 "naive_bytes_per_example", "wire_bytes_ratio", "real_tokens_per_example",
                 "split_cpu_seconds_per_example", "single_cpu_seconds_per_example", "cpu_ratio"):
         assert _positive(training[key]), (key, training[key])
+    # the chunks behind the ratio: one entry per round and side, adding up to the totals
+    for side in ("split", "single"):
+        per_step = training[f"{side}_seconds_per_step_by_chunk"]
+        assert len(per_step) == settings.rounds and all(_positive(v) for v in per_step)
+        rounding = settings.rounds * settings.steps_per_round * 5e-5  # each entry is rounded to 0.1 ms
+        assert sum(per_step) * settings.steps_per_round == pytest.approx(training[f"{side}_seconds"], abs=rounding)
     # packing drops the padding (texts are far shorter than max_length) and bfloat16 halves the rest
     assert training["wire_bytes_ratio"] < 1
     assert training["naive_bytes_per_example"] == settings.max_length * (result["hidden_size"] * 4 + 8)
