@@ -66,8 +66,8 @@ compose-demo:
 	docker compose -f docker/compose.yaml up --build --abort-on-container-exit --exit-code-from client
 
 # The paper's utility/privacy table on real data (benchmarks/privacy_table.py), then its CTI study over
-# three seeds; their cells took about 2.5 h on a shared 2-core machine. Finished cells are kept in
-# benchmarks/results/privacy_table/{cells,cti_study}/: a stopped run resumes where it stopped.
+# three seeds, two cells at a time (the wall time of the last run is in benchmarks/results/privacy_table.md).
+# Finished cells are kept in benchmarks/results/privacy_table/{cells,cti_study}/: a stopped run resumes.
 .PHONY: privacy-table
 privacy-table: install models data
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/privacy_table.py

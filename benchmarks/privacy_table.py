@@ -9,11 +9,12 @@ bottom and LoRA on the provider's top:
   (exact position-aware nearest neighbour at k = 0, the optimization attack at k >= 1);
 - AIA: the party of convention paragraphs, predicted by an MLP on mean-pooled sent vectors (an
   auxiliary half trains it, the disjoint victim half scores it).
-Plus, at one operating point, the trained bottom, BitFit and Adapter. Each cell is written to
-CELLS_DIR as it finishes, so an interrupted run resumes where it stopped; the table, CSV and PNG are
-rebuilt from every cell at the end.
+Plus, at one operating point, the trained bottom, BitFit and Adapter; then a CTI study (CTI against no
+CTI at equal privacy, over three seeds). Cells run two at a time in worker processes (--workers), the
+slowest model's first. Each cell is written to its folder as it finishes, so an interrupted run resumes
+where it stopped; the table, CSV and PNG are rebuilt from every cell at the end.
 
-    python benchmarks/privacy_table.py [--quick] [--out benchmarks/results]
+    python benchmarks/privacy_table.py [--quick] [--workers 2] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ from sap_server.provider import Provider
 
 log = logging.getLogger("privacy_table")
 ROOT = Path(__file__).resolve().parent.parent
-SNIPPETS = ROOT / "data" / "movie_snippets.csv"
-PARAGRAPHS = ROOT / "data" / "convention_paragraphs.csv"
 
 
 @dataclass
@@ -76,6 +75,8 @@ class Grid:
     seed: int = 0
     eia_temperature: float = 0.2
     notes: list[str] = field(default_factory=list)
+    snippets: str = "data/movie_snippets.csv"  # text,label (relative to the repository root)
+    paragraphs: str = "data/convention_paragraphs.csv"  # text,party
 
 
 @dataclass
@@ -96,14 +97,15 @@ class CtiStudy:
 
 
 FULL = Grid(
-    models=[ModelGrid("minilm-l6", (0, 1, 2, 4), (1, 2, 4, 8), train_examples=2000, eval_examples=500,
-                      learning_rate=1e-3, eia_examples=8, eia_steps=100, eia_lr=0.03, cti_max_at=(1, 2)),
+    models=[ModelGrid("minilm-l6", (0, 1, 2, 4), (2, 4, 8), train_examples=2000, eval_examples=500,
+                      learning_rate=1e-3, eia_examples=8, eia_steps=100, eia_lr=0.03),
             ModelGrid("smollm2-135m", (6,), (0.25, 1, 2), train_examples=512, eval_examples=500,
                       learning_rate=1e-3, eia_examples=4, eia_steps=200, eia_lr=0.03, nn_examples=0)],
     extras_at=("minilm-l6", 2, 2.0),
 )
-FULL_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1, 1.5, 2, 2.5), cti_ratios=(1, 1.5),
-                          exempt_ratios=(2, 2.5))
+# The CTI-off curve brackets the CTI cells' privacy (label rows at R 1: about 0.5; exempt at R 2: about 0.6).
+FULL_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1, 1.5, 2), cti_ratios=(1,),
+                          cti_rows=("label",), exempt_ratios=(2,))
 QUICK_CTI_STUDY = CtiStudy("minilm-l6", 2, seeds=(0, 1), off_ratios=(2, 4), cti_ratios=(2,), cti_rows=("max",),
                            exempt_ratios=(4,))
 QUICK = Grid(
@@ -117,15 +119,15 @@ def _cell_id(model: str, split: int, ratio: float | None, cti: bool, peft: str, 
              cti_rows: str = "label") -> str:
     noise = "none" if ratio is None else f"R{ratio:g}"
     shaped = ("_cti" + ("-max" if cti_rows == "max" else "")) if cti else ""
-    return f"{model}_k{split}_{noise}{shaped}_{peft}{'_trained-bottom' if train_bottom else ''}"
+    return f"{Path(model).name}_k{split}_{noise}{shaped}_{peft}{'_trained-bottom' if train_bottom else ''}"
 
 
 def _datasets(spec: ModelGrid, grid: Grid) -> tuple[TextDataset, TextDataset, TextDataset, list[int]]:
-    snippets = load_labelled_csv(SNIPPETS, "text", "label")
+    snippets = load_labelled_csv(ROOT / grid.snippets, "text", "label")
     train = snippets.subset(list(range(spec.train_examples)))
     # held-out snippets from the far end of the file: disjoint from every training set above
     held = snippets.subset(list(range(len(snippets) - spec.eval_examples, len(snippets))))
-    paragraphs = load_labelled_csv(PARAGRAPHS, "text", "party")
+    paragraphs = load_labelled_csv(ROOT / grid.paragraphs, "text", "party")
     order = torch.randperm(len(paragraphs), generator=torch.Generator().manual_seed(grid.seed))
     aia = paragraphs.subset(sorted(order[:grid.aia_examples].tolist()))
     return train, held, TextDataset(aia.texts, [], []), aia.labels
@@ -196,11 +198,46 @@ class Cell:
         }
 
 
-def run_grid(grid: Grid, cells_dir: Path) -> None:
-    cells_dir.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class Task:
+    """One cell to run: which provider it needs (model, split, PEFT method), its name, seed and settings."""
+
+    model: str
+    split: int
+    method: str
+    name: str
+    seed: int
+    settings: dict
+    out_dir: Path
+
+    @property
+    def path(self) -> Path:
+        return self.out_dir / f"{self.name}.json"
+
+    @property
+    def signature(self) -> tuple:
+        """What the cell computes: two tasks with one signature give the same figures."""
+        s = self.settings
+        return _signature(self.model, self.split, self.method, s["train_bottom"], self.seed, s["ratio"], s["cti"],
+                          s.get("cti_rows", "label"), s.get("cti_mode", "scale"), s.get("cti_top"))
+
+
+def _signature(model: str, split: int, method: str, train_bottom: bool, seed: int, ratio: float | None, cti: bool,
+               rows: str | None, mode: str | None, top: float | None) -> tuple:
+    return (Path(model).name, split, method, bool(train_bottom), seed, ratio, bool(cti), rows if cti else None,
+            (mode or "scale") if cti else None, top if cti and mode == "exempt" else None)
+
+
+def _row_signature(row: dict) -> tuple:
+    return _signature(row["model"], row["split"], row["peft"], row["train_bottom"], row["seed"], row["noise_ratio"],
+                      row["cti"], row.get("cti_rows"), row.get("cti_mode"), row.get("cti_top"))
+
+
+def grid_tasks(grid: Grid, cells_dir: Path) -> list[Task]:
+    """Every cell of the grid: per split, no noise, then each R with CTI off and on (+ max rows), extras."""
     extra_model, extra_split, extra_ratio = grid.extras_at
+    tasks = []
     for spec in grid.models:
-        data = _datasets(spec, grid)
         for split in spec.splits:
             plan = [(None, False, False, "label")] + [(r, cti, False, "label") for r in spec.ratios
                                                       for cti in (False, True)]
@@ -208,55 +245,122 @@ def run_grid(grid: Grid, cells_dir: Path) -> None:
             extras = (spec.model, split) == (extra_model, extra_split)
             if extras:
                 plan.append((extra_ratio, False, True, "label"))  # the trained bottom, at the operating point
-            todo = [p for p in plan if not (cells_dir / f"{_cell_id(spec.model, split, p[0], p[1], 'lora', p[2], p[3])}.json").exists()]
-            todo_peft = [m for m in ("bitfit", "adapter") if extras and not
-                         (cells_dir / f"{_cell_id(spec.model, split, extra_ratio, False, m, False)}.json").exists()]
-            for method in (["lora"] if todo else []) + todo_peft:
-                plan_here = todo if method == "lora" else [(extra_ratio, False, False, "label")]
-                jobs = [(_cell_id(spec.model, split, ratio, cti, method, train_bottom, cti_rows), grid.seed,
-                         {"ratio": ratio, "cti": cti, "train_bottom": train_bottom, "cti_rows": cti_rows})
-                        for ratio, cti, train_bottom, cti_rows in plan_here]
-                _run_cells(grid, spec, split, method, data, jobs, cells_dir)
+            for method, cells in [("lora", plan)] + [(m, [(extra_ratio, False, False, "label")])
+                                                     for m in (("bitfit", "adapter") if extras else ())]:
+                tasks += [Task(spec.model, split, method, _cell_id(spec.model, split, ratio, cti, method, bottom, rows),
+                               grid.seed, {"ratio": ratio, "cti": cti, "train_bottom": bottom, "cti_rows": rows},
+                               cells_dir) for ratio, cti, bottom, rows in cells]
+    return tasks
 
 
 def _study_cell_id(study: CtiStudy, seed: int, ratio: float, rows: str | None, exempt: bool = False) -> str:
     kind = "off" if rows is None else f"cti-exempt{study.exempt_top:g}-{rows}" if exempt else f"cti-{rows}"
-    return f"{study.model}_k{study.split}_s{seed}_R{ratio:g}_{kind}"
+    return f"{Path(study.model).name}_k{study.split}_s{seed}_R{ratio:g}_{kind}"
 
 
-def run_cti_study(grid: Grid, study: CtiStudy, study_dir: Path) -> None:
-    study_dir.mkdir(parents=True, exist_ok=True)
-    spec = next(m for m in grid.models if m.model == study.model)
+def study_tasks(study: CtiStudy, study_dir: Path, shared: list[Task] = ()) -> list[Task]:
+    """Every cell of the CTI study: per seed, the CTI-off curve, the CTI cells and the exempt cells; less those
+    that a task in `shared` (the grid's) computes already (`study_rows` takes them from there)."""
     plan = [(seed, r, None, False) for seed in study.seeds for r in study.off_ratios]
     plan += [(seed, r, rows, False) for seed in study.seeds for r in study.cti_ratios for rows in study.cti_rows]
     plan += [(seed, r, "max", True) for seed in study.seeds for r in study.exempt_ratios]
-    jobs = [(_study_cell_id(study, seed, ratio, rows, exempt), seed,
-             {"ratio": ratio, "cti": rows is not None, "train_bottom": False, "cti_rows": rows or "label",
-              "cti_mode": "exempt" if exempt else "scale", "cti_top": study.exempt_top})
+    tasks = [Task(study.model, study.split, "lora", _study_cell_id(study, seed, ratio, rows, exempt), seed,
+                 {"ratio": ratio, "cti": rows is not None, "train_bottom": False, "cti_rows": rows or "label",
+                  "cti_mode": "exempt" if exempt else "scale", "cti_top": study.exempt_top}, study_dir)
             for seed, ratio, rows, exempt in plan]
-    todo = [job for job in jobs if not (study_dir / f"{job[0]}.json").exists()]
-    if todo:
-        _run_cells(grid, spec, study.split, "lora", _datasets(spec, grid), todo, study_dir)
+    done_elsewhere = {task.signature for task in shared}
+    return [task for task in tasks if task.signature not in done_elsewhere]
 
 
-def _run_cells(grid: Grid, spec: ModelGrid, split: int, method: str, data, jobs: list[tuple[str, int, dict]],
-               out_dir: Path) -> None:
-    """Load the provider once, then run each job (cell name, seed, Cell.run settings) and write its JSON."""
-    provider = Provider.load(spec.model, split, PeftConfig(method=method))
-    service = LocalTopService(provider)
-    with tempfile.TemporaryDirectory(prefix="sap-privacy-table-") as work:
-        pretrained, tokenizer, _ = load_server_bottom(service, provider.info, Path(work) / "bottoms")
+def study_rows(study: CtiStudy, study_cells: list[dict], grid_rows: list[dict]) -> list[dict]:
+    """The study's cells: its own, and the grid's cells that are part of its plan."""
+    planned = {task.signature for task in study_tasks(study, Path("."))}
+    have = {_row_signature(row) for row in study_cells}
+    return study_cells + [row for row in grid_rows if _row_signature(row) in planned - have]
+
+
+def schedule(grid: Grid, tasks: list[Task]) -> list[Task]:
+    """The cells still to run (no JSON yet), the slowest model's first: with several workers taking cells in
+    this order, the long cells start early instead of leaving one worker busy at the end. Within a model the
+    order is kept, so that a worker mostly meets cells of the provider it already holds."""
+    cost = {spec.model: spec.train_examples * (6 if spec.model.startswith("smollm2") else 1) for spec in grid.models}
+    todo = [task for task in tasks if not task.path.exists()]
+    return sorted(todo, key=lambda task: -cost.get(task.model, 0))  # sorted() is stable
+
+
+# One worker's state: the provider (model, split, method) it holds and the Cell built on it, reused while the
+# next cell needs the same provider; and the data sets per model.
+_WORKER: dict = {}
+
+
+def _start_worker(grid: Grid, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(name)s %(message)s")
+    _WORKER.clear()
+    _WORKER.update(grid=grid, key=None, data={})
+
+
+def _unload() -> None:
+    if _WORKER.get("key") is not None:
+        _WORKER["provider"].close()
+        _WORKER["work"].cleanup()
+        _WORKER["key"] = None
+
+
+def _run_task(task: Task) -> dict:
+    """Run one cell in this worker (loading its provider unless held already) and write its JSON."""
+    grid = _WORKER["grid"]
+    spec = next(m for m in grid.models if m.model == task.model)
+    if _WORKER["key"] != (task.model, task.split, task.method):
+        _unload()
+        provider = Provider.load(task.model, task.split, PeftConfig(method=task.method))
+        service = LocalTopService(provider)
+        work = tempfile.TemporaryDirectory(prefix="sap-privacy-table-")
+        pretrained, tokenizer, _ = load_server_bottom(service, provider.info, Path(work.name) / "bottoms")
         pretrained.eval()
-        cell = Cell(grid, spec, provider, service, pretrained, tokenizer, data, Path(work))
-        for name, seed, settings in jobs:
-            log.info("cell %s", name)
-            torch.manual_seed(seed)
-            result = cell.run(seed=seed, **settings)
-            (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-            log.info("cell %s: accuracy %.3f, EIA privacy %.3f, AIA accuracy %.3f (train %.0f s, attacks %.0f s)",
-                     name, result["accuracy"], result["eia_privacy"], result["aia_accuracy"],
-                     result["train_seconds"], result["attack_seconds"])
-    provider.close()
+        if task.model not in _WORKER["data"]:
+            _WORKER["data"][task.model] = _datasets(spec, grid)
+        cell = Cell(grid, spec, provider, service, pretrained, tokenizer, _WORKER["data"][task.model], Path(work.name))
+        _WORKER.update(key=(task.model, task.split, task.method), provider=provider, work=work, cell=cell)
+    log.info("cell %s", task.name)
+    torch.manual_seed(task.seed)
+    result = _WORKER["cell"].run(seed=task.seed, **task.settings)
+    task.out_dir.mkdir(parents=True, exist_ok=True)
+    partial = task.path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    partial.replace(task.path)  # a cell's JSON is whole or absent: an interrupted run resumes cleanly
+    log.info("cell %s: accuracy %.3f, EIA privacy %.3f, AIA accuracy %.3f (train %.0f s, attacks %.0f s)",
+             task.name, result["accuracy"], result["eia_privacy"], result["aia_accuracy"],
+             result["train_seconds"], result["attack_seconds"])
+    return result
+
+
+def run_tasks(grid: Grid, tasks: list[Task], workers: int = 1) -> None:
+    """Run the cells in order: in this process (workers = 1), or spread over worker processes that share the
+    machine's cores (each gets cores // workers torch threads; a cell's own timings then include the sharing)."""
+    if workers <= 1 or len(tasks) <= 1:
+        _start_worker(grid, None)
+        try:
+            for task in tasks:
+                _run_task(task)
+        finally:
+            _unload()
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker, initargs=(grid, threads)) as pool:
+        futures = [pool.submit(_run_task, task) for task in tasks]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in done if f.exception() is not None]
+        if failed:
+            for future in futures:
+                future.cancel()
+            raise failed[0].exception()
 
 
 # --- the report -----------------------------------------------------------------------------------------
@@ -509,7 +613,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--models", nargs="+", metavar="MODEL", help="run only these models' rows of the grid")
     parser.add_argument("--report-only", action="store_true", help="rebuild the table from the cells only")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="cells run at once, in separate processes sharing the cores (default 2: on 2 cores two "
+                             "1-thread cells finish sooner than one 2-thread cell after the other)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     grid = QUICK if args.quick else FULL
     if args.models:
@@ -524,13 +633,17 @@ def main(argv: list[str] | None = None) -> int:
     study_dir = args.out / name / "cti_study"
     started = time.perf_counter()
     if not args.report_only:
-        run_grid(grid, cells_dir)
+        tasks = grid_tasks(grid, cells_dir)
         if study.model in {m.model for m in grid.models}:
-            run_cti_study(grid, study, study_dir)
+            tasks += study_tasks(study, study_dir, shared=tasks)
+        todo = schedule(grid, tasks)
+        log.info("%d cells, %d to run, %d worker(s)", len(tasks), len(todo), args.workers)
+        run_tasks(grid, todo, args.workers)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/privacy_table.py" + (" --quick" if args.quick else "")
-    study_cells = [json.loads(p.read_text()) for p in sorted(study_dir.glob("*.json"))]
-    write_report(grid, load_cells(cells_dir), out, command,
+    rows = load_cells(cells_dir)
+    study_cells = study_rows(study, [json.loads(p.read_text()) for p in sorted(study_dir.glob("*.json"))], rows)
+    write_report(grid, rows, out, command,
                  None if args.report_only else time.perf_counter() - started, study, study_cells)
     print(f"wrote {out / 'privacy_table.md'}, .csv and .png from {len(list(cells_dir.glob('*.json')))} cells")
     return 0

@@ -5,17 +5,15 @@ real models (`make privacy-table`), far too long for the test suite."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("privacy_table", ROOT / "benchmarks" / "privacy_table.py")
-privacy_table = importlib.util.module_from_spec(spec)
-sys.modules["privacy_table"] = privacy_table  # dataclasses look their module up by name
-spec.loader.exec_module(privacy_table)
+# on sys.path, so that the worker processes it spawns (which get this sys.path) can import it too
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import privacy_table  # noqa: E402
 
 
 def _cell(split: int, ratio: float | None, cti: bool, accuracy: float, privacy: float, **extra) -> dict:
@@ -78,3 +76,72 @@ def test_cti_study_compares_each_seed_with_its_own_off_curve_and_the_means():
     assert ("max rows, R 1: mean privacy 0.60, mean accuracy 0.630; off curve there "
             f"{0.71 + (0.58 - 0.71) * (0.60 - 0.25) / 0.40:.3f}") in text
     assert "per seed +0.010, outside (mean +0.010, 1 of 1 above)" in text
+
+
+# --- running cells: the schedule, and the worker processes on a tiny model ---------------------------------
+
+def _tiny_grid(model: Path, data: Path):
+    words = ["good", "great", "fine", "bad", "dull", "poor", "film", "plot", "actor", "scene"]
+    with (data / "snippets.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(40):
+            writer.writerow([" ".join(words[(i * 7 + j) % len(words)] for j in range(6)), "pos" if i % 2 else "neg"])
+    with (data / "paragraphs.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "party"])
+        for i in range(24):
+            writer.writerow([" ".join(words[(i * 3 + j) % len(words)] for j in range(8)), "a" if i % 3 else "b"])
+    spec = privacy_table.ModelGrid(str(model), (0, 1), (4,), train_examples=16, eval_examples=8, learning_rate=1e-3,
+                                   eia_examples=2, eia_steps=3, eia_lr=0.03, nn_examples=4, eia_length=8)
+    return privacy_table.Grid(models=[spec], extras_at=("none", 0, 0.0), aia_examples=16, aia_length=16,
+                              batch_size=8, max_length=16, snippets=str(data / "snippets.csv"),
+                              paragraphs=str(data / "paragraphs.csv"))
+
+
+def test_schedule_skips_finished_cells_and_starts_the_slowest_model(tmp_path):
+    grid = privacy_table.FULL
+    tasks = privacy_table.grid_tasks(grid, tmp_path / "cells")
+    study = privacy_table.study_tasks(privacy_table.FULL_CTI_STUDY, tmp_path / "study")
+    # per MiniLM split: none + 3 R x CTI off/on (+ trained bottom, BitFit, Adapter at k 2); SmolLM2 the same
+    assert len(tasks) == 4 * 7 + 3 + 7 and len({t.name for t in tasks}) == len(tasks)
+    # per seed: off at R 1, 1.5, 2, label rows at R 1, exempt at R 2; the grid's k = 4 row holds seed 0's off R 2
+    assert len(study) == 3 * 5
+    shared = privacy_table.study_tasks(privacy_table.FULL_CTI_STUDY, tmp_path / "study", shared=tasks)
+    assert [t.name for t in study if t not in shared] == ["minilm-l6_k4_s0_R2_off"]
+    (tmp_path / "cells").mkdir()
+    tasks[0].path.write_text("{}")
+    order = privacy_table.schedule(grid, tasks + shared)
+    assert tasks[0] not in order and len(order) == len(tasks) + len(shared) - 1
+    assert {t.model for t in order[:7]} == {"smollm2-135m"} and {t.model for t in order[7:]} == {"minilm-l6"}
+    assert [t.name for t in order[7:]] == [t.name for t in tasks[1:] + shared if t.model == "minilm-l6"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cells_run_in_worker_processes_and_resume(tiny_bert, tmp_path, workers):
+    grid = _tiny_grid(tiny_bert, tmp_path)
+    tasks = privacy_table.grid_tasks(grid, tmp_path / "cells")
+    assert len(tasks) == 2 * 3  # k 0 and 1: no noise, R 4 with CTI off and on
+    privacy_table.run_tasks(grid, privacy_table.schedule(grid, tasks), workers=workers)
+    rows = privacy_table.load_cells(tmp_path / "cells")
+    assert sorted(r["split"] for r in rows) == [0, 0, 0, 1, 1, 1]
+    for row in rows:
+        assert row["train_examples"] == 16 and row["eval_examples"] == 8 and 0 <= row["accuracy"] <= 1
+        assert row["eia_attack"] == ("nn" if row["split"] == 0 else "optimization")
+        assert 0 <= row["eia_privacy"] <= 1 and row["aia_victims"] > 0
+        assert (row["eta"] is None) == (row["noise_ratio"] is None)
+    # no noise at k = 0: the nearest-neighbour attack reads every token back
+    assert next(r for r in rows if r["split"] == 0 and r["noise_ratio"] is None)["eia_privacy"] == 0.0
+    assert not list((tmp_path / "cells").glob("*.partial"))
+    assert privacy_table.schedule(grid, tasks) == []  # a second run has nothing left to do
+
+
+def test_study_takes_its_planned_cells_from_the_grid():
+    study = privacy_table.CtiStudy("m", 4, seeds=(0, 1), off_ratios=(1, 2), cti_ratios=(1,), cti_rows=("label",))
+    own = [_cell(4, 1, False, 0.70, 0.20, seed=1)]
+    grid = [_cell(4, 1, False, 0.71, 0.21, seed=0), _cell(4, 4, False, 0.50, 0.90, seed=0),  # R 4: not planned
+            _cell(4, 1, True, 0.68, 0.50, seed=0, cti_rows="label", cti_mode="scale"),
+            _cell(2, 1, False, 0.75, 0.10, seed=0),  # another split
+            _cell(4, 1, False, 0.69, 0.22, seed=1)]  # the study has its own seed-1 cell
+    rows = privacy_table.study_rows(study, own, grid)
+    assert rows == own + [grid[0], grid[2]]
