@@ -105,10 +105,12 @@ def test_schedule_skips_finished_cells_and_starts_the_slowest_model(tmp_path):
     study = privacy_table.study_tasks(privacy_table.FULL_CTI_STUDY, tmp_path / "study")
     # per MiniLM split: none + 3 R x CTI off/on (+ trained bottom, BitFit, Adapter at k 2); SmolLM2 the same
     assert len(tasks) == 4 * 7 + 3 + 7 and len({t.name for t in tasks}) == len(tasks)
-    # per seed: off at R 1, 1.5, 2, label rows at R 1, exempt at R 2; the grid's k = 4 row holds seed 0's off R 2
-    assert len(study) == 3 * 5
+    # per seed: off at R 1.5, 2, 2.5, 3, 4, label rows at R 1 and 2, exempt at R 2; the grid's k = 4 row (seed 0)
+    # holds three of them
+    assert len(study) == 3 * 8
     shared = privacy_table.study_tasks(privacy_table.FULL_CTI_STUDY, tmp_path / "study", shared=tasks)
-    assert [t.name for t in study if t not in shared] == ["minilm-l6_k4_s0_R2_off"]
+    assert [t.name for t in study if t not in shared] == ["minilm-l6_k4_s0_R2_off", "minilm-l6_k4_s0_R4_off",
+                                                          "minilm-l6_k4_s0_R2_cti-label"]
     (tmp_path / "cells").mkdir()
     tasks[0].path.write_text("{}")
     order = privacy_table.schedule(grid, tasks + shared)
