@@ -62,6 +62,7 @@ class ModelGrid:
     nn_examples: int = 200  # nearest-neighbour attack (k = 0): cheap, so more snippets
     eia_length: int = 32
     cti_max_at: tuple[float, ...] = ()  # CTI with --cti-rows max (label-independent noise) too, at these R
+    cell_cost: float = 1.0  # a cell's run time relative to the others' (the scheduler starts costly cells first)
 
 
 @dataclass
@@ -100,7 +101,7 @@ FULL = Grid(
     models=[ModelGrid("minilm-l6", (0, 1, 2, 4), (2, 4, 8), train_examples=2000, eval_examples=500,
                       learning_rate=1e-3, eia_examples=8, eia_steps=100, eia_lr=0.03),
             ModelGrid("smollm2-135m", (6,), (0.25, 1, 2), train_examples=512, eval_examples=500,
-                      learning_rate=1e-3, eia_examples=4, eia_steps=200, eia_lr=0.03, nn_examples=0)],
+                      learning_rate=1e-3, eia_examples=4, eia_steps=200, eia_lr=0.03, nn_examples=0, cell_cost=3.0)],
     extras_at=("minilm-l6", 2, 2.0),
 )
 # The CTI-off curve brackets the CTI cells' privacy: label rows at R 1 (about 0.5) and R 2 (about 0.9), exempt
@@ -235,7 +236,8 @@ def _row_signature(row: dict) -> tuple:
 
 
 def grid_tasks(grid: Grid, cells_dir: Path) -> list[Task]:
-    """Every cell of the grid: per split, no noise, then each R with CTI off and on (+ max rows), extras."""
+    """Every cell of the grid: per split, no noise, then each R with CTI off and on (+ max rows at cti_max_at),
+    and the extras (trained bottom, BitFit, Adapter) at their operating point."""
     extra_model, extra_split, extra_ratio = grid.extras_at
     tasks = []
     for spec in grid.models:
@@ -284,7 +286,7 @@ def schedule(grid: Grid, tasks: list[Task]) -> list[Task]:
     """The cells still to run (no JSON yet), the slowest model's first: with several workers taking cells in
     this order, the long cells start early instead of leaving one worker busy at the end. Within a model the
     order is kept, so that a worker mostly meets cells of the provider it already holds."""
-    cost = {spec.model: spec.train_examples * (6 if spec.model.startswith("smollm2") else 1) for spec in grid.models}
+    cost = {spec.model: spec.cell_cost for spec in grid.models}
     todo = [task for task in tasks if not task.path.exists()]
     return sorted(todo, key=lambda task: -cost.get(task.model, 0))  # sorted() is stable
 
