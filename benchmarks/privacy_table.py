@@ -15,6 +15,7 @@ slowest model's first. Each cell is written to its folder as it finishes, so an 
 where it stopped; the table, CSV and PNG are rebuilt from every cell at the end.
 
     python benchmarks/privacy_table.py [--quick] [--workers 2] [--out benchmarks/results]
+    python benchmarks/privacy_table.py --epochs-study   # CTI with three passes over the data (not in make)
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ class CtiStudy:
     cti_rows: tuple[str, ...] = ("label", "max")
     exempt_ratios: tuple[float, ...] = ()  # --cti-mode exempt (no noise on the top tokens), max rows
     exempt_top: float = 0.02
+    epochs: int = 1  # passes over the training snippets (the sent vectors are the same in every pass)
+    folder: str = "cti_study"  # under the table's folder
+    title: str = "CTI over several seeds"
+    how: str = "`python benchmarks/privacy_table.py` runs it after the grid"
 
 
 FULL = Grid(
@@ -108,6 +113,13 @@ FULL = Grid(
 # at R 2 (about 0.6).
 FULL_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2, 2.5, 3, 4), cti_ratios=(1, 2),
                           cti_rows=("label",), exempt_ratios=(2,))
+# Is one pass over the data what keeps CTI from paying? The same comparison where CTI's privacy is about 0.5
+# and 0.6, with three passes (not part of make privacy-table: about 25 minutes more).
+EPOCHS_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2, 2.5), cti_ratios=(1,),
+                            cti_rows=("label",), exempt_ratios=(2,), epochs=3, folder="cti_study_3_epochs",
+                            title="CTI with three passes over the training snippets",
+                            how="`python benchmarks/privacy_table.py --epochs-study` runs it (not part of "
+                                "`make privacy-table`)")
 QUICK_CTI_STUDY = CtiStudy("minilm-l6", 2, seeds=(0, 1), off_ratios=(2, 4), cti_ratios=(2,), cti_rows=("max",),
                            exempt_ratios=(4,))
 QUICK = Grid(
@@ -147,13 +159,13 @@ class Cell:
         self._clean_paragraphs: list = []
 
     def run(self, ratio: float | None, cti: bool, train_bottom: bool, cti_rows: str = "label",
-            seed: int | None = None, cti_mode: str = "scale", cti_top: float = 0.1) -> dict:
+            seed: int | None = None, cti_mode: str = "scale", cti_top: float = 0.1, epochs: int = 1) -> dict:
         grid, spec = self.grid, self.spec
         seed = grid.seed if seed is None else seed
         split = self.provider.info.split
         bottom = copy.deepcopy(self.pretrained) if train_bottom else self.pretrained
         config = TrainConfig(batch_size=grid.batch_size, max_length=grid.max_length, seed=seed,
-                             learning_rate=spec.learning_rate, train_bottom=train_bottom)
+                             learning_rate=spec.learning_rate, train_bottom=train_bottom, epochs=epochs)
         trainer = SplitTrainer(bottom, self.tokenizer, self.service, config)
         run = RunDir(Path(tempfile.mkdtemp(dir=self.work))).create()
         # the noise key comes from the seed (a real client draws a random one), so that a cell can be re-run
@@ -183,7 +195,7 @@ class Cell:
         privatizer = trainer.privatizer
         return {
             "model": self.provider.info.model_id, "split": split, "total_blocks": self.provider.info.total_blocks,
-            "peft": self.provider.info.peft, "train_bottom": train_bottom, "seed": seed,
+            "peft": self.provider.info.peft, "train_bottom": train_bottom, "seed": seed, "epochs": epochs,
             "noise_ratio": ratio, "cti": cti, "cti_rows": cti_rows if cti else None,
             "cti_mode": cti_mode if cti else None, "cti_top": cti_top if cti and cti_mode == "exempt" else None,
             "eta": privatizer.eta if privatizer else None,
@@ -221,18 +233,18 @@ class Task:
         """What the cell computes: two tasks with one signature give the same figures."""
         s = self.settings
         return _signature(self.model, self.split, self.method, s["train_bottom"], self.seed, s["ratio"], s["cti"],
-                          s.get("cti_rows", "label"), s.get("cti_mode", "scale"), s.get("cti_top"))
+                          s.get("cti_rows", "label"), s.get("cti_mode", "scale"), s.get("cti_top"), s.get("epochs", 1))
 
 
 def _signature(model: str, split: int, method: str, train_bottom: bool, seed: int, ratio: float | None, cti: bool,
-               rows: str | None, mode: str | None, top: float | None) -> tuple:
+               rows: str | None, mode: str | None, top: float | None, epochs: int = 1) -> tuple:
     return (Path(model).name, split, method, bool(train_bottom), seed, ratio, bool(cti), rows if cti else None,
-            (mode or "scale") if cti else None, top if cti and mode == "exempt" else None)
+            (mode or "scale") if cti else None, top if cti and mode == "exempt" else None, epochs)
 
 
 def _row_signature(row: dict) -> tuple:
     return _signature(row["model"], row["split"], row["peft"], row["train_bottom"], row["seed"], row["noise_ratio"],
-                      row["cti"], row.get("cti_rows"), row.get("cti_mode"), row.get("cti_top"))
+                      row["cti"], row.get("cti_rows"), row.get("cti_mode"), row.get("cti_top"), row.get("epochs", 1))
 
 
 def grid_tasks(grid: Grid, cells_dir: Path) -> list[Task]:
@@ -258,7 +270,8 @@ def grid_tasks(grid: Grid, cells_dir: Path) -> list[Task]:
 
 def _study_cell_id(study: CtiStudy, seed: int, ratio: float, rows: str | None, exempt: bool = False) -> str:
     kind = "off" if rows is None else f"cti-exempt{study.exempt_top:g}-{rows}" if exempt else f"cti-{rows}"
-    return f"{Path(study.model).name}_k{study.split}_s{seed}_R{ratio:g}_{kind}"
+    passes = f"_e{study.epochs}" if study.epochs != 1 else ""
+    return f"{Path(study.model).name}_k{study.split}_s{seed}_R{ratio:g}_{kind}{passes}"
 
 
 def study_tasks(study: CtiStudy, study_dir: Path, shared: list[Task] = ()) -> list[Task]:
@@ -269,7 +282,8 @@ def study_tasks(study: CtiStudy, study_dir: Path, shared: list[Task] = ()) -> li
     plan += [(seed, r, "max", True) for seed in study.seeds for r in study.exempt_ratios]
     tasks = [Task(study.model, study.split, "lora", _study_cell_id(study, seed, ratio, rows, exempt), seed,
                  {"ratio": ratio, "cti": rows is not None, "train_bottom": False, "cti_rows": rows or "label",
-                  "cti_mode": "exempt" if exempt else "scale", "cti_top": study.exempt_top}, study_dir)
+                  "cti_mode": "exempt" if exempt else "scale", "cti_top": study.exempt_top, "epochs": study.epochs},
+                 study_dir)
             for seed, ratio, rows, exempt in plan]
     done_elsewhere = {task.signature for task in shared}
     return [task for task in tasks if task.signature not in done_elsewhere]
@@ -540,10 +554,13 @@ def study_findings(study: CtiStudy, cells: list[dict]) -> list[str]:
     configs = sorted({(cti_kind(r), float(r["noise_ratio"])) for r in cells}, key=lambda c: (order(c[0]), c[1]))
     seeds = sorted({r["seed"] for r in cells})
     by = {(cti_kind(r), float(r["noise_ratio"]), r["seed"]): r for r in cells}
-    lines = [f"Model {study.model}, split k = {study.split}, frozen bottom, LoRA; seeds {', '.join(map(str, seeds))} "
+    passes = "one pass" if study.epochs == 1 else f"{study.epochs} passes"
+    lines = [f"Model {study.model}, split k = {study.split}, frozen bottom, LoRA, {passes} over the training "
+             f"snippets; seeds {', '.join(map(str, seeds))} "
              "(each seed: data order, adapter initialisation, noise key, attack start). "
-             "`python benchmarks/privacy_table.py` runs it after the grid; cells in privacy_table/cti_study/.", "",
-             f"Study: `{json.dumps(asdict(study))}`", "",
+             f"{study.how}; cells in privacy_table/{study.folder}/.", "",
+             f"Study: `{json.dumps({k: v for k, v in asdict(study).items() if k not in ('folder', 'title', 'how')})}`",
+             "",
              "| CTI | R | noise/signal sent | accuracy per seed | mean accuracy | EIA privacy per seed | mean EIA privacy |",
              "|---|---|---|---|---|---|---|"]
     means = {}
@@ -589,7 +606,8 @@ def _versions() -> str:
 
 
 def write_report(grid: Grid, rows: list[dict], out: Path, command: str, seconds: float | None,
-                 study: CtiStudy | None = None, study_cells: list[dict] | None = None) -> None:
+                 studies: list[tuple[CtiStudy, list[dict]]] = ()) -> None:
+    """privacy_table.md (table, computed findings, each study that has cells, the written discussion), .csv, .png."""
     write_csv(rows, out / "privacy_table.csv")
     write_plot(rows, out / "privacy_table.png")
     settings = json.dumps(asdict(grid))
@@ -605,8 +623,9 @@ def write_report(grid: Grid, rows: list[dict], out: Path, command: str, seconds:
              "Files: privacy_table.csv, privacy_table.png, privacy_table/cells/*.json.", ""]
     lines += markdown_table(rows)
     lines += ["", "## What the cells show (computed)", ""] + findings(rows)
-    if study and study_cells:
-        lines += ["", "## CTI over several seeds (computed)", ""] + study_findings(study, study_cells)
+    for study, study_cells in studies:
+        if study_cells:
+            lines += ["", f"## {study.title} (computed)", ""] + study_findings(study, study_cells)
     discussion = Path(__file__).with_name("privacy_table_discussion.md")  # written by a person, after a run
     if discussion.exists():
         lines += ["", discussion.read_text().rstrip()]
@@ -619,6 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--models", nargs="+", metavar="MODEL", help="run only these models' rows of the grid")
     parser.add_argument("--report-only", action="store_true", help="rebuild the table from the cells only")
+    parser.add_argument("--epochs-study", action="store_true",
+                        help="run only the CTI study with three passes over the data (MiniLM k = 4, three seeds, "
+                             "12 cells, about 25 min; not part of make privacy-table), then rebuild the report")
     parser.add_argument("--workers", type=int, default=2,
                         help="cells run at once, in separate processes sharing the cores (default 2: on 2 cores two "
                              "1-thread cells finish sooner than one 2-thread cell after the other)")
@@ -635,22 +657,33 @@ def main(argv: list[str] | None = None) -> int:
     name = "privacy_table_quick" if args.quick else "privacy_table"
     out = args.out if not args.quick else args.out / name
     cells_dir = args.out / name / "cells"
+    if args.quick and args.epochs_study:
+        parser.error("--epochs-study runs on the full grid's model and data; it has no quick form")
+    if args.epochs_study and EPOCHS_CTI_STUDY.model not in {m.model for m in grid.models}:
+        parser.error(f"--epochs-study needs {EPOCHS_CTI_STUDY.model} in --models")
     study = QUICK_CTI_STUDY if args.quick else FULL_CTI_STUDY
-    study_dir = args.out / name / "cti_study"
+    studies = [study] + ([] if args.quick else [EPOCHS_CTI_STUDY])
     started = time.perf_counter()
     if not args.report_only:
-        tasks = grid_tasks(grid, cells_dir)
-        if study.model in {m.model for m in grid.models}:
-            tasks += study_tasks(study, study_dir, shared=tasks)
+        if args.epochs_study:
+            tasks = study_tasks(EPOCHS_CTI_STUDY, args.out / name / EPOCHS_CTI_STUDY.folder)
+        else:
+            tasks = grid_tasks(grid, cells_dir)
+            if study.model in {m.model for m in grid.models}:
+                tasks += study_tasks(study, args.out / name / study.folder, shared=tasks)
         todo = schedule(grid, tasks)
         log.info("%d cells, %d to run, %d worker(s)", len(tasks), len(todo), args.workers)
         run_tasks(grid, todo, args.workers)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/privacy_table.py" + (" --quick" if args.quick else "")
     rows = load_cells(cells_dir)
-    study_cells = study_rows(study, [json.loads(p.read_text()) for p in sorted(study_dir.glob("*.json"))], rows)
-    write_report(grid, rows, out, command,
-                 None if args.report_only else time.perf_counter() - started, study, study_cells)
+    found = [(s, study_rows(s, [json.loads(p.read_text()) for p in sorted((args.out / name / s.folder).glob("*.json"))],
+                            rows)) for s in studies]
+    seconds = time.perf_counter() - started
+    if args.epochs_study:
+        log.info("the study with three passes took %.1f min", seconds / 60)
+    # the header's wall time is the whole table's: only a run of the grid (and its study) measures it
+    write_report(grid, rows, out, command, None if args.report_only or args.epochs_study else seconds, found)
     print(f"wrote {out / 'privacy_table.md'}, .csv and .png from {len(list(cells_dir.glob('*.json')))} cells")
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,18 @@ def test_study_takes_its_planned_cells_from_the_grid():
             _cell(4, 1, False, 0.69, 0.22, seed=1)]  # the study has its own seed-1 cell
     rows = privacy_table.study_rows(study, own, grid)
     assert rows == own + [grid[0], grid[2]]
+
+
+def test_a_study_with_more_passes_has_its_own_cells_and_the_same_sent_vectors(tiny_bert, tmp_path):
+    grid = _tiny_grid(tiny_bert, tmp_path)
+    one = privacy_table.CtiStudy(str(tiny_bert), 1, seeds=(0,), off_ratios=(4,), cti_ratios=(), cti_rows=())
+    two = replace(one, epochs=2, folder="two")
+    first, second = (privacy_table.study_tasks(s, tmp_path / s.folder) for s in (one, two))
+    assert [t.settings["epochs"] for t in first + second] == [1, 2]
+    assert first[0].signature != second[0].signature and second[0].name.endswith("_R4_off_e2")
+    assert privacy_table.study_tasks(two, tmp_path / "two", shared=first) == second  # nothing shared across passes
+    privacy_table.run_tasks(grid, first + second, workers=1)
+    (a,), (b,) = (privacy_table.load_cells(tmp_path / s.folder) for s in (one, two))
+    assert (a["epochs"], b["epochs"]) == (1, 2)
+    # a frozen bottom sends each example once, whatever the passes: the attacks see the same vectors
+    assert a["eia_recovery"] == b["eia_recovery"] and a["aia_accuracy"] == b["aia_accuracy"]
