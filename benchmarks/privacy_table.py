@@ -114,7 +114,7 @@ FULL = Grid(
 FULL_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2, 2.5, 3, 4), cti_ratios=(1, 2),
                           cti_rows=("label",), exempt_ratios=(2,))
 # Is one pass over the data what keeps CTI from paying? The same comparison where CTI's privacy is about 0.5
-# and 0.6, with three passes (not part of make privacy-table: about 25 minutes more).
+# and 0.6, with three passes (not part of make privacy-table: 15 cells, 21 minutes more).
 EPOCHS_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2, 2.5), cti_ratios=(1,),
                             cti_rows=("label",), exempt_ratios=(2,), epochs=3, folder="cti_study_3_epochs",
                             title="CTI with three passes over the training snippets",
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="rebuild the table from the cells only")
     parser.add_argument("--epochs-study", action="store_true",
                         help="run only the CTI study with three passes over the data (MiniLM k = 4, three seeds, "
-                             "12 cells, about 25 min; not part of make privacy-table), then rebuild the report")
+                             "15 cells, about 21 min; not part of make privacy-table), then rebuild the report")
     parser.add_argument("--workers", type=int, default=2,
                         help="cells run at once, in separate processes sharing the cores (default 2: on 2 cores two "
                              "1-thread cells finish sooner than one 2-thread cell after the other)")
