@@ -1,6 +1,6 @@
 """Where does the provider's first top block look when CTI's exempt mode sends a few vectors clean?
 
-A probe for the privacy table's CTI discussion (not part of any make target; about 20 s). MiniLM at split
+A probe for the privacy table's CTI discussion (not part of any make target; about 10 s). MiniLM at split
 k = 4: the client sends the input of block 4. Snippets that hold one of the sentiment words the exempt mode
 picks (its top tokens per class on the table's training snippets) keep those words' vectors clean; every
 other real token gets d_chi noise at ratio R, as `--cti-mode exempt` does. The script prints the share of

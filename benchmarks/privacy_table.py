@@ -37,7 +37,7 @@ import torch
 
 from sap_client.audit.runner import AttackConfig, attribute_report, sent_representations, simulated_audit
 from sap_client.bottom import load_server_bottom
-from sap_client.commands import NORM_SAMPLE, fit_noise
+from sap_client.commands import fit_noise
 from sap_client.data import TextDataset, load_labelled_csv
 from sap_client.privacy import NoiseConfig
 from sap_client.rundir import KEY, RunDir
@@ -207,7 +207,8 @@ class Cell:
         noise = NoiseConfig(noise_ratio=ratio, cti=cti, cti_rows=cti_rows, cti_mode=cti_mode, cti_top=cti_top)
         trainer.privatizer = fit_noise(noise, trainer, self.train, run) if ratio is not None else None
         if rescale and trainer.privatizer is not None:
-            norm = trainer.mean_hidden_norm(self.train.texts[:NORM_SAMPLE])  # the one fit_noise measured
+            # the mean hidden-state norm fit_noise measured, read back from the eta it gave (eta = d / (R * norm))
+            norm = trainer.bottom.config.hidden_size / (ratio * trainer.privatizer.eta)
             trainer.privatizer = Rescaled(trainer.privatizer, norm)
         started = time.perf_counter()
         metrics = trainer.fit(self.train, self.held)
