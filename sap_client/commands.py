@@ -34,31 +34,39 @@ def wire_dtype_of(name: str) -> torch.dtype:
     return WIRE_DTYPES[name]
 
 
-def _privatizer(noise: NoiseConfig, eta: float | None, run: RunDir, stats: CtiStatistics | None) -> Privatizer:
+def _privatizer(noise: NoiseConfig, eta: float | None, run: RunDir, stats: CtiStatistics | None,
+                rescale_norm: float | None = None) -> Privatizer:
     table = eta_table(stats, eta, mode=noise.cti_mode, floor=noise.cti_floor, top=noise.cti_top) if stats else None
-    return Privatizer(eta, key=run.noise_key(), eta_table=table, label_rows=noise.cti_rows == "label")
+    return Privatizer(eta, key=run.noise_key(), eta_table=table, label_rows=noise.cti_rows == "label",
+                      rescale_norm=rescale_norm)
 
 
 def run_privatizer(run: RunDir, settings: dict) -> Privatizer | None:
-    """The privatizer a finished run used: its eta, CTI statistics and noise key."""
+    """The privatizer a finished run used: its eta, CTI statistics, noise key and rescaling norm."""
     if not settings["eta"]:
         return None
     noise = NoiseConfig(**settings["noise"])
-    return _privatizer(noise, settings["eta"], run, CtiStatistics.load(run.file(CTI)) if noise.cti else None)
+    rescale_norm = settings.get("rescale_norm")
+    if noise.rescale_noised and rescale_norm is None:
+        raise InvalidInputError(f"{run.path}/{RUN} asks for rescaled noised vectors but records no rescale_norm")
+    return _privatizer(noise, settings["eta"], run, CtiStatistics.load(run.file(CTI)) if noise.cti else None,
+                       rescale_norm if noise.rescale_noised else None)
 
 
 def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run: RunDir) -> Privatizer | None:
-    """Resolve eta (from --eta or --noise-ratio) and the CTI statistics on the training split only."""
+    """Resolve eta (from --eta or --noise-ratio), the rescaling norm (--rescale-noised) and the CTI
+    statistics, on the training split only."""
     if not noise.enabled:
         log.warning("noise is off: hidden states leave this machine without privacy noise (use --eta or "
                     "--noise-ratio)")
         return None
-    eta = noise.eta
-    if eta is None:
+    eta, norm = noise.eta, None
+    if eta is None or noise.rescale_noised:
         norm = trainer.mean_hidden_norm(train.texts[:NORM_SAMPLE])
+        log.info("mean hidden-state norm %.3f on %d training texts", norm, min(len(train), NORM_SAMPLE))
+    if eta is None:
         eta = eta_for_noise_ratio(noise.noise_ratio, norm, trainer.bottom.config.hidden_size)
-        log.info("mean hidden-state norm %.3f on %d training texts -> eta %.4g for noise ratio %g", norm,
-                 min(len(train), NORM_SAMPLE), eta, noise.noise_ratio)
+        log.info("eta %.4g for noise ratio %g", eta, noise.noise_ratio)
     stats = None
     if noise.cti:
         if not train.labels:
@@ -70,7 +78,7 @@ def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run
         stats = fit_cti(token_ids, train.labels, num_classes=len(train.label_names), vocab_size=vocab,
                         ignore_ids=ignore)
         stats.save(run.file(CTI))
-    return _privatizer(noise, eta, run, stats)
+    return _privatizer(noise, eta, run, stats, norm if noise.rescale_noised else None)
 
 
 def _file_sha256(path: Path) -> str:
@@ -159,7 +167,9 @@ def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise
         eta = trainer.privatizer.eta if trainer.privatizer else None
         settings = {"server": server, "model": info.model_id, "split": info.split, "label_names": label_names,
                     "text_column": text_column, "label_column": label_column, "config": asdict(config),
-                    "noise": asdict(noise), "eta": eta, "wire_dtype": wire_dtype,
+                    "noise": asdict(noise), "eta": eta,
+                    "rescale_norm": trainer.privatizer.rescale_norm if trainer.privatizer else None,
+                    "wire_dtype": wire_dtype,
                     "data": str(Path(data_path).resolve()), "data_sha256": _file_sha256(data_path),
                     "eval": str(Path(eval_path).resolve()) if eval_path else None,
                     "eval_sha256": _file_sha256(eval_path) if eval_path else None,
@@ -273,6 +283,7 @@ def _complete(run: RunDir, settings: dict, metrics: dict, trainer: SplitTrainer,
                    bottom_download_bytes=download_bytes, wire_dtype=settings["wire_dtype"], eta=eta,
                    noise_ratio=noise.noise_ratio, cti=noise.cti, cti_mode=noise.cti_mode if noise.cti else None,
                    noise_to_signal=privatizer.noise_to_signal if privatizer else 0.0,
+                   rescale_norm=privatizer.rescale_norm if privatizer else None,
                    noise_observations=("fresh noise every epoch" if noise.fresh_noise else
                                        "one per example" if trainer.reuse_sent else
                                        "one per step (trainable bottom)") if eta else "no noise")
@@ -411,6 +422,7 @@ def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack
         report = simulated_audit(trainer, data, attributes, attack)
         report["source"] = "simulated: what this client would send"
     report.update(model=info.model_id, split=info.split, eta=eta, noise_ratio=noise.noise_ratio, cti=noise.cti,
+                  rescale_norm=trainer.privatizer.rescale_norm if trainer.privatizer else None,
                   attribute_column=attribute_column, data=str(data_path))
     write_report(report, out)
     return report

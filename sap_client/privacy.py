@@ -85,6 +85,9 @@ class NoiseConfig:
         "help": "label: a training text's eta comes from its class row (DESIGN); max: every text, training too, "
                 "uses the max over classes, so the noise does not depend on the label"})
     fresh_noise: bool = field(default=False, metadata={"help": "new noise every epoch instead of once"})
+    rescale_noised: bool = field(default=False, metadata={
+        "help": "send every noised vector rescaled to the mean hidden-state norm (post-processing of the d_chi "
+                "output): the top's attention is not drawn to the longer noisy vectors"})
 
     def __post_init__(self) -> None:
         if self.eta is not None and self.noise_ratio is not None:
@@ -105,6 +108,8 @@ class NoiseConfig:
             raise ValueError(f"cti top fraction must be in (0, 1], got {self.cti_top!r}")
         if self.cti_rows not in CTI_ROWS:
             raise ValueError(f"cti_rows must be one of {CTI_ROWS}, got {self.cti_rows!r}")
+        if self.rescale_noised and not self.enabled:
+            raise ValueError("rescaling the noised vectors needs noise: --eta or --noise-ratio")
 
     @property
     def enabled(self) -> bool:
@@ -136,14 +141,26 @@ class Privatizer:
     Noise is keyed: each example's draw comes from a generator seeded with HMAC(key, example key),
     where the key is a secret that never leaves the user. The same text therefore always gets the
     same noise (a provider that sees it twice learns nothing new), and a run can be replayed.
+
+    With rescale_norm, every noised vector h + n is sent rescaled to that norm (the mean hidden-state
+    norm): post-processing of the d_chi output, so its guarantee holds for what is sent. Without it, the
+    noisy vectors are about sqrt(1 + R^2) times longer than clean ones and draw the top's attention away
+    from the clean (CTI-exempt) ones (benchmarks/cti_attention.py). Exempt vectors and padding are left as
+    they are; the noise/signal figures are the d_chi noise's, before rescaling.
     """
 
     def __init__(self, eta: float | None, *, key: bytes, eta_table: torch.Tensor | None = None,
-                 label_rows: bool = True):
+                 label_rows: bool = True, rescale_norm: float | None = None):
         if eta is not None:
             _check_eta(eta, ())
         if eta_table is not None and eta is None:
             raise ValueError("an eta table (CTI) needs a base eta")
+        if rescale_norm is not None:
+            if eta is None:
+                raise ValueError("rescaling the noised vectors needs a base eta")
+            if isinstance(rescale_norm, bool) or not (math.isfinite(rescale_norm) and rescale_norm > 0):
+                raise ValueError(f"rescale norm must be positive and finite, got {rescale_norm!r}")
+        self.rescale_norm = None if rescale_norm is None else float(rescale_norm)
         self.eta = eta
         self.key = key
         self.eta_table = eta_table  # (C + 1, V); +inf marks tokens exempt from noise
@@ -216,5 +233,9 @@ class Privatizer:
                 self.add([measured])
             else:
                 tally.record(self, measured)
-        sent[mask] = real_hidden + noise
+        noisy = real_hidden + noise  # (N_real, H)
+        if self.rescale_norm is not None:
+            scale = self.rescale_norm / noisy.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            noisy = torch.where(exempt.unsqueeze(-1), noisy, noisy * scale)
+        sent[mask] = noisy
         return sent

@@ -260,3 +260,30 @@ def test_optimization_inversion_rejects_mismatched_shapes(tiny_llama):
         optimization_inversion(observed, mask[:, :-1], bottom)
     with pytest.raises(ValueError, match="hidden_size"):
         optimization_inversion(observed[..., :-1], mask, bottom)
+
+
+def test_undoing_the_rescaling_gives_nearest_neighbour_back_its_strength():
+    """--rescale-noised shortens the noisy vectors to the clean mean norm; an L2 nearest-neighbour attack fed
+    them as they are understates the leak, and the audit's undo_rescaling (the attacker's first move) restores
+    it to what the same attack gets on h + n."""
+    from sap_client.audit.runner import undo_rescaling
+    from sap_client.privacy import Privatizer
+
+    g = torch.Generator().manual_seed(0)
+    vocab, width, length = 300, 64, 400
+    table = torch.randn(vocab, width, generator=g) * (0.5 + torch.rand(vocab, 1, generator=g))  # norms vary
+    ids = torch.randint(0, vocab, (1, length), generator=g)
+    hidden, mask = table[ids], torch.ones(1, length, dtype=torch.long)  # a k = 0 decoder sends embedding rows
+    norm = hidden.norm(dim=-1).mean().item()
+    eta = eta_for_noise_ratio(2.0, norm, width)  # measured: 25% recovered as sent, 71% undone and unscaled
+    plain = Privatizer(eta, key=b"k")(hidden, mask, ids, None, [b"text"])
+    privatizer = Privatizer(eta, key=b"k", rescale_norm=norm)
+    rescaled = privatizer(hidden, mask, ids, None, [b"text"])
+
+    def recovery(sent):
+        return (nearest_neighbour_inversion(sent, table) == ids).float().mean().item()
+
+    as_sent, undone, unscaled = recovery(rescaled), recovery(undo_rescaling(rescaled, privatizer)), recovery(plain)
+    assert as_sent < unscaled - 0.25, (as_sent, unscaled)
+    assert abs(undone - unscaled) <= 0.05, (undone, unscaled)
+    assert torch.equal(undo_rescaling(plain, Privatizer(eta, key=b"k")), plain)  # nothing to undo without rescaling

@@ -32,14 +32,16 @@ def env(tmp_path):
     return {**os.environ, "HF_HUB_OFFLINE": "1", "SAP_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
 
 
-def test_recorded_and_simulated_audits_agree(tiny_llama, tmp_path, env, capsys):
+@pytest.mark.parametrize("rescale", [False, True], ids=["h+n", "rescaled"])
+def test_recorded_and_simulated_audits_agree(rescale, tiny_llama, tmp_path, env, capsys):
     data = write_csv(tmp_path / "data.csv", learnable_rows(120, seed=3))
     record, run = tmp_path / "recording", tmp_path / "run"
     server, address = _start_server(["--model", str(tiny_llama), "--split", "0", "--record", str(record)], env)
     try:
         trained = subprocess.run([str(SCRIPTS / "sap-client"), "train", str(data), "--server", address,
                                   "--out", str(run), "--epochs", "2", "--noise-ratio", "2.5", "--eval-fraction",
-                                  "0.25"], env=env, capture_output=True, text=True, timeout=120)
+                                  "0.25", *(["--rescale-noised"] if rescale else [])],
+                                 env=env, capture_output=True, text=True, timeout=120)
         assert trained.returncode == 0, trained.stderr
         assert len(list(record.glob("*-forward.safetensors"))) > 0
         assert len(list(record.glob("*-evaluate.safetensors"))) > 0
@@ -66,6 +68,8 @@ def test_recorded_and_simulated_audits_agree(tiny_llama, tmp_path, env, capsys):
     assert abs(simulated["eia_token_recovery"] - recorded["eia_token_recovery"]) <= 0.02, (simulated, recorded)
     for key in ("split", "eta", "cti", "eia_token_recovery", "eia_privacy"):
         assert key in simulated and key in recorded
+    norm = json.loads((run / "run.json").read_text())["rescale_norm"]
+    assert (norm is not None) == rescale and simulated["rescale_norm"] == recorded["rescale_norm"] == norm
 
 
 def test_audit_without_noise_recovers_everything_and_noise_protects(tiny_llama, tmp_path, env, capsys):

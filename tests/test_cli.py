@@ -140,6 +140,10 @@ def test_client_cti_needs_noise(good_csv, capsys):
     _usage_error(client_cli.main, ["train", str(good_csv), "--cti"], capsys, "CTI")
 
 
+def test_client_rescale_needs_noise(good_csv, capsys):
+    _usage_error(client_cli.main, ["train", str(good_csv), "--rescale-noised"], capsys, "needs noise")
+
+
 def test_client_cti_rows_choices(good_csv, capsys):
     _usage_error(client_cli.main, ["train", str(good_csv), "--noise-ratio", "1", "--cti", "--cti-rows", "mean"],
                  capsys, "--cti-rows")

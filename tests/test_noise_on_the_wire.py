@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ import torch
 
 from conftest import running_server
 from sap_client.bottom import load_server_bottom
-from sap_client.commands import train
+from sap_client.commands import predict, train
 from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
 from sap_client.remote import RemoteTopService
 from sap_client.trainer import SplitTrainer, TrainConfig
@@ -220,3 +221,38 @@ def test_frozen_bottom_resends_identical_noise_unless_fresh(fresh, tiny_llama, r
         assert resent == {pair: len(rows) for pair in resent}, resent
         assert by_epoch[0] == by_epoch[1] == by_epoch[2]  # bit-exact re-sends, every example once per epoch
         assert metrics["noise_observations"] == "one per example"
+
+
+# --- --rescale-noised: what arrives is h + n rescaled to the run's norm; CTI-exempt vectors clean --------
+
+
+def test_rescaled_noise_arrives_at_the_run_norm_in_training_and_prediction(tiny_bert, received, tmp_path):
+    rows, eval_rows = learnable_rows(48, seed=1), learnable_rows(20, seed=2)
+    texts, eval_texts = [t for t, _ in rows], [t for t, _ in eval_rows]
+    noise = NoiseConfig(noise_ratio=2.0, cti=True, cti_mode="exempt", cti_top=0.2, rescale_noised=True)
+    with recording_server(tiny_bert, split=1) as (provider, address):
+        clean = torch.cat([real_rows(clean_batches(provider, some)) for some in (texts, eval_texts)])  # (M, H)
+        train_norm = real_rows(clean_batches(provider, texts)).norm(dim=-1).mean().item()
+        metrics = run_train(address, tmp_path, rows, eval_rows, TrainConfig(epochs=1, batch_size=BATCH), noise)
+        settings = json.loads((tmp_path / "run" / "run.json").read_text())
+        training = list(received["forward"] + received["evaluate"])
+        received["evaluate"].clear()
+        predict(tmp_path / "eval.csv", run_path=tmp_path / "run", server=address, out=tmp_path / "preds.csv",
+                text_column=None)
+        predicting = list(received["evaluate"])
+    # the norm is the training data's mean hidden-state norm, kept in run.json for predict and audit
+    assert settings["rescale_norm"] == pytest.approx(train_norm, rel=1e-5)
+    assert metrics["rescale_norm"] == settings["rescale_norm"] and settings["noise"]["rescale_noised"]
+    # the d_chi noise's own figure, before rescaling (exempt tokens count with no noise, so below R = 2)
+    assert 0.5 < metrics["noise_to_signal"] < 2.0 * 1.15
+    assert predicting, "predict sent nothing"
+    for records in (training, predicting):
+        sent = real_rows(records)  # (N, H)
+        is_clean = torch.cdist(sent.double(), clean.double()).min(dim=1).values < 1e-4
+        assert is_clean.any() and (~is_clean).any(), "the data should exercise both exempt and noised tokens"
+        norms = sent[~is_clean].norm(dim=-1)
+        assert torch.allclose(norms, torch.full_like(norms, settings["rescale_norm"]), rtol=1e-4)
+        for hidden, mask in records:
+            assert (hidden[mask == 0] == 0).all()
+    # without rescaling, the noised vectors are about sqrt(1 + R^2) times longer: rescaling changed them
+    assert settings["rescale_norm"] < 0.6 * math.sqrt(1 + 2.0 ** 2) * train_norm

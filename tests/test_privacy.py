@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats
 
 from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio, sample_dchi_noise
@@ -277,6 +278,42 @@ def test_cti_max_rows_make_the_noise_independent_of_the_label():
     assert not torch.equal(by_label(hidden[:1], mask[:1], ids[:1], torch.tensor([0]), KEYS[:1]), unlabeled)
     with pytest.raises(ValueError, match="cti_rows"):
         NoiseConfig(eta=1.0, cti=True, cti_rows="mean")
+
+
+def test_rescaling_sets_the_norm_of_noised_vectors_only():
+    """rescale_norm (--rescale-noised): every noised vector is sent with that norm and the direction of h + n;
+    exempt vectors stay clean, padding zero, and the noise figures are the d_chi noise's own."""
+    hidden, mask, ids = _batch()
+    hidden = hidden * 3
+    exempt_id = int(ids[0, 1])
+    table = torch.full((3, V), 0.5, dtype=torch.float64)
+    table[:, exempt_id] = math.inf
+    plain = Privatizer(0.5, key=b"secret", eta_table=table, label_rows=False)
+    rescaled = Privatizer(0.5, key=b"secret", eta_table=table, label_rows=False, rescale_norm=4.0)
+    unscaled, sent = plain(hidden, mask, ids, None, KEYS), rescaled(hidden, mask, ids, None, KEYS)
+    noised = (mask == 1) & (ids != exempt_id)
+    exempt = (mask == 1) & (ids == exempt_id)
+    assert noised.any() and exempt.any()
+    assert torch.allclose(sent[noised].norm(dim=-1), torch.full((int(noised.sum()),), 4.0))
+    assert torch.allclose(F.cosine_similarity(sent[noised], unscaled[noised], dim=-1),
+                          torch.ones(int(noised.sum())), atol=1e-5)
+    assert not torch.allclose(unscaled[noised].norm(dim=-1), torch.full((int(noised.sum()),), 4.0), rtol=0.05)
+    assert torch.equal(sent[exempt], hidden[exempt])
+    assert (sent[mask == 0] == 0).all()
+    assert rescaled.noise_to_signal == plain.noise_to_signal > 1  # measured before rescaling
+    # the same keyed draw every time: a provider that sees a text twice still sees one observation
+    assert torch.equal(rescaled(hidden, mask, ids, None, KEYS), sent)
+
+
+def test_rescaling_is_validated():
+    with pytest.raises(ValueError, match="base eta"):
+        Privatizer(None, key=b"k", rescale_norm=1.0)
+    for bad in (0.0, -2.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="rescale norm"):
+            Privatizer(4.0, key=b"k", rescale_norm=bad)
+    with pytest.raises(ValueError, match="needs noise"):
+        NoiseConfig(rescale_noised=True)
+    assert NoiseConfig(noise_ratio=2.0, rescale_noised=True).rescale_noised
 
 
 def test_eta_table_needs_a_base_eta():

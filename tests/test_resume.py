@@ -451,16 +451,18 @@ def _adapter_weights(provider: Provider, run: Path) -> Weights:
 
 def _comparable(metrics: dict) -> dict:
     return {key: metrics[key] for key in ("steps", "examples", "eval_accuracy", "train_loss", "history",
-                                          "noise_to_signal", "eta")}
+                                          "noise_to_signal", "eta", "rescale_norm")}
 
 
 class _Killed(BaseException):
     """Stands for the client process dying: not an error the client handles."""
 
 
-@pytest.mark.parametrize("flags, cut_at, applied", [([], 5, False), (["--noise-ratio", "0.5", "--cti"], 15, True),
-                                                   (["--train-bottom", "--eta", "600"], 10, True)],
-                         ids=["plain-forward-pending", "noise-cti-epoch2", "train-bottom-server-checkpoint-ahead"])
+@pytest.mark.parametrize("flags, cut_at, applied",
+                         [([], 5, False), (["--noise-ratio", "0.5", "--cti", "--rescale-noised"], 15, True),
+                          (["--train-bottom", "--eta", "600"], 10, True)],
+                         ids=["plain-forward-pending", "noise-cti-rescaled-epoch2",
+                              "train-bottom-server-checkpoint-ahead"])
 def test_a_run_cut_short_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path, monkeypatch, flags, cut_at,
                                                              applied):
     """The client dies at step cut_at: with its forward under way (the server then sits at the client's checkpoint
@@ -518,6 +520,7 @@ def test_a_run_cut_short_resumes_to_the_uninterrupted_result(tiny_llama, tmp_pat
     assert not (run / "checkpoint.safetensors").exists(), "the completed run keeps no session secret"
     settings = json.loads((run / "run.json").read_text())
     assert settings["finished"] and settings["adapter_id"]
+    assert (settings["rescale_norm"] is not None) == ("--rescale-noised" in flags)
 
 
 def test_resume_refuses_conflicting_flags_and_completed_runs(tiny_llama, tmp_path, capsys):
