@@ -16,7 +16,7 @@ where it stopped; the table, CSV and PNG are rebuilt from every cell at the end.
 
     python benchmarks/privacy_table.py [--quick] [--workers 2] [--out benchmarks/results]
     python benchmarks/privacy_table.py --epochs-study   # CTI with three passes over the data (not in make)
-    python benchmarks/privacy_table.py --rescale-study  # CTI with noised vectors rescaled (not in make)
+    python benchmarks/privacy_table.py --rescale-study  # only the rescaled CTI study (part of the full run)
 """
 
 from __future__ import annotations
@@ -123,13 +123,14 @@ EPOCHS_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2,
                             how="`python benchmarks/privacy_table.py --epochs-study` runs it (not part of "
                                 "`make privacy-table`)")
 # The exempt mode's clean vectors go unread because the noisy ones, being longer, draw the top's attention
-# (benchmarks/cti_attention.py). Rescaling every noised vector to the mean hidden-state norm is post-processing
-# of the d_chi output (the guarantee holds for it) and removes that imbalance: the same comparison with it.
+# (benchmarks/cti_attention.py). Rescaling every noised vector to the mean hidden-state norm (`sap-client
+# --rescale-noised`) is post-processing of the d_chi output (the guarantee holds for it) and removes that
+# imbalance: the same comparison with it. Part of make privacy-table (15 cells, about 14 minutes).
 RESCALE_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2, 2.5), cti_ratios=(1,),
                              cti_rows=("label",), exempt_ratios=(2,), rescale=True, folder="cti_study_rescaled",
                              title="CTI with every noised vector rescaled to the mean hidden-state norm",
-                             how="`python benchmarks/privacy_table.py --rescale-study` runs it (not part of "
-                                 "`make privacy-table`)")
+                             how="`python benchmarks/privacy_table.py` runs it after the grid and the first "
+                                 "study (`--rescale-study` runs only it)")
 QUICK_CTI_STUDY = CtiStudy("minilm-l6", 2, seeds=(0, 1), off_ratios=(2, 4), cti_ratios=(2,), cti_rows=("max",),
                            exempt_ratios=(4,))
 QUICK = Grid(
@@ -157,29 +158,6 @@ def _datasets(spec: ModelGrid, grid: Grid) -> tuple[TextDataset, TextDataset, Te
     return train, held, TextDataset(aia.texts, [], []), aia.labels
 
 
-class Rescaled:
-    """A privatizer whose noised vectors are rescaled to one fixed norm before they are sent.
-
-    Post-processing of the d_chi output (it reads nothing private but the norm, a statistic that the noise
-    ratio's eta is computed from already), so the privacy guarantee holds for what it sends. Vectors the
-    privatizer sends clean (CTI's exempt tokens) and padding are left as they are."""
-
-    def __init__(self, privatizer, norm: float):
-        self.privatizer, self.norm = privatizer, norm
-
-    def __getattr__(self, name: str):
-        return getattr(self.privatizer, name)  # eta, noise_to_signal, ...: the d_chi noise's own figures
-
-    def __call__(self, hidden: torch.Tensor, attention_mask: torch.Tensor, input_ids: torch.Tensor,
-                 labels: torch.Tensor | None, example_keys: list[bytes], tally=None) -> torch.Tensor:
-        sent = self.privatizer(hidden, attention_mask, input_ids, labels, example_keys, tally=tally)  # (B, T, H)
-        real = attention_mask.to(torch.bool)
-        clean = hidden.detach() * real.unsqueeze(-1).to(hidden.dtype)
-        noised = (sent != clean).any(-1) & real  # (B, T): a d_chi draw equals zero with probability 0
-        scale = self.norm / sent.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return torch.where(noised.unsqueeze(-1), sent * scale, sent)
-
-
 class Cell:
     """One row of the table: train through the split with these settings, then attack what was sent."""
 
@@ -204,12 +182,9 @@ class Cell:
         run = RunDir(Path(tempfile.mkdtemp(dir=self.work))).create()
         # the noise key comes from the seed (a real client draws a random one), so that a cell can be re-run
         run.file(KEY).write_text(hashlib.sha256(f"sap privacy table noise key {seed}".encode()).hexdigest() + "\n")
-        noise = NoiseConfig(noise_ratio=ratio, cti=cti, cti_rows=cti_rows, cti_mode=cti_mode, cti_top=cti_top)
+        noise = NoiseConfig(noise_ratio=ratio, cti=cti, cti_rows=cti_rows, cti_mode=cti_mode, cti_top=cti_top,
+                            rescale_noised=rescale and ratio is not None)  # as `sap-client --rescale-noised`
         trainer.privatizer = fit_noise(noise, trainer, self.train, run) if ratio is not None else None
-        if rescale and trainer.privatizer is not None:
-            # the mean hidden-state norm fit_noise measured, read back from the eta it gave (eta = d / (R * norm))
-            norm = trainer.bottom.config.hidden_size / (ratio * trainer.privatizer.eta)
-            trainer.privatizer = Rescaled(trainer.privatizer, norm)
         started = time.perf_counter()
         metrics = trainer.fit(self.train, self.held)
         self.service.close_session(trainer.session_id)
@@ -688,8 +663,8 @@ def main(argv: list[str] | None = None) -> int:
                              "15 cells, about 21 min; not part of make privacy-table), then rebuild the report")
     extra.add_argument("--rescale-study", action="store_true",
                        help="run only the CTI study with every noised vector rescaled to the mean hidden-state norm "
-                            "(MiniLM k = 4, three seeds, 15 cells; not part of make privacy-table), then rebuild "
-                            "the report")
+                            "(MiniLM k = 4, three seeds, 15 cells, about 14 min; the full run includes it), then "
+                            "rebuild the report")
     parser.add_argument("--workers", type=int, default=2,
                         help="cells run at once, in separate processes sharing the cores (default 2: on 2 cores two "
                              "1-thread cells finish sooner than one 2-thread cell after the other)")
@@ -719,8 +694,9 @@ def main(argv: list[str] | None = None) -> int:
             tasks = study_tasks(extra_study, args.out / name / extra_study.folder)
         else:
             tasks = grid_tasks(grid, cells_dir)
-            if study.model in {m.model for m in grid.models}:
-                tasks += study_tasks(study, args.out / name / study.folder, shared=tasks)
+            for default in [study] + ([] if args.quick else [RESCALE_CTI_STUDY]):
+                if default.model in {m.model for m in grid.models}:
+                    tasks += study_tasks(default, args.out / name / default.folder, shared=tasks)
         todo = schedule(grid, tasks)
         log.info("%d cells, %d to run, %d worker(s)", len(tasks), len(todo), args.workers)
         run_tasks(grid, todo, args.workers)

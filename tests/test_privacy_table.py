@@ -167,28 +167,3 @@ def test_a_study_with_more_passes_has_its_own_cells_and_the_same_sent_vectors(ti
     assert c["eta"] == a["eta"]  # the same d_chi noise; only what is done with it before sending differs
     # a frozen bottom sends each example once, whatever the passes: the attacks see the same vectors
     assert a["eia_recovery"] == b["eia_recovery"] and a["aia_accuracy"] == b["aia_accuracy"]
-
-
-def test_rescaled_privatizer_sets_the_norm_of_noised_vectors_only():
-    import torch
-
-    from sap_client.privacy import Privatizer
-
-    hidden = torch.randn(2, 5, 16) * 3  # (B, T, H)
-    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
-    ids = torch.tensor([[1, 7, 8, 2, 0], [1, 9, 2, 0, 0]])
-    eta_table = torch.full((2, 10), 0.5)
-    eta_table[:, 7] = float("inf")  # token 7 is exempt: sent clean
-    inner = Privatizer(0.5, key=b"k" * 32, eta_table=eta_table, label_rows=False)
-    rescaled = privacy_table.Rescaled(inner, norm=4.0)
-    keys = [b"a", b"b"]
-    plain = Privatizer(0.5, key=b"k" * 32, eta_table=eta_table, label_rows=False)(hidden, mask, ids, None, keys)
-    sent = rescaled(hidden, mask, ids, None, keys)
-    noised = mask.bool() & (ids != 7)
-    assert torch.allclose(sent[noised].norm(dim=-1), torch.full((int(noised.sum()),), 4.0))
-    # the same direction as the d_chi output: post-processing of it, nothing else
-    assert torch.allclose(torch.nn.functional.cosine_similarity(sent[noised], plain[noised], dim=-1),
-                          torch.ones(int(noised.sum())), atol=1e-5)
-    assert torch.equal(sent[0, 1], hidden[0, 1])  # the exempt token, clean
-    assert torch.equal(sent[~mask.bool()], torch.zeros(int((~mask.bool()).sum()), 16))  # padding stays zero
-    assert rescaled.eta == 0.5 and rescaled.tokens == inner.tokens > 0  # the noise's own figures pass through
