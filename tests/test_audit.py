@@ -47,10 +47,11 @@ def test_recorded_and_simulated_audits_agree(rescale, tiny_llama, tmp_path, env,
         assert len(list(record.glob("*-evaluate.safetensors"))) > 0
 
         reports = {}
-        for name, extra in (("simulated", []), ("recorded", ["--recorded", str(record)])):
+        for name, extra, texts in (("simulated", [], 120), ("recorded", ["--recorded", str(record)], 120),
+                                   ("recorded-first-30", ["--recorded", str(record)], 30)):
             out = tmp_path / name
             code = client_cli.main(["audit", str(data), "--server", address, "--run", str(run), "--out", str(out),
-                                    "--max-examples", "120", "--observations", "1", *extra])
+                                    "--max-examples", str(texts), "--observations", "1", *extra])
             assert code == 0, capsys.readouterr().err
             reports[name] = json.loads((out / "report.json").read_text())
             assert (out / "report.md").read_text().startswith("# SAP privacy audit")
@@ -64,6 +65,11 @@ def test_recorded_and_simulated_audits_agree(rescale, tiny_llama, tmp_path, env,
     assert simulated["attack"] == recorded["attack"] == "nn"
     # every distinct example the server received was matched to its text (2 epochs collapse to one copy)
     assert recorded["recorded_examples"] == 120 and recorded["unmatched_examples"] == 0
+    assert recorded["examples"] == simulated["examples"] == 120
+    # audited on its first 30 texts, the recording's other 90 examples are left out, not paired with wrong texts
+    first = reports["recorded-first-30"]
+    assert (first["examples"], first["recorded_examples"], first["unmatched_examples"]) == (30, 120, 90)
+    assert first["eia_tokens"] < recorded["eia_tokens"]
     assert 0.1 < simulated["eia_token_recovery"] < 0.9, simulated  # a noise level where the figure is informative
     assert abs(simulated["eia_token_recovery"] - recorded["eia_token_recovery"]) <= 0.02, (simulated, recorded)
     for key in ("split", "eta", "cti", "eia_token_recovery", "eia_privacy"):

@@ -176,22 +176,35 @@ def attribute_report(features: torch.Tensor, attributes: list[int], seed: int) -
 def recorded_audit(trainer: SplitTrainer, data: TextDataset, recording: list[tuple[torch.Tensor, torch.Tensor]],
                    config: AttackConfig) -> dict:
     """Attack what a server recorded (sap-server --record). Ground truth comes from the user's own data:
-    each distinct received example is matched to the data text whose clean bottom output is nearest."""
+    each data text is paired with the distinct received example of its length whose rows are nearest its
+    clean bottom output, one to one (nearest pairs first), so a recording of more texts than `data` holds
+    (a full training run audited on its first --max-examples texts) leaves the rest unmatched instead of
+    pairing them with the wrong text."""
     kind = chosen_attack(config, trainer)
     received = _distinct_examples(recording)
-    clean = {}  # length -> list of (clean (len, H), input ids (len,))
+    clean: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # length -> [(clean (len, H), ids (len,))]
     for _, _, input_ids, mask, hidden in _batches(trainer, data):
         for b in range(len(input_ids)):
             length = int(mask[b].sum())
             clean.setdefault(length, []).append((hidden[b, :length], input_ids[b, :length]))
-    matched, unmatched = [], 0
-    for rows in received:
-        candidates = clean.get(len(rows))
+    by_length: dict[int, list[int]] = {}
+    for index, rows in enumerate(received):
+        by_length.setdefault(len(rows), []).append(index)
+    matched = []
+    for length, indices in by_length.items():
+        candidates = clean.get(length, [])
         if not candidates:
-            unmatched += 1
             continue
-        distances = torch.stack([(rows - c).norm() for c, _ in candidates])
-        matched.append((rows, candidates[int(distances.argmin())][1]))
+        distances = torch.cdist(torch.stack([received[i].reshape(-1) for i in indices]).double(),
+                                torch.stack([c.reshape(-1) for c, _ in candidates]).double())  # (received, texts)
+        pairs = sorted((value, r, t) for r, row in enumerate(distances.tolist()) for t, value in enumerate(row))
+        used_rows, used_texts = set(), set()
+        for _, r, t in pairs:  # (received, text) pairs from the nearest on, each side used once
+            if r not in used_rows and t not in used_texts:
+                used_rows.add(r)
+                used_texts.add(t)
+                matched.append((received[indices[r]], candidates[t][1]))
+    unmatched = len(received) - len(matched)
     results = []
     size = trainer.config.batch_size
     for start in range(0, len(matched), size):
@@ -205,7 +218,7 @@ def recorded_audit(trainer: SplitTrainer, data: TextDataset, recording: list[tup
     if not results:
         raise ValueError("no recorded example matches a text of the data (same tokenizer, split and data?)")
     entry = _recovery_entry(1, results, set(trainer.tokenizer.all_special_ids))
-    return {"attack": kind, "examples": len(results), "recorded_examples": len(received),
+    return {"attack": kind, "examples": len(matched), "recorded_examples": len(received),
             "unmatched_examples": unmatched, "observations": [entry], **_eia_fields(entry)}
 
 
