@@ -10,9 +10,10 @@ bottom and LoRA on the provider's top:
 - AIA: the party of convention paragraphs, predicted by an MLP on mean-pooled sent vectors (an
   auxiliary half trains it, the disjoint victim half scores it).
 Plus, at one operating point, the trained bottom, BitFit and Adapter; then two CTI studies (CTI against no
-CTI at equal privacy, over three seeds: as DESIGN's client sends, h + n, and with `--rescale-noised`). Cells run two at a time in worker processes (--workers), the
-slowest model's first. Each cell is written to its folder as it finishes, so an interrupted run resumes
-where it stopped; the table, CSV and PNG are rebuilt from every cell at the end.
+CTI at equal privacy, over three seeds: as DESIGN's client sends, h + n, and with `--rescale-noised`).
+Cells run two at a time in worker processes (--workers), the slowest model's first. Each cell is written
+to its folder as it finishes, so an interrupted run resumes where it stopped; the table, CSV and PNG are
+rebuilt from every cell at the end.
 
     python benchmarks/privacy_table.py [--quick] [--workers 2] [--out benchmarks/results]
     python benchmarks/privacy_table.py --epochs-study   # CTI with three passes over the data (not in make)

@@ -184,10 +184,10 @@ def _add_noise_flags(parser: argparse.ArgumentParser) -> None:
     noise.add_argument("--rescale-noised", action="store_true",
                        help="send every noised vector rescaled to the mean hidden-state norm of the training data "
                             "(measured here, kept in RUN_DIR; predict and audit use it too). Post-processing of the "
-                            "d_chi output: the same guarantee, and the audit (whose attacker undoes the rescaling first) "
-                            "measures the same privacy. The noisy vectors no longer outweigh clean ones in the top's "
-                            "attention, which is what lets CTI pay (privacy table, MiniLM k=4: +3-5 accuracy points "
-                            "without CTI, CTI 1-2 points above that)")
+                            "d_chi output: the same guarantee, and the audit (whose attacker undoes the rescaling "
+                            "first) measures the same privacy. The noisy vectors no longer outweigh clean ones in the "
+                            "top's attention, which is what lets CTI pay (privacy table, MiniLM k=4: +3-5 accuracy "
+                            "points without CTI, CTI 1-2 points above that)")
     noise.add_argument("--fresh-noise", action="store_true",
                        help="draw new noise every epoch (default: each example's noisy vectors are drawn once "
                             "and re-sent, since averaging several noisy copies strips the noise)")
