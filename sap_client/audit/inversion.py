@@ -174,15 +174,19 @@ def _invert(observed: torch.Tensor, attention_mask: torch.Tensor, bottom: Bottom
 
 
 def token_recovery(predicted: torch.Tensor, actual: torch.Tensor, mask: torch.Tensor,
-                   special_ids: Collection[int] = ()) -> dict[str, float | int]:
-    """Fraction of real tokens (mask = 1) guessed exactly, with and without special token ids.
+                   special_ids: Collection[int] = (), content: torch.Tensor | None = None) -> dict[str, float | int]:
+    """Fraction of real tokens (mask = 1) guessed exactly, with and without special token ids, and (given a
+    content mask, sap_client.audit.content) over content tokens only.
 
     Returns recovery, recovery_without_special (NaN when every real token is special), tokens and
-    tokens_without_special. Empirical privacy is 1 - recovery.
+    tokens_without_special; with content also recovery_content (NaN without content tokens) and
+    tokens_content. Empirical privacy is 1 - recovery.
     """
     if predicted.shape != actual.shape or actual.shape != mask.shape:
         raise ValueError(f"predicted, actual and mask must have the same shape, got {tuple(predicted.shape)}, "
                          f"{tuple(actual.shape)} and {tuple(mask.shape)}")
+    if content is not None and content.shape != mask.shape:
+        raise ValueError(f"content must have the mask's shape {tuple(mask.shape)}, got {tuple(content.shape)}")
     real = mask.to(torch.bool)
     if not real.any():
         raise ValueError("mask has no real tokens: recovery is undefined")
@@ -190,12 +194,18 @@ def token_recovery(predicted: torch.Tensor, actual: torch.Tensor, mask: torch.Te
     special = torch.tensor(sorted(set(int(i) for i in special_ids)), dtype=actual.dtype, device=actual.device)
     ordinary = real & ~torch.isin(actual, special)
     tokens, ordinary_tokens = int(real.sum()), int(ordinary.sum())
-    return {
+    figures: dict[str, float | int] = {
         "recovery": int(hit.sum()) / tokens,
         "recovery_without_special": int((hit & ordinary).sum()) / ordinary_tokens if ordinary_tokens else math.nan,
         "tokens": tokens,
         "tokens_without_special": ordinary_tokens,
     }
+    if content is not None:
+        chosen = content.to(actual.device).bool() & real
+        count = int(chosen.sum())
+        figures.update(recovery_content=int((hit & chosen).sum()) / count if count else math.nan,
+                       tokens_content=count)
+    return figures
 
 
 def average_observations(observations: list[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,69 @@
+"""Label inference: read the user's training labels back from the gradients the provider receives.
+
+- Gradients of the logits (the present protocol): for cross-entropy dL/dlogits = (softmax - onehot(y)) / B, whose
+  only negative entry is the label's: the sign rule reads every label exactly.
+- Gradients of a hidden state (a user-kept head; Li et al., "Label Leakage and Protection in Two-party Split
+  Learning", ICLR 2022): with a linear binary head dL/dh = (p - y)(w_1 - w_0) / B, every gradient lies on one
+  line and its side is the label, up to one global flip. Direction scoring splits the gradients by the sign of
+  their projection on the principal direction; norm scoring ranks them by norm (the rarer class, predicted with
+  less confidence, has the larger gradients). The flip is resolved with the class prior the provider knows or
+  guesses: the side holding the prior's majority share is the majority class.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LABEL_ATTACKS = ("sign", "direction", "norm")
+
+
+def sign_rule(grad_logits: torch.Tensor) -> torch.Tensor:
+    """(N, C) gradients of the logits -> (N,) labels: the column of the one negative entry."""
+    if grad_logits.dim() != 2 or grad_logits.shape[1] < 2:
+        raise ValueError(f"grad_logits must be (N, C) with C >= 2, got shape {tuple(grad_logits.shape)}")
+    return grad_logits.argmin(dim=1)
+
+
+def direction_scoring(gradients: torch.Tensor, majority_class: int = 0) -> torch.Tensor:
+    """(N, D) gradients of a binary task -> (N,) labels in {0, 1}: the side of the principal direction; the side
+    with more examples is named majority_class (the provider's prior)."""
+    _check_binary_input(gradients, majority_class)
+    rows = gradients.double()  # not centred: the gradients lie on a line through the origin
+    direction = torch.linalg.svd(rows, full_matrices=False).Vh[0]  # (D,)
+    side = (rows @ direction > 0).long()
+    return _name_sides(side, majority_class)
+
+
+def norm_scoring(gradients: torch.Tensor, minority_fraction: float, majority_class: int = 0) -> torch.Tensor:
+    """(N, D) gradients of a binary task -> (N,) labels: the minority_fraction largest gradient norms are the
+    minority class (1 - majority_class)."""
+    _check_binary_input(gradients, majority_class)
+    if not 0 < minority_fraction < 1:
+        raise ValueError(f"minority_fraction must be in (0, 1), got {minority_fraction!r}")
+    norms = gradients.double().norm(dim=1)
+    count = round(minority_fraction * len(norms))
+    labels = torch.full((len(norms),), majority_class, dtype=torch.long)
+    labels[norms.topk(count).indices] = 1 - majority_class
+    return labels
+
+
+def _check_binary_input(gradients: torch.Tensor, majority_class: int) -> None:
+    if gradients.dim() != 2 or gradients.shape[0] < 2:
+        raise ValueError(f"gradients must be (N, D) with N >= 2, got shape {tuple(gradients.shape)}")
+    if majority_class not in (0, 1):
+        raise ValueError(f"majority_class must be 0 or 1, got {majority_class!r}")
+
+
+def _name_sides(side: torch.Tensor, majority_class: int) -> torch.Tensor:
+    larger = int(side.sum() * 2 > len(side))  # the side (0 or 1) holding more examples
+    return torch.where(side == larger, majority_class, 1 - majority_class).long()
+
+
+def label_inference(guesses: torch.Tensor, labels: torch.Tensor) -> dict[str, float | int]:
+    """The attack's accuracy on the true labels and the majority-class baseline (the best guess without gradients)."""
+    if guesses.shape != labels.shape or labels.dim() != 1 or len(labels) < 1:
+        raise ValueError(f"guesses and labels must be equal (N,) tensors, got {tuple(guesses.shape)} and "
+                         f"{tuple(labels.shape)}")
+    counts = torch.bincount(labels.long())
+    return {"label_inference_accuracy": float((guesses.long() == labels.long()).float().mean()),
+            "label_inference_baseline": float(counts.max()) / len(labels), "label_inference_examples": len(labels)}
