@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="measure how much your split and noise protect (privacy audit)",
                                 description="Play the honest-but-curious provider on exactly what this client would "
                                             "send for these settings (or, with --recorded, on what a `sap-server "
-                                            "--record` server received): embedding inversion (token recovery) "
-                                            "and, with --attribute-column, attribute inference. Writes "
+                                            "--record` server received): embedding inversion (token recovery) with "
+                                            "every attack that applies, the strongest reported; with "
+                                            "--attribute-column, attribute inference; with --recorded and labels, "
+                                            "label inference from the recorded gradients. Writes "
                                             "REPORT_DIR/report.json and report.md.")
     audit.add_argument("data", type=Path, metavar="DATA.csv")
     audit.add_argument("--server", default=os.environ.get("SAP_SERVER", DEFAULT_SERVER),
@@ -109,8 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--run", type=Path, metavar="RUN_DIR",
                        help="audit a finished run: its noise settings, CTI statistics and noise key")
     audit.add_argument("--recorded", type=Path, metavar="DIR", help="attack a `sap-server --record DIR` recording")
-    audit.add_argument("--attack", choices=("auto", "nn", "optimization"), default="auto",
-                       help="auto: nearest neighbour where exact (decoder at k=0), else optimization")
+    audit.add_argument("--attack", default="auto", metavar="auto|nn|optimization|sequential|learned",
+                       help="auto (default): every attack that applies, the strongest reported: nn at k = 0, "
+                            "optimization at k >= 1, sequential for decoders at k >= 1, learned with public text; "
+                            "or one of them alone")
+    audit.add_argument("--public", type=Path, metavar="PUBLIC.csv",
+                       help="the provider's own public text (same text column) for the probe and the learned "
+                            "inverter (default: the rows of DATA after the attacked ones, the same domain: the "
+                            "worst case); attacked texts are always left out")
+    audit.add_argument("--public-examples", type=int, default=2000, help="public texts used (default 2000)")
+    audit.add_argument("--beam", type=int, default=4, help="sequential attack: hypotheses kept (default 4)")
+    audit.add_argument("--shortlist", type=int, nargs=3, default=(64, 64, 32), metavar=("PROBE", "EMBED", "GRAD"),
+                       help="sequential attack: candidates per position from the ridge probe, the embedding "
+                            "similarity and the gradient signal (default 64 64 32)")
+    audit.add_argument("--inverter-epochs", type=int, default=6,
+                       help="learned attack: passes over the public text, a fresh noise draw each (default 6)")
     audit.add_argument("--steps", type=int, default=400, help="optimization attack steps (default 400)")
     audit.add_argument("--attack-lr", type=float, default=0.03, help="optimization attack Adam lr (default 0.03)")
     audit.add_argument("--temperature", type=float, default=0.2, help="softmax temperature (default 0.2)")
@@ -312,11 +327,15 @@ def run_audit(args: argparse.Namespace, noise, attack, device) -> int:
                    text_column=args.text_column, label_column=args.label_column,
                    attribute_column=args.attribute_column, max_examples=args.max_examples, run_path=args.run,
                    recorded=args.recorded, batch_size=args.batch_size, max_length=args.max_length, device=device,
-                   credentials=_credentials(args))
-    line = (f"token recovery {report['eia_token_recovery']:.1%} (empirical privacy {report['eia_privacy']:.3f}, "
-            f"{report['attack']} attack)")
+                   credentials=_credentials(args), public_path=args.public, public_examples=args.public_examples)
+    line = (f"token recovery {report['eia_token_recovery']:.1%}, content tokens "
+            f"{report['eia_token_recovery_content']:.1%} (empirical privacy {report['eia_privacy']:.3f}, strongest of "
+            f"{', '.join(report['eia_attacks'])}: {report['attack']})")
     if "aia_accuracy" in report:
         line += f"; attribute inference {report['aia_accuracy']:.3f} vs baseline {report['aia_baseline']:.3f}"
+    if "label_inference_accuracy" in report:
+        line += (f"; labels read {report['label_inference_accuracy']:.1%} vs baseline "
+                 f"{report['label_inference_baseline']:.1%}")
     print(f"{line}; report in {args.out / 'report.md'}")
     return 0
 
@@ -335,16 +354,24 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     if args.command == "audit":
-        from sap_client.audit.runner import AttackConfig
+        from sap_client.audit.attacks import AttackConfig
+        from sap_client.audit.learned import LearnedConfig
+        from sap_client.audit.sequential import SequentialConfig
 
         try:
             observations = tuple(int(n) for n in args.observations.split(","))
+            probe, embed, grad = args.shortlist
             attack = AttackConfig(attack=args.attack, steps=args.steps, lr=args.attack_lr,
-                                  temperature=args.temperature, seed=args.seed, observations=observations)
+                                  temperature=args.temperature, seed=args.seed, observations=observations,
+                                  sequential=SequentialConfig(probe_candidates=probe, embedding_candidates=embed,
+                                                              gradient_candidates=grad, beam=args.beam),
+                                  learned=LearnedConfig(epochs=args.inverter_epochs, seed=args.seed))
         except ValueError as exc:
             parser.error(f"audit: {exc}")
         if args.max_examples < 2:
             parser.error(f"--max-examples must be >= 2, got {args.max_examples}")
+        if args.public_examples < 0:
+            parser.error(f"--public-examples must be >= 0, got {args.public_examples}")
     if args.command == "train" and args.resume is not None:
         train_parser = parser.subcommands.choices["train"]
         args.explicit = _explicit_flags(parser, train_parser, argv)

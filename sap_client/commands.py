@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -17,7 +18,8 @@ from sap_client.cti import CtiStatistics, eta_table, fit_cti
 from sap_client.data import TextDataset, load_labelled_csv, load_texts, stratified_split
 from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
 from sap_client.remote import ClientCredentials, RemoteTopService
-from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, METRICS, RUN, RunDir
+from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, METRICS, PRIVACY, RUN, RunDir
+from sap_client.statement import audit_summary, median_token_distance, privacy_statement, render_statement
 from sap_client.trainer import SplitTrainer, TrainConfig, TrainProgress
 from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from sap_common.codec import WIRE_DTYPES
@@ -287,10 +289,36 @@ def _complete(run: RunDir, settings: dict, metrics: dict, trainer: SplitTrainer,
                    noise_observations=("fresh noise every epoch" if noise.fresh_noise else
                                        "one per example" if trainer.reuse_sent else
                                        "one per step (trainable bottom)") if eta else "no noise")
+    metrics["privacy"] = privacy_statement(
+        model=info.model_id, split=info.split, eta=eta, eta_max=_largest_eta(privatizer),
+        cti=noise.cti_mode if noise.cti else None, rescale_norm=metrics["rescale_norm"],
+        noise_observations=metrics["noise_observations"], epochs=config.epochs,
+        median_distance=median_token_distance(trainer.bottom))
     run.write_json(METRICS, metrics)
+    run.file(PRIVACY).write_text(render_statement(metrics["privacy"]))
     run.write_json(RUN, dict(settings, adapter_id=adapter_id, finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
     run.file(CHECKPOINT).unlink(missing_ok=True)  # it holds the session secret, and the session is closed
     return metrics
+
+
+def _largest_eta(privatizer: Privatizer | None) -> float | None:
+    """The largest finite per-token eta the run's CTI table gives (the weakest noise of a noised token)."""
+    if privatizer is None or privatizer.eta_table is None:
+        return None
+    finite = privatizer.eta_table[torch.isfinite(privatizer.eta_table)]
+    return float(finite.max()) if finite.numel() else None
+
+
+def record_audit(run: RunDir, report: dict) -> None:
+    """Put an audit of the run's own settings into its metrics.json["privacy"] and privacy.md."""
+    if not run.file(METRICS).is_file():
+        return
+    metrics = json.loads(run.file(METRICS).read_text())
+    if "privacy" not in metrics:
+        return
+    metrics["privacy"]["audit"] = audit_summary(report)
+    run.write_json(METRICS, metrics)
+    run.file(PRIVACY).write_text(render_statement(metrics["privacy"]))
 
 
 def _attach(run: RunDir, settings: dict, server: str | None, service_factory=RemoteTopService,
@@ -382,11 +410,15 @@ def macro_f1(predictions: list[int], labels: list[int], num_classes: int) -> flo
 def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack, text_column: str,
           label_column: str, attribute_column: str | None, max_examples: int, run_path: Path | None,
           recorded: Path | None, batch_size: int, max_length: int, device: torch.device | str = "cpu",
-          credentials: ClientCredentials | None = None) -> dict:
-    """Play the curious provider on what this client would send (or on a --record recording)."""
+          credentials: ClientCredentials | None = None, public_path: Path | None = None,
+          public_examples: int = 2000) -> dict:
+    """Play the curious provider on what this client would send (or on a --record recording).
+
+    The provider's public text (for the probe and the learned inverter): the texts of public_path, or else the rows
+    of DATA after the attacked ones; either way no attacked text is among them."""
     from sap_client.audit.runner import recorded_audit, simulated_audit, write_report
     from sap_client.data import read_rows
-    from sap_common.recording import read_recording
+    from sap_common.recording import read_records
 
     settings = RunDir(run_path).read_run() if run_path else None
     if settings:
@@ -394,10 +426,13 @@ def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack
         max_length = settings["config"]["max_length"]
     rows = read_rows(data_path, [text_column] + ([attribute_column] if attribute_column else []))
     labelled = label_column in rows[0]
-    data = (load_labelled_csv(data_path, text_column, label_column, settings["label_names"] if settings else None)
-            if labelled else TextDataset(load_texts(data_path, text_column), [], []))
-    data = data.subset(list(range(min(max_examples, len(data))))) if labelled else \
-        TextDataset(data.texts[:max_examples], [], [])
+    everything = (load_labelled_csv(data_path, text_column, label_column, settings["label_names"] if settings else None)
+                  if labelled else TextDataset(load_texts(data_path, text_column), [], []))
+    data = everything.subset(list(range(min(max_examples, len(everything))))) if labelled else \
+        TextDataset(everything.texts[:max_examples], [], [])
+    attacked = set(data.texts)
+    candidates = load_texts(public_path, text_column) if public_path else everything.texts[len(data):]
+    public = [text for text in candidates if text and text not in attacked][:public_examples]
     attributes = None
     if attribute_column:
         values = [row[attribute_column].strip() for row in rows][:len(data)]
@@ -416,13 +451,17 @@ def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack
         trainer.privatizer = fit_noise(noise, trainer, data, report_dir)
         eta = trainer.privatizer.eta if trainer.privatizer else None
     if recorded:
-        report = recorded_audit(trainer, data, read_recording(recorded), attack)
+        report = recorded_audit(trainer, data, read_records(recorded), attack, public)
         report["source"] = f"recorded traffic in {recorded}"
     else:
-        report = simulated_audit(trainer, data, attributes, attack)
+        report = simulated_audit(trainer, data, attributes, attack, public=public)
         report["source"] = "simulated: what this client would send"
     report.update(model=info.model_id, split=info.split, eta=eta, noise_ratio=noise.noise_ratio, cti=noise.cti,
+                  cti_mode=noise.cti_mode if noise.cti else None,
                   rescale_norm=trainer.privatizer.rescale_norm if trainer.privatizer else None,
-                  attribute_column=attribute_column, data=str(data_path))
+                  attribute_column=attribute_column, data=str(data_path),
+                  public=str(public_path) if public_path else f"rows {len(data) + 1}.. of {data_path}")
     write_report(report, out)
+    if run_path:
+        record_audit(RunDir(run_path), report)
     return report

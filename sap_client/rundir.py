@@ -2,7 +2,9 @@
 
     run.json                server, labels, columns, data (path and SHA-256), training and noise settings;
                             written when training starts ("finished": null), completed with the adapter id
-    metrics.json            the run's figures (written when the run completes)
+    metrics.json            the run's figures (written when the run completes); "privacy": its privacy statement
+    privacy.md              the privacy statement in words: the guarantee, the label exposure, what is not
+                            covered, and the figures of `sap-client audit --run RUN_DIR` once one has run
     noise.key               the secret that keys the noise (never sent anywhere)
     cti_counts.safetensors  CTI token statistics (training split only; never sent anywhere)
     bottom.safetensors      the fine-tuned bottom, with --train-bottom
@@ -26,6 +28,7 @@ from sap_common.errors import InvalidInputError
 
 RUN = "run.json"
 METRICS = "metrics.json"
+PRIVACY = "privacy.md"
 KEY = "noise.key"
 CTI = "cti_counts.safetensors"
 BOTTOM = "bottom.safetensors"

@@ -1,18 +1,22 @@
 """The recording format of the curious provider's view. With `sap-server --record DIR`, every hidden-state tensor and
-mask the server receives is written to DIR, so an audit can attack real traffic (off by default)."""
+mask the server receives, and every gradient Backward receives, is written to DIR, so an audit can attack real
+traffic (off by default)."""
 
 from __future__ import annotations
 
 import itertools
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
 class Recorder:
-    """Writes DIR/NNNNNNNN-<kind>.safetensors with `hidden_states` (B, T, H) and `attention_mask` (B, T)."""
+    """Writes DIR/NNNNNNNN-<kind>.safetensors: `hidden_states` (B, T, H) and `attention_mask` (B, T) for forward and
+    evaluate, `grad_logits` (B, C) for backward; the metadata names the session (its first 8 characters) and step."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -22,21 +26,45 @@ class Recorder:
         self._lock = threading.Lock()
 
     def record(self, kind: str, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self._write(kind, session_id, step, {"hidden_states": hidden.detach().to("cpu", torch.float32).contiguous(),
+                                             "attention_mask": attention_mask.detach().to("cpu", torch.int64).contiguous()})
+
+    def record_gradient(self, session_id: str, step: int, grad_logits: torch.Tensor) -> None:
+        """What a Backward of `step` carried: dL/dlogits (B, C)."""
+        self._write("backward", session_id, step, {"grad_logits": grad_logits.detach().to("cpu", torch.float32).contiguous()})
+
+    def _write(self, kind: str, session_id: str, step: int, tensors: dict[str, torch.Tensor]) -> None:
         with self._lock:
             number = next(self._counter)
-        tensors = {"hidden_states": hidden.detach().to("cpu", torch.float32).contiguous(),
-                   "attention_mask": attention_mask.detach().to("cpu", torch.int64).contiguous()}
         meta = {"kind": kind, "session": session_id[:8], "step": str(step)}
         save_file(tensors, str(self.folder / f"{number:08d}-{kind}.safetensors"), metadata=meta)
 
 
-def read_recording(folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every recorded (hidden (B, T, H), attention_mask (B, T)) pair, in the order received."""
+@dataclass
+class Record:
+    """One recorded message: kind (forward, evaluate, backward), session prefix, step and its tensors."""
+
+    kind: str
+    session: str
+    step: int
+    tensors: dict[str, torch.Tensor]
+
+
+def read_records(folder: Path) -> list[Record]:
+    """Every recorded message, in the order received."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no recorded tensors in {folder}")
-    pairs = []
+    records = []
     for path in files:
-        tensors = load_file(str(path))
-        pairs.append((tensors["hidden_states"], tensors["attention_mask"]))
-    return pairs
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        records.append(Record(meta.get("kind", path.stem.split("-", 1)[-1]), meta.get("session", ""),
+                              int(meta.get("step", 0)), load_file(str(path))))
+    return records
+
+
+def read_recording(folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every recorded (hidden (B, T, H), attention_mask (B, T)) pair, in the order received."""
+    return [(r.tensors["hidden_states"], r.tensors["attention_mask"]) for r in read_records(folder)
+            if "hidden_states" in r.tensors]

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "closed (its next call gets NOT_FOUND); 0 = never "
                              f"(default $SAP_IDLE_TIMEOUT or {DEFAULT_IDLE_TIMEOUT:g})")
     parser.add_argument("--record", type=Path, metavar="DIR",
-                        help="write every received hidden-state tensor and mask to DIR: the curious provider's "
+                        help="write every received hidden-state tensor and mask, and every gradient Backward receives, "
+                             "to DIR: the curious provider's "
                              "view, for `sap-client audit --recorded DIR` (off by default; never use it on "
                              "users who have not agreed to it)")
     parser.add_argument("--max-sessions", type=int, default=16,

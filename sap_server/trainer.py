@@ -171,6 +171,8 @@ class TopTrainer:
             raise InvalidInputError(f"grad_logits of step {step} give a non-finite weight gradient (values too "
                                     f"large?); nothing was applied")
         self.optimizer.step()
+        if self.recorder is not None:
+            self.recorder.record_gradient(self.session_id, step, grad_logits)  # as received, once per applied step
         self.steps_applied = step
         self._pending = None
         grad_hidden = pending.hidden.grad.detach().float().cpu() if self.train_bottom else None

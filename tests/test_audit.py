@@ -76,6 +76,19 @@ def test_recorded_and_simulated_audits_agree(rescale, tiny_llama, tmp_path, env,
         assert key in simulated and key in recorded
     norm = json.loads((run / "run.json").read_text())["rescale_norm"]
     assert (norm is not None) == rescale and simulated["rescale_norm"] == recorded["rescale_norm"] == norm
+    # the labels: the sign rule reads every training label from the recorded Backward gradients (90 training
+    # examples, 2 epochs: 180 gradient rows), against a majority baseline printed beside it
+    assert recorded["label_inference_accuracy"] == 1.0
+    assert recorded["label_inference_examples"] == 180 and 0.4 <= recorded["label_inference_baseline"] <= 0.6
+    assert first["label_inference_examples"] < 180 and first["label_inference_accuracy"] == 1.0
+    assert "label_inference_accuracy" not in simulated  # nothing recorded, nothing to read labels from
+    # the run's privacy statement names the label exposure, and the audits of its settings were added to it
+    statement = (run / "privacy.md").read_text()
+    assert "every training label is readable by the provider" in statement
+    assert "## Audit of these settings" in statement and "Labels read from the recorded gradients" in statement
+    privacy = json.loads((run / "metrics.json").read_text())["privacy"]
+    assert privacy["split"] == 0 and privacy["audit"]["eia_token_recovery"] == first["eia_token_recovery"]
+    assert "epsilon_median_pair" in privacy  # k = 0: the metric-DP statement
 
 
 def test_audit_without_noise_recovers_everything_and_noise_protects(tiny_llama, tmp_path, env, capsys):

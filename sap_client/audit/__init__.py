@@ -1,6 +1,7 @@
-"""The curious provider's attacks, for the privacy audit: embedding inversion and attribute inference.
+"""The curious provider's attacks, for the privacy audit: embedding inversion (nearest neighbour, optimization,
+sequential decoding, a learned inverter), attribute inference and label inference.
 
-Empirical privacy = 1 - attack success rate (DESIGN section 4). Torch only: no gRPC here.
+Empirical privacy = 1 - the success of the strongest attack that applies. Torch only: no gRPC here.
 """
 
 from sap_client.audit.attribute import attribute_inference, mean_pool
