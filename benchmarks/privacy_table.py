@@ -5,17 +5,20 @@ bottom and LoRA on the provider's top:
 - utility: the client's real training loop (SplitTrainer: bottom, privatizer, CTI) against the provider's
   real session code (LocalTopService, the code the gRPC servicer calls; tests/test_equivalence.py shows the
   two give identical weights), then accuracy on held-out movie snippets;
-- EIA: the audit's embedding inversion on what that client sends for its first training snippets
-  (exact position-aware nearest neighbour at k = 0, the optimization attack at k >= 1);
+- EIA: the audit's embedding inversion on what that client sends for its first training snippets, by every
+  attack that applies (`sap-client audit --attack auto`: nearest neighbour at k = 0, optimization at k >= 1,
+  sequential decoding for decoders, an inverter learned on public snippets), the strongest reported;
 - AIA: the party of convention paragraphs, predicted by an MLP on mean-pooled sent vectors (an
   auxiliary half trains it, the disjoint victim half scores it).
-Plus, at one operating point, the trained bottom, BitFit and Adapter; then two CTI studies (CTI against no
-CTI at equal privacy, over three seeds: as DESIGN's client sends, h + n, and with `--rescale-noised`).
+Plus, at one operating point, the trained bottom, BitFit and Adapter; then a CTI study (CTI against no CTI at
+equal privacy, over three seeds, with `--rescale-noised`). Two more studies run on request only: as DESIGN's
+client sends (h + n), and with three passes over the data.
 Cells run two at a time in worker processes (--workers), the slowest model's first. Each cell is written
 to its folder as it finishes, so an interrupted run resumes where it stopped; the table, CSV and PNG are
 rebuilt from every cell at the end.
 
     python benchmarks/privacy_table.py [--quick] [--workers 2] [--out benchmarks/results]
+    python benchmarks/privacy_table.py --hn-study       # CTI as sent without rescaling, h + n (not in make)
     python benchmarks/privacy_table.py --epochs-study   # CTI with three passes over the data (not in make)
     python benchmarks/privacy_table.py --rescale-study  # only the rescaled CTI study (part of the full run)
 """
@@ -36,7 +39,10 @@ from pathlib import Path
 
 import torch
 
-from sap_client.audit.runner import AttackConfig, attribute_report, sent_representations, simulated_audit
+from sap_client.audit.attacks import AttackConfig
+from sap_client.audit.learned import LearnedConfig
+from sap_client.audit.runner import attribute_report, sent_representations, simulated_audit
+from sap_client.audit.sequential import SequentialConfig
 from sap_client.bottom import load_server_bottom
 from sap_client.commands import fit_noise
 from sap_client.data import TextDataset, load_labelled_csv
@@ -62,7 +68,7 @@ class ModelGrid:
     eia_examples: int  # optimization attack (k >= 1): snippets attacked, each truncated to eia_length
     eia_steps: int
     eia_lr: float
-    nn_examples: int = 200  # nearest-neighbour attack (k = 0): cheap, so more snippets
+    nn_examples: int = 200  # k = 0: nearest neighbour is cheap, so more snippets (every attack sees the same ones)
     eia_length: int = 32
     cti_max_at: tuple[float, ...] = ()  # CTI with --cti-rows max (label-independent noise) too, at these R
     cell_cost: float = 1.0  # a cell's run time relative to the others' (the scheduler starts costly cells first)
@@ -81,6 +87,12 @@ class Grid:
     notes: list[str] = field(default_factory=list)
     snippets: str = "data/movie_snippets.csv"  # text,label (relative to the repository root)
     paragraphs: str = "data/convention_paragraphs.csv"  # text,party
+    # The provider's public text (the probe of the sequential attack, the learned inverter): snippets from the
+    # middle of the file, disjoint from every training set (the first rows) and the held-out set (the last).
+    public_start: int = 4000
+    public_examples: int = 1000
+    inverter: LearnedConfig = field(default_factory=lambda: LearnedConfig(epochs=4))
+    sequential: SequentialConfig = field(default_factory=SequentialConfig)
 
 
 @dataclass
@@ -115,7 +127,9 @@ FULL = Grid(
 # The CTI-off curve brackets the CTI cells' privacy: label rows at R 1 (about 0.5) and R 2 (about 0.9), exempt
 # at R 2 (about 0.6).
 FULL_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2, 2.5, 3, 4), cti_ratios=(1, 2),
-                          cti_rows=("label",), exempt_ratios=(2,))
+                          cti_rows=("label",), exempt_ratios=(2,),
+                          how="`python benchmarks/privacy_table.py --hn-study` runs it (not part of `make "
+                              "privacy-table`)")
 # Is one pass over the data what keeps CTI from paying? The same comparison where CTI's privacy is about 0.5
 # and 0.6, with three passes (not part of make privacy-table: 15 cells, 21 minutes more).
 EPOCHS_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2, 2.5), cti_ratios=(1,),
@@ -137,7 +151,9 @@ QUICK_CTI_STUDY = CtiStudy("minilm-l6", 2, seeds=(0, 1), off_ratios=(2, 4), cti_
 QUICK = Grid(
     models=[ModelGrid("minilm-l6", (0, 2), (4,), train_examples=64, eval_examples=64, learning_rate=1e-3,
                       eia_examples=2, eia_steps=5, eia_lr=0.03, nn_examples=8, eia_length=16, cti_max_at=(4,))],
-    extras_at=("minilm-l6", 2, 4.0), aia_examples=64, aia_length=32,
+    extras_at=("minilm-l6", 2, 4.0), aia_examples=64, aia_length=32, public_examples=64,
+    inverter=LearnedConfig(width=32, layers=1, epochs=1),
+    sequential=SequentialConfig(probe_candidates=8, embedding_candidates=8, gradient_candidates=4, beam=2),
 )
 
 
@@ -148,15 +164,21 @@ def _cell_id(model: str, split: int, ratio: float | None, cti: bool, peft: str, 
     return f"{Path(model).name}_k{split}_{noise}{shaped}_{peft}{'_trained-bottom' if train_bottom else ''}"
 
 
-def _datasets(spec: ModelGrid, grid: Grid) -> tuple[TextDataset, TextDataset, TextDataset, list[int]]:
+def _datasets(spec: ModelGrid, grid: Grid) -> tuple[TextDataset, TextDataset, TextDataset, list[int], list[str]]:
+    """(training snippets, held-out snippets, AIA paragraphs, their parties, the provider's public snippets)."""
     snippets = load_labelled_csv(ROOT / grid.snippets, "text", "label")
     train = snippets.subset(list(range(spec.train_examples)))
     # held-out snippets from the far end of the file: disjoint from every training set above
     held = snippets.subset(list(range(len(snippets) - spec.eval_examples, len(snippets))))
+    end = min(grid.public_start + grid.public_examples, len(snippets) - spec.eval_examples)
+    if grid.public_start < spec.train_examples or end <= grid.public_start:
+        raise ValueError(f"public snippets {grid.public_start}..{end} overlap the training or held-out snippets")
+    attacked = set(train.texts)
+    public = [t for t in snippets.texts[grid.public_start:end] if t not in attacked]  # a duplicated text too
     paragraphs = load_labelled_csv(ROOT / grid.paragraphs, "text", "party")
     order = torch.randperm(len(paragraphs), generator=torch.Generator().manual_seed(grid.seed))
     aia = paragraphs.subset(sorted(order[:grid.aia_examples].tolist()))
-    return train, held, TextDataset(aia.texts, [], []), aia.labels
+    return train, held, TextDataset(aia.texts, [], []), aia.labels, public
 
 
 class Cell:
@@ -166,9 +188,12 @@ class Cell:
                  tokenizer, data, work: Path):
         self.grid, self.spec, self.provider, self.service = grid, spec, provider, service
         self.pretrained, self.tokenizer = pretrained, tokenizer
-        self.train, self.held, self.paragraphs, self.parties = data
+        self.train, self.held, self.paragraphs, self.parties, self.public = data
         self.work = work
         self._clean_paragraphs: list = []
+        # what the attacks build once per bottom (public hidden states, the position-0 table) and once per noise
+        # mechanism (the probe, the learned inverter): shared by the cells of this provider
+        self._attack_cache: dict = {}
 
     def run(self, ratio: float | None, cti: bool, train_bottom: bool, cti_rows: str = "label",
             seed: int | None = None, cti_mode: str = "scale", cti_top: float = 0.1, epochs: int = 1,
@@ -197,10 +222,15 @@ class Cell:
         attack_view = SplitTrainer(bottom, self.tokenizer, self.service,
                                    TrainConfig(batch_size=examples, max_length=grid.max_length if nn else spec.eia_length),
                                    trainer.privatizer)
-        attack = AttackConfig(attack="nn" if nn else "optimization", steps=spec.eia_steps, lr=spec.eia_lr,
-                              temperature=grid.eia_temperature, seed=seed)
+        # every attack that applies, the strongest reported (sap-client audit --attack auto)
+        attack = AttackConfig(steps=spec.eia_steps, lr=spec.eia_lr, temperature=grid.eia_temperature, seed=seed,
+                              sequential=grid.sequential, learned=replace(grid.inverter, seed=seed))
+        # the inverter and the probe depend on the mechanism only (eta and the CTI table come from the training
+        # snippets, the same for every seed), so the cells of a study's seeds share them
+        mechanism = json.dumps([ratio, cti, cti_rows, cti_mode, cti_top, rescale, nn])
         eia = simulated_audit(attack_view, self.train.subset(list(range(examples))), None, attack,
-                              attacker=self.pretrained)
+                              attacker=self.pretrained, public=self.public, cache=self._attack_cache,
+                              mechanism=mechanism)
         pooled_view = SplitTrainer(bottom, self.tokenizer, self.service,
                                    TrainConfig(batch_size=32, max_length=grid.aia_length), trainer.privatizer)
         # the paragraphs' clean bottom outputs are the same in every frozen-bottom cell: computed once
@@ -218,7 +248,9 @@ class Cell:
             "accuracy": metrics["eval_accuracy"], "eval_majority": metrics["eval_majority"],
             "train_examples": metrics["train_examples"], "eval_examples": metrics["eval_examples"],
             "eia_attack": eia["attack"], "eia_tokens": eia["eia_tokens"], "eia_examples": eia["examples"],
-            "eia_recovery": eia["eia_token_recovery"],
+            "eia_recovery": eia["eia_token_recovery"], "eia_recovery_content": eia["eia_token_recovery_content"],
+            "eia_attacks": {kind: f["recovery"] for kind, f in eia["eia_attacks"].items()},
+            "public_examples": eia["public_examples"],
             "eia_recovery_without_special": eia["eia_token_recovery_without_special"],
             "eia_privacy": eia["eia_privacy"],
             "aia_accuracy": aia["aia_accuracy"], "aia_baseline": aia["aia_baseline"],
@@ -402,8 +434,8 @@ def run_tasks(grid: Grid, tasks: list[Task], workers: int = 1) -> None:
 # --- the report -----------------------------------------------------------------------------------------
 
 COLUMNS = ["model", "split", "peft", "train_bottom", "noise_ratio", "cti", "cti_rows", "eta", "noise_to_signal", "accuracy",
-           "eval_majority", "eia_attack", "eia_recovery", "eia_recovery_without_special", "eia_privacy",
-           "eia_tokens", "aia_accuracy", "aia_baseline", "aia_privacy", "train_seconds", "attack_seconds"]
+           "eval_majority", "eia_attack", "eia_recovery", "eia_recovery_without_special", "eia_recovery_content",
+           "eia_privacy", "eia_tokens", "eia_by_attack", "aia_accuracy", "aia_baseline", "aia_privacy", "train_seconds", "attack_seconds"]
 
 
 CTI_KINDS = ("off", "label", "max")  # CTI off; on with each text's class row (DESIGN); on with the max row
@@ -422,11 +454,17 @@ def load_cells(cells_dir: Path) -> list[dict]:
                                        r["noise_ratio"] or 0.0, CTI_KINDS.index(cti_kind(r))))
 
 
+def _by_attack(row: dict) -> str:
+    """Each attack's token recovery, 'optimization 0.120; learned 0.450' (cells from before auto: the one attack)."""
+    attacks = row.get("eia_attacks") or {row["eia_attack"]: row["eia_recovery"]}
+    return "; ".join(f"{kind} {value:.3f}" for kind, value in attacks.items())
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([{**row, "eia_by_attack": _by_attack(row)} for row in rows])
 
 
 def write_plot(rows: list[dict], path: Path) -> None:
@@ -468,12 +506,14 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def markdown_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | k | PEFT | bottom | R | CTI | noise/signal sent | accuracy | EIA attack | tokens recovered | EIA privacy "
-             "| AIA accuracy (baseline) | AIA privacy |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | k | PEFT | bottom | R | CTI | noise/signal sent | accuracy | tokens recovered, each attack "
+             "| strongest | tokens recovered | content tokens | EIA privacy | AIA accuracy (baseline) | AIA privacy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['split']} | {r['peft']} | {'trained' if r['train_bottom'] else 'frozen'} "
                      f"| {_fmt(r['noise_ratio'] if r['noise_ratio'] is None else float(r['noise_ratio']), 2)} "
-                     f"| {cti_kind(r)} | {_fmt(float(r['noise_to_signal']), 2)} | {_fmt(r['accuracy'])} | {r['eia_attack']} | {_fmt(r['eia_recovery'])} "
+                     f"| {cti_kind(r)} | {_fmt(float(r['noise_to_signal']), 2)} | {_fmt(r['accuracy'])} | {_by_attack(r)} "
+                     f"| {r['eia_attack']} | {_fmt(r['eia_recovery'])} | {_fmt(r.get('eia_recovery_content'))} "
                      f"| {_fmt(r['eia_privacy'])} | {_fmt(r['aia_accuracy'])} ({_fmt(r['aia_baseline'])}) "
                      f"| {_fmt(r['aia_privacy'])} |")
     return lines
@@ -637,8 +677,13 @@ def write_report(grid: Grid, rows: list[dict], out: Path, command: str, seconds:
              "", f"Grid: `{settings}`", "",
              "R is the noise ratio E||n|| / mean||h|| at the split (the eta that gives it is in the CSV). Accuracy: "
              "held-out movie snippets after one epoch through the split. EIA: tokens of the first training "
-             "snippets recovered from what the client sends (nn = exact position-aware nearest neighbour at "
-             "k = 0; optimization = relaxed one-hot inversion through the provider's pretrained bottom). "
+             "snippets recovered from what the client sends, by every attack that applies (`sap-client audit "
+             "--attack auto`): nn = exact position-aware nearest neighbour at k = 0; optimization = relaxed "
+             "one-hot inversion through the provider's pretrained bottom; sequential = MAP decoding left to "
+             "right with a shortlist and a beam (decoders); learned = an inverter trained on "
+             f"{grid.public_examples} public snippets (rows {grid.public_start}.., disjoint from every training "
+             "and held-out snippet) under the same mechanism and settings. EIA privacy = 1 - the strongest "
+             "attack's recovery; content tokens = non-special, non-function-word tokens. "
              "AIA: party of convention paragraphs from mean-pooled sent vectors; privacy = 1 - accuracy. "
              "Files: privacy_table.csv, privacy_table.png, privacy_table/cells/*.json.", ""]
     lines += markdown_table(rows)
@@ -662,6 +707,9 @@ def main(argv: list[str] | None = None) -> int:
     extra.add_argument("--epochs-study", action="store_true",
                         help="run only the CTI study with three passes over the data (MiniLM k = 4, three seeds, "
                              "15 cells, about 21 min; not part of make privacy-table), then rebuild the report")
+    extra.add_argument("--hn-study", action="store_true",
+                       help="run only the CTI study as DESIGN's client sends (h + n, no rescaling; MiniLM k = 4, three "
+                            "seeds, 21 cells beyond the grid's; not part of make privacy-table), then rebuild the report")
     extra.add_argument("--rescale-study", action="store_true",
                        help="run only the CTI study with every noised vector rescaled to the mean hidden-state norm "
                             "(MiniLM k = 4, three seeds, 15 cells, about 14 min; the full run includes it), then "
@@ -682,20 +730,22 @@ def main(argv: list[str] | None = None) -> int:
     name = "privacy_table_quick" if args.quick else "privacy_table"
     out = args.out if not args.quick else args.out / name
     cells_dir = args.out / name / "cells"
-    extra_study = EPOCHS_CTI_STUDY if args.epochs_study else RESCALE_CTI_STUDY if args.rescale_study else None
+    extra_study = (EPOCHS_CTI_STUDY if args.epochs_study else FULL_CTI_STUDY if args.hn_study else
+                   RESCALE_CTI_STUDY if args.rescale_study else None)
     if args.quick and extra_study:
-        parser.error("--epochs-study and --rescale-study run on the full grid's model and data; no quick form")
+        parser.error("--epochs-study, --hn-study and --rescale-study run on the full grid's model and data; no quick "
+                     "form")
     if extra_study and extra_study.model not in {m.model for m in grid.models}:
         parser.error(f"that study needs {extra_study.model} in --models")
-    study = QUICK_CTI_STUDY if args.quick else FULL_CTI_STUDY
-    studies = [study] + ([] if args.quick else [EPOCHS_CTI_STUDY, RESCALE_CTI_STUDY])
+    studies = [QUICK_CTI_STUDY] if args.quick else [FULL_CTI_STUDY, EPOCHS_CTI_STUDY, RESCALE_CTI_STUDY]
+    default_studies = [QUICK_CTI_STUDY] if args.quick else [RESCALE_CTI_STUDY]  # what a plain run computes
     started = time.perf_counter()
     if not args.report_only:
         if extra_study:
-            tasks = study_tasks(extra_study, args.out / name / extra_study.folder)
+            tasks = study_tasks(extra_study, args.out / name / extra_study.folder, shared=grid_tasks(grid, cells_dir))
         else:
             tasks = grid_tasks(grid, cells_dir)
-            for default in [study] + ([] if args.quick else [RESCALE_CTI_STUDY]):
+            for default in default_studies:
                 if default.model in {m.model for m in grid.models}:
                     tasks += study_tasks(default, args.out / name / default.folder, shared=tasks)
         todo = schedule(grid, tasks)

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # on sys.path, so that the worker processes it spawns (which get this sys.path) can import it too
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import privacy_table  # noqa: E402
+from sap_client.audit.learned import LearnedConfig  # noqa: E402
 
 
 def _cell(split: int, ratio: float | None, cti: bool, accuracy: float, privacy: float, **extra) -> dict:
@@ -87,7 +88,8 @@ def _tiny_grid(model: Path, data: Path):
         writer = csv.writer(handle)
         writer.writerow(["text", "label"])
         for i in range(40):
-            writer.writerow([" ".join(words[(i * 7 + j) % len(words)] for j in range(6)), "pos" if i % 2 else "neg"])
+            text = " ".join(words[(i * 7 + j) % len(words)] for j in range(6)) + f" w{i}"  # every text distinct
+            writer.writerow([text, "pos" if i % 2 else "neg"])
     with (data / "paragraphs.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["text", "party"])
@@ -97,7 +99,8 @@ def _tiny_grid(model: Path, data: Path):
                                    eia_examples=2, eia_steps=3, eia_lr=0.03, nn_examples=4, eia_length=8)
     return privacy_table.Grid(models=[spec], extras_at=("none", 0, 0.0), aia_examples=16, aia_length=16,
                               batch_size=8, max_length=16, snippets=str(data / "snippets.csv"),
-                              paragraphs=str(data / "paragraphs.csv"))
+                              paragraphs=str(data / "paragraphs.csv"), public_start=16, public_examples=16,
+                              inverter=LearnedConfig(width=16, layers=1, epochs=1))
 
 
 def test_schedule_skips_finished_cells_and_starts_the_slowest_model(tmp_path):
@@ -130,7 +133,10 @@ def test_cells_run_in_worker_processes_and_resume(tiny_bert, tmp_path, workers):
     assert sorted(r["split"] for r in rows) == [0, 0, 0, 1, 1, 1]
     for row in rows:
         assert row["train_examples"] == 16 and row["eval_examples"] == 8 and 0 <= row["accuracy"] <= 1
-        assert row["eia_attack"] == ("nn" if row["split"] == 0 else "optimization")
+        # every attack that applies (an encoder: no sequential decoding), the strongest one's figure
+        assert set(row["eia_attacks"]) == {"nn" if row["split"] == 0 else "optimization", "learned"}
+        assert row["eia_recovery"] == max(row["eia_attacks"].values()) == pytest.approx(1 - row["eia_privacy"])
+        assert row["eia_attack"] in row["eia_attacks"] and row["public_examples"] == 16
         assert 0 <= row["eia_privacy"] <= 1 and row["aia_victims"] > 0
         assert (row["eta"] is None) == (row["noise_ratio"] is None)
     # no noise at k = 0: the nearest-neighbour attack reads every token back
