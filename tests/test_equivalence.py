@@ -14,19 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 from torch.nn import functional as F
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from conftest import running_server
 from sap_client.bottom import load_server_bottom
 from sap_client.remote import RemoteTopService
 from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_common.models.families import ENCODER, base_blocks, family_of
-from sap_common.models.registry import load_model
+from sap_common.models.registry import load_model, load_tokenizer
 from sap_common.service import SessionSpec
 from sap_server.local import LocalTopService
 from sap_server.peft import PEFT_METHODS, PeftConfig, apply_peft
 from sap_server.provider import Provider
-from tiny_models import learnable_rows
+from tiny_models import build_tiny_model, learnable_rows
 
 K = 1
 STEPS = 4
@@ -141,7 +141,7 @@ def _reference_run(folder: Path, method: str, train_bottom: bool, initial_top: P
     assert {id(p) for p in trainable} == named_trainable, "the reference trains parameters the test does not compare"
     initial_top_ref, initial_bottom_ref = _snapshot(top_named()), _snapshot(bottom_named())
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)  # the folder's own tokenizer, as the server loads it
     tokenizer.padding_side = "right"
     optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
     model.train()
@@ -267,3 +267,12 @@ def test_a_different_seed_gives_different_initial_weights(tiny_bert):
         assert any("lora_A" in n for n in differs) and "head.classifier.weight" in differs
     finally:
         provider.close()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_split_training_equals_unsplit_training_for_every_decoder_family(family, tmp_path):
+    """Llama is covered above with every PEFT method; the other listed decoder families with LoRA."""
+    folder = build_tiny_model(tmp_path / family, family)
+    split = _split_run(folder, "lora", train_bottom=False, cache=tmp_path / "bottoms", transport="local")
+    reference = _reference_run(folder, "lora", train_bottom=False, initial_top=split.initial_top)
+    _check(split, reference, "lora", train_bottom=False)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+from transformers import (BertConfig, BertModel, LlamaConfig, LlamaModel, MistralConfig, MistralModel,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2Model, Qwen3Config, Qwen3Model)
 
 WORDS = [f"w{i}" for i in range(80)] + ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot"]
 POSITIVE, NEGATIVE = ["good", "great", "fine"], ["bad", "awful", "poor"]
@@ -42,15 +43,31 @@ def llama_config(layers: int = 3, hidden: int = 32) -> LlamaConfig:
                        tie_word_embeddings=True)
 
 
+# The decoder families SAP lists besides Llama: same sizes, each architecture's own config and model class.
+DECODER_FAMILIES = {"llama": (LlamaConfig, LlamaModel), "qwen2": (Qwen2Config, Qwen2Model),
+                    "qwen3": (Qwen3Config, Qwen3Model), "mistral": (MistralConfig, MistralModel)}
+
+
+def decoder_config(family: str, layers: int = 3, hidden: int = 32):
+    config_class, _ = DECODER_FAMILIES[family]
+    if family == "llama":
+        return llama_config(layers, hidden)
+    return config_class(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                        intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
+                        eos_token_id=3, tie_word_embeddings=True)
+
+
 def build_tiny_model(folder: Path, family: str, layers: int = 3, hidden: int = 32, seed: int = 0) -> Path:
-    """Write a tiny random 'bert' or 'llama' model + tokenizer into folder (a loadable HF folder)."""
+    """Write a tiny random model ('bert', or a decoder family: 'llama', 'qwen2', 'qwen3', 'mistral') and its
+    word-level tokenizer into folder (a loadable HF folder)."""
     torch.manual_seed(seed)
     if family == "bert":
         model = BertModel(bert_config(layers, hidden))
-    elif family == "llama":
-        model = LlamaModel(llama_config(layers, hidden))
+    elif family in DECODER_FAMILIES:
+        model = DECODER_FAMILIES[family][1](decoder_config(family, layers, hidden))
     else:
-        raise ValueError(f"family must be bert or llama, got {family!r}")
+        raise ValueError(f"family must be bert or one of {sorted(DECODER_FAMILIES)}, got {family!r}")
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     make_tokenizer(bert_style=family == "bert").save_pretrained(folder)

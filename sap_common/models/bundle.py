@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase
 
 from sap_common.errors import ModelLoadError
 from sap_common.models.families import truncated_config
+from sap_common.models.registry import load_tokenizer
 from sap_common.models.split import BottomModel, whole_base_as_bottom
 
 WEIGHTS = "bottom.safetensors"
@@ -81,7 +82,7 @@ def load_bottom(folder: Path) -> tuple[BottomModel, PreTrainedTokenizerBase, Bot
         raise ModelLoadError(f"bottom bundle format {meta.format} is not supported (expected {BUNDLE_FORMAT})")
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR, local_files_only=True)
+        tokenizer = load_tokenizer(folder / TOKENIZER_DIR)
         state = load_file(str(folder / WEIGHTS))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read bottom bundle {folder}: {exc}") from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase,
+                          PreTrainedTokenizerFast)
 
 from sap_common.errors import ModelLoadError
 from sap_common.models.families import family_of
@@ -88,13 +90,34 @@ def resolve_model(name_or_path: str) -> Path:
     return folder
 
 
+GENERIC_TOKENIZERS = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer as the folder declares it. A generic fast tokenizer (its tokenizer.json) is loaded
+    as such, not rebuilt as the class transformers maps the model type to, which reads the vocabulary its own
+    way: a Qwen2 folder with a word-level tokenizer.json came out as Qwen2Tokenizer, which turned every text
+    into its first special token alone, so that nothing could be learned."""
+    folder = Path(folder)
+    declared = None
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            declared = json.loads(config_file.read_text()).get("tokenizer_class")
+        except ValueError as exc:
+            raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from exc
+    if (folder / "tokenizer.json").is_file() and (declared is None or declared in GENERIC_TOKENIZERS):
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load the headless base model and tokenizer, offline, from an alias or a local folder."""
     folder = resolve_model(name_or_path)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         family_of(config)  # fail early, with the list of supported types
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = load_tokenizer(folder)
         base = AutoModel.from_pretrained(folder, config=config, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from {folder}: {exc}") from exc
