@@ -144,8 +144,8 @@ EPOCHS_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2,
 RESCALE_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2, 2.5), cti_ratios=(1,),
                              cti_rows=("label",), exempt_ratios=(2,), rescale=True, folder="cti_study_rescaled",
                              title="CTI with every noised vector rescaled to the mean hidden-state norm",
-                             how="`python benchmarks/privacy_table.py` runs it after the grid and the first "
-                                 "study (`--rescale-study` runs only it)")
+                             how="`python benchmarks/privacy_table.py` runs it after the grid "
+                                 "(`--rescale-study` runs only it)")
 QUICK_CTI_STUDY = CtiStudy("minilm-l6", 2, seeds=(0, 1), off_ratios=(2, 4), cti_ratios=(2,), cti_rows=("max",),
                            exempt_ratios=(4,))
 QUICK = Grid(
@@ -665,7 +665,7 @@ def _versions() -> str:
             f"peft {peft.__version__}; {platform.machine()}, {torch.get_num_threads()} threads")
 
 
-def write_report(grid: Grid, rows: list[dict], out: Path, command: str, seconds: float | None,
+def write_report(grid: Grid, rows: list[dict], out: Path, command: str, measured: dict | None,
                  studies: list[tuple[CtiStudy, list[dict]]] = ()) -> None:
     """privacy_table.md (table, computed findings, each study that has cells, the written discussion), .csv, .png."""
     write_csv(rows, out / "privacy_table.csv")
@@ -673,7 +673,9 @@ def write_report(grid: Grid, rows: list[dict], out: Path, command: str, seconds:
     settings = json.dumps(asdict(grid))
     lines = ["# Utility and privacy of the split, on real data", "",
              f"Written by `{command}` ({_versions()}); seed {grid.seed} (data order, adapter "
-             "initialisation, noise key, attacks); the CTI study at the end repeats its cells over several seeds." + (f" Wall time {seconds / 60:.0f} min." if seconds else ""),
+             "initialisation, noise key, attacks); the CTI study at the end repeats its cells over several seeds."
+             + (f" Wall time of the last whole run ({measured['cells']} cells, finished {measured['finished']}): "
+                f"{measured['seconds'] // 60} min {measured['seconds'] % 60:02d} s." if measured else ""),
              "", f"Grid: `{settings}`", "",
              "R is the noise ratio E||n|| / mean||h|| at the split (the eta that gives it is in the CSV). Accuracy: "
              "held-out movie snippets after one epoch through the split. EIA: tokens of the first training "
@@ -754,13 +756,20 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/privacy_table.py" + (" --quick" if args.quick else "")
     rows = load_cells(cells_dir)
-    found = [(s, study_rows(s, [json.loads(p.read_text()) for p in sorted((args.out / name / s.folder).glob("*.json"))],
-                            rows)) for s in studies]
+    # a study is shown when it has cells of its own (the grid's shared cells alone are not a study)
+    found = [(s, study_rows(s, own, rows)) for s in studies
+             if (own := [json.loads(p.read_text()) for p in sorted((args.out / name / s.folder).glob("*.json"))])]
     seconds = time.perf_counter() - started
     if extra_study:
         log.info("%s: %.1f min", extra_study.title, seconds / 60)
-    # the header's wall time is the whole table's: only a run of the grid (and its study) measures it
-    write_report(grid, rows, out, command, None if args.report_only or extra_study else seconds, found)
+    # the header's wall time is the whole table's: only a run of the grid (and its study) measures it, and it
+    # is kept beside the cells so that a --report-only rebuild still shows it
+    timing = args.out / name / "run.json"
+    if not (args.report_only or extra_study):
+        timing.write_text(json.dumps({"command": command, "seconds": round(seconds), "cells": len(tasks),
+                                      "finished": time.strftime("%Y-%m-%d %H:%M")}, indent=1) + "\n")
+    measured = json.loads(timing.read_text()) if timing.is_file() else None
+    write_report(grid, rows, out, command, measured, found)
     print(f"wrote {out / 'privacy_table.md'}, .csv and .png from {len(list(cells_dir.glob('*.json')))} cells")
     return 0
 

@@ -451,7 +451,10 @@ def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack
         trainer.privatizer = fit_noise(noise, trainer, data, report_dir)
         eta = trainer.privatizer.eta if trainer.privatizer else None
     if recorded:
-        report = recorded_audit(trainer, data, read_records(recorded), attack, public)
+        limit = (settings or {}).get("max_examples")  # a run trained on the first rows only: pair those
+        label_data = everything.subset(list(range(min(limit, len(everything))))) if limit else everything
+        report = recorded_audit(trainer, data, read_records(recorded), attack, public,
+                                label_data=label_data if labelled else None)
         report["source"] = f"recorded traffic in {recorded}"
     else:
         report = simulated_audit(trainer, data, attributes, attack, public=public)

@@ -121,7 +121,7 @@ def render_statement(statement: dict) -> str:
                 if statement["cti"] and statement.get("eta_max") else "")
              + (f", noised vectors rescaled to norm {statement['rescale_norm']:.4g}" if statement["rescale_norm"]
                 else "") + ".",
-             f"- **Formal guarantee**: {statement['formal']}",
+             f"- **Formal guarantee**: {statement['formal'].rstrip('.')}.",
              f"- **Noisy observations of each training example the provider got**: {statement['observations_why']}.",
              f"- **Prediction queries**: {statement['predict_queries']}.",
              f"- **Labels**: {statement['label_exposure']}.",

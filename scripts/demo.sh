@@ -52,3 +52,6 @@ print(f"== result: eval accuracy {m['eval_accuracy']:.3f} (majority class {m['ev
       f"{m['noise_to_signal']:.2f}); {m['steps']} steps, {m['examples_per_second']:.1f} examples/s; "
       f"sent {m['bytes_sent'] / 1e6:.1f} MB")
 PY
+echo "== privacy statement of the run (what these settings protect, and what not): $RUN/run/privacy.md"
+grep -E '^- \*\*(Formal guarantee|Labels)' "$RUN/run/privacy.md" | sed 's/^/   /'
+echo "   measure what the strongest attacks recover: sap-client audit $RUN/train.csv --run $RUN/run --out $RUN/audit --server ADDRESS"

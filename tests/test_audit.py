@@ -80,7 +80,8 @@ def test_recorded_and_simulated_audits_agree(rescale, tiny_llama, tmp_path, env,
     # examples, 2 epochs: 180 gradient rows), against a majority baseline printed beside it
     assert recorded["label_inference_accuracy"] == 1.0
     assert recorded["label_inference_examples"] == 180 and 0.4 <= recorded["label_inference_baseline"] <= 0.6
-    assert first["label_inference_examples"] < 180 and first["label_inference_accuracy"] == 1.0
+    # the labels of the whole file are read, though only its first 30 texts are inverted
+    assert first["label_inference_examples"] == 180 and first["label_inference_accuracy"] == 1.0
     assert "label_inference_accuracy" not in simulated  # nothing recorded, nothing to read labels from
     # the run's privacy statement names the label exposure, and the audits of its settings were added to it
     statement = (run / "privacy.md").read_text()

@@ -57,9 +57,10 @@ def test_findings_name_the_nearest_operating_point_and_compare_cti():
 
 
 def test_report_files(tmp_path):
-    privacy_table.write_report(privacy_table.QUICK, ROWS, tmp_path, "python benchmarks/privacy_table.py", 60.0)
+    privacy_table.write_report(privacy_table.QUICK, ROWS, tmp_path, "python benchmarks/privacy_table.py",
+                               {"seconds": 3725, "cells": 2, "finished": "2026-12-02 14:38"})
     table = (tmp_path / "privacy_table.md").read_text()
-    assert table.count("\n| m |") == len(ROWS)
+    assert table.count("\n| m |") == len(ROWS) and "62 min 05 s" in table
     with (tmp_path / "privacy_table.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(ROWS)
     assert (tmp_path / "privacy_table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -162,14 +162,16 @@ def attribute_report(features: torch.Tensor, attributes: list[int], seed: int) -
 
 
 def recorded_audit(trainer: SplitTrainer, data: TextDataset, records: list[Record], config: AttackConfig,
-                   public: list[str] | None = None) -> dict:
+                   public: list[str] | None = None, label_data: TextDataset | None = None) -> dict:
     """Attack what a server recorded (sap-server --record): the hidden states it received, with every attack that
     applies, and (when the data is labelled and the recording holds Backward gradients) the labels.
 
     Ground truth comes from the user's own data: each data text is paired with the distinct received example of its
     length nearest to what this client would send for it (and to its clean bottom output), one to one, nearest pairs
     first; so a recording of more texts than `data` holds (a whole run audited on its first --max-examples texts)
-    leaves the rest unmatched instead of pairing them with the wrong text."""
+    leaves the rest unmatched instead of pairing them with the wrong text. label_data (default: data), the texts
+    and labels whose gradients are read: pairing is cheap, so a whole training file can be, while the inversion
+    attacks run on data only."""
     received, digests = _distinct_examples(records)
     matched = _pair_with_texts(trainer, data, received)  # received index -> (text index, ids)
     provider = build_attacker(trainer, config, public)
@@ -191,9 +193,11 @@ def recorded_audit(trainer: SplitTrainer, data: TextDataset, records: list[Recor
         raise ValueError("no recorded example matches a text of the data (same tokenizer, split and data?)")
     report = _eia_report({1: results}, trainer, provider)
     report.update(examples=len(order), recorded_examples=len(received), unmatched_examples=len(received) - len(order))
-    if data.labels:
-        text_of = {digests[i]: text for i, (text, _) in matched.items()}
-        report.update(recorded_label_inference(records, text_of, data.labels))
+    label_data = label_data if label_data is not None else data
+    if label_data.labels:
+        paired = matched if label_data is data else _pair_with_texts(trainer, label_data, received)
+        text_of = {digests[i]: text for i, (text, _) in paired.items()}
+        report.update(recorded_label_inference(records, text_of, label_data.labels))
     return report
 
 
@@ -293,8 +297,10 @@ def write_report(report: dict, folder: Path) -> None:
              f"noise ratio = {report.get('noise_ratio')}, CTI = {report['cti']}"
              + (f", noised vectors rescaled to norm {report['rescale_norm']:.4g}" if report.get("rescale_norm") else "")
              + ".", "",
-             f"**Embedding inversion**, the strongest of {len(report['eia_attacks'])} attacks ({report['attack']}), "
-             f"{report['eia_tokens']} tokens of {report['examples']} examples: {report['eia_token_recovery']:.1%} of "
+             "**Embedding inversion**, "
+             + (f"the strongest of {len(report['eia_attacks'])} attacks ({report['attack']}), "
+                if len(report["eia_attacks"]) > 1 else f"the {report['attack']} attack, ")
+             + f"{report['eia_tokens']} tokens of {report['examples']} examples: {report['eia_token_recovery']:.1%} of "
              f"tokens recovered ({report['eia_token_recovery_without_special']:.1%} without special tokens, "
              f"{report['eia_token_recovery_content']:.1%} of the {report['eia_content_tokens']} content tokens); "
              f"empirical privacy {report['eia_privacy']:.3f}.", "",
