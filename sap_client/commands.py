@@ -416,7 +416,8 @@ def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack
 
     The provider's public text (for the probe and the learned inverter): the texts of public_path, or else the rows
     of DATA after the attacked ones; either way no attacked text is among them."""
-    from sap_client.audit.runner import recorded_audit, simulated_audit, write_report
+    from sap_client.audit.recorded import recorded_audit
+    from sap_client.audit.runner import simulated_audit, write_report
     from sap_client.data import read_rows
     from sap_common.recording import read_records
 

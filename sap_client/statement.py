@@ -75,7 +75,7 @@ def privacy_statement(*, model: str, split: int, eta: float | None, eta_max: flo
             f"metric DP per token: for any two tokens x, x' and anything S the provider could conclude, "
             f"P[sent in S | x] <= exp({strongest * copies:.4g} x d(x, x')) P[sent in S | x'], d the L2 distance of "
             f"their embedding-layer outputs (epsilon = eta = {strongest:.4g} per unit of distance"
-            + (f", the largest per-token eta CTI gives" if eta_max is not None and cti else "")
+            + (", the largest per-token eta CTI gives" if eta_max is not None and cti else "")
             + (f", times {copies} observations" if copies > 1 else "")
             + f"). Two tokens at this model's median distance ({median_distance:.3g}) get epsilon = {epsilon:.3g}: "
             + _epsilon_words(epsilon))

@@ -11,8 +11,8 @@ import torch
 from sap_client.audit.attacks import AttackConfig, simulated_mechanism
 from sap_client.audit.inversion import optimization_inversion, token_recovery
 from sap_client.audit.learned import LearnedConfig, train_inverter
-from sap_client.audit.sequential import SequentialConfig, extend, first_position_outputs, fit_token_probe, \
-    sequential_inversion
+from sap_client.audit.probe import fit_token_probe
+from sap_client.audit.sequential import SequentialConfig, extend, first_position_outputs, sequential_inversion
 from sap_client.audit.runner import simulated_audit
 from sap_client.data import TextDataset
 from sap_client.privacy import Privatizer, eta_for_noise_ratio

@@ -13,8 +13,8 @@ import torch
 
 from sap_client.audit.inversion import nearest_neighbour_inversion, optimization_inversion, position_aware_inversion
 from sap_client.audit.learned import LearnedConfig, NoiseFn, train_inverter
-from sap_client.audit.sequential import SequentialConfig, TokenProbe, first_position_outputs, fit_token_probe, \
-    sequential_inversion
+from sap_client.audit.probe import TokenProbe, fit_token_probe
+from sap_client.audit.sequential import SequentialConfig, first_position_outputs, sequential_inversion
 from sap_client.privacy import Privatizer
 from sap_common.models.families import DECODER
 from sap_common.models.split import BottomModel

@@ -9,7 +9,8 @@ read argmax(z). Success = fraction of real (non-padding) tokens recovered; priva
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -131,6 +132,15 @@ def optimization_inversion(observed: torch.Tensor, attention_mask: torch.Tensor,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
 
+    with frozen(bottom):
+        return _invert(observed, attention_mask, bottom, steps=steps, lr=lr, temperature=temperature,
+                       distance=distance, seed=seed, batch_size=batch_size)
+
+
+@contextmanager
+def frozen(bottom: BottomModel) -> Iterator[BottomModel]:
+    """The attacker's bottom frozen and in eval mode while an attack runs; its requires_grad flags and training
+    mode are restored afterwards (the bottom may be a user's trainable one)."""
     params = list(bottom.parameters())
     flags = [p.requires_grad for p in params]
     was_training = bottom.training
@@ -138,8 +148,7 @@ def optimization_inversion(observed: torch.Tensor, attention_mask: torch.Tensor,
         for p in params:
             p.requires_grad_(False)
         bottom.eval()
-        return _invert(observed, attention_mask, bottom, steps=steps, lr=lr, temperature=temperature,
-                       distance=distance, seed=seed, batch_size=batch_size)
+        yield bottom
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)

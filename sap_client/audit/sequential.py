@@ -24,58 +24,13 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from sap_client.audit.inversion import frozen
+from sap_client.audit.probe import TokenProbe
 from sap_common.models.families import DECODER
 from sap_common.models.split import BottomModel
 
 # layer index -> (keys, values), each (M, kv heads, t, head dim): the K/V of M prefixes of length t
 PrefixKV = dict[int, tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class TokenProbe:
-    """Two ridge-regression probes from a received vector, fitted together on public text under the noise:
-    token scores ([h, 1] @ onehot) and a predicted input embedding ([h, 1] @ embedding), whose cosine
-    matches against the embedding matrix reach tokens the public text never showed."""
-
-    onehot: torch.Tensor  # (H + 1, V)
-    embedding: torch.Tensor  # (H + 1, H)
-
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (..., H) -> token scores (..., V)."""
-        hidden = hidden.float()
-        return hidden @ self.onehot[:-1] + self.onehot[-1]
-
-    def predicted_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (..., H) -> the input embedding the probe expects at that position (..., H)."""
-        hidden = hidden.float()
-        return hidden @ self.embedding[:-1] + self.embedding[-1]
-
-
-def fit_token_probe(hidden: torch.Tensor, token_ids: torch.Tensor, table: torch.Tensor, *,
-                    ridge: float = 1e-2) -> TokenProbe:
-    """Fit h -> one-hot(token) and h -> E[token] by ridge regression: hidden (N, H) vectors of public text (as
-    the provider would receive them: under the same noise), token_ids (N,), table the embedding matrix (V, H).
-
-    ridge is relative: the penalty is ridge x the mean diagonal of X^T X, so it does not depend on the scale
-    of the hidden states. Tokens that never occur get a zero one-hot column (the embedding probe and the
-    gradient shortlist still reach them).
-    """
-    vocab_size = table.shape[0]
-    if hidden.dim() != 2 or token_ids.shape != hidden.shape[:1] or hidden.shape[0] < 1:
-        raise ValueError(f"hidden must be (N, H) and token_ids (N,) with N >= 1, got {tuple(hidden.shape)} and "
-                         f"{tuple(token_ids.shape)}")
-    if not (math.isfinite(ridge) and ridge > 0):
-        raise ValueError(f"ridge must be positive and finite, got {ridge!r}")
-    if int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab_size:
-        raise ValueError(f"token_ids must lie in 0..{vocab_size - 1}")
-    x = torch.cat([hidden.double(), torch.ones(hidden.shape[0], 1, dtype=torch.float64)], dim=1)  # (N, H + 1)
-    gram = x.T @ x  # (H + 1, H + 1)
-    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-    onehot = torch.zeros(x.shape[1], vocab_size, dtype=torch.float64)  # X^T Y for a one-hot Y, (H + 1, V)
-    onehot.index_add_(1, token_ids.long(), x.T)
-    embedding = x.T @ table.detach().double()[token_ids.long()]  # (H + 1, H)
-    solved = torch.linalg.solve(gram, torch.cat([onehot, embedding], dim=1)).float()
-    return TokenProbe(solved[:, :vocab_size].contiguous(), solved[:, vocab_size:].contiguous())
 
 
 class _PrefixCache:
@@ -154,14 +109,10 @@ def first_position_outputs(bottom: BottomModel, *, chunk: int = 4096) -> torch.T
     """The bottom's output at position 0 for every vocabulary token (V, H): it depends on that token alone,
     so one pass over the vocabulary makes position 0 an exact search (SmolLM2 k = 6: about 45 s on 2 cores)."""
     table = bottom.input_embedding_matrix().detach().float()
-    was_training = bottom.training
-    bottom.eval()
-    try:
+    with frozen(bottom):
         rows = [extend(bottom, None, table[start:start + chunk].unsqueeze(0), 0)[0][0]
                 for start in tqdm(range(0, table.shape[0], chunk), desc="position-0 outputs", unit="chunk",
                                   disable=None)]
-    finally:
-        bottom.train(was_training)
     return torch.cat(rows)
 
 
@@ -183,13 +134,7 @@ def sequential_inversion(observed: torch.Tensor, attention_mask: torch.Tensor, b
     if observed.shape[-1] != bottom.config.hidden_size:
         raise ValueError(f"observed hidden size {observed.shape[-1]} does not match the bottom's hidden_size "
                          f"{bottom.config.hidden_size}")
-    params = list(bottom.parameters())
-    flags = [p.requires_grad for p in params]
-    was_training = bottom.training
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        bottom.eval()
+    with frozen(bottom):
         if first_outputs is None:
             first_outputs = first_position_outputs(bottom)
         lengths = attention_mask.sum(-1).tolist()
@@ -203,10 +148,6 @@ def sequential_inversion(observed: torch.Tensor, attention_mask: torch.Tensor, b
                 for row, ids in enumerate(decoded):
                     guesses[start + row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         return guesses.to(observed.device)
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-        bottom.train(was_training)
 
 
 def _mask_repeats(candidates: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
