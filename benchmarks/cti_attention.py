@@ -27,8 +27,20 @@ from sap_common.models.registry import resolve_model
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT = 4
 # the exempt mode's top tokens per class (--cti-top 0.02) on the table's 2,000 training snippets
-CLEAN_WORDS = ("dull", "fails", "bad", "worse", "badly", "generic",
-               "enjoyable", "moving", "compelling", "entertaining", "wonderful", "refreshing")
+CLEAN_WORDS = (
+    "dull",
+    "fails",
+    "bad",
+    "worse",
+    "badly",
+    "generic",
+    "enjoyable",
+    "moving",
+    "compelling",
+    "entertaining",
+    "wonderful",
+    "refreshing",
+)
 
 
 def attention_probs(block, x: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
@@ -51,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModel.from_pretrained(folder).eval()
     with (ROOT / "data" / "movie_snippets.csv").open(newline="") as handle:
         texts = [row["text"] for row in csv.DictReader(handle)][:2000]  # the table's training snippets
-    texts = [t for t in texts if set(CLEAN_WORDS) & set(tokenizer.tokenize(t))][:args.snippets]
+    texts = [t for t in texts if set(CLEAN_WORDS) & set(tokenizer.tokenize(t))][: args.snippets]
     batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     mask = batch["attention_mask"].bool()
     with torch.no_grad():

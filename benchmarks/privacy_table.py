@@ -118,47 +118,110 @@ class CtiStudy:
 
 
 FULL = Grid(
-    models=[ModelGrid("minilm-l6", (0, 1, 2, 4), (2, 4, 8), train_examples=2000, eval_examples=500,
-                      learning_rate=1e-3, eia_examples=8, eia_steps=100, eia_lr=0.03),
-            ModelGrid("smollm2-135m", (6,), (0.25, 1, 2), train_examples=512, eval_examples=500,
-                      learning_rate=1e-3, eia_examples=4, eia_steps=200, eia_lr=0.03, nn_examples=0, cell_cost=3.0)],
+    models=[
+        ModelGrid(
+            "minilm-l6",
+            (0, 1, 2, 4),
+            (2, 4, 8),
+            train_examples=2000,
+            eval_examples=500,
+            learning_rate=1e-3,
+            eia_examples=8,
+            eia_steps=100,
+            eia_lr=0.03,
+        ),
+        ModelGrid(
+            "smollm2-135m",
+            (6,),
+            (0.25, 1, 2),
+            train_examples=512,
+            eval_examples=500,
+            learning_rate=1e-3,
+            eia_examples=4,
+            eia_steps=200,
+            eia_lr=0.03,
+            nn_examples=0,
+            cell_cost=3.0,
+        ),
+    ],
     extras_at=("minilm-l6", 2, 2.0),
 )
 # The CTI-off curve brackets the CTI cells' privacy: label rows at R 1 (about 0.5) and R 2 (about 0.9), exempt
 # at R 2 (about 0.6).
-FULL_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2, 2.5, 3, 4), cti_ratios=(1, 2),
-                          cti_rows=("label",), exempt_ratios=(2,),
-                          how="`python benchmarks/privacy_table.py --hn-study` runs it (not part of `make "
-                              "privacy-table`)")
+FULL_CTI_STUDY = CtiStudy(
+    "minilm-l6",
+    4,
+    seeds=(0, 1, 2),
+    off_ratios=(1.5, 2, 2.5, 3, 4),
+    cti_ratios=(1, 2),
+    cti_rows=("label",),
+    exempt_ratios=(2,),
+    how="`python benchmarks/privacy_table.py --hn-study` runs it (not part of `make privacy-table`)",
+)
 # Is one pass over the data what keeps CTI from paying? The same comparison where CTI's privacy is about 0.5
 # and 0.6, with three passes (not part of make privacy-table: 15 cells, 21 minutes more).
-EPOCHS_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2, 2.5), cti_ratios=(1,),
-                            cti_rows=("label",), exempt_ratios=(2,), epochs=3, folder="cti_study_3_epochs",
-                            title="CTI with three passes over the training snippets",
-                            how="`python benchmarks/privacy_table.py --epochs-study` runs it (not part of "
-                                "`make privacy-table`)")
+EPOCHS_CTI_STUDY = CtiStudy(
+    "minilm-l6",
+    4,
+    seeds=(0, 1, 2),
+    off_ratios=(1.5, 2, 2.5),
+    cti_ratios=(1,),
+    cti_rows=("label",),
+    exempt_ratios=(2,),
+    epochs=3,
+    folder="cti_study_3_epochs",
+    title="CTI with three passes over the training snippets",
+    how="`python benchmarks/privacy_table.py --epochs-study` runs it (not part of `make privacy-table`)",
+)
 # The exempt mode's clean vectors go unread because the noisy ones, being longer, draw the top's attention
 # (benchmarks/cti_attention.py). Rescaling every noised vector to the mean hidden-state norm (`sap-client
 # --rescale-noised`) is post-processing of the d_chi output (the guarantee holds for it) and removes that
 # imbalance: the same comparison with it. Part of make privacy-table (15 cells, about 14 minutes).
-RESCALE_CTI_STUDY = CtiStudy("minilm-l6", 4, seeds=(0, 1, 2), off_ratios=(1.5, 2, 2.5), cti_ratios=(1,),
-                             cti_rows=("label",), exempt_ratios=(2,), rescale=True, folder="cti_study_rescaled",
-                             title="CTI with every noised vector rescaled to the mean hidden-state norm",
-                             how="`python benchmarks/privacy_table.py` runs it after the grid "
-                                 "(`--rescale-study` runs only it)")
-QUICK_CTI_STUDY = CtiStudy("minilm-l6", 2, seeds=(0, 1), off_ratios=(2, 4), cti_ratios=(2,), cti_rows=("max",),
-                           exempt_ratios=(4,))
+RESCALE_CTI_STUDY = CtiStudy(
+    "minilm-l6",
+    4,
+    seeds=(0, 1, 2),
+    off_ratios=(1.5, 2, 2.5),
+    cti_ratios=(1,),
+    cti_rows=("label",),
+    exempt_ratios=(2,),
+    rescale=True,
+    folder="cti_study_rescaled",
+    title="CTI with every noised vector rescaled to the mean hidden-state norm",
+    how="`python benchmarks/privacy_table.py` runs it after the grid (`--rescale-study` runs only it)",
+)
+QUICK_CTI_STUDY = CtiStudy(
+    "minilm-l6", 2, seeds=(0, 1), off_ratios=(2, 4), cti_ratios=(2,), cti_rows=("max",), exempt_ratios=(4,)
+)
 QUICK = Grid(
-    models=[ModelGrid("minilm-l6", (0, 2), (4,), train_examples=64, eval_examples=64, learning_rate=1e-3,
-                      eia_examples=2, eia_steps=5, eia_lr=0.03, nn_examples=8, eia_length=16, cti_max_at=(4,))],
-    extras_at=("minilm-l6", 2, 4.0), aia_examples=64, aia_length=32, public_examples=64,
+    models=[
+        ModelGrid(
+            "minilm-l6",
+            (0, 2),
+            (4,),
+            train_examples=64,
+            eval_examples=64,
+            learning_rate=1e-3,
+            eia_examples=2,
+            eia_steps=5,
+            eia_lr=0.03,
+            nn_examples=8,
+            eia_length=16,
+            cti_max_at=(4,),
+        )
+    ],
+    extras_at=("minilm-l6", 2, 4.0),
+    aia_examples=64,
+    aia_length=32,
+    public_examples=64,
     inverter=LearnedConfig(width=32, layers=1, epochs=1),
     sequential=SequentialConfig(probe_candidates=8, embedding_candidates=8, gradient_candidates=4, beam=2),
 )
 
 
-def _cell_id(model: str, split: int, ratio: float | None, cti: bool, peft: str, train_bottom: bool,
-             cti_rows: str = "label") -> str:
+def _cell_id(
+    model: str, split: int, ratio: float | None, cti: bool, peft: str, train_bottom: bool, cti_rows: str = "label"
+) -> str:
     noise = "none" if ratio is None else f"R{ratio:g}"
     shaped = ("_cti" + ("-max" if cti_rows == "max" else "")) if cti else ""
     return f"{Path(model).name}_k{split}_{noise}{shaped}_{peft}{'_trained-bottom' if train_bottom else ''}"
@@ -174,18 +237,27 @@ def _datasets(spec: ModelGrid, grid: Grid) -> tuple[TextDataset, TextDataset, Te
     if grid.public_start < spec.train_examples or end <= grid.public_start:
         raise ValueError(f"public snippets {grid.public_start}..{end} overlap the training or held-out snippets")
     attacked = set(train.texts)
-    public = [t for t in snippets.texts[grid.public_start:end] if t not in attacked]  # a duplicated text too
+    public = [t for t in snippets.texts[grid.public_start : end] if t not in attacked]  # a duplicated text too
     paragraphs = load_labelled_csv(ROOT / grid.paragraphs, "text", "party")
     order = torch.randperm(len(paragraphs), generator=torch.Generator().manual_seed(grid.seed))
-    aia = paragraphs.subset(sorted(order[:grid.aia_examples].tolist()))
+    aia = paragraphs.subset(sorted(order[: grid.aia_examples].tolist()))
     return train, held, TextDataset(aia.texts, [], []), aia.labels, public
 
 
 class Cell:
     """One row of the table: train through the split with these settings, then attack what was sent."""
 
-    def __init__(self, grid: Grid, spec: ModelGrid, provider: Provider, service: LocalTopService, pretrained,
-                 tokenizer, data, work: Path):
+    def __init__(
+        self,
+        grid: Grid,
+        spec: ModelGrid,
+        provider: Provider,
+        service: LocalTopService,
+        pretrained,
+        tokenizer,
+        data,
+        work: Path,
+    ):
         self.grid, self.spec, self.provider, self.service = grid, spec, provider, service
         self.pretrained, self.tokenizer = pretrained, tokenizer
         self.train, self.held, self.paragraphs, self.parties, self.public = data
@@ -195,21 +267,42 @@ class Cell:
         # mechanism (the probe, the learned inverter): shared by the cells of this provider
         self._attack_cache: dict = {}
 
-    def run(self, ratio: float | None, cti: bool, train_bottom: bool, cti_rows: str = "label",
-            seed: int | None = None, cti_mode: str = "scale", cti_top: float = 0.1, epochs: int = 1,
-            rescale: bool = False) -> dict:
+    def run(
+        self,
+        ratio: float | None,
+        cti: bool,
+        train_bottom: bool,
+        cti_rows: str = "label",
+        seed: int | None = None,
+        cti_mode: str = "scale",
+        cti_top: float = 0.1,
+        epochs: int = 1,
+        rescale: bool = False,
+    ) -> dict:
         grid, spec = self.grid, self.spec
         seed = grid.seed if seed is None else seed
         split = self.provider.info.split
         bottom = copy.deepcopy(self.pretrained) if train_bottom else self.pretrained
-        config = TrainConfig(batch_size=grid.batch_size, max_length=grid.max_length, seed=seed,
-                             learning_rate=spec.learning_rate, train_bottom=train_bottom, epochs=epochs)
+        config = TrainConfig(
+            batch_size=grid.batch_size,
+            max_length=grid.max_length,
+            seed=seed,
+            learning_rate=spec.learning_rate,
+            train_bottom=train_bottom,
+            epochs=epochs,
+        )
         trainer = SplitTrainer(bottom, self.tokenizer, self.service, config)
         run = RunDir(Path(tempfile.mkdtemp(dir=self.work))).create()
         # the noise key comes from the seed (a real client draws a random one), so that a cell can be re-run
         run.file(KEY).write_text(hashlib.sha256(f"sap privacy table noise key {seed}".encode()).hexdigest() + "\n")
-        noise = NoiseConfig(noise_ratio=ratio, cti=cti, cti_rows=cti_rows, cti_mode=cti_mode, cti_top=cti_top,
-                            rescale_noised=rescale and ratio is not None)  # as `sap-client --rescale-noised`
+        noise = NoiseConfig(
+            noise_ratio=ratio,
+            cti=cti,
+            cti_rows=cti_rows,
+            cti_mode=cti_mode,
+            cti_top=cti_top,
+            rescale_noised=rescale and ratio is not None,
+        )  # as `sap-client --rescale-noised`
         trainer.privatizer = fit_noise(noise, trainer, self.train, run) if ratio is not None else None
         started = time.perf_counter()
         metrics = trainer.fit(self.train, self.held)
@@ -219,43 +312,81 @@ class Cell:
         started = time.perf_counter()
         nn = split == 0
         examples = spec.nn_examples if nn else spec.eia_examples
-        attack_view = SplitTrainer(bottom, self.tokenizer, self.service,
-                                   TrainConfig(batch_size=examples, max_length=grid.max_length if nn else spec.eia_length),
-                                   trainer.privatizer)
+        attack_view = SplitTrainer(
+            bottom,
+            self.tokenizer,
+            self.service,
+            TrainConfig(batch_size=examples, max_length=grid.max_length if nn else spec.eia_length),
+            trainer.privatizer,
+        )
         # every attack that applies, the strongest reported (sap-client audit --attack auto)
-        attack = AttackConfig(steps=spec.eia_steps, lr=spec.eia_lr, temperature=grid.eia_temperature, seed=seed,
-                              sequential=grid.sequential, learned=replace(grid.inverter, seed=seed))
+        attack = AttackConfig(
+            steps=spec.eia_steps,
+            lr=spec.eia_lr,
+            temperature=grid.eia_temperature,
+            seed=seed,
+            sequential=grid.sequential,
+            learned=replace(grid.inverter, seed=seed),
+        )
         # the inverter and the probe depend on the mechanism only (eta and the CTI table come from the training
         # snippets, the same for every seed), so the cells of a study's seeds share them
         mechanism = json.dumps([ratio, cti, cti_rows, cti_mode, cti_top, rescale, nn])
-        eia = simulated_audit(attack_view, self.train.subset(list(range(examples))), None, attack,
-                              attacker=self.pretrained, public=self.public, cache=self._attack_cache,
-                              mechanism=mechanism)
-        pooled_view = SplitTrainer(bottom, self.tokenizer, self.service,
-                                   TrainConfig(batch_size=32, max_length=grid.aia_length), trainer.privatizer)
+        eia = simulated_audit(
+            attack_view,
+            self.train.subset(list(range(examples))),
+            None,
+            attack,
+            attacker=self.pretrained,
+            public=self.public,
+            cache=self._attack_cache,
+            mechanism=mechanism,
+        )
+        pooled_view = SplitTrainer(
+            bottom,
+            self.tokenizer,
+            self.service,
+            TrainConfig(batch_size=32, max_length=grid.aia_length),
+            trainer.privatizer,
+        )
         # the paragraphs' clean bottom outputs are the same in every frozen-bottom cell: computed once
         clean = [] if train_bottom else self._clean_paragraphs
         aia = attribute_report(sent_representations(pooled_view, self.paragraphs, clean), self.parties, seed)
         privatizer = trainer.privatizer
         return {
-            "model": self.provider.info.model_id, "split": split, "total_blocks": self.provider.info.total_blocks,
-            "peft": self.provider.info.peft, "train_bottom": train_bottom, "seed": seed, "epochs": epochs,
+            "model": self.provider.info.model_id,
+            "split": split,
+            "total_blocks": self.provider.info.total_blocks,
+            "peft": self.provider.info.peft,
+            "train_bottom": train_bottom,
+            "seed": seed,
+            "epochs": epochs,
             "rescale": rescale,
-            "noise_ratio": ratio, "cti": cti, "cti_rows": cti_rows if cti else None,
-            "cti_mode": cti_mode if cti else None, "cti_top": cti_top if cti and cti_mode == "exempt" else None,
+            "noise_ratio": ratio,
+            "cti": cti,
+            "cti_rows": cti_rows if cti else None,
+            "cti_mode": cti_mode if cti else None,
+            "cti_top": cti_top if cti and cti_mode == "exempt" else None,
             "eta": privatizer.eta if privatizer else None,
             "noise_to_signal": privatizer.noise_to_signal if privatizer else 0.0,
-            "accuracy": metrics["eval_accuracy"], "eval_majority": metrics["eval_majority"],
-            "train_examples": metrics["train_examples"], "eval_examples": metrics["eval_examples"],
-            "eia_attack": eia["attack"], "eia_tokens": eia["eia_tokens"], "eia_examples": eia["examples"],
-            "eia_recovery": eia["eia_token_recovery"], "eia_recovery_content": eia["eia_token_recovery_content"],
+            "accuracy": metrics["eval_accuracy"],
+            "eval_majority": metrics["eval_majority"],
+            "train_examples": metrics["train_examples"],
+            "eval_examples": metrics["eval_examples"],
+            "eia_attack": eia["attack"],
+            "eia_tokens": eia["eia_tokens"],
+            "eia_examples": eia["examples"],
+            "eia_recovery": eia["eia_token_recovery"],
+            "eia_recovery_content": eia["eia_token_recovery_content"],
             "eia_attacks": {kind: f["recovery"] for kind, f in eia["eia_attacks"].items()},
             "public_examples": eia["public_examples"],
             "eia_recovery_without_special": eia["eia_token_recovery_without_special"],
             "eia_privacy": eia["eia_privacy"],
-            "aia_accuracy": aia["aia_accuracy"], "aia_baseline": aia["aia_baseline"],
-            "aia_privacy": aia["aia_privacy"], "aia_victims": aia["aia_victims"],
-            "train_seconds": round(train_seconds, 1), "attack_seconds": round(time.perf_counter() - started, 1),
+            "aia_accuracy": aia["aia_accuracy"],
+            "aia_baseline": aia["aia_baseline"],
+            "aia_privacy": aia["aia_privacy"],
+            "aia_victims": aia["aia_victims"],
+            "train_seconds": round(train_seconds, 1),
+            "attack_seconds": round(time.perf_counter() - started, 1),
         }
 
 
@@ -279,21 +410,67 @@ class Task:
     def signature(self) -> tuple:
         """What the cell computes: two tasks with one signature give the same figures."""
         s = self.settings
-        return _signature(self.model, self.split, self.method, s["train_bottom"], self.seed, s["ratio"], s["cti"],
-                          s.get("cti_rows", "label"), s.get("cti_mode", "scale"), s.get("cti_top"), s.get("epochs", 1),
-                          s.get("rescale", False))
+        return _signature(
+            self.model,
+            self.split,
+            self.method,
+            s["train_bottom"],
+            self.seed,
+            s["ratio"],
+            s["cti"],
+            s.get("cti_rows", "label"),
+            s.get("cti_mode", "scale"),
+            s.get("cti_top"),
+            s.get("epochs", 1),
+            s.get("rescale", False),
+        )
 
 
-def _signature(model: str, split: int, method: str, train_bottom: bool, seed: int, ratio: float | None, cti: bool,
-               rows: str | None, mode: str | None, top: float | None, epochs: int = 1, rescale: bool = False) -> tuple:
-    return (Path(model).name, split, method, bool(train_bottom), seed, ratio, bool(cti), rows if cti else None,
-            (mode or "scale") if cti else None, top if cti and mode == "exempt" else None, epochs, bool(rescale))
+def _signature(
+    model: str,
+    split: int,
+    method: str,
+    train_bottom: bool,
+    seed: int,
+    ratio: float | None,
+    cti: bool,
+    rows: str | None,
+    mode: str | None,
+    top: float | None,
+    epochs: int = 1,
+    rescale: bool = False,
+) -> tuple:
+    return (
+        Path(model).name,
+        split,
+        method,
+        bool(train_bottom),
+        seed,
+        ratio,
+        bool(cti),
+        rows if cti else None,
+        (mode or "scale") if cti else None,
+        top if cti and mode == "exempt" else None,
+        epochs,
+        bool(rescale),
+    )
 
 
 def _row_signature(row: dict) -> tuple:
-    return _signature(row["model"], row["split"], row["peft"], row["train_bottom"], row["seed"], row["noise_ratio"],
-                      row["cti"], row.get("cti_rows"), row.get("cti_mode"), row.get("cti_top"), row.get("epochs", 1),
-                      row.get("rescale", False))
+    return _signature(
+        row["model"],
+        row["split"],
+        row["peft"],
+        row["train_bottom"],
+        row["seed"],
+        row["noise_ratio"],
+        row["cti"],
+        row.get("cti_rows"),
+        row.get("cti_mode"),
+        row.get("cti_top"),
+        row.get("epochs", 1),
+        row.get("rescale", False),
+    )
 
 
 def grid_tasks(grid: Grid, cells_dir: Path) -> list[Task]:
@@ -303,17 +480,28 @@ def grid_tasks(grid: Grid, cells_dir: Path) -> list[Task]:
     tasks = []
     for spec in grid.models:
         for split in spec.splits:
-            plan = [(None, False, False, "label")] + [(r, cti, False, "label") for r in spec.ratios
-                                                      for cti in (False, True)]
+            plan = [(None, False, False, "label")] + [
+                (r, cti, False, "label") for r in spec.ratios for cti in (False, True)
+            ]
             plan += [(r, True, False, "max") for r in spec.ratios if r in spec.cti_max_at]
             extras = (spec.model, split) == (extra_model, extra_split)
             if extras:
                 plan.append((extra_ratio, False, True, "label"))  # the trained bottom, at the operating point
-            for method, cells in [("lora", plan)] + [(m, [(extra_ratio, False, False, "label")])
-                                                     for m in (("bitfit", "adapter") if extras else ())]:
-                tasks += [Task(spec.model, split, method, _cell_id(spec.model, split, ratio, cti, method, bottom, rows),
-                               grid.seed, {"ratio": ratio, "cti": cti, "train_bottom": bottom, "cti_rows": rows},
-                               cells_dir) for ratio, cti, bottom, rows in cells]
+            for method, cells in [("lora", plan)] + [
+                (m, [(extra_ratio, False, False, "label")]) for m in (("bitfit", "adapter") if extras else ())
+            ]:
+                tasks += [
+                    Task(
+                        spec.model,
+                        split,
+                        method,
+                        _cell_id(spec.model, split, ratio, cti, method, bottom, rows),
+                        grid.seed,
+                        {"ratio": ratio, "cti": cti, "train_bottom": bottom, "cti_rows": rows},
+                        cells_dir,
+                    )
+                    for ratio, cti, bottom, rows in cells
+                ]
     return tasks
 
 
@@ -330,12 +518,27 @@ def study_tasks(study: CtiStudy, study_dir: Path, shared: list[Task] = ()) -> li
     plan = [(seed, r, None, False) for seed in study.seeds for r in study.off_ratios]
     plan += [(seed, r, rows, False) for seed in study.seeds for r in study.cti_ratios for rows in study.cti_rows]
     plan += [(seed, r, "max", True) for seed in study.seeds for r in study.exempt_ratios]
-    tasks = [Task(study.model, study.split, "lora", _study_cell_id(study, seed, ratio, rows, exempt), seed,
-                 {"ratio": ratio, "cti": rows is not None, "train_bottom": False, "cti_rows": rows or "label",
-                  "cti_mode": "exempt" if exempt else "scale", "cti_top": study.exempt_top, "epochs": study.epochs,
-                  "rescale": study.rescale},
-                 study_dir)
-            for seed, ratio, rows, exempt in plan]
+    tasks = [
+        Task(
+            study.model,
+            study.split,
+            "lora",
+            _study_cell_id(study, seed, ratio, rows, exempt),
+            seed,
+            {
+                "ratio": ratio,
+                "cti": rows is not None,
+                "train_bottom": False,
+                "cti_rows": rows or "label",
+                "cti_mode": "exempt" if exempt else "scale",
+                "cti_top": study.exempt_top,
+                "epochs": study.epochs,
+                "rescale": study.rescale,
+            },
+            study_dir,
+        )
+        for seed, ratio, rows, exempt in plan
+    ]
     done_elsewhere = {task.signature for task in shared}
     return [task for task in tasks if task.signature not in done_elsewhere]
 
@@ -398,9 +601,15 @@ def _run_task(task: Task) -> dict:
     partial = task.path.with_suffix(".json.partial")
     partial.write_text(json.dumps(result, indent=1) + "\n")
     partial.replace(task.path)  # a cell's JSON is whole or absent: an interrupted run resumes cleanly
-    log.info("cell %s: accuracy %.3f, EIA privacy %.3f, AIA accuracy %.3f (train %.0f s, attacks %.0f s)",
-             task.name, result["accuracy"], result["eia_privacy"], result["aia_accuracy"],
-             result["train_seconds"], result["attack_seconds"])
+    log.info(
+        "cell %s: accuracy %.3f, EIA privacy %.3f, AIA accuracy %.3f (train %.0f s, attacks %.0f s)",
+        task.name,
+        result["accuracy"],
+        result["eia_privacy"],
+        result["aia_accuracy"],
+        result["train_seconds"],
+        result["attack_seconds"],
+    )
     return result
 
 
@@ -420,8 +629,12 @@ def run_tasks(grid: Grid, tasks: list[Task], workers: int = 1) -> None:
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker, initargs=(grid, threads)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(grid, threads),
+    ) as pool:
         futures = [pool.submit(_run_task, task) for task in tasks]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in done if f.exception() is not None]
@@ -433,9 +646,31 @@ def run_tasks(grid: Grid, tasks: list[Task], workers: int = 1) -> None:
 
 # --- the report -----------------------------------------------------------------------------------------
 
-COLUMNS = ["model", "split", "peft", "train_bottom", "noise_ratio", "cti", "cti_rows", "eta", "noise_to_signal", "accuracy",
-           "eval_majority", "eia_attack", "eia_recovery", "eia_recovery_without_special", "eia_recovery_content",
-           "eia_privacy", "eia_tokens", "eia_by_attack", "aia_accuracy", "aia_baseline", "aia_privacy", "train_seconds", "attack_seconds"]
+COLUMNS = [
+    "model",
+    "split",
+    "peft",
+    "train_bottom",
+    "noise_ratio",
+    "cti",
+    "cti_rows",
+    "eta",
+    "noise_to_signal",
+    "accuracy",
+    "eval_majority",
+    "eia_attack",
+    "eia_recovery",
+    "eia_recovery_without_special",
+    "eia_recovery_content",
+    "eia_privacy",
+    "eia_tokens",
+    "eia_by_attack",
+    "aia_accuracy",
+    "aia_baseline",
+    "aia_privacy",
+    "train_seconds",
+    "attack_seconds",
+]
 
 
 CTI_KINDS = ("off", "label", "max")  # CTI off; on with each text's class row (DESIGN); on with the max row
@@ -450,8 +685,17 @@ def cti_kind(row: dict) -> str:
 
 def load_cells(cells_dir: Path) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in cells_dir.glob("*.json")]
-    return sorted(rows, key=lambda r: (r["model"] != "minilm-l6", r["split"], r["peft"] != "lora", r["train_bottom"],
-                                       r["noise_ratio"] or 0.0, CTI_KINDS.index(cti_kind(r))))
+    return sorted(
+        rows,
+        key=lambda r: (
+            r["model"] != "minilm-l6",
+            r["split"],
+            r["peft"] != "lora",
+            r["train_bottom"],
+            r["noise_ratio"] or 0.0,
+            CTI_KINDS.index(cti_kind(r)),
+        ),
+    )
 
 
 def _by_attack(row: dict) -> str:
@@ -478,15 +722,22 @@ def write_plot(rows: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(1, len(kinds), figsize=(5.8 * len(kinds), 4.8), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, kind in zip(axes, kinds):
-        for (model, split) in sorted({(r["model"], r["split"]) for r in rows}):
+        for model, split in sorted({(r["model"], r["split"]) for r in rows}):
             line = _frontier(rows, model, split, kind)
-            ax.plot([r["eia_privacy"] for r in line], [r["accuracy"] for r in line], marker="o",
-                    label=f"{model} k={split}")
+            ax.plot(
+                [r["eia_privacy"] for r in line], [r["accuracy"] for r in line], marker="o", label=f"{model} k={split}"
+            )
             for r in line:
-                ax.annotate(f"{r['noise_ratio'] or 0:g}", (r["eia_privacy"], r["accuracy"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-        ax.set_title(f"CTI {'off' if kind == 'off' else f'on, {kind} rows'} (frozen bottom, LoRA; labels: R)",
-                     fontsize=10)
+                ax.annotate(
+                    f"{r['noise_ratio'] or 0:g}",
+                    (r["eia_privacy"], r["accuracy"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        ax.set_title(
+            f"CTI {'off' if kind == 'off' else f'on, {kind} rows'} (frozen bottom, LoRA; labels: R)", fontsize=10
+        )
         ax.set_xlabel("empirical privacy against embedding inversion (1 - tokens recovered)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy on held-out movie snippets")
@@ -506,16 +757,20 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def markdown_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | k | PEFT | bottom | R | CTI | noise/signal sent | accuracy | tokens recovered, each attack "
-             "| strongest | tokens recovered | content tokens | EIA privacy | AIA accuracy (baseline) | AIA privacy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | k | PEFT | bottom | R | CTI | noise/signal sent | accuracy | tokens recovered, each attack "
+        "| strongest | tokens recovered | content tokens | EIA privacy | AIA accuracy (baseline) | AIA privacy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['split']} | {r['peft']} | {'trained' if r['train_bottom'] else 'frozen'} "
-                     f"| {_fmt(r['noise_ratio'] if r['noise_ratio'] is None else float(r['noise_ratio']), 2)} "
-                     f"| {cti_kind(r)} | {_fmt(float(r['noise_to_signal']), 2)} | {_fmt(r['accuracy'])} | {_by_attack(r)} "
-                     f"| {r['eia_attack']} | {_fmt(r['eia_recovery'])} | {_fmt(r.get('eia_recovery_content'))} "
-                     f"| {_fmt(r['eia_privacy'])} | {_fmt(r['aia_accuracy'])} ({_fmt(r['aia_baseline'])}) "
-                     f"| {_fmt(r['aia_privacy'])} |")
+        lines.append(
+            f"| {r['model']} | {r['split']} | {r['peft']} | {'trained' if r['train_bottom'] else 'frozen'} "
+            f"| {_fmt(r['noise_ratio'] if r['noise_ratio'] is None else float(r['noise_ratio']), 2)} "
+            f"| {cti_kind(r)} | {_fmt(float(r['noise_to_signal']), 2)} | {_fmt(r['accuracy'])} | {_by_attack(r)} "
+            f"| {r['eia_attack']} | {_fmt(r['eia_recovery'])} | {_fmt(r.get('eia_recovery_content'))} "
+            f"| {_fmt(r['eia_privacy'])} | {_fmt(r['aia_accuracy'])} ({_fmt(r['aia_baseline'])}) "
+            f"| {_fmt(r['aia_privacy'])} |"
+        )
     return lines
 
 
@@ -525,8 +780,12 @@ def _noise(row: dict) -> str:
 
 def _frontier(rows: list[dict], model: str, split: int, kind: str) -> list[dict]:
     """The frozen-bottom LoRA cells of one split with one CTI kind (no noise first), ordered by noise."""
-    line = [r for r in rows if (r["model"], r["split"], r["peft"], r["train_bottom"]) == (model, split, "lora", False)
-            and (r["noise_ratio"] is None or cti_kind(r) == kind)]
+    line = [
+        r
+        for r in rows
+        if (r["model"], r["split"], r["peft"], r["train_bottom"]) == (model, split, "lora", False)
+        and (r["noise_ratio"] is None or cti_kind(r) == kind)
+    ]
     return sorted(line, key=lambda r: r["noise_ratio"] or 0.0)
 
 
@@ -549,11 +808,19 @@ def findings(rows: list[dict]) -> list[str]:
         depth = [k for m, k in splits if m == model]
         if len(depth) < 2:
             continue
-        lines.append(f"- **Privacy against split depth** ({model}, CTI off; EIA privacy at k = "
-                     f"{', '.join(map(str, depth))}):")
+        lines.append(
+            f"- **Privacy against split depth** ({model}, CTI off; EIA privacy at k = {', '.join(map(str, depth))}):"
+        )
         for ratio in [None] + ratios:
-            cells = {r["split"]: r["eia_privacy"] for r in rows if r["model"] == model and r["peft"] == "lora"
-                     and not r["train_bottom"] and not r["cti"] and r["noise_ratio"] == ratio}
+            cells = {
+                r["split"]: r["eia_privacy"]
+                for r in rows
+                if r["model"] == model
+                and r["peft"] == "lora"
+                and not r["train_bottom"]
+                and not r["cti"]
+                and r["noise_ratio"] == ratio
+            }
             if len(cells) == len(depth):
                 figures = " / ".join(f"{cells[k]:.2f}" for k in depth)
                 lines.append(f"  - R = {'none' if ratio is None else f'{ratio:g}'}: {figures}")
@@ -563,23 +830,37 @@ def findings(rows: list[dict]) -> list[str]:
         line = _frontier(rows, model, split, "off")
         lines.append(f"  - {model} k = {split}: " + ", ".join(f"{_noise(r)} {r['eia_privacy']:.2f}" for r in line))
     # 3. CTI: accuracy at similar privacy
-    lines.append("- **CTI** (accuracy of each CTI-on cell against the CTI-off curve of the same split, "
-                 "interpolated at the same EIA privacy):")
+    lines.append(
+        "- **CTI** (accuracy of each CTI-on cell against the CTI-off curve of the same split, "
+        "interpolated at the same EIA privacy):"
+    )
     for model, split in splits:
         off = _frontier(rows, model, split, "off")
         for r in _frontier(rows, model, split, "label") + _frontier(rows, model, split, "max"):
             if r["noise_ratio"] is None:
                 continue
             reference = _interpolate(off, r["eia_privacy"])
-            versus = "outside the CTI-off curve" if reference is None else \
-                f"CTI off at that privacy: {reference:.3f} ({r['accuracy'] - reference:+.3f})"
-            lines.append(f"  - {model} k = {split}, R {r['noise_ratio']:g}, {cti_kind(r)} rows: privacy {r['eia_privacy']:.2f}, "
-                         f"accuracy {r['accuracy']:.3f}; {versus}")
+            versus = (
+                "outside the CTI-off curve"
+                if reference is None
+                else f"CTI off at that privacy: {reference:.3f} ({r['accuracy'] - reference:+.3f})"
+            )
+            lines.append(
+                f"  - {model} k = {split}, R {r['noise_ratio']:g}, {cti_kind(r)} rows: privacy {r['eia_privacy']:.2f}, "
+                f"accuracy {r['accuracy']:.3f}; {versus}"
+            )
     # 4. the operating point nearest the paper's +62 % privacy for about -1 % accuracy
     candidates = []
     for model, split in splits:
-        base = next((r for r in rows if (r["model"], r["split"], r["peft"], r["train_bottom"]) ==
-                     (model, split, "lora", False) and r["noise_ratio"] is None), None)
+        base = next(
+            (
+                r
+                for r in rows
+                if (r["model"], r["split"], r["peft"], r["train_bottom"]) == (model, split, "lora", False)
+                and r["noise_ratio"] is None
+            ),
+            None,
+        )
         if base is None:
             continue
         for r in rows:
@@ -588,25 +869,32 @@ def findings(rows: list[dict]) -> list[str]:
                 candidates.append((abs(gain - 0.62) + 10 * abs(loss - 0.01), gain, loss, r, base))
     if candidates:
         _, gain, loss, r, base = min(candidates, key=lambda c: c[0])
-        lines.append(f"- **Nearest to the paper's operating point** (+62 points of EIA privacy for about 1 point "
-                     f"of accuracy; distance = |gain - 0.62| + 10 |loss - 0.01|): {r['model']} k = {r['split']}, "
-                     f"{r['peft']}, {'trained' if r['train_bottom'] else 'frozen'} bottom, R {r['noise_ratio']:g}, "
-                     f"CTI {cti_kind(r)}: EIA privacy {base['eia_privacy']:.2f} -> "
-                     f"{r['eia_privacy']:.2f} ({gain:+.2f}), accuracy {base['accuracy']:.3f} -> {r['accuracy']:.3f} "
-                     f"({-loss:+.3f}).")
+        lines.append(
+            f"- **Nearest to the paper's operating point** (+62 points of EIA privacy for about 1 point "
+            f"of accuracy; distance = |gain - 0.62| + 10 |loss - 0.01|): {r['model']} k = {r['split']}, "
+            f"{r['peft']}, {'trained' if r['train_bottom'] else 'frozen'} bottom, R {r['noise_ratio']:g}, "
+            f"CTI {cti_kind(r)}: EIA privacy {base['eia_privacy']:.2f} -> "
+            f"{r['eia_privacy']:.2f} ({gain:+.2f}), accuracy {base['accuracy']:.3f} -> {r['accuracy']:.3f} "
+            f"({-loss:+.3f})."
+        )
         cheap = [c for c in candidates if c[2] <= 0.015]
         if not cheap:
-            lines.append("- **Most privacy for at most 1.5 points of accuracy**: no noisy cell loses 1.5 points or less.")
+            lines.append(
+                "- **Most privacy for at most 1.5 points of accuracy**: no noisy cell loses 1.5 points or less."
+            )
         else:
             _, gain, loss, r, base = max(cheap, key=lambda c: c[1])
-            lines.append(f"- **Most privacy for at most 1.5 points of accuracy**: {r['model']} k = {r['split']}, "
-                         f"R {r['noise_ratio']:g}, CTI {cti_kind(r)}: privacy {gain:+.2f} "
-                         f"(to {r['eia_privacy']:.2f}), accuracy {-loss:+.3f} (to {r['accuracy']:.3f}).")
+            lines.append(
+                f"- **Most privacy for at most 1.5 points of accuracy**: {r['model']} k = {r['split']}, "
+                f"R {r['noise_ratio']:g}, CTI {cti_kind(r)}: privacy {gain:+.2f} "
+                f"(to {r['eia_privacy']:.2f}), accuracy {-loss:+.3f} (to {r['accuracy']:.3f})."
+            )
     return lines
 
 
 def study_findings(study: CtiStudy, cells: list[dict]) -> list[str]:
     """The CTI study's table and its comparison at equal privacy, per seed and on the means over seeds."""
+
     def order(kind: str) -> int:
         return CTI_KINDS.index(kind) if kind in CTI_KINDS else len(CTI_KINDS)
 
@@ -615,32 +903,43 @@ def study_findings(study: CtiStudy, cells: list[dict]) -> list[str]:
     by = {(cti_kind(r), float(r["noise_ratio"]), r["seed"]): r for r in cells}
     passes = "one pass" if study.epochs == 1 else f"{study.epochs} passes"
     rescaled = ", every noised vector rescaled to the mean hidden-state norm" if study.rescale else ""
-    lines = [f"Model {study.model}, split k = {study.split}, frozen bottom, LoRA, {passes} over the training "
-             f"snippets{rescaled}; seeds {', '.join(map(str, seeds))} "
-             "(each seed: data order, adapter initialisation, noise key, attack start). "
-             f"{study.how}; cells in privacy_table/{study.folder}/.", "",
-             f"Study: `{json.dumps({k: v for k, v in asdict(study).items() if k not in ('folder', 'title', 'how')})}`",
-             "",
-             "| CTI | R | noise/signal sent | accuracy per seed | mean accuracy | EIA privacy per seed | mean EIA privacy |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Model {study.model}, split k = {study.split}, frozen bottom, LoRA, {passes} over the training "
+        f"snippets{rescaled}; seeds {', '.join(map(str, seeds))} "
+        "(each seed: data order, adapter initialisation, noise key, attack start). "
+        f"{study.how}; cells in privacy_table/{study.folder}/.",
+        "",
+        f"Study: `{json.dumps({k: v for k, v in asdict(study).items() if k not in ('folder', 'title', 'how')})}`",
+        "",
+        "| CTI | R | noise/signal sent | accuracy per seed | mean accuracy | EIA privacy per seed | mean EIA privacy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     means = {}
     for c in configs:
         got = [by[(*c, s)] for s in seeds if (*c, s) in by]
         acc = [r["accuracy"] for r in got]
         priv = [r["eia_privacy"] for r in got]
         means[c] = (sum(priv) / len(priv), sum(acc) / len(acc))
-        lines.append(f"| {c[0]} | {c[1]:g} | {sum(float(r['noise_to_signal']) for r in got) / len(got):.2f} "
-                     f"| {' / '.join(f'{a:.3f}' for a in acc)} | {means[c][1]:.3f} "
-                     f"| {' / '.join(f'{p:.2f}' for p in priv)} | {means[c][0]:.2f} |")
-    lines += ["", "CTI against the CTI-off curve at the same EIA privacy (linear between the off points; each seed "
-              "against its own off curve, and the means against the mean curve):"]
+        lines.append(
+            f"| {c[0]} | {c[1]:g} | {sum(float(r['noise_to_signal']) for r in got) / len(got):.2f} "
+            f"| {' / '.join(f'{a:.3f}' for a in acc)} | {means[c][1]:.3f} "
+            f"| {' / '.join(f'{p:.2f}' for p in priv)} | {means[c][0]:.2f} |"
+        )
+    lines += [
+        "",
+        "CTI against the CTI-off curve at the same EIA privacy (linear between the off points; each seed "
+        "against its own off curve, and the means against the mean curve):",
+    ]
     for c in configs:
         if c[0] == "off":
             continue
         per_seed = []
         for s in seeds:
-            off = [{"eia_privacy": by[(k, r, s)]["eia_privacy"], "accuracy": by[(k, r, s)]["accuracy"]}
-                   for k, r in configs if k == "off" and (k, r, s) in by]
+            off = [
+                {"eia_privacy": by[(k, r, s)]["eia_privacy"], "accuracy": by[(k, r, s)]["accuracy"]}
+                for k, r in configs
+                if k == "off" and (k, r, s) in by
+            ]
             mine = by.get((*c, s))
             reference = _interpolate(off, mine["eia_privacy"]) if mine else None
             per_seed.append(None if reference is None else mine["accuracy"] - reference)
@@ -648,12 +947,20 @@ def study_findings(study: CtiStudy, cells: list[dict]) -> list[str]:
         reference = _interpolate(mean_off, means[c][0])
         shown = ", ".join("outside" if d is None else f"{d:+.3f}" for d in per_seed)
         inside = [d for d in per_seed if d is not None]
-        lines.append(f"- {c[0]} rows, R {c[1]:g}: mean privacy {means[c][0]:.2f}, mean accuracy {means[c][1]:.3f}; "
-                     + ("outside the mean off curve" if reference is None else
-                        f"off curve there {reference:.3f} ({means[c][1] - reference:+.3f})")
-                     + f"; per seed {shown}"
-                     + (f" (mean {sum(inside) / len(inside):+.3f}, {sum(d > 0 for d in inside)} of {len(inside)} above)"
-                        if inside else ""))
+        lines.append(
+            f"- {c[0]} rows, R {c[1]:g}: mean privacy {means[c][0]:.2f}, mean accuracy {means[c][1]:.3f}; "
+            + (
+                "outside the mean off curve"
+                if reference is None
+                else f"off curve there {reference:.3f} ({means[c][1] - reference:+.3f})"
+            )
+            + f"; per seed {shown}"
+            + (
+                f" (mean {sum(inside) / len(inside):+.3f}, {sum(d > 0 for d in inside)} of {len(inside)} above)"
+                if inside
+                else ""
+            )
+        )
     return lines
 
 
@@ -661,33 +968,51 @@ def _versions() -> str:
     import peft
     import transformers
 
-    return (f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"peft {peft.__version__}; {platform.machine()}, {torch.get_num_threads()} threads")
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"peft {peft.__version__}; {platform.machine()}, {torch.get_num_threads()} threads"
+    )
 
 
-def write_report(grid: Grid, rows: list[dict], out: Path, command: str, measured: dict | None,
-                 studies: list[tuple[CtiStudy, list[dict]]] = ()) -> None:
+def write_report(
+    grid: Grid,
+    rows: list[dict],
+    out: Path,
+    command: str,
+    measured: dict | None,
+    studies: list[tuple[CtiStudy, list[dict]]] = (),
+) -> None:
     """privacy_table.md (table, computed findings, each study that has cells, the written discussion), .csv, .png."""
     write_csv(rows, out / "privacy_table.csv")
     write_plot(rows, out / "privacy_table.png")
     settings = json.dumps(asdict(grid))
-    lines = ["# Utility and privacy of the split, on real data", "",
-             f"Written by `{command}` ({_versions()}); seed {grid.seed} (data order, adapter "
-             "initialisation, noise key, attacks); the CTI study at the end repeats its cells over several seeds."
-             + (f" Wall time of the last whole run ({measured['cells']} cells, finished {measured['finished']}): "
-                f"{measured['seconds'] // 60} min {measured['seconds'] % 60:02d} s." if measured else ""),
-             "", f"Grid: `{settings}`", "",
-             "R is the noise ratio E||n|| / mean||h|| at the split (the eta that gives it is in the CSV). Accuracy: "
-             "held-out movie snippets after one epoch through the split. EIA: tokens of the first training "
-             "snippets recovered from what the client sends, by every attack that applies (`sap-client audit "
-             "--attack auto`): nn = exact position-aware nearest neighbour at k = 0; optimization = relaxed "
-             "one-hot inversion through the provider's pretrained bottom; sequential = MAP decoding left to "
-             "right with a shortlist and a beam (decoders); learned = an inverter trained on "
-             f"{grid.public_examples} public snippets (rows {grid.public_start}.., disjoint from every training "
-             "and held-out snippet) under the same mechanism and settings. EIA privacy = 1 - the strongest "
-             "attack's recovery; content tokens = non-special, non-function-word tokens. "
-             "AIA: party of convention paragraphs from mean-pooled sent vectors; privacy = 1 - accuracy. "
-             "Files: privacy_table.csv, privacy_table.png, privacy_table/cells/*.json.", ""]
+    lines = [
+        "# Utility and privacy of the split, on real data",
+        "",
+        f"Written by `{command}` ({_versions()}); seed {grid.seed} (data order, adapter "
+        "initialisation, noise key, attacks); the CTI study at the end repeats its cells over several seeds."
+        + (
+            f" Wall time of the last whole run ({measured['cells']} cells, finished {measured['finished']}): "
+            f"{measured['seconds'] // 60} min {measured['seconds'] % 60:02d} s."
+            if measured
+            else ""
+        ),
+        "",
+        f"Grid: `{settings}`",
+        "",
+        "R is the noise ratio E||n|| / mean||h|| at the split (the eta that gives it is in the CSV). Accuracy: "
+        "held-out movie snippets after one epoch through the split. EIA: tokens of the first training "
+        "snippets recovered from what the client sends, by every attack that applies (`sap-client audit "
+        "--attack auto`): nn = exact position-aware nearest neighbour at k = 0; optimization = relaxed "
+        "one-hot inversion through the provider's pretrained bottom; sequential = MAP decoding left to "
+        "right with a shortlist and a beam (decoders); learned = an inverter trained on "
+        f"{grid.public_examples} public snippets (rows {grid.public_start}.., disjoint from every training "
+        "and held-out snippet) under the same mechanism and settings. EIA privacy = 1 - the strongest "
+        "attack's recovery; content tokens = non-special, non-function-word tokens. "
+        "AIA: party of convention paragraphs from mean-pooled sent vectors; privacy = 1 - accuracy. "
+        "Files: privacy_table.csv, privacy_table.png, privacy_table/cells/*.json.",
+        "",
+    ]
     lines += markdown_table(rows)
     lines += ["", "## What the cells show (computed)", ""] + findings(rows)
     for study, study_cells in studies:
@@ -706,19 +1031,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", metavar="MODEL", help="run only these models' rows of the grid")
     parser.add_argument("--report-only", action="store_true", help="rebuild the table from the cells only")
     extra = parser.add_mutually_exclusive_group()
-    extra.add_argument("--epochs-study", action="store_true",
-                        help="run only the CTI study with three passes over the data (MiniLM k = 4, three seeds, "
-                             "15 cells, about 21 min; not part of make privacy-table), then rebuild the report")
-    extra.add_argument("--hn-study", action="store_true",
-                       help="run only the CTI study as DESIGN's client sends (h + n, no rescaling; MiniLM k = 4, three "
-                            "seeds, 21 cells beyond the grid's; not part of make privacy-table), then rebuild the report")
-    extra.add_argument("--rescale-study", action="store_true",
-                       help="run only the CTI study with every noised vector rescaled to the mean hidden-state norm "
-                            "(MiniLM k = 4, three seeds, 15 cells, about 14 min; the full run includes it), then "
-                            "rebuild the report")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="cells run at once, in separate processes sharing the cores (default 2: on 2 cores two "
-                             "1-thread cells finish sooner than one 2-thread cell after the other)")
+    extra.add_argument(
+        "--epochs-study",
+        action="store_true",
+        help="run only the CTI study with three passes over the data (MiniLM k = 4, three seeds, "
+        "15 cells, about 21 min; not part of make privacy-table), then rebuild the report",
+    )
+    extra.add_argument(
+        "--hn-study",
+        action="store_true",
+        help="run only the CTI study as DESIGN's client sends (h + n, no rescaling; MiniLM k = 4, three "
+        "seeds, 21 cells beyond the grid's; not part of make privacy-table), then rebuild the report",
+    )
+    extra.add_argument(
+        "--rescale-study",
+        action="store_true",
+        help="run only the CTI study with every noised vector rescaled to the mean hidden-state norm "
+        "(MiniLM k = 4, three seeds, 15 cells, about 14 min; the full run includes it), then "
+        "rebuild the report",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="cells run at once, in separate processes sharing the cores (default 2: on 2 cores two "
+        "1-thread cells finish sooner than one 2-thread cell after the other)",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
@@ -732,11 +1070,19 @@ def main(argv: list[str] | None = None) -> int:
     name = "privacy_table_quick" if args.quick else "privacy_table"
     out = args.out if not args.quick else args.out / name
     cells_dir = args.out / name / "cells"
-    extra_study = (EPOCHS_CTI_STUDY if args.epochs_study else FULL_CTI_STUDY if args.hn_study else
-                   RESCALE_CTI_STUDY if args.rescale_study else None)
+    extra_study = (
+        EPOCHS_CTI_STUDY
+        if args.epochs_study
+        else FULL_CTI_STUDY
+        if args.hn_study
+        else RESCALE_CTI_STUDY
+        if args.rescale_study
+        else None
+    )
     if args.quick and extra_study:
-        parser.error("--epochs-study, --hn-study and --rescale-study run on the full grid's model and data; no quick "
-                     "form")
+        parser.error(
+            "--epochs-study, --hn-study and --rescale-study run on the full grid's model and data; no quick form"
+        )
     if extra_study and extra_study.model not in {m.model for m in grid.models}:
         parser.error(f"that study needs {extra_study.model} in --models")
     studies = [QUICK_CTI_STUDY] if args.quick else [FULL_CTI_STUDY, EPOCHS_CTI_STUDY, RESCALE_CTI_STUDY]
@@ -757,8 +1103,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/privacy_table.py" + (" --quick" if args.quick else "")
     rows = load_cells(cells_dir)
     # a study is shown when it has cells of its own (the grid's shared cells alone are not a study)
-    found = [(s, study_rows(s, own, rows)) for s in studies
-             if (own := [json.loads(p.read_text()) for p in sorted((args.out / name / s.folder).glob("*.json"))])]
+    found = [
+        (s, study_rows(s, own, rows))
+        for s in studies
+        if (own := [json.loads(p.read_text()) for p in sorted((args.out / name / s.folder).glob("*.json"))])
+    ]
     seconds = time.perf_counter() - started
     if extra_study:
         log.info("%s: %.1f min", extra_study.title, seconds / 60)
@@ -766,8 +1115,18 @@ def main(argv: list[str] | None = None) -> int:
     # is kept beside the cells so that a --report-only rebuild still shows it
     timing = args.out / name / "run.json"
     if not (args.report_only or extra_study):
-        timing.write_text(json.dumps({"command": command, "seconds": round(seconds), "cells": len(tasks),
-                                      "finished": time.strftime("%Y-%m-%d %H:%M")}, indent=1) + "\n")
+        timing.write_text(
+            json.dumps(
+                {
+                    "command": command,
+                    "seconds": round(seconds),
+                    "cells": len(tasks),
+                    "finished": time.strftime("%Y-%m-%d %H:%M"),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     measured = json.loads(timing.read_text()) if timing.is_file() else None
     write_report(grid, rows, out, command, measured, found)
     print(f"wrote {out / 'privacy_table.md'}, .csv and .png from {len(list(cells_dir.glob('*.json')))} cells")

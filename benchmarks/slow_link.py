@@ -154,8 +154,9 @@ class ProxyThread:
         self._loop.close()
 
 
-def run_in_thread(target: str, *, listen: str = "127.0.0.1:0", mbit: float = 100.0,
-                  rtt_ms: float = 40.0) -> ProxyThread:
+def run_in_thread(
+    target: str, *, listen: str = "127.0.0.1:0", mbit: float = 100.0, rtt_ms: float = 40.0
+) -> ProxyThread:
     """Start a slow link to target (HOST:PORT) in a background thread; .address is where to connect."""
     host, port = parse_address(listen)
     return ProxyThread(SlowLink(*parse_address(target), mbit=mbit, rtt_ms=rtt_ms), host, port)
@@ -164,8 +165,11 @@ def run_in_thread(target: str, *, listen: str = "127.0.0.1:0", mbit: float = 100
 async def _serve(args: argparse.Namespace) -> None:
     link = SlowLink(*args.target, mbit=args.mbit, rtt_ms=args.rtt_ms)
     port = await link.start(*args.listen)
-    print(f"slow-link listening on {args.listen[0]}:{port} -> {args.target[0]}:{args.target[1]} "
-          f"({args.mbit:g} Mbit/s each way, {args.rtt_ms:g} ms round trip)", flush=True)
+    print(
+        f"slow-link listening on {args.listen[0]}:{port} -> {args.target[0]}:{args.target[1]} "
+        f"({args.mbit:g} Mbit/s each way, {args.rtt_ms:g} ms round trip)",
+        flush=True,
+    )
     try:
         await asyncio.Event().wait()  # until cancelled (Ctrl-C / SIGTERM)
     finally:
@@ -174,12 +178,17 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Bandwidth- and latency-limited TCP proxy on loopback.")
-    parser.add_argument("--listen", type=parse_address, default=("127.0.0.1", 0),
-                        help="HOST:PORT to listen on (default 127.0.0.1:0, a free port)")
+    parser.add_argument(
+        "--listen",
+        type=parse_address,
+        default=("127.0.0.1", 0),
+        help="HOST:PORT to listen on (default 127.0.0.1:0, a free port)",
+    )
     parser.add_argument("--target", type=parse_address, required=True, help="HOST:PORT to forward to")
     parser.add_argument("--mbit", type=float, default=100.0, help="bandwidth per direction in Mbit/s (default 100)")
-    parser.add_argument("--rtt-ms", type=float, default=40.0,
-                        help="round-trip time added in ms, half each way (default 40)")
+    parser.add_argument(
+        "--rtt-ms", type=float, default=40.0, help="round-trip time added in ms, half each way (default 40)"
+    )
     args = parser.parse_args(argv)
     if args.mbit <= 0 or args.rtt_ms < 0:
         parser.error("--mbit must be > 0 and --rtt-ms >= 0")

@@ -24,6 +24,7 @@ SPINS = ("300000", "10000")  # libgomp's default, sap's
 def child(steps: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench  # noqa: E402 - after GOMP_SPINCOUNT is in the environment (the parent set it)
+
     from sap_client.data import load_labelled_csv  # noqa: E402
 
     settings = bench.Settings()
@@ -49,13 +50,22 @@ def main() -> int:
     for _ in range(args.rounds):
         for spin in SPINS:
             env = {**os.environ, "GOMP_SPINCOUNT": spin, "HF_HUB_OFFLINE": "1"}
-            out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps)], env=env,
-                                 capture_output=True, text=True, check=True, timeout=900)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", "--steps", str(args.steps)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=900,
+            )
             rates[spin].append(json.loads(out.stdout.strip().splitlines()[-1])["examples_per_s"])
             print(f"GOMP_SPINCOUNT={spin}: {rates[spin][-1]:.2f} examples/s", flush=True)
     means = {spin: statistics.mean(r) for spin, r in rates.items()}
-    print(json.dumps({"single_examples_per_s": means, "short_over_default": means["10000"] / means["300000"],
-                      "runs": rates}))
+    print(
+        json.dumps(
+            {"single_examples_per_s": means, "short_over_default": means["10000"] / means["300000"], "runs": rates}
+        )
+    )
     return 0
 
 

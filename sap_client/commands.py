@@ -36,11 +36,13 @@ def wire_dtype_of(name: str) -> torch.dtype:
     return WIRE_DTYPES[name]
 
 
-def _privatizer(noise: NoiseConfig, eta: float | None, run: RunDir, stats: CtiStatistics | None,
-                rescale_norm: float | None = None) -> Privatizer:
+def _privatizer(
+    noise: NoiseConfig, eta: float | None, run: RunDir, stats: CtiStatistics | None, rescale_norm: float | None = None
+) -> Privatizer:
     table = eta_table(stats, eta, mode=noise.cti_mode, floor=noise.cti_floor, top=noise.cti_top) if stats else None
-    return Privatizer(eta, key=run.noise_key(), eta_table=table, label_rows=noise.cti_rows == "label",
-                      rescale_norm=rescale_norm)
+    return Privatizer(
+        eta, key=run.noise_key(), eta_table=table, label_rows=noise.cti_rows == "label", rescale_norm=rescale_norm
+    )
 
 
 def run_privatizer(run: RunDir, settings: dict) -> Privatizer | None:
@@ -51,16 +53,20 @@ def run_privatizer(run: RunDir, settings: dict) -> Privatizer | None:
     rescale_norm = settings.get("rescale_norm")
     if noise.rescale_noised and rescale_norm is None:
         raise InvalidInputError(f"{run.path}/{RUN} asks for rescaled noised vectors but records no rescale_norm")
-    return _privatizer(noise, settings["eta"], run, CtiStatistics.load(run.file(CTI)) if noise.cti else None,
-                       rescale_norm if noise.rescale_noised else None)
+    return _privatizer(
+        noise,
+        settings["eta"],
+        run,
+        CtiStatistics.load(run.file(CTI)) if noise.cti else None,
+        rescale_norm if noise.rescale_noised else None,
+    )
 
 
 def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run: RunDir) -> Privatizer | None:
     """Resolve eta (from --eta or --noise-ratio), the rescaling norm (--rescale-noised) and the CTI
     statistics, on the training split only."""
     if not noise.enabled:
-        log.warning("noise is off: hidden states leave this machine without privacy noise (use --eta or "
-                    "--noise-ratio)")
+        log.warning("noise is off: hidden states leave this machine without privacy noise (use --eta or --noise-ratio)")
         return None
     eta, norm = noise.eta, None
     if eta is None or noise.rescale_noised:
@@ -73,12 +79,15 @@ def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run
     if noise.cti:
         if not train.labels:
             raise InvalidInputError("CTI needs labelled texts (a label column) to count tokens per class")
-        token_ids = [trainer.tokenizer(text, truncation=True, max_length=trainer.config.max_length)["input_ids"]
-                     for text in train.texts]
+        token_ids = [
+            trainer.tokenizer(text, truncation=True, max_length=trainer.config.max_length)["input_ids"]
+            for text in train.texts
+        ]
         vocab = trainer.bottom.input_embedding_matrix().shape[0]
         ignore = {trainer.tokenizer.pad_token_id} - {None}
-        stats = fit_cti(token_ids, train.labels, num_classes=len(train.label_names), vocab_size=vocab,
-                        ignore_ids=ignore)
+        stats = fit_cti(
+            token_ids, train.labels, num_classes=len(train.label_names), vocab_size=vocab, ignore_ids=ignore
+        )
         stats.save(run.file(CTI))
     return _privatizer(noise, eta, run, stats, norm if noise.rescale_noised else None)
 
@@ -91,9 +100,15 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _training_data(data_path: Path, text_column: str, label_column: str, eval_path: Path | None,
-                   eval_fraction: float, max_examples: int | None, seed: int) -> tuple[list[str], TextDataset,
-                                                                                     TextDataset]:
+def _training_data(
+    data_path: Path,
+    text_column: str,
+    label_column: str,
+    eval_path: Path | None,
+    eval_fraction: float,
+    max_examples: int | None,
+    seed: int,
+) -> tuple[list[str], TextDataset, TextDataset]:
     """(label names, training split, held-out split), the same every time for the same files and settings."""
     data = load_labelled_csv(data_path, text_column, label_column)
     if max_examples:
@@ -109,8 +124,15 @@ class _Checkpointer:
     """Writes the client's checkpoint (RUN_DIR/checkpoint.safetensors) when the provider announces one of its
     own (BackwardReply.checkpointed), before the next step is sent; and once right after the session opens."""
 
-    def __init__(self, run: RunDir, trainer: SplitTrainer, service: RemoteTopService, *, bytes_sent: int = 0,
-                 bytes_received: int = 0):
+    def __init__(
+        self,
+        run: RunDir,
+        trainer: SplitTrainer,
+        service: RemoteTopService,
+        *,
+        bytes_sent: int = 0,
+        bytes_received: int = 0,
+    ):
         self.run, self.trainer, self.service = run, trainer, service
         self.bytes_sent, self.bytes_received = bytes_sent, bytes_received  # traffic of earlier processes
         self.step: int | None = None  # the step of the latest checkpoint written
@@ -119,16 +141,22 @@ class _Checkpointer:
         trainer = self.trainer
         if trainer.privatizer is not None:
             progress.privatizer = trainer.privatizer.state()
-        meta = {"format": CHECKPOINT_FORMAT, "session_id": trainer.session_id,
-                "session_secret": self.service.session_secret(trainer.session_id), "step": progress.step,
-                "progress": asdict(progress), "bytes_sent": self.bytes_sent + self.service.bytes_sent,
-                "bytes_received": self.bytes_received + self.service.bytes_received,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "session_id": trainer.session_id,
+            "session_secret": self.service.session_secret(trainer.session_id),
+            "step": progress.step,
+            "progress": asdict(progress),
+            "bytes_sent": self.bytes_sent + self.service.bytes_sent,
+            "bytes_received": self.bytes_received + self.service.bytes_received,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         tensors: dict[str, torch.Tensor] = {}
         if trainer.bottom_optimizer is not None:
             tensors.update({_BOTTOM + name: value for name, value in trainer.bottom.state_dict().items()})
-            optimizer_tensors, meta["bottom_optimizer"] = optimizer_to_tensors(trainer.bottom_optimizer,
-                                                                               _BOTTOM_OPTIMIZER)
+            optimizer_tensors, meta["bottom_optimizer"] = optimizer_to_tensors(
+                trainer.bottom_optimizer, _BOTTOM_OPTIMIZER
+            )
             tensors.update(optimizer_tensors)
         self.run.write_checkpoint(meta, tensors)
         self.step = progress.step
@@ -138,45 +166,82 @@ class _Checkpointer:
         """exc, its message ending with how to continue the run (when there is a checkpoint to continue from)."""
         if self.step is None:
             return exc
-        return type(exc)(f"{exc}; the run can continue from its checkpoint at step {self.step}: "
-                         f"sap-client train --resume {self.run.path}")
+        return type(exc)(
+            f"{exc}; the run can continue from its checkpoint at step {self.step}: "
+            f"sap-client train --resume {self.run.path}"
+        )
 
 
 CHECKPOINT_FORMAT = 1
 _BOTTOM, _BOTTOM_OPTIMIZER = "bottom/", "bottom_optimizer/"
 
 
-def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise: NoiseConfig,
-          text_column: str, label_column: str, eval_path: Path | None, eval_fraction: float,
-          max_examples: int | None, device: torch.device | str = "cpu", wire_dtype: str = "float32",
-          credentials: ClientCredentials | None = None) -> dict:
+def train(
+    data_path: Path,
+    *,
+    server: str,
+    out: Path,
+    config: TrainConfig,
+    noise: NoiseConfig,
+    text_column: str,
+    label_column: str,
+    eval_path: Path | None,
+    eval_fraction: float,
+    max_examples: int | None,
+    device: torch.device | str = "cpu",
+    wire_dtype: str = "float32",
+    credentials: ClientCredentials | None = None,
+) -> dict:
     wire = wire_dtype_of(wire_dtype)
-    label_names, train_data, held = _training_data(data_path, text_column, label_column, eval_path, eval_fraction,
-                                                   max_examples, config.seed)
+    label_names, train_data, held = _training_data(
+        data_path, text_column, label_column, eval_path, eval_fraction, max_examples, config.seed
+    )
     run = RunDir(out).create()
     if run.file(CHECKPOINT).exists() and not run.file(METRICS).exists():
-        raise InvalidInputError(f"{out} holds an unfinished run: continue it with `sap-client train --resume {out}`, "
-                                f"or choose another --out")
+        raise InvalidInputError(
+            f"{out} holds an unfinished run: continue it with `sap-client train --resume {out}`, "
+            f"or choose another --out"
+        )
     with RemoteTopService(server, wire_dtype=wire, credentials=credentials) as service:
         info = service.server_info()
         bottom, tokenizer, _ = load_server_bottom(service, info)
         download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
-        log.info("server %s: %s (%s), split %d/%d, %s; %d train / %d eval examples, %d classes", server,
-                 info.model_id, info.model_type, info.split, info.total_blocks, info.peft, len(train_data),
-                 len(held), len(label_names))
+        log.info(
+            "server %s: %s (%s), split %d/%d, %s; %d train / %d eval examples, %d classes",
+            server,
+            info.model_id,
+            info.model_type,
+            info.split,
+            info.total_blocks,
+            info.peft,
+            len(train_data),
+            len(held),
+            len(label_names),
+        )
         trainer = SplitTrainer(bottom, tokenizer, service, config, fresh_noise=noise.fresh_noise, device=device)
         trainer.privatizer = fit_noise(noise, trainer, train_data, run)
         eta = trainer.privatizer.eta if trainer.privatizer else None
-        settings = {"server": server, "model": info.model_id, "split": info.split, "label_names": label_names,
-                    "text_column": text_column, "label_column": label_column, "config": asdict(config),
-                    "noise": asdict(noise), "eta": eta,
-                    "rescale_norm": trainer.privatizer.rescale_norm if trainer.privatizer else None,
-                    "wire_dtype": wire_dtype,
-                    "data": str(Path(data_path).resolve()), "data_sha256": _file_sha256(data_path),
-                    "eval": str(Path(eval_path).resolve()) if eval_path else None,
-                    "eval_sha256": _file_sha256(eval_path) if eval_path else None,
-                    "eval_fraction": None if eval_path else eval_fraction, "max_examples": max_examples,
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None}
+        settings = {
+            "server": server,
+            "model": info.model_id,
+            "split": info.split,
+            "label_names": label_names,
+            "text_column": text_column,
+            "label_column": label_column,
+            "config": asdict(config),
+            "noise": asdict(noise),
+            "eta": eta,
+            "rescale_norm": trainer.privatizer.rescale_norm if trainer.privatizer else None,
+            "wire_dtype": wire_dtype,
+            "data": str(Path(data_path).resolve()),
+            "data_sha256": _file_sha256(data_path),
+            "eval": str(Path(eval_path).resolve()) if eval_path else None,
+            "eval_sha256": _file_sha256(eval_path) if eval_path else None,
+            "eval_fraction": None if eval_path else eval_fraction,
+            "max_examples": max_examples,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "finished": None,
+        }
         for stale in (METRICS, CHECKPOINT):
             run.file(stale).unlink(missing_ok=True)
         run.write_json(RUN, settings)  # before the first step: what --resume needs
@@ -192,8 +257,13 @@ def train(data_path: Path, *, server: str, out: Path, config: TrainConfig, noise
     return _complete(run, settings, metrics, trainer, info, noise, adapter_id, download_bytes)
 
 
-def resume(run_path: Path, *, server: str | None = None, device: torch.device | str = "cpu",
-           credentials: ClientCredentials | None = None) -> dict:
+def resume(
+    run_path: Path,
+    *,
+    server: str | None = None,
+    device: torch.device | str = "cpu",
+    credentials: ClientCredentials | None = None,
+) -> dict:
     """Continue an unfinished `train` run from RUN_DIR's latest checkpoint, with the run's own settings."""
     run = RunDir(run_path)
     settings = run.read_run()
@@ -206,11 +276,19 @@ def resume(run_path: Path, *, server: str | None = None, device: torch.device | 
     eval_path = Path(settings["eval"]) if settings.get("eval") else None
     for path, digest in ((data_path, settings["data_sha256"]), (eval_path, settings.get("eval_sha256"))):
         if path is not None and path.is_file() and _file_sha256(path) != digest:
-            raise InvalidInputError(f"{path} changed since the run started (its SHA-256 differs): resuming on other "
-                                    f"data would not continue the same run")
-    label_names, train_data, held = _training_data(data_path, settings["text_column"], settings["label_column"],
-                                                   eval_path, settings.get("eval_fraction") or 0.1,
-                                                   settings.get("max_examples"), config.seed)
+            raise InvalidInputError(
+                f"{path} changed since the run started (its SHA-256 differs): resuming on other "
+                f"data would not continue the same run"
+            )
+    label_names, train_data, held = _training_data(
+        data_path,
+        settings["text_column"],
+        settings["label_column"],
+        eval_path,
+        settings.get("eval_fraction") or 0.1,
+        settings.get("max_examples"),
+        config.seed,
+    )
     if label_names != settings["label_names"]:
         raise InvalidInputError(f"{data_path} now has the labels {label_names}, the run {settings['label_names']}")
     saved = run.read_checkpoint()
@@ -219,36 +297,50 @@ def resume(run_path: Path, *, server: str | None = None, device: torch.device | 
     with RemoteTopService(server, wire_dtype=wire, credentials=credentials) as service:
         info = service.server_info()
         if (info.model_id, info.split) != (settings["model"], settings["split"]):
-            raise ModelLoadError(f"the run was trained on {settings['model']} split {settings['split']}; the server "
-                                 f"at {server} serves {info.model_id} split {info.split}")
+            raise ModelLoadError(
+                f"the run was trained on {settings['model']} split {settings['split']}; the server "
+                f"at {server} serves {info.model_id} split {info.split}"
+            )
         bottom, tokenizer, _ = load_server_bottom(service, info)
         download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
-        trainer = SplitTrainer(bottom, tokenizer, service, config, run_privatizer(run, settings),
-                               fresh_noise=noise.fresh_noise, device=device)
+        trainer = SplitTrainer(
+            bottom,
+            tokenizer,
+            service,
+            config,
+            run_privatizer(run, settings),
+            fresh_noise=noise.fresh_noise,
+            device=device,
+        )
         progress = TrainProgress(**saved[1]["progress"]) if saved is not None else None
         if saved is not None and saved[1].get("format") != CHECKPOINT_FORMAT:
-            raise InvalidInputError(f"{run.file(CHECKPOINT)} has format {saved[1].get('format')!r}, expected "
-                                    f"{CHECKPOINT_FORMAT}")
+            raise InvalidInputError(
+                f"{run.file(CHECKPOINT)} has format {saved[1].get('format')!r}, expected {CHECKPOINT_FORMAT}"
+            )
         if saved is not None:
             tensors, meta = saved
             if config.train_bottom:
-                bottom.load_state_dict({name[len(_BOTTOM):]: value for name, value in tensors.items()
-                                        if name.startswith(_BOTTOM)})
+                bottom.load_state_dict(
+                    {name[len(_BOTTOM) :]: value for name, value in tensors.items() if name.startswith(_BOTTOM)}
+                )
                 optimizer_from_tensors(trainer.bottom_optimizer, tensors, meta["bottom_optimizer"], _BOTTOM_OPTIMIZER)
             service.use_session(meta["session_id"], meta["session_secret"])
             try:
                 service.resume_session(meta["session_id"], progress.step)
             except (StepOrderError, SessionNotFoundError) as exc:
                 if progress.step == 0:  # nothing to lose: the same seeds give the same run in a new session
-                    log.warning("the server cannot resume the run's session at step 0 (%s): a new session starts",
-                                exc)
+                    log.warning("the server cannot resume the run's session at step 0 (%s): a new session starts", exc)
                     saved = None
                 elif isinstance(exc, StepOrderError):
-                    raise StepOrderError(f"the server cannot bring the run's session back to step {progress.step}, "
-                                         f"where the run's checkpoint is: {exc}") from exc
+                    raise StepOrderError(
+                        f"the server cannot bring the run's session back to step {progress.step}, "
+                        f"where the run's checkpoint is: {exc}"
+                    ) from exc
                 else:
-                    raise SessionNotFoundError(f"the server does not know the run's session (was it restarted "
-                                               f"without its --state-dir, or is this another server?): {exc}") from exc
+                    raise SessionNotFoundError(
+                        f"the server does not know the run's session (was it restarted "
+                        f"without its --state-dir, or is this another server?): {exc}"
+                    ) from exc
         if saved is None:  # cut short before its first step: start it again (the same seeds, the same run)
             trainer.open(len(label_names))
             checkpoint, progress = _Checkpointer(run, trainer, service), TrainProgress()
@@ -256,44 +348,83 @@ def resume(run_path: Path, *, server: str | None = None, device: torch.device | 
         else:
             trainer.session_id, trainer.steps = meta["session_id"], progress.step
             progress.resumed_at.append(progress.step)
-            checkpoint = _Checkpointer(run, trainer, service, bytes_sent=meta["bytes_sent"],
-                                       bytes_received=meta["bytes_received"])
+            checkpoint = _Checkpointer(
+                run, trainer, service, bytes_sent=meta["bytes_sent"], bytes_received=meta["bytes_received"]
+            )
             checkpoint.step = progress.step
-            log.info("resuming %s at step %d (epoch %d, batch %d)", run_path, progress.step, progress.epoch,
-                     progress.position + 1)
+            log.info(
+                "resuming %s at step %d (epoch %d, batch %d)",
+                run_path,
+                progress.step,
+                progress.epoch,
+                progress.position + 1,
+            )
         try:
             metrics = trainer.fit(train_data, held, progress=progress, on_checkpoint=checkpoint)
             adapter_id = service.finish_session(trainer.session_id)
         except SapError as exc:
             raise checkpoint.hint(exc) from exc
-        metrics.update(bytes_sent=checkpoint.bytes_sent + service.bytes_sent,
-                       bytes_received=checkpoint.bytes_received + service.bytes_received)
+        metrics.update(
+            bytes_sent=checkpoint.bytes_sent + service.bytes_sent,
+            bytes_received=checkpoint.bytes_received + service.bytes_received,
+        )
     return _complete(run, settings, metrics, trainer, info, noise, adapter_id, download_bytes)
 
 
-def _complete(run: RunDir, settings: dict, metrics: dict, trainer: SplitTrainer, info, noise: NoiseConfig,
-              adapter_id: str, download_bytes: int) -> dict:
+def _complete(
+    run: RunDir,
+    settings: dict,
+    metrics: dict,
+    trainer: SplitTrainer,
+    info,
+    noise: NoiseConfig,
+    adapter_id: str,
+    download_bytes: int,
+) -> dict:
     """Write the finished run: the bottom (when it trained), metrics.json, run.json; drop the checkpoint."""
     config = trainer.config
     if config.train_bottom:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainer.bottom.state_dict().items()},
-                  str(run.file(BOTTOM)))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in trainer.bottom.state_dict().items()}, str(run.file(BOTTOM))
+        )
     privatizer = trainer.privatizer
     eta = privatizer.eta if privatizer else None
-    metrics.update(split=info.split, total_blocks=info.total_blocks, peft=info.peft, model=info.model_id,
-                   label_names=settings["label_names"], train_bottom=config.train_bottom,
-                   bottom_download_bytes=download_bytes, wire_dtype=settings["wire_dtype"], eta=eta,
-                   noise_ratio=noise.noise_ratio, cti=noise.cti, cti_mode=noise.cti_mode if noise.cti else None,
-                   noise_to_signal=privatizer.noise_to_signal if privatizer else 0.0,
-                   rescale_norm=privatizer.rescale_norm if privatizer else None,
-                   noise_observations=("fresh noise every epoch" if noise.fresh_noise else
-                                       "one per example" if trainer.reuse_sent else
-                                       "one per step (trainable bottom)") if eta else "no noise")
+    metrics.update(
+        split=info.split,
+        total_blocks=info.total_blocks,
+        peft=info.peft,
+        model=info.model_id,
+        label_names=settings["label_names"],
+        train_bottom=config.train_bottom,
+        bottom_download_bytes=download_bytes,
+        wire_dtype=settings["wire_dtype"],
+        eta=eta,
+        noise_ratio=noise.noise_ratio,
+        cti=noise.cti,
+        cti_mode=noise.cti_mode if noise.cti else None,
+        noise_to_signal=privatizer.noise_to_signal if privatizer else 0.0,
+        rescale_norm=privatizer.rescale_norm if privatizer else None,
+        noise_observations=(
+            "fresh noise every epoch"
+            if noise.fresh_noise
+            else "one per example"
+            if trainer.reuse_sent
+            else "one per step (trainable bottom)"
+        )
+        if eta
+        else "no noise",
+    )
     metrics["privacy"] = privacy_statement(
-        model=info.model_id, split=info.split, eta=eta, eta_max=_largest_eta(privatizer),
-        cti=noise.cti_mode if noise.cti else None, rescale_norm=metrics["rescale_norm"],
-        noise_observations=metrics["noise_observations"], epochs=config.epochs,
-        median_distance=median_token_distance(trainer.bottom))
+        model=info.model_id,
+        split=info.split,
+        eta=eta,
+        eta_max=_largest_eta(privatizer),
+        cti=noise.cti_mode if noise.cti else None,
+        rescale_norm=metrics["rescale_norm"],
+        noise_observations=metrics["noise_observations"],
+        epochs=config.epochs,
+        median_distance=median_token_distance(trainer.bottom),
+    )
     run.write_json(METRICS, metrics)
     run.file(PRIVACY).write_text(render_statement(metrics["privacy"]))
     run.write_json(RUN, dict(settings, adapter_id=adapter_id, finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
@@ -321,40 +452,56 @@ def record_audit(run: RunDir, report: dict) -> None:
     run.file(PRIVACY).write_text(render_statement(metrics["privacy"]))
 
 
-def _attach(run: RunDir, settings: dict, server: str | None, service_factory=RemoteTopService,
-            credentials: ClientCredentials | None = None,
-            device: torch.device | str = "cpu", wire_dtype: str | None = None):
+def _attach(
+    run: RunDir,
+    settings: dict,
+    server: str | None,
+    service_factory=RemoteTopService,
+    credentials: ClientCredentials | None = None,
+    device: torch.device | str = "cpu",
+    wire_dtype: str | None = None,
+):
     """Connect, load the bottom (and its fine-tuned weights), reattach to the run's adapter. The wire
     dtype is the run's (float32 for runs from before --wire-dtype) unless wire_dtype overrides it."""
     if not settings.get("adapter_id"):
-        raise InvalidInputError(f"{run.path} holds a run that has not finished training (no adapter yet): "
-                                f"continue it with `sap-client train --resume {run.path}`")
+        raise InvalidInputError(
+            f"{run.path} holds a run that has not finished training (no adapter yet): "
+            f"continue it with `sap-client train --resume {run.path}`"
+        )
     wire = wire_dtype_of(wire_dtype or settings.get("wire_dtype", "float32"))
     service = service_factory(server or settings["server"], wire_dtype=wire, credentials=credentials)
     info = service.server_info()
     if (info.model_id, info.split) != (settings["model"], settings["split"]):
         service.close()
-        raise ModelLoadError(f"the run was trained on {settings['model']} split {settings['split']}; the server "
-                             f"serves {info.model_id} split {info.split}")
+        raise ModelLoadError(
+            f"the run was trained on {settings['model']} split {settings['split']}; the server "
+            f"serves {info.model_id} split {info.split}"
+        )
     bottom, tokenizer, _ = load_server_bottom(service, info)
     if run.file(BOTTOM).exists():
         bottom.load_state_dict(load_file(str(run.file(BOTTOM))))
-    trainer = SplitTrainer(bottom, tokenizer, service, TrainConfig(**settings["config"]),
-                           run_privatizer(run, settings), device=device)
+    trainer = SplitTrainer(
+        bottom, tokenizer, service, TrainConfig(**settings["config"]), run_privatizer(run, settings), device=device
+    )
     trainer.session_id, num_labels = service.attach_adapter(settings["adapter_id"])
     if num_labels != len(settings["label_names"]):
         raise ModelLoadError(f"adapter has {num_labels} labels, the run has {len(settings['label_names'])}")
     return service, trainer
 
 
-def _probabilities(run: RunDir, settings: dict, texts: list[str], server: str | None,
-                   device: torch.device | str = "cpu", wire_dtype: str | None = None,
-                   credentials: ClientCredentials | None = None) -> torch.Tensor:
+def _probabilities(
+    run: RunDir,
+    settings: dict,
+    texts: list[str],
+    server: str | None,
+    device: torch.device | str = "cpu",
+    wire_dtype: str | None = None,
+    credentials: ClientCredentials | None = None,
+) -> torch.Tensor:
     empty = [i + 2 for i, text in enumerate(texts) if not text]
     if empty:
         raise InvalidInputError(f"line {empty[0]} has an empty text ({len(empty)} such lines)")
-    service, trainer = _attach(run, settings, server, device=device, wire_dtype=wire_dtype,
-                               credentials=credentials)
+    service, trainer = _attach(run, settings, server, device=device, wire_dtype=wire_dtype, credentials=credentials)
     try:
         probabilities = trainer.predict(texts)
         service.close_session(trainer.session_id)
@@ -363,9 +510,17 @@ def _probabilities(run: RunDir, settings: dict, texts: list[str], server: str | 
     return probabilities
 
 
-def predict(data_path: Path, *, run_path: Path, server: str | None, out: Path,
-            text_column: str | None, device: torch.device | str = "cpu", wire_dtype: str | None = None,
-            credentials: ClientCredentials | None = None) -> int:
+def predict(
+    data_path: Path,
+    *,
+    run_path: Path,
+    server: str | None,
+    out: Path,
+    text_column: str | None,
+    device: torch.device | str = "cpu",
+    wire_dtype: str | None = None,
+    credentials: ClientCredentials | None = None,
+) -> int:
     """Write one row per input row: row number, predicted label, class probabilities. Returns rows."""
     run = RunDir(run_path)
     settings = run.read_run()
@@ -381,19 +536,34 @@ def predict(data_path: Path, *, run_path: Path, server: str | None, out: Path,
     return len(texts)
 
 
-def evaluate(data_path: Path, *, run_path: Path, server: str | None, text_column: str | None,
-             label_column: str | None, device: torch.device | str = "cpu", wire_dtype: str | None = None,
-             credentials: ClientCredentials | None = None) -> dict:
+def evaluate(
+    data_path: Path,
+    *,
+    run_path: Path,
+    server: str | None,
+    text_column: str | None,
+    label_column: str | None,
+    device: torch.device | str = "cpu",
+    wire_dtype: str | None = None,
+    credentials: ClientCredentials | None = None,
+) -> dict:
     """Accuracy and macro-F1 of the run's adapter on labelled data, through the same split and noise."""
     run = RunDir(run_path)
     settings = run.read_run()
-    data = load_labelled_csv(data_path, text_column or settings["text_column"],
-                             label_column or settings["label_column"], settings["label_names"])
+    data = load_labelled_csv(
+        data_path,
+        text_column or settings["text_column"],
+        label_column or settings["label_column"],
+        settings["label_names"],
+    )
     probabilities = _probabilities(run, settings, data.texts, server, device, wire_dtype, credentials)
     predictions = probabilities.argmax(-1).tolist()
-    return {"accuracy": sum(int(p == y) for p, y in zip(predictions, data.labels)) / len(data),
-            "macro_f1": macro_f1(predictions, data.labels, len(settings["label_names"])),
-            "examples": len(data), "data": str(data_path)}
+    return {
+        "accuracy": sum(int(p == y) for p, y in zip(predictions, data.labels)) / len(data),
+        "macro_f1": macro_f1(predictions, data.labels, len(settings["label_names"])),
+        "examples": len(data),
+        "data": str(data_path),
+    }
 
 
 def macro_f1(predictions: list[int], labels: list[int], num_classes: int) -> float:
@@ -407,11 +577,26 @@ def macro_f1(predictions: list[int], labels: list[int], num_classes: int) -> flo
     return sum(scores) / num_classes
 
 
-def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack, text_column: str,
-          label_column: str, attribute_column: str | None, max_examples: int, run_path: Path | None,
-          recorded: Path | None, batch_size: int, max_length: int, device: torch.device | str = "cpu",
-          credentials: ClientCredentials | None = None, public_path: Path | None = None,
-          public_examples: int = 2000) -> dict:
+def audit(
+    data_path: Path,
+    *,
+    server: str,
+    out: Path,
+    noise: NoiseConfig,
+    attack,
+    text_column: str,
+    label_column: str,
+    attribute_column: str | None,
+    max_examples: int,
+    run_path: Path | None,
+    recorded: Path | None,
+    batch_size: int,
+    max_length: int,
+    device: torch.device | str = "cpu",
+    credentials: ClientCredentials | None = None,
+    public_path: Path | None = None,
+    public_examples: int = 2000,
+) -> dict:
     """Play the curious provider on what this client would send (or on a --record recording).
 
     The provider's public text (for the probe and the learned inverter): the texts of public_path, or else the rows
@@ -427,24 +612,31 @@ def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack
         max_length = settings["config"]["max_length"]
     rows = read_rows(data_path, [text_column] + ([attribute_column] if attribute_column else []))
     labelled = label_column in rows[0]
-    everything = (load_labelled_csv(data_path, text_column, label_column, settings["label_names"] if settings else None)
-                  if labelled else TextDataset(load_texts(data_path, text_column), [], []))
-    data = everything.subset(list(range(min(max_examples, len(everything))))) if labelled else \
-        TextDataset(everything.texts[:max_examples], [], [])
+    everything = (
+        load_labelled_csv(data_path, text_column, label_column, settings["label_names"] if settings else None)
+        if labelled
+        else TextDataset(load_texts(data_path, text_column), [], [])
+    )
+    data = (
+        everything.subset(list(range(min(max_examples, len(everything)))))
+        if labelled
+        else TextDataset(everything.texts[:max_examples], [], [])
+    )
     attacked = set(data.texts)
-    candidates = load_texts(public_path, text_column) if public_path else everything.texts[len(data):]
+    candidates = load_texts(public_path, text_column) if public_path else everything.texts[len(data) :]
     public = [text for text in candidates if text and text not in attacked][:public_examples]
     attributes = None
     if attribute_column:
-        values = [row[attribute_column].strip() for row in rows][:len(data)]
+        values = [row[attribute_column].strip() for row in rows][: len(data)]
         names = sorted(set(values))
         attributes = [names.index(v) for v in values]
     report_dir = RunDir(out).create()
     with RemoteTopService(server, credentials=credentials) as service:
         info = service.server_info()
         bottom, tokenizer, _ = load_server_bottom(service, info)
-    trainer = SplitTrainer(bottom, tokenizer, service, TrainConfig(batch_size=batch_size, max_length=max_length),
-                           device=device)
+    trainer = SplitTrainer(
+        bottom, tokenizer, service, TrainConfig(batch_size=batch_size, max_length=max_length), device=device
+    )
     if settings:
         trainer.privatizer, eta = run_privatizer(RunDir(run_path), settings), settings["eta"]
         noise = NoiseConfig(**settings["noise"])
@@ -454,17 +646,25 @@ def audit(data_path: Path, *, server: str, out: Path, noise: NoiseConfig, attack
     if recorded:
         limit = (settings or {}).get("max_examples")  # a run trained on the first rows only: pair those
         label_data = everything.subset(list(range(min(limit, len(everything))))) if limit else everything
-        report = recorded_audit(trainer, data, read_records(recorded), attack, public,
-                                label_data=label_data if labelled else None)
+        report = recorded_audit(
+            trainer, data, read_records(recorded), attack, public, label_data=label_data if labelled else None
+        )
         report["source"] = f"recorded traffic in {recorded}"
     else:
         report = simulated_audit(trainer, data, attributes, attack, public=public)
         report["source"] = "simulated: what this client would send"
-    report.update(model=info.model_id, split=info.split, eta=eta, noise_ratio=noise.noise_ratio, cti=noise.cti,
-                  cti_mode=noise.cti_mode if noise.cti else None,
-                  rescale_norm=trainer.privatizer.rescale_norm if trainer.privatizer else None,
-                  attribute_column=attribute_column, data=str(data_path),
-                  public=str(public_path) if public_path else f"rows {len(data) + 1}.. of {data_path}")
+    report.update(
+        model=info.model_id,
+        split=info.split,
+        eta=eta,
+        noise_ratio=noise.noise_ratio,
+        cti=noise.cti,
+        cti_mode=noise.cti_mode if noise.cti else None,
+        rescale_norm=trainer.privatizer.rescale_norm if trainer.privatizer else None,
+        attribute_column=attribute_column,
+        data=str(data_path),
+        public=str(public_path) if public_path else f"rows {len(data) + 1}.. of {data_path}",
+    )
     write_report(report, out)
     if run_path:
         record_audit(RunDir(run_path), report)

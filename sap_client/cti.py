@@ -65,8 +65,10 @@ class CtiStatistics:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-                raise ValueError(f"{path} is not a CTI statistics file (format {meta.get('format')!r}, "
-                                 f"version {meta.get('version')!r}; expected {_FORMAT!r} {_VERSION!r})")
+                raise ValueError(
+                    f"{path} is not a CTI statistics file (format {meta.get('format')!r}, "
+                    f"version {meta.get('version')!r}; expected {_FORMAT!r} {_VERSION!r})"
+                )
             if "counts" not in set(f.keys()):
                 raise ValueError(f"{path} has no 'counts' tensor")
             return cls(counts=f.get_tensor("counts"))
@@ -81,8 +83,14 @@ def _as_int_tensor(values: Sequence[int] | torch.Tensor, what: str) -> torch.Ten
     return t.reshape(-1).to(torch.int64)
 
 
-def fit_cti(token_ids: Sequence[Sequence[int]], labels: Sequence[int], *, num_classes: int, vocab_size: int,
-            ignore_ids: Collection[int] = ()) -> CtiStatistics:
+def fit_cti(
+    token_ids: Sequence[Sequence[int]],
+    labels: Sequence[int],
+    *,
+    num_classes: int,
+    vocab_size: int,
+    ignore_ids: Collection[int] = (),
+) -> CtiStatistics:
     """Count each token id per class over the training texts; ids in `ignore_ids` (e.g. padding) are skipped."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
@@ -127,15 +135,20 @@ def _exempt_rows(stats: CtiStatistics, eta_base: float, top: float) -> torch.Ten
     return rows
 
 
-def eta_table(stats: CtiStatistics, eta_base: float, *, mode: str = "scale", floor: float = 0.6,
-              top: float = 0.1) -> torch.Tensor:
+def eta_table(
+    stats: CtiStatistics, eta_base: float, *, mode: str = "scale", floor: float = 0.6, top: float = 0.1
+) -> torch.Tensor:
     """(C + 1, V) float64 eta per (class, token); row C is the max over classes, for unlabeled text.
 
     "scale": eta = max(UI, floor) * eta_base. "exempt": the top fraction of each class's seen tokens by UI
     get eta = inf (no noise), the rest eta_base.
     """
-    if isinstance(eta_base, bool) or not isinstance(eta_base, (int, float)) or not math.isfinite(eta_base) \
-            or eta_base <= 0:
+    if (
+        isinstance(eta_base, bool)
+        or not isinstance(eta_base, (int, float))
+        or not math.isfinite(eta_base)
+        or eta_base <= 0
+    ):
         raise ValueError(f"eta_base must be positive and finite, got {eta_base!r}")
     if mode not in CTI_MODES:
         raise ValueError(f"mode must be one of {CTI_MODES}, got {mode!r}")

@@ -36,8 +36,10 @@ def read_rows(path: Path, columns: list[str]) -> list[dict[str, str]]:
             header = reader.fieldnames or []
             missing = [c for c in columns if c not in header]
             if missing:
-                raise InvalidInputError(f"{path}: column {missing[0]!r} is missing; the header has "
-                                        f"{', '.join(map(repr, header)) or 'no columns'}")
+                raise InvalidInputError(
+                    f"{path}: column {missing[0]!r} is missing; the header has "
+                    f"{', '.join(map(repr, header)) or 'no columns'}"
+                )
             rows = list(reader)
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"{path} is not UTF-8 text: {exc}") from exc
@@ -56,8 +58,9 @@ def _label_order(values: set[str]) -> list[str]:
         return sorted(values)
 
 
-def load_labelled_csv(path: Path, text_column: str = "text", label_column: str = "label",
-                      label_names: list[str] | None = None) -> TextDataset:
+def load_labelled_csv(
+    path: Path, text_column: str = "text", label_column: str = "label", label_names: list[str] | None = None
+) -> TextDataset:
     """Load a training/eval CSV; with label_names given (an eval set), labels must be among them."""
     rows = read_rows(path, [text_column, label_column])
     texts, raw = [], []
@@ -72,8 +75,10 @@ def load_labelled_csv(path: Path, text_column: str = "text", label_column: str =
     if label_names is None:
         label_names = _label_order(set(raw))
         if len(label_names) < 2:
-            raise InvalidInputError(f"{path}: column {label_column!r} has a single class ({label_names[0]!r}); "
-                                    f"training a classifier needs at least two")
+            raise InvalidInputError(
+                f"{path}: column {label_column!r} has a single class ({label_names[0]!r}); "
+                f"training a classifier needs at least two"
+            )
     index = {name: i for i, name in enumerate(label_names)}
     unknown = sorted(set(raw) - index.keys())
     if unknown:
@@ -103,6 +108,7 @@ def stratified_split(data: TextDataset, fraction: float, seed: int) -> tuple[Tex
         held += members[:n_eval]
         train += members[n_eval:]
     if not held:
-        raise InvalidInputError(f"an eval fraction of {fraction} leaves no eval examples; use more data "
-                                f"or --eval EVAL.csv")
+        raise InvalidInputError(
+            f"an eval fraction of {fraction} leaves no eval examples; use more data or --eval EVAL.csv"
+        )
     return data.subset(sorted(train)), data.subset(sorted(held))

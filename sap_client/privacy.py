@@ -37,8 +37,13 @@ def _check_eta(eta: float | torch.Tensor, batch_shape: tuple[int, ...]) -> torch
     return torch.tensor(float(eta), dtype=torch.float64)
 
 
-def sample_dchi_noise(shape: tuple[int, ...], eta: float | torch.Tensor, *, generator: torch.Generator | None = None,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def sample_dchi_noise(
+    shape: tuple[int, ...],
+    eta: float | torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """One independent d_chi draw per vector along the last dimension (d = shape[-1]).
 
     eta is a positive float, or a tensor broadcastable to shape[:-1] (one eta per token, for CTI).
@@ -52,8 +57,9 @@ def sample_dchi_noise(shape: tuple[int, ...], eta: float | torch.Tensor, *, gene
     return _dchi_from_draws(gaussians, uniforms, eta_t, dtype)
 
 
-def _dchi_from_draws(gaussians: torch.Tensor, uniforms: torch.Tensor, eta: torch.Tensor,
-                     dtype: torch.dtype) -> torch.Tensor:
+def _dchi_from_draws(
+    gaussians: torch.Tensor, uniforms: torch.Tensor, eta: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """d_chi noise from its raw draws (float64, (..., d) each; eta broadcastable to (...,)): a uniform
     direction (normalized Gaussians) times an Erlang(d, eta) norm."""
     direction = gaussians / gaussians.norm(dim=-1, keepdim=True).clamp_min(1e-300)
@@ -81,13 +87,21 @@ class NoiseConfig:
     cti_mode: str = field(default="scale", metadata={"help": "scale or exempt"})
     cti_floor: float = field(default=0.6, metadata={"help": "scale mode: eta = max(UI, floor) * eta"})
     cti_top: float = field(default=0.1, metadata={"help": "exempt mode: fraction of tokens per class exempted"})
-    cti_rows: str = field(default="label", metadata={
-        "help": "label: a training text's eta comes from its class row (DESIGN); max: every text, training too, "
-                "uses the max over classes, so the noise does not depend on the label"})
+    cti_rows: str = field(
+        default="label",
+        metadata={
+            "help": "label: a training text's eta comes from its class row (DESIGN); max: every text, training too, "
+            "uses the max over classes, so the noise does not depend on the label"
+        },
+    )
     fresh_noise: bool = field(default=False, metadata={"help": "new noise every epoch instead of once"})
-    rescale_noised: bool = field(default=False, metadata={
-        "help": "send every noised vector rescaled to the mean hidden-state norm (post-processing of the d_chi "
-                "output): the top's attention is not drawn to the longer noisy vectors"})
+    rescale_noised: bool = field(
+        default=False,
+        metadata={
+            "help": "send every noised vector rescaled to the mean hidden-state norm (post-processing of the d_chi "
+            "output): the top's attention is not drawn to the longer noisy vectors"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.eta is not None and self.noise_ratio is not None:
@@ -149,8 +163,15 @@ class Privatizer:
     they are; the noise/signal figures are the d_chi noise's, before rescaling.
     """
 
-    def __init__(self, eta: float | None, *, key: bytes, eta_table: torch.Tensor | None = None,
-                 label_rows: bool = True, rescale_norm: float | None = None):
+    def __init__(
+        self,
+        eta: float | None,
+        *,
+        key: bytes,
+        eta_table: torch.Tensor | None = None,
+        label_rows: bool = True,
+        rescale_norm: float | None = None,
+    ):
         if eta is not None:
             _check_eta(eta, ())
         if eta_table is not None and eta is None:
@@ -194,9 +215,15 @@ class Privatizer:
     def _seed(self, example_key: bytes) -> int:
         return int.from_bytes(hmac.new(self.key, example_key, hashlib.sha256).digest()[:8], "little")
 
-    def __call__(self, hidden: torch.Tensor, attention_mask: torch.Tensor, input_ids: torch.Tensor,
-                 labels: torch.Tensor | None, example_keys: list[bytes],
-                 tally: NoiseTally | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None,
+        example_keys: list[bytes],
+        tally: NoiseTally | None = None,
+    ) -> torch.Tensor:
         """hidden (B, T, H) -> the tensor to send, (B, T, H); padding rows are zeros.
 
         The noise/signal sums count each example at once, or, with a tally, when tally.commit() runs."""
@@ -222,12 +249,17 @@ class Privatizer:
             uniforms.append(torch.rand((length, size), generator=generator, dtype=torch.float64))
         real_eta = etas[mask]  # (N_real,)
         exempt = torch.isinf(real_eta)
-        noise = _dchi_from_draws(torch.cat(gaussians), torch.cat(uniforms),
-                                 _check_eta(torch.where(exempt, 1.0, real_eta), real_eta.shape), hidden.dtype)
+        noise = _dchi_from_draws(
+            torch.cat(gaussians),
+            torch.cat(uniforms),
+            _check_eta(torch.where(exempt, 1.0, real_eta), real_eta.shape),
+            hidden.dtype,
+        )
         noise[exempt] = 0.0
         real_hidden = hidden.detach()[mask]
-        for noise_norms, hidden_norms, length in zip(noise.norm(dim=-1).split(lengths),
-                                                     real_hidden.norm(dim=-1).split(lengths), lengths):
+        for noise_norms, hidden_norms, length in zip(
+            noise.norm(dim=-1).split(lengths), real_hidden.norm(dim=-1).split(lengths), lengths
+        ):
             measured = (noise_norms.sum().item(), hidden_norms.sum().item(), length)
             if tally is None:
                 self.add([measured])

@@ -64,9 +64,9 @@ class ClientCredentials:
     """How this client reaches a guarded provider: an API key and/or TLS (mutual TLS with a cert and key)."""
 
     api_key: str | None = None
-    tls_ca: Path | None = None    # the CA that signed the server's certificate; setting it turns TLS on
+    tls_ca: Path | None = None  # the CA that signed the server's certificate; setting it turns TLS on
     tls_cert: Path | None = None  # mutual TLS: this client's certificate chain (turns TLS on too)
-    tls_key: Path | None = None   # ... and its private key
+    tls_key: Path | None = None  # ... and its private key
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -81,8 +81,10 @@ class ClientCredentials:
         return grpc.ssl_channel_credentials(
             root_certificates=read_credentials_file(self.tls_ca, "TLS CA (--tls-ca)") if self.tls_ca else None,
             private_key=read_credentials_file(self.tls_key, "TLS key (--tls-key)") if self.tls_key else None,
-            certificate_chain=(read_credentials_file(self.tls_cert, "TLS certificate (--tls-cert)")
-                               if self.tls_cert else None))
+            certificate_chain=(
+                read_credentials_file(self.tls_cert, "TLS certificate (--tls-cert)") if self.tls_cert else None
+            ),
+        )
 
 
 class RemoteTopService:
@@ -94,12 +96,20 @@ class RemoteTopService:
     each pause scaled by a random factor in [0.5, 1] so that many clients do not retry in lockstep.
     """
 
-    def __init__(self, address: str, *, credentials: ClientCredentials | None = None,
-                 connect_timeout: float = 10.0, call_timeout: float = 600.0, tries: int = 5,
-                 retry_backoff: float = 0.5, retry_backoff_max: float = 8.0,
-                 chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
-                 wire_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        address: str,
+        *,
+        credentials: ClientCredentials | None = None,
+        connect_timeout: float = 10.0,
+        call_timeout: float = 600.0,
+        tries: int = 5,
+        retry_backoff: float = 0.5,
+        retry_backoff_max: float = 8.0,
+        chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
+        wire_dtype: torch.dtype = torch.float32,
+    ):
         if wire_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"wire_dtype={wire_dtype}: expected torch.float32, torch.bfloat16 or torch.float16")
         if tries < 1:
@@ -118,27 +128,33 @@ class RemoteTopService:
         self.bytes_received = 0
         self._secrets: dict[str, str] = {}  # session id -> the secret its calls carry
         self._random = random.Random()  # jitter only
-        options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes),
-                   # after a lost connection, try to reconnect soon (gRPC's default waits 1 s, then longer)
-                   ("grpc.initial_reconnect_backoff_ms", 200),
-                   ("grpc.max_reconnect_backoff_ms", 4000)]
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # after a lost connection, try to reconnect soon (gRPC's default waits 1 s, then longer)
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 4000),
+        ]
         if self.credentials.tls:
             self._channel = grpc.secure_channel(address, self.credentials.channel_credentials(), options=options)
         else:
             if self.credentials.api_key and not _is_loopback(address):
-                log.warning("sending the API key to %s without TLS (--tls-ca): anyone on the path can read it",
-                            address)
+                log.warning("sending the API key to %s without TLS (--tls-ca): anyone on the path can read it", address)
             self._channel = grpc.insecure_channel(address, options=options)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
         except grpc.FutureTimeoutError:
             self._channel.close()
-            hint = ("check --tls-ca (the CA of the server's certificate) and, when the server requires client "
-                    "certificates, --tls-cert/--tls-key" if self.credentials.tls else
-                    "if the server uses TLS, pass --tls-ca")
-            raise ServerUnavailableError(f"cannot reach sap-server at {address} within {connect_timeout:g} s "
-                                         f"(is it running? check --server HOST:PORT; {hint})") from None
+            hint = (
+                "check --tls-ca (the CA of the server's certificate) and, when the server requires client "
+                "certificates, --tls-cert/--tls-key"
+                if self.credentials.tls
+                else "if the server uses TLS, pass --tls-ca"
+            )
+            raise ServerUnavailableError(
+                f"cannot reach sap-server at {address} within {connect_timeout:g} s "
+                f"(is it running? check --server HOST:PORT; {hint})"
+            ) from None
         self._stub = sap_pb2_grpc.SplitLearningStub(self._channel)
 
     def close(self) -> None:
@@ -159,8 +175,9 @@ class RemoteTopService:
         def attempt() -> None:  # a retry starts the download over: every file is rewritten from offset 0
             handles: dict[str, object] = {}
             try:
-                for chunk in self._stub.DownloadBottom(sap_pb2.DownloadBottomRequest(), timeout=self.call_timeout,
-                                                       metadata=self._metadata()):
+                for chunk in self._stub.DownloadBottom(
+                    sap_pb2.DownloadBottomRequest(), timeout=self.call_timeout, metadata=self._metadata()
+                ):
                     self.bytes_received += chunk.ByteSize()
                     handle = handles.get(chunk.path)
                     if handle is None:
@@ -183,11 +200,13 @@ class RemoteTopService:
         return codec.decode_tensor(reply.logits, field="logits")
 
     def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult:
-        request = sap_pb2.BackwardRequest(session_id=session_id, step=step,
-                                          grad_logits=codec.encode_tensor(grad_logits))
+        request = sap_pb2.BackwardRequest(
+            session_id=session_id, step=step, grad_logits=codec.encode_tensor(grad_logits)
+        )
         reply = self._chunked(self._stub.Backward, request, sap_pb2.BackwardReply, session_id)
-        grad_hidden = (codec.decode_tensor(reply.grad_hidden, field="grad_hidden")
-                       if reply.HasField("grad_hidden") else None)
+        grad_hidden = (
+            codec.decode_tensor(reply.grad_hidden, field="grad_hidden") if reply.HasField("grad_hidden") else None
+        )
         return BackwardResult(reply.applied_step, reply.replayed, grad_hidden, reply.checkpointed)
 
     def evaluate(self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -228,8 +247,10 @@ class RemoteTopService:
     def _opened(self, reply: sap_pb2.OpenSessionReply) -> tuple[str, int]:
         """Keep the new session's secret; (session id, num_labels)."""
         if not reply.session_secret:
-            raise RemoteError("the server opened a session without a session secret: it is older than this "
-                              "client (protocol without session secrets); upgrade sap-server")
+            raise RemoteError(
+                "the server opened a session without a session secret: it is older than this "
+                "client (protocol without session secrets); upgrade sap-server"
+            )
         self._secrets[reply.session_id] = reply.session_secret
         return reply.session_id, reply.num_labels
 
@@ -285,8 +306,15 @@ class RemoteTopService:
                 if code not in RETRYABLE or number == self.tries:
                     raise _as_sap_error(exc, self.address, name, number) from None
                 pause = min(delay, self.retry_backoff_max) * self._random.uniform(0.5, 1.0)
-                log.warning("%s to %s: %s (try %d of %d); trying again in %.2f s", name, self.address, code.name,
-                            number, self.tries, pause)
+                log.warning(
+                    "%s to %s: %s (try %d of %d); trying again in %.2f s",
+                    name,
+                    self.address,
+                    code.name,
+                    number,
+                    self.tries,
+                    pause,
+                )
                 time.sleep(pause)
                 delay *= 2
         raise AssertionError("unreachable")  # the loop returns or raises
@@ -304,8 +332,7 @@ def _as_sap_error(exc: grpc.RpcError, address: str, name: str = "call", tries: i
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code in RETRYABLE:
         after = f" after {tries} tries" if tries > 1 else ""
-        return ServerUnavailableError(f"sap-server at {address} did not answer {name}{after} "
-                                      f"({code.name}): {details}")
+        return ServerUnavailableError(f"sap-server at {address} did not answer {name}{after} ({code.name}): {details}")
     return ERROR_OF_STATUS.get(code, RemoteError)(f"server answered {code.name if code else '?'}: {details}")
 
 

@@ -1,17 +1,17 @@
 """RUN_DIR: what a training run leaves on the user's side so later processes can predict through it.
 
-    run.json                server, labels, columns, data (path and SHA-256), training and noise settings;
-                            written when training starts ("finished": null), completed with the adapter id
-    metrics.json            the run's figures (written when the run completes); "privacy": its privacy statement
-    privacy.md              the privacy statement in words: the guarantee, the label exposure, what is not
-                            covered, and the figures of `sap-client audit --run RUN_DIR` once one has run
-    noise.key               the secret that keys the noise (never sent anywhere)
-    cti_counts.safetensors  CTI token statistics (training split only; never sent anywhere)
-    bottom.safetensors      the fine-tuned bottom, with --train-bottom
-    checkpoint.safetensors  while the run is unfinished: where it stands (step, epoch, position, losses,
-                            history, noise/signal sums), the session id and secret (file mode 0600), and
-                            with --train-bottom the bottom and its optimizer; `sap-client train --resume
-                            RUN_DIR` continues from it. Removed when the run completes.
+run.json                server, labels, columns, data (path and SHA-256), training and noise settings;
+                        written when training starts ("finished": null), completed with the adapter id
+metrics.json            the run's figures (written when the run completes); "privacy": its privacy statement
+privacy.md              the privacy statement in words: the guarantee, the label exposure, what is not
+                        covered, and the figures of `sap-client audit --run RUN_DIR` once one has run
+noise.key               the secret that keys the noise (never sent anywhere)
+cti_counts.safetensors  CTI token statistics (training split only; never sent anywhere)
+bottom.safetensors      the fine-tuned bottom, with --train-bottom
+checkpoint.safetensors  while the run is unfinished: where it stands (step, epoch, position, losses,
+                        history, noise/signal sums), the session id and secret (file mode 0600), and
+                        with --train-bottom the bottom and its optimizer; `sap-client train --resume
+                        RUN_DIR` continues from it. Removed when the run completes.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ class RunDir:
     def read_run(self) -> dict:
         path = self.path / RUN
         if not path.is_file():
-            raise InvalidInputError(f"{self.path} is not a run folder ({RUN} is missing); pass the --out of "
-                                    f"a finished `sap-client train`")
+            raise InvalidInputError(
+                f"{self.path} is not a run folder ({RUN} is missing); pass the --out of a finished `sap-client train`"
+            )
         try:
             return json.loads(path.read_text())
         except ValueError as exc:

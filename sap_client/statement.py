@@ -16,11 +16,15 @@ import torch
 from sap_common.models.families import ENCODER
 from sap_common.models.split import BottomModel
 
-LABELS_EXPOSED = ("every training label is readable by the provider: the gradient the client returns, "
-                  "dL/dlogits = (softmax - onehot(label)) / B, has exactly one negative entry, the label's "
-                  "(measured: `sap-client audit --recorded` reads 100% of them)")
-NOT_COVERED = ("the number of tokens of every text (what is sent has one vector per real token), the number of "
-               "examples, classes and steps, batch composition, and the timing of every request")
+LABELS_EXPOSED = (
+    "every training label is readable by the provider: the gradient the client returns, "
+    "dL/dlogits = (softmax - onehot(label)) / B, has exactly one negative entry, the label's "
+    "(measured: `sap-client audit --recorded` reads 100% of them)"
+)
+NOT_COVERED = (
+    "the number of tokens of every text (what is sent has one vector per real token), the number of "
+    "examples, classes and steps, batch composition, and the timing of every request"
+)
 
 
 @torch.no_grad()
@@ -47,26 +51,49 @@ def observations_per_example(noise_observations: str, epochs: int) -> tuple[int,
     if noise_observations == "fresh noise every epoch":
         return epochs, f"a fresh noise draw in each of the {epochs} epochs"
     if noise_observations == "one per step (trainable bottom)":
-        return epochs, (f"one per epoch ({epochs}), each of a differently trained bottom's output: averaging them "
-                        f"gains less than for copies of one vector, but something")
+        return epochs, (
+            f"one per epoch ({epochs}), each of a differently trained bottom's output: averaging them "
+            f"gains less than for copies of one vector, but something"
+        )
     return 1, "one: the noise is drawn once per example and re-sent unchanged every epoch"
 
 
-def privacy_statement(*, model: str, split: int, eta: float | None, eta_max: float | None, cti: str | None,
-                      rescale_norm: float | None, noise_observations: str, epochs: int, median_distance: float,
-                      audit: dict | None = None) -> dict:
+def privacy_statement(
+    *,
+    model: str,
+    split: int,
+    eta: float | None,
+    eta_max: float | None,
+    cti: str | None,
+    rescale_norm: float | None,
+    noise_observations: str,
+    epochs: int,
+    median_distance: float,
+    audit: dict | None = None,
+) -> dict:
     """The statement as data (metrics.json["privacy"]); render_statement turns it into privacy.md."""
-    statement: dict = {"model": model, "split": split, "mechanism": "d_chi noise" if eta else "none", "eta": eta,
-                       "eta_max": eta_max, "cti": cti, "rescale_norm": rescale_norm, "label_exposure": LABELS_EXPOSED,
-                       "not_covered": NOT_COVERED, "median_token_distance": median_distance,
-                       "predict_queries": "the same text always gets the same noise (keyed by RUN_DIR/noise.key), so "
-                                          "repeating a query tells the provider nothing new; every different text "
-                                          "is a new observation of that text only"}
+    statement: dict = {
+        "model": model,
+        "split": split,
+        "mechanism": "d_chi noise" if eta else "none",
+        "eta": eta,
+        "eta_max": eta_max,
+        "cti": cti,
+        "rescale_norm": rescale_norm,
+        "label_exposure": LABELS_EXPOSED,
+        "not_covered": NOT_COVERED,
+        "median_token_distance": median_distance,
+        "predict_queries": "the same text always gets the same noise (keyed by RUN_DIR/noise.key), so "
+        "repeating a query tells the provider nothing new; every different text "
+        "is a new observation of that text only",
+    }
     copies, why = observations_per_example(noise_observations, epochs)
     statement.update(observations=copies, observations_why=why)
     if not eta:
-        statement["formal"] = ("no noise: the provider receives the bottom's hidden states as they are; a small model's "
-                               "split alone protects almost nothing (the audit recovers nearly every token)")
+        statement["formal"] = (
+            "no noise: the provider receives the bottom's hidden states as they are; a small model's "
+            "split alone protects almost nothing (the audit recovers nearly every token)"
+        )
     elif split == 0:
         strongest = eta_max if eta_max is not None else eta
         epsilon = strongest * median_distance * copies
@@ -78,15 +105,18 @@ def privacy_statement(*, model: str, split: int, eta: float | None, eta_max: flo
             + (", the largest per-token eta CTI gives" if eta_max is not None and cti else "")
             + (f", times {copies} observations" if copies > 1 else "")
             + f"). Two tokens at this model's median distance ({median_distance:.3g}) get epsilon = {epsilon:.3g}: "
-            + _epsilon_words(epsilon))
+            + _epsilon_words(epsilon)
+        )
     else:
         statement["formal"] = (
             f"no formal per-token guarantee: at k = {split} the noise is added to the output of {split} blocks, "
             f"which is not bounded in norm (no clipping), so two different texts' hidden states can be arbitrarily "
-            f"far apart and d_chi noise bounds nothing about the tokens; only the audit's attacks measure what leaks")
+            f"far apart and d_chi noise bounds nothing about the tokens; only the audit's attacks measure what leaks"
+        )
     if cti == "exempt":
-        statement["formal"] += ("; CTI's exempt mode sends the chosen task-critical tokens without any noise: "
-                                "they are not protected at all")
+        statement["formal"] += (
+            "; CTI's exempt mode sends the chosen task-critical tokens without any noise: they are not protected at all"
+        )
     if audit:
         statement["audit"] = audit
     return statement
@@ -96,16 +126,31 @@ def _epsilon_words(epsilon: float) -> str:
     if epsilon <= 1:
         return "an observer's odds of telling the two apart change by at most a factor of e^epsilon <= 2.7."
     if epsilon <= 10:
-        return (f"their odds may change by a factor of up to e^{epsilon:.3g} = {math.exp(epsilon):.3g}: a weak bound; "
-                f"read the audit's figures.")
-    return "the bound is far too loose to mean anything (odds may change by more than e^10): only the audit says "\
-           "how much leaks."
+        return (
+            f"their odds may change by a factor of up to e^{epsilon:.3g} = {math.exp(epsilon):.3g}: a weak bound; "
+            f"read the audit's figures."
+        )
+    return (
+        "the bound is far too loose to mean anything (odds may change by more than e^10): only the audit says "
+        "how much leaks."
+    )
 
 
 def audit_summary(report: dict) -> dict:
     """The audit figures a statement quotes (from report.json)."""
-    keys = ("source", "attack", "eia_token_recovery", "eia_token_recovery_content", "eia_privacy", "eia_tokens",
-            "examples", "aia_accuracy", "aia_baseline", "label_inference_accuracy", "label_inference_baseline")
+    keys = (
+        "source",
+        "attack",
+        "eia_token_recovery",
+        "eia_token_recovery_content",
+        "eia_privacy",
+        "eia_tokens",
+        "examples",
+        "aia_accuracy",
+        "aia_baseline",
+        "label_inference_accuracy",
+        "label_inference_baseline",
+    )
     summary = {key: report[key] for key in keys if key in report}
     summary["eia_attacks"] = {kind: figures["recovery"] for kind, figures in report.get("eia_attacks", {}).items()}
     return summary
@@ -113,35 +158,54 @@ def audit_summary(report: dict) -> dict:
 
 def render_statement(statement: dict) -> str:
     """privacy.md: plain words, the formal part, what is exposed, what is not covered, the audit if any."""
-    lines = ["# Privacy statement of this run", "",
-             f"- **What was sent**: the output of the first {statement['split']} blocks of {statement['model']} "
-             f"(k = {statement['split']}) for every real token, "
-             + (f"perturbed with d_chi noise, eta = {statement['eta']:.4g}" if statement["eta"] else "without noise")
-             + (f", CTI {statement['cti']} mode (largest per-token eta {statement['eta_max']:.4g})"
-                if statement["cti"] and statement.get("eta_max") else "")
-             + (f", noised vectors rescaled to norm {statement['rescale_norm']:.4g}" if statement["rescale_norm"]
-                else "") + ".",
-             f"- **Formal guarantee**: {statement['formal'].rstrip('.')}.",
-             f"- **Noisy observations of each training example the provider got**: {statement['observations_why']}.",
-             f"- **Prediction queries**: {statement['predict_queries']}.",
-             f"- **Labels**: {statement['label_exposure']}.",
-             f"- **Not covered by any of this**: {statement['not_covered']}.", ""]
+    lines = [
+        "# Privacy statement of this run",
+        "",
+        f"- **What was sent**: the output of the first {statement['split']} blocks of {statement['model']} "
+        f"(k = {statement['split']}) for every real token, "
+        + (f"perturbed with d_chi noise, eta = {statement['eta']:.4g}" if statement["eta"] else "without noise")
+        + (
+            f", CTI {statement['cti']} mode (largest per-token eta {statement['eta_max']:.4g})"
+            if statement["cti"] and statement.get("eta_max")
+            else ""
+        )
+        + (f", noised vectors rescaled to norm {statement['rescale_norm']:.4g}" if statement["rescale_norm"] else "")
+        + ".",
+        f"- **Formal guarantee**: {statement['formal'].rstrip('.')}.",
+        f"- **Noisy observations of each training example the provider got**: {statement['observations_why']}.",
+        f"- **Prediction queries**: {statement['predict_queries']}.",
+        f"- **Labels**: {statement['label_exposure']}.",
+        f"- **Not covered by any of this**: {statement['not_covered']}.",
+        "",
+    ]
     audit = statement.get("audit")
     if audit:
-        lines += ["## Audit of these settings", "",
-                  f"`sap-client audit` ({audit.get('source')}): the strongest attack ({audit['attack']}) recovered "
-                  f"{audit['eia_token_recovery']:.1%} of {audit['eia_tokens']} tokens"
-                  + (f" and {audit['eia_token_recovery_content']:.1%} of content words"
-                     if audit.get("eia_token_recovery_content") == audit.get("eia_token_recovery_content") else "")
-                  + f" (empirical privacy {audit['eia_privacy']:.3f}); every attack: "
-                  + ", ".join(f"{k} {v:.1%}" for k, v in audit["eia_attacks"].items()) + "."]
+        lines += [
+            "## Audit of these settings",
+            "",
+            f"`sap-client audit` ({audit.get('source')}): the strongest attack ({audit['attack']}) recovered "
+            f"{audit['eia_token_recovery']:.1%} of {audit['eia_tokens']} tokens"
+            + (
+                f" and {audit['eia_token_recovery_content']:.1%} of content words"
+                if audit.get("eia_token_recovery_content") == audit.get("eia_token_recovery_content")
+                else ""
+            )
+            + f" (empirical privacy {audit['eia_privacy']:.3f}); every attack: "
+            + ", ".join(f"{k} {v:.1%}" for k, v in audit["eia_attacks"].items())
+            + ".",
+        ]
         if "label_inference_accuracy" in audit:
-            lines.append(f"Labels read from the recorded gradients: {audit['label_inference_accuracy']:.1%} "
-                         f"(majority baseline {audit['label_inference_baseline']:.1%}).")
+            lines.append(
+                f"Labels read from the recorded gradients: {audit['label_inference_accuracy']:.1%} "
+                f"(majority baseline {audit['label_inference_baseline']:.1%})."
+            )
         if "aia_accuracy" in audit:
             lines.append(f"Attribute inference: {audit['aia_accuracy']:.3f} (baseline {audit['aia_baseline']:.3f}).")
         lines.append("")
     else:
-        lines += ["No audit has been run for these settings yet: `sap-client audit DATA.csv --run RUN_DIR --out "
-                  "REPORT_DIR` measures what the strongest attacks recover and adds it here.", ""]
+        lines += [
+            "No audit has been run for these settings yet: `sap-client audit DATA.csv --run RUN_DIR --out "
+            "REPORT_DIR` measures what the strongest attacks recover and adds it here.",
+            "",
+        ]
     return "\n".join(lines)

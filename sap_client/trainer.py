@@ -37,8 +37,10 @@ class TrainConfig:
     max_length: int = field(default=64, metadata={"help": "tokens per example after truncation"})
     seed: int = field(default=0, metadata={"help": "seeds data order and the server's initial weights"})
     train_bottom: bool = field(default=False, metadata={"help": "also fine-tune the user's bottom blocks"})
-    prefetch: bool = field(default=True, metadata={"help": "with a frozen bottom, prepare batch i+1 while "
-                                                          "batch i is on the server (results unchanged)"})
+    prefetch: bool = field(
+        default=True,
+        metadata={"help": "with a frozen bottom, prepare batch i+1 while batch i is on the server (results unchanged)"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length"):
@@ -96,8 +98,9 @@ class Prefetcher:
     _DONE = object()  # end-of-items marker
     _POLL = 0.1  # seconds between checks of the stop flag while the queue is full or empty
 
-    def __init__(self, work: Callable[[object], object], items: Iterable, *, depth: int = 1,
-                 name: str = "sap-prefetch"):
+    def __init__(
+        self, work: Callable[[object], object], items: Iterable, *, depth: int = 1, name: str = "sap-prefetch"
+    ):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self._work = work
@@ -161,9 +164,17 @@ def _labels(data: TextDataset, batch: list[int]) -> torch.Tensor:
 class SplitTrainer:
     """Runs the bottom locally and the top through a TopService, one step at a time."""
 
-    def __init__(self, bottom: BottomModel, tokenizer: PreTrainedTokenizerBase, service: TopService,
-                 config: TrainConfig, privatizer: Privatizer | None = None, *, fresh_noise: bool = False,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        bottom: BottomModel,
+        tokenizer: PreTrainedTokenizerBase,
+        service: TopService,
+        config: TrainConfig,
+        privatizer: Privatizer | None = None,
+        *,
+        fresh_noise: bool = False,
+        device: torch.device | str = "cpu",
+    ):
         self.device = torch.device(device)
         self.bottom = _place_bottom(bottom, self.device)
         self.tokenizer = tokenizer
@@ -176,9 +187,11 @@ class SplitTrainer:
         self.steps = 0
         self.last_checkpointed = False
         self.bottom.requires_grad_(config.train_bottom)
-        self.bottom_optimizer = (torch.optim.AdamW(self.bottom.parameters(), lr=config.learning_rate,
-                                                   weight_decay=config.weight_decay)
-                                 if config.train_bottom else None)
+        self.bottom_optimizer = (
+            torch.optim.AdamW(self.bottom.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+            if config.train_bottom
+            else None
+        )
         # One observation per example: with a frozen bottom each training example's sent tensor
         # (real tokens only, (len, H)) is computed once and re-sent unchanged in later epochs.
         self.reuse_sent = not config.train_bottom and not fresh_noise
@@ -189,19 +202,32 @@ class SplitTrainer:
         self.prefetch = config.prefetch and not config.train_bottom
 
     def open(self, num_labels: int) -> str:
-        spec = SessionSpec(num_labels=num_labels, learning_rate=self.config.learning_rate, seed=self.config.seed,
-                           train_bottom=self.config.train_bottom, weight_decay=self.config.weight_decay)
+        spec = SessionSpec(
+            num_labels=num_labels,
+            learning_rate=self.config.learning_rate,
+            seed=self.config.seed,
+            train_bottom=self.config.train_bottom,
+            weight_decay=self.config.weight_decay,
+        )
         self.session_id = self.service.open_session(spec)
         return self.session_id
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts -> input_ids (B, T), attention_mask (B, T), right-padded to the longest."""
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_length,
-                               return_tensors="pt")
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
+        )
         return batch["input_ids"], batch["attention_mask"]
 
-    def _outgoing(self, texts: list[str], labels: torch.Tensor | None, *, train: bool, epoch: int = 0,
-                  tally: NoiseTally | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _outgoing(
+        self,
+        texts: list[str],
+        labels: torch.Tensor | None,
+        *,
+        train: bool,
+        epoch: int = 0,
+        tally: NoiseTally | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(hidden with graph, the tensor that is sent, mask). Padding is sent as zeros, never as
         bottom outputs: at k >= 1 those mix in the real tokens. tally: see Privatizer.__call__."""
         input_ids, mask = self.encode(texts)
@@ -271,6 +297,7 @@ class SplitTrainer:
 
     def _prepared(self, data: TextDataset, batches: list[list[int]], epoch: int) -> Iterator[Outgoing]:
         """Each batch prepared for sending, in order: in a background thread when prefetching."""
+
         def prepare(batch: list[int]) -> Outgoing:
             return self._prepare([data.texts[i] for i in batch], _labels(data, batch), batch, epoch)
 
@@ -280,14 +307,23 @@ class SplitTrainer:
         with Prefetcher(prepare, batches, depth=1) as prefetched:  # at most 2 batches ahead
             yield from prefetched
 
-    def train_batches(self, data: TextDataset, batches: list[list[int]], *, description: str = "train",
-                      epoch: int = 1, on_step: Callable[[float, bool], None] | None = None) -> list[float]:
+    def train_batches(
+        self,
+        data: TextDataset,
+        batches: list[list[int]],
+        *,
+        description: str = "train",
+        epoch: int = 1,
+        on_step: Callable[[float, bool], None] | None = None,
+    ) -> list[float]:
         """One optimizer step per batch of example indices into data, in order; the batch losses.
         on_step(loss, checkpointed) runs after each step, before the next one is sent."""
         losses = []
         # closing(): leaving the loop early (an RPC error) stops and joins the prefetch thread at once.
-        with closing(self._prepared(data, batches, epoch)) as prepared, \
-                tqdm(total=len(batches), desc=description, unit="step", disable=None, leave=False) as bar:
+        with (
+            closing(self._prepared(data, batches, epoch)) as prepared,
+            tqdm(total=len(batches), desc=description, unit="step", disable=None, leave=False) as bar,
+        ):
             for batch, outgoing in zip(batches, prepared):
                 loss = self._exchange(outgoing, _labels(data, batch))
                 losses.append(loss)
@@ -297,8 +333,9 @@ class SplitTrainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
         return losses
 
-    def train_epoch(self, data: TextDataset, generator: torch.Generator, description: str = "train",
-                    epoch: int = 1) -> float:
+    def train_epoch(
+        self, data: TextDataset, generator: torch.Generator, description: str = "train", epoch: int = 1
+    ) -> float:
         """One pass in a seeded random order; returns the mean batch loss."""
         order = torch.randperm(len(data), generator=generator).tolist()
         losses = self.train_batches(data, self._batches(order), description=description, epoch=epoch)
@@ -309,7 +346,7 @@ class SplitTrainer:
         size = batch_size or self.config.batch_size
         out = []
         for start in tqdm(range(0, len(texts), size), desc="predict", unit="batch", disable=None, leave=False):
-            _, sent, mask = self._outgoing(texts[start:start + size], None, train=False)
+            _, sent, mask = self._outgoing(texts[start : start + size], None, train=False)
             out.append(torch.softmax(self.service.evaluate(self.session_id, sent, mask).float(), dim=-1))
         return torch.cat(out)
 
@@ -321,7 +358,7 @@ class SplitTrainer:
 
     def _batches(self, order: list[int]) -> list[list[int]]:
         size = self.config.batch_size
-        return [order[start:start + size] for start in range(0, len(order), size)]
+        return [order[start : start + size] for start in range(0, len(order), size)]
 
     def _rebuild_sent_cache(self, data: TextDataset, progress: TrainProgress) -> None:
         """Resuming with one observation per example: fill the sent cache as the interrupted run had it (every
@@ -331,13 +368,19 @@ class SplitTrainer:
             return
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.config.seed)).tolist()
         batches = self._batches(order)
-        done = batches[:progress.position] if progress.epoch == 1 else batches
+        done = batches[: progress.position] if progress.epoch == 1 else batches
         for batch in done:  # the measurements are dropped: the checkpoint's sums already count these batches
             self._prepare([data.texts[i] for i in batch], _labels(data, batch), batch, 1)
         log.info("rebuilt the sent cache of %d examples (one observation per example)", len(self._sent_cache))
 
-    def fit(self, train: TextDataset, eval_data: TextDataset, *, progress: TrainProgress | None = None,
-            on_checkpoint: Callable[[TrainProgress], None] | None = None) -> dict:
+    def fit(
+        self,
+        train: TextDataset,
+        eval_data: TextDataset,
+        *,
+        progress: TrainProgress | None = None,
+        on_checkpoint: Callable[[TrainProgress], None] | None = None,
+    ) -> dict:
         """Train for config.epochs, evaluating after each; returns the run's metrics.
 
         progress (from the client's checkpoint) continues a run where it stood: the data order is replayed,
@@ -368,8 +411,13 @@ class SplitTrainer:
             if epoch < progress.epoch:
                 continue
             batches = self._batches(order)
-            self.train_batches(train, batches[progress.position:], description=f"epoch {epoch}/{self.config.epochs}",
-                               epoch=epoch, on_step=on_step)
+            self.train_batches(
+                train,
+                batches[progress.position :],
+                description=f"epoch {epoch}/{self.config.epochs}",
+                epoch=epoch,
+                on_step=on_step,
+            )
             loss = sum(progress.losses) / len(progress.losses)
             accuracy = self.evaluate(eval_data).accuracy
             progress.history.append({"epoch": epoch, "train_loss": loss, "eval_accuracy": accuracy})
@@ -398,7 +446,7 @@ class SplitTrainer:
         self.bottom.eval()
         total, count = 0.0, 0
         for start in range(0, len(texts), self.config.batch_size):
-            input_ids, mask = self.encode(texts[start:start + self.config.batch_size])
+            input_ids, mask = self.encode(texts[start : start + self.config.batch_size])
             norms = self.bottom(input_ids, mask).norm(dim=-1)  # (B, T)
             total += norms[mask.bool()].sum().item()
             count += int(mask.sum())

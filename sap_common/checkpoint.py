@@ -110,19 +110,19 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
-                           prefix: str) -> None:
+def optimizer_from_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, prefix: str
+) -> None:
     """Load what optimizer_to_tensors wrote into optimizer (it casts and moves the state to its parameters)."""
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith(prefix):
-            index, key = name[len(prefix):].split("/", 1)
+            index, key = name[len(prefix) :].split("/", 1)
             state.setdefault(int(index), {})[key] = value
     for name, value in meta["scalars"].items():
         index, key = name.split("/", 1)
         state.setdefault(int(index), {})[key] = value
-    groups = [dict(group, betas=tuple(group["betas"])) if "betas" in group else group
-              for group in meta["param_groups"]]
+    groups = [dict(group, betas=tuple(group["betas"])) if "betas" in group else group for group in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -144,14 +144,16 @@ def step_seed(seed: int, step: int, purpose: str = "dropout") -> int:
 
 
 @contextlib.contextmanager
-def seeded_draws(seed: int, step: int, device: torch.device | Iterable[torch.device] | None = None,
-                 purpose: str = "dropout") -> Iterator[None]:
+def seeded_draws(
+    seed: int, step: int, device: torch.device | Iterable[torch.device] | None = None, purpose: str = "dropout"
+) -> Iterator[None]:
     """Run the block with the global generators (CPU, and each CUDA device among `device`, one device or
     several: a top spread over GPUs) seeded from (seed, step), restoring them afterwards; one block at a
     time in the process (GLOBAL_RNG_LOCK)."""
     given = [device] if isinstance(device, torch.device) else list(device or ())
-    devices = sorted({d.index if d.index is not None else torch.cuda.current_device()
-                      for d in given if d.type == "cuda"})
+    devices = sorted(
+        {d.index if d.index is not None else torch.cuda.current_device() for d in given if d.type == "cuda"}
+    )
     value = step_seed(seed, step, purpose)
     with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
         torch.default_generator.manual_seed(value)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, fields
 from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import asdict, fields
 from typing import TypeVar
 
 import torch
@@ -93,9 +93,7 @@ def tensor_nbytes(msg: sap_pb2.Tensor, *, field: str = "tensor") -> int:
     """The byte length a well-formed Tensor message's data must have (validates dtype and shape)."""
     dtype = WIRE_DTYPES.get(msg.dtype)
     if dtype is None:
-        raise InvalidTensorError(
-            f"{field}.dtype={msg.dtype!r} is not a wire dtype; valid: {sorted(WIRE_DTYPES)}"
-        )
+        raise InvalidTensorError(f"{field}.dtype={msg.dtype!r} is not a wire dtype; valid: {sorted(WIRE_DTYPES)}")
     shape = list(msg.shape)
     if len(shape) > MAX_DIMS:
         raise InvalidTensorError(f"{field}.shape has {len(shape)} dims; at most {MAX_DIMS} allowed")
@@ -116,9 +114,7 @@ def decode_tensor(
 ) -> torch.Tensor:
     """Validate a Tensor message, then return a fresh writable CPU tensor with its contents."""
     if allowed is not None and msg.dtype not in allowed:
-        raise InvalidTensorError(
-            f"{field}.dtype={msg.dtype!r} is not allowed here; expected one of {sorted(allowed)}"
-        )
+        raise InvalidTensorError(f"{field}.dtype={msg.dtype!r} is not allowed here; expected one of {sorted(allowed)}")
     expected = tensor_nbytes(msg, field=field)
     shape = tuple(msg.shape)
     if max_bytes is not None and expected > max_bytes:
@@ -129,8 +125,7 @@ def decode_tensor(
     actual = len(msg.data)
     if actual != expected:
         raise InvalidTensorError(
-            f"{field}.data has {actual} bytes; shape {list(shape)} and dtype {msg.dtype} "
-            f"need exactly {expected}"
+            f"{field}.data has {actual} bytes; shape {list(shape)} and dtype {msg.dtype} need exactly {expected}"
         )
     dtype = WIRE_DTYPES[msg.dtype]
     if expected == 0:
@@ -198,8 +193,7 @@ def from_chunks(
         buf += chunk.data
         if len(buf) > max_bytes:
             raise InvalidInputError(
-                f"{name} stream exceeds max_bytes={max_bytes} (got {len(buf)} bytes "
-                f"after {count} chunks)"
+                f"{name} stream exceeds max_bytes={max_bytes} (got {len(buf)} bytes after {count} chunks)"
             )
     if count == 0:
         raise InvalidInputError(f"{name} stream had 0 chunks; expected at least one")
@@ -229,19 +223,28 @@ def pack_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[tor
 
     Padding vectors are dropped: unpack_hidden restores them as zeros (what the client sends anyway)."""
     if hidden.dim() != 3 or tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"pack_hidden: hidden (B, T, H) and mask (B, T) expected, got {tuple(hidden.shape)} "
-                         f"and {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"pack_hidden: hidden (B, T, H) and mask (B, T) expected, got {tuple(hidden.shape)} "
+            f"and {tuple(attention_mask.shape)}"
+        )
     if not is_right_padded(attention_mask):
-        raise ValueError("pack_hidden: the attention mask must be right-padded (ones, then zeros) with at "
-                         "least one real token per row")
+        raise ValueError(
+            "pack_hidden: the attention mask must be right-padded (ones, then zeros) with at "
+            "least one real token per row"
+        )
     mask = attention_mask.detach().to(device=hidden.device, dtype=torch.bool)
     lengths = [int(n) for n in mask.sum(-1).tolist()]
     return hidden.detach()[mask], lengths  # boolean indexing keeps row-major order: example by example
 
 
-def unpack_hidden(packed: torch.Tensor, lengths: Collection[int], *, field: str = "packed_hidden",
-                  max_rows: int = MAX_PACKED_ROWS,
-                  max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_hidden(
+    packed: torch.Tensor,
+    lengths: Collection[int],
+    *,
+    field: str = "packed_hidden",
+    max_rows: int = MAX_PACKED_ROWS,
+    max_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N_real, H) + lengths -> (B, T_max, H) with zero padding and the (B, T_max) int64 mask (right
     padding). Validating: a malformed request raises InvalidInputError naming the field."""
     lengths = [int(n) for n in lengths]
@@ -257,13 +260,16 @@ def unpack_hidden(packed: torch.Tensor, lengths: Collection[int], *, field: str 
         raise InvalidInputError(f"{lengths_field}[{bad}]={lengths[bad]}; every example needs >= 1 real token")
     total = sum(lengths)
     if total != packed.shape[0]:
-        raise InvalidInputError(f"{lengths_field} sum to {total} but {field} has {packed.shape[0]} rows; "
-                                f"they must be equal")
+        raise InvalidInputError(
+            f"{lengths_field} sum to {total} but {field} has {packed.shape[0]} rows; they must be equal"
+        )
     batch, longest = len(lengths), max(lengths)
     padded_bytes = batch * longest * packed.shape[1] * packed.element_size()
     if max_bytes is not None and padded_bytes > max_bytes:
-        raise InvalidInputError(f"{field} unpacks to ({batch}, {longest}, {packed.shape[1]}), {padded_bytes} "
-                                f"bytes; at most {max_bytes} allowed")
+        raise InvalidInputError(
+            f"{field} unpacks to ({batch}, {longest}, {packed.shape[1]}), {padded_bytes} "
+            f"bytes; at most {max_bytes} allowed"
+        )
     lengths_t = torch.tensor(lengths)
     mask = (torch.arange(longest).unsqueeze(0) < lengths_t.unsqueeze(1)).long()  # (B, T)
     hidden = packed.new_zeros(batch, longest, packed.shape[1])  # (B, T, H)
@@ -284,15 +290,24 @@ def info_from_proto(msg: sap_pb2.ServerInfo) -> ServerInfo:
 
 
 def spec_to_proto(spec: SessionSpec) -> sap_pb2.OpenSessionRequest:
-    return sap_pb2.OpenSessionRequest(num_labels=spec.num_labels, learning_rate=spec.learning_rate,
-                                      seed=spec.seed, train_bottom=spec.train_bottom,
-                                      weight_decay=spec.weight_decay)
+    return sap_pb2.OpenSessionRequest(
+        num_labels=spec.num_labels,
+        learning_rate=spec.learning_rate,
+        seed=spec.seed,
+        train_bottom=spec.train_bottom,
+        weight_decay=spec.weight_decay,
+    )
 
 
 def spec_from_proto(msg: sap_pb2.OpenSessionRequest) -> SessionSpec:
     """Validating: a bad request raises InvalidInputError naming the field."""
     try:
-        return SessionSpec(num_labels=msg.num_labels, learning_rate=msg.learning_rate, seed=msg.seed,
-                           train_bottom=msg.train_bottom, weight_decay=msg.weight_decay)
+        return SessionSpec(
+            num_labels=msg.num_labels,
+            learning_rate=msg.learning_rate,
+            seed=msg.seed,
+            train_bottom=msg.train_bottom,
+            weight_decay=msg.weight_decay,
+        )
     except ValueError as exc:
         raise InvalidInputError(f"OpenSessionRequest: {exc}") from exc

@@ -42,20 +42,31 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
-            raise DeviceUnavailableError(f"--device {spec}: CUDA is not available on this machine ({build}); "
-                                         f"use --device cpu or auto")
+            raise DeviceUnavailableError(
+                f"--device {spec}: CUDA is not available on this machine ({build}); use --device cpu or auto"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise DeviceUnavailableError(f"--device {spec}: this machine has {count} CUDA device(s), "
-                                         f"cuda:0..cuda:{count - 1}")
+            raise DeviceUnavailableError(
+                f"--device {spec}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+            )
     return device
 
 
 # --- a top spread over several devices (sap-server --device-map balanced) ---------------------------------
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_max_memory(text: str) -> dict[torch.device, int]:
@@ -106,12 +117,15 @@ def plan_blocks(sizes: list[int], budget: dict[torch.device, int]) -> list[torch
     index, used = 0, 0
     for size in sizes:
         # move on when this device is full, or has its share and later devices can take the rest
-        while index < len(devices) and (used + size > budget[devices[index]]
-                                         or (used > 0 and used + size / 2 > share and index + 1 < len(devices))):
+        while index < len(devices) and (
+            used + size > budget[devices[index]] or (used > 0 and used + size / 2 > share and index + 1 < len(devices))
+        ):
             index, used = index + 1, 0
         if index == len(devices):
-            raise ValueError(f"the top's blocks ({total / 2**20:.0f} MiB) do not fit the memory budget "
-                             f"({', '.join(f'{d}={b / 2**20:.0f} MiB' for d, b in budget.items())})")
+            raise ValueError(
+                f"the top's blocks ({total / 2**20:.0f} MiB) do not fit the memory budget "
+                f"({', '.join(f'{d}={b / 2**20:.0f} MiB' for d, b in budget.items())})"
+            )
         plan.append(devices[index])
         used += size
     return plan

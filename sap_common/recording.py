@@ -26,12 +26,21 @@ class Recorder:
         self._lock = threading.Lock()
 
     def record(self, kind: str, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        self._write(kind, session_id, step, {"hidden_states": hidden.detach().to("cpu", torch.float32).contiguous(),
-                                             "attention_mask": attention_mask.detach().to("cpu", torch.int64).contiguous()})
+        self._write(
+            kind,
+            session_id,
+            step,
+            {
+                "hidden_states": hidden.detach().to("cpu", torch.float32).contiguous(),
+                "attention_mask": attention_mask.detach().to("cpu", torch.int64).contiguous(),
+            },
+        )
 
     def record_gradient(self, session_id: str, step: int, grad_logits: torch.Tensor) -> None:
         """What a Backward of `step` carried: dL/dlogits (B, C)."""
-        self._write("backward", session_id, step, {"grad_logits": grad_logits.detach().to("cpu", torch.float32).contiguous()})
+        self._write(
+            "backward", session_id, step, {"grad_logits": grad_logits.detach().to("cpu", torch.float32).contiguous()}
+        )
 
     def _write(self, kind: str, session_id: str, step: int, tensors: dict[str, torch.Tensor]) -> None:
         with self._lock:
@@ -59,12 +68,21 @@ def read_records(folder: Path) -> list[Record]:
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
-        records.append(Record(meta.get("kind", path.stem.split("-", 1)[-1]), meta.get("session", ""),
-                              int(meta.get("step", 0)), load_file(str(path))))
+        records.append(
+            Record(
+                meta.get("kind", path.stem.split("-", 1)[-1]),
+                meta.get("session", ""),
+                int(meta.get("step", 0)),
+                load_file(str(path)),
+            )
+        )
     return records
 
 
 def read_recording(folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every recorded (hidden (B, T, H), attention_mask (B, T)) pair, in the order received."""
-    return [(r.tensors["hidden_states"], r.tensors["attention_mask"]) for r in read_records(folder)
-            if "hidden_states" in r.tensors]
+    return [
+        (r.tensors["hidden_states"], r.tensors["attention_mask"])
+        for r in read_records(folder)
+        if "hidden_states" in r.tensors
+    ]

@@ -55,8 +55,7 @@ class AdapterStore:
         if self.root is not None:
             staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
             try:
-                save_file({k: v.detach().cpu().contiguous() for k, v in record.state.items()},
-                          str(staging / WEIGHTS))
+                save_file({k: v.detach().cpu().contiguous() for k, v in record.state.items()}, str(staging / WEIGHTS))
                 (staging / META).write_text(json.dumps(record.meta(), indent=2) + "\n")
                 staging.rename(self.root / record.adapter_id)
             finally:

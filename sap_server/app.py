@@ -21,36 +21,51 @@ log = logging.getLogger(__name__)
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """Explicit message caps (the 4 MiB gRPC default is too small for hidden states)."""
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
 
 
 def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
     """TLS with the server's certificate; with a client CA (mutual TLS) every client must present a
     certificate that CA signed, or the handshake fails before any RPC."""
-    return grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)], root_certificates=tls.client_ca,
-                                       require_client_auth=tls.mutual)
+    return grpc.ssl_server_credentials(
+        [(tls.private_key, tls.cert_chain)], root_certificates=tls.client_ca, require_client_auth=tls.mutual
+    )
 
 
-def start_server(provider: Provider, host: str = "127.0.0.1", port: int = 0, *, workers: int = 8,
-                 chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES, api_keys: ApiKeys | None = None,
-                 tls: ServerTls | None = None, compute: ComputeThread | None = None,
-                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, int]:
+def start_server(
+    provider: Provider,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    workers: int = 8,
+    chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+    max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
+    api_keys: ApiKeys | None = None,
+    tls: ServerTls | None = None,
+    compute: ComputeThread | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> tuple[grpc.Server, int]:
     """Start serving; returns the server and the port it really listens on (port 0 picks a free one).
 
     api_keys gate GetServerInfo, DownloadBottom and OpenSession; tls switches the port to TLS (mutual TLS
     when it has a client CA); interceptors are for tests that simulate a flaky network."""
     if chunk_bytes >= max_message_bytes:
         raise ValueError(f"chunk_bytes ({chunk_bytes}) must be below max_message_bytes ({max_message_bytes})")
-    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sap-rpc"),
-                         options=channel_options(max_message_bytes), interceptors=list(interceptors))
-    servicer = SplitLearningServicer(provider, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes,
-                                     api_keys=api_keys, compute=compute)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sap-rpc"),
+        options=channel_options(max_message_bytes),
+        interceptors=list(interceptors),
+    )
+    servicer = SplitLearningServicer(
+        provider, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes, api_keys=api_keys, compute=compute
+    )
     add_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = (server.add_secure_port(address, server_credentials(tls)) if tls is not None
-             else server.add_insecure_port(address))
+    bound = (
+        server.add_secure_port(address, server_credentials(tls))
+        if tls is not None
+        else server.add_insecure_port(address)
+    )
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()

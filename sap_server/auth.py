@@ -37,8 +37,10 @@ def require_secret(presented: str | None) -> str:
     """The presented secret, or AuthenticationError when the call carries none (checked before any lookup,
     so a call without a secret learns nothing, not even whether its session id exists)."""
     if not presented:
-        raise AuthenticationError(f"this call carries no session secret (metadata {SESSION_SECRET_METADATA}); "
-                                  f"send the session_secret OpenSession returned")
+        raise AuthenticationError(
+            f"this call carries no session secret (metadata {SESSION_SECRET_METADATA}); "
+            f"send the session_secret OpenSession returned"
+        )
     return presented
 
 
@@ -84,8 +86,10 @@ class ApiKeys:
         """Raise AuthenticationError unless header is 'Bearer KEY' with one of the keys."""
         scheme, _, key = (header or "").strip().partition(" ")
         if not header or scheme.lower() != API_KEY_SCHEME.lower() or not key.strip():
-            raise AuthenticationError(f"this server needs an API key: metadata {API_KEY_METADATA}: "
-                                      f"'{API_KEY_SCHEME} KEY' (sap-client --api-key or $SAP_API_KEY)")
+            raise AuthenticationError(
+                f"this server needs an API key: metadata {API_KEY_METADATA}: "
+                f"'{API_KEY_SCHEME} KEY' (sap-client --api-key or $SAP_API_KEY)"
+            )
         presented = _digest(key.strip())
         matched = False
         for digest in self.digests:  # no early exit: every key is compared
@@ -108,11 +112,12 @@ class ServerTls:
 
     @classmethod
     def from_files(cls, cert: Path, key: Path, client_ca: Path | None = None) -> ServerTls:
-        return cls(read_credentials_file(cert, "TLS certificate (--tls-cert)"),
-                   read_credentials_file(key, "TLS key (--tls-key)"),
-                   read_credentials_file(client_ca, "client CA (--tls-client-ca)") if client_ca is not None else None)
+        return cls(
+            read_credentials_file(cert, "TLS certificate (--tls-cert)"),
+            read_credentials_file(key, "TLS key (--tls-key)"),
+            read_credentials_file(client_ca, "client CA (--tls-client-ca)") if client_ca is not None else None,
+        )
 
     @property
     def mutual(self) -> bool:
         return self.client_ca is not None
-

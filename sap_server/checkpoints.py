@@ -100,8 +100,11 @@ class SessionStore:
             if entry is not None:
                 self._sessions[folder.name] = entry
         if self._sessions:
-            log.info("state dir holds %d sessions (%d closed); each loads on its first call", len(self._sessions),
-                     sum(1 for e in self._sessions.values() if e.closed))
+            log.info(
+                "state dir holds %d sessions (%d closed); each loads on its first call",
+                len(self._sessions),
+                sum(1 for e in self._sessions.values() if e.closed),
+            )
 
     def _read_folder(self, folder: Path) -> StoredSession | None:
         steps: dict[int, bool] = {}
@@ -123,8 +126,9 @@ class SessionStore:
         if closed.is_file():
             try:
                 raw = json.loads(closed.read_text())
-                entry.closed = ClosedSession(bytes.fromhex(raw["secret_sha256"]), int(raw["steps_applied"]),
-                                            str(raw["adapter_id"]))
+                entry.closed = ClosedSession(
+                    bytes.fromhex(raw["secret_sha256"]), int(raw["steps_applied"]), str(raw["adapter_id"])
+                )
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("ignoring unreadable %s: %s", closed, exc)
         return entry
@@ -155,12 +159,20 @@ class SessionStore:
         reply = snapshot.last_reply
         if reply is not None and reply.grad_hidden is not None:
             tensors[_REPLY] = reply.grad_hidden
-        meta = {"format": FORMAT, "session_id": session_id, "identity": self.identity,
-                "spec": asdict(snapshot.spec), "steps_applied": step, "secret_sha256": snapshot.secret_digest.hex(),
-                "optimizer": snapshot.optimizer[1], "announced": announced,
-                "last_reply": None if reply is None else {"applied_step": reply.applied_step,
-                                                          "checkpointed": reply.checkpointed},
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        meta = {
+            "format": FORMAT,
+            "session_id": session_id,
+            "identity": self.identity,
+            "spec": asdict(snapshot.spec),
+            "steps_applied": step,
+            "secret_sha256": snapshot.secret_digest.hex(),
+            "optimizer": snapshot.optimizer[1],
+            "announced": announced,
+            "last_reply": None
+            if reply is None
+            else {"applied_step": reply.applied_step, "checkpointed": reply.checkpointed},
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         atomic_write(folder / _step_file(step), pack(tensors, meta))
         with self._lock:
             entry = self._sessions.setdefault(session_id, StoredSession(secret_digest=snapshot.secret_digest))
@@ -188,8 +200,12 @@ class SessionStore:
             (self.root / session_id / _step_file(s)).unlink(missing_ok=True)
 
     def mark_closed(self, session_id: str, record: ClosedSession) -> None:
-        raw = {"secret_sha256": record.secret_digest.hex(), "steps_applied": record.steps_applied,
-               "adapter_id": record.adapter_id, "closed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        raw = {
+            "secret_sha256": record.secret_digest.hex(),
+            "steps_applied": record.steps_applied,
+            "adapter_id": record.adapter_id,
+            "closed_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         atomic_write(self.root / session_id / CLOSED, (json.dumps(raw, indent=2) + "\n").encode())
         with self._lock:
             entry = self._sessions.get(session_id)
@@ -216,23 +232,33 @@ class SessionStore:
         try:
             tensors, meta = unpack(path.read_bytes(), str(path))
         except (OSError, InvalidInputError) as exc:
-            raise ModelLoadError(f"the checkpoint of session {session_id[:8]}… at step {step} cannot be read: "
-                                 f"{exc}") from exc
+            raise ModelLoadError(
+                f"the checkpoint of session {session_id[:8]}… at step {step} cannot be read: {exc}"
+            ) from exc
         if meta.get("format") != FORMAT or meta.get("identity") != self.identity:
-            raise ModelLoadError(f"the checkpoint of session {session_id[:8]}… at step {step} was written for "
-                                 f"{meta.get('identity')}; this server serves {self.identity}")
+            raise ModelLoadError(
+                f"the checkpoint of session {session_id[:8]}… at step {step} was written for "
+                f"{meta.get('identity')}; this server serves {self.identity}"
+            )
         try:
             reply = meta["last_reply"]
             return SessionSnapshot(
-                spec=SessionSpec(**meta["spec"]), steps_applied=int(meta["steps_applied"]),
+                spec=SessionSpec(**meta["spec"]),
+                steps_applied=int(meta["steps_applied"]),
                 secret_digest=bytes.fromhex(meta["secret_sha256"]),
-                weights={name[len(_WEIGHTS):]: value for name, value in tensors.items()
-                         if name.startswith(_WEIGHTS)},
-                optimizer=({name: value for name, value in tensors.items() if name.startswith(OPTIMIZER_PREFIX)},
-                           meta["optimizer"]),
-                last_reply=None if reply is None else BackwardResult(int(reply["applied_step"]), False,
-                                                                     tensors.get(_REPLY), bool(reply["checkpointed"])),
-                announced=bool(meta["announced"]))
+                weights={name[len(_WEIGHTS) :]: value for name, value in tensors.items() if name.startswith(_WEIGHTS)},
+                optimizer=(
+                    {name: value for name, value in tensors.items() if name.startswith(OPTIMIZER_PREFIX)},
+                    meta["optimizer"],
+                ),
+                last_reply=None
+                if reply is None
+                else BackwardResult(
+                    int(reply["applied_step"]), False, tensors.get(_REPLY), bool(reply["checkpointed"])
+                ),
+                announced=bool(meta["announced"]),
+            )
         except (KeyError, ValueError, TypeError) as exc:
-            raise ModelLoadError(f"the checkpoint of session {session_id[:8]}… at step {step} is malformed: "
-                                 f"{exc!r}") from exc
+            raise ModelLoadError(
+                f"the checkpoint of session {session_id[:8]}… at step {step} is malformed: {exc!r}"
+            ) from exc

@@ -37,14 +37,23 @@ class Provider:
     _owns_bundle_dir: bool = False
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, split: int, peft: PeftConfig, *, max_sessions: int = 16,
-                    bundle_dir: Path | None = None, state_dir: Path | None = None,
-                    record_dir: Path | None = None, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None,
-                    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                    idle_timeout: float | None = None,
-                    max_memory: dict[torch.device, int] | None = None) -> Provider:
+    def from_loaded(
+        cls,
+        loaded: LoadedModel,
+        split: int,
+        peft: PeftConfig,
+        *,
+        max_sessions: int = 16,
+        bundle_dir: Path | None = None,
+        state_dir: Path | None = None,
+        record_dir: Path | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        idle_timeout: float | None = None,
+        max_memory: dict[torch.device, int] | None = None,
+    ) -> Provider:
         """Cut the loaded model at `split`, write the bottom bundle users download, then place the top
         on `device` in `dtype` (default: the loaded dtype). The bundle is written before the move, so
         users get the bottom in the dtype it was loaded in, whatever the top runs in. With max_memory
@@ -63,50 +72,109 @@ class Provider:
         if any(bundle_dir.iterdir()):
             raise ModelLoadError(f"bundle folder {bundle_dir} must be empty")
         meta = export_bottom(bottom, loaded.tokenizer, loaded.model_id, total, bundle_dir)
-        info = ServerInfo(protocol_version=PROTOCOL_VERSION, model_id=loaded.model_id, family=meta.family,
-                          model_type=meta.model_type, split=split, total_blocks=total,
-                          hidden_size=meta.hidden_size, peft=peft.method, bottom_sha256=bundle_sha256(bundle_dir))
+        info = ServerInfo(
+            protocol_version=PROTOCOL_VERSION,
+            model_id=loaded.model_id,
+            family=meta.family,
+            model_type=meta.model_type,
+            split=split,
+            total_blocks=total,
+            hidden_size=meta.hidden_size,
+            peft=peft.method,
+            bottom_sha256=bundle_sha256(bundle_dir),
+        )
         plan = block_plan(top, dtype, max_memory) if max_memory else None
         if plan is not None:
-            log.info("top blocks %d..%d over %s", split, total - 1,
-                     ", ".join(f"{d}: {plan.count(d)}" for d in dict.fromkeys(plan)))
+            log.info(
+                "top blocks %d..%d over %s",
+                split,
+                total - 1,
+                ", ".join(f"{d}: {plan.count(d)}" for d in dict.fromkeys(plan)),
+            )
         place_top(base, top, torch.device(device) if plan is None else plan[0], dtype, plan)
         recorder = Recorder(record_dir) if record_dir is not None else None
         if recorder is not None:
-            log.warning("recording every received hidden state to %s (--record: the curious provider's view)",
-                        record_dir)
-        store = (SessionStore(state_dir, {"model_id": info.model_id, "split": split, "peft": asdict(peft)})
-                 if state_dir is not None else None)
-        sessions = SessionManager(top, base, peft, max_sessions=max_sessions, recorder=recorder,
-                                  max_batch_tokens=max_batch_tokens, store=store, checkpoint_every=checkpoint_every)
+            log.warning(
+                "recording every received hidden state to %s (--record: the curious provider's view)", record_dir
+            )
+        store = (
+            SessionStore(state_dir, {"model_id": info.model_id, "split": split, "peft": asdict(peft)})
+            if state_dir is not None
+            else None
+        )
+        sessions = SessionManager(
+            top,
+            base,
+            peft,
+            max_sessions=max_sessions,
+            recorder=recorder,
+            max_batch_tokens=max_batch_tokens,
+            store=store,
+            checkpoint_every=checkpoint_every,
+        )
         if idle_timeout:
             sessions.start_reaper(idle_timeout)
-        return cls(info=info, sessions=sessions, bundle_dir=bundle_dir, adapters=AdapterStore(state_dir),
-                   _owns_bundle_dir=owns)
+        return cls(
+            info=info, sessions=sessions, bundle_dir=bundle_dir, adapters=AdapterStore(state_dir), _owns_bundle_dir=owns
+        )
 
     @classmethod
-    def load(cls, model: str, split: int, peft: PeftConfig, *, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu", max_sessions: int = 16, state_dir: Path | None = None,
-             record_dir: Path | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-             checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, idle_timeout: float | None = None,
-             max_memory: dict[torch.device, int] | None = None) -> Provider:
+    def load(
+        cls,
+        model: str,
+        split: int,
+        peft: PeftConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        max_sessions: int = 16,
+        state_dir: Path | None = None,
+        record_dir: Path | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        idle_timeout: float | None = None,
+        max_memory: dict[torch.device, int] | None = None,
+    ) -> Provider:
         """Load in float32 (the users' bottom stays float32), then put the top on device in dtype (spread
         over max_memory's devices when given)."""
         loaded = load_model(model, dtype=torch.float32)
-        log.info("loaded %s: %s, %d blocks, hidden %d; top on %s in %s", loaded.model_id,
-                 loaded.base.config.model_type, loaded.base.config.num_hidden_layers,
-                 loaded.base.config.hidden_size, device, str(dtype).removeprefix("torch."))
-        return cls.from_loaded(loaded, split, peft, max_sessions=max_sessions, state_dir=state_dir,
-                               record_dir=record_dir, device=device, dtype=dtype, max_batch_tokens=max_batch_tokens,
-                               checkpoint_every=checkpoint_every, idle_timeout=idle_timeout, max_memory=max_memory)
+        log.info(
+            "loaded %s: %s, %d blocks, hidden %d; top on %s in %s",
+            loaded.model_id,
+            loaded.base.config.model_type,
+            loaded.base.config.num_hidden_layers,
+            loaded.base.config.hidden_size,
+            device,
+            str(dtype).removeprefix("torch."),
+        )
+        return cls.from_loaded(
+            loaded,
+            split,
+            peft,
+            max_sessions=max_sessions,
+            state_dir=state_dir,
+            record_dir=record_dir,
+            device=device,
+            dtype=dtype,
+            max_batch_tokens=max_batch_tokens,
+            checkpoint_every=checkpoint_every,
+            idle_timeout=idle_timeout,
+            max_memory=max_memory,
+        )
 
     def keep_adapter(self, trainer: TopTrainer) -> str:
         """Store the session's trained weights under a new random id (disk too, with a state dir); the caller
         holds trainer.lock."""
-        record = AdapterRecord(adapter_id=secrets.token_hex(16), model_id=self.info.model_id,
-                               split=self.info.split, peft=asdict(self.sessions.peft),
-                               num_labels=trainer.num_labels, seed=trainer.seed,
-                               steps_applied=trainer.steps_applied, state=trainer.trainable_state())
+        record = AdapterRecord(
+            adapter_id=secrets.token_hex(16),
+            model_id=self.info.model_id,
+            split=self.info.split,
+            peft=asdict(self.sessions.peft),
+            num_labels=trainer.num_labels,
+            seed=trainer.seed,
+            steps_applied=trainer.steps_applied,
+            state=trainer.trainable_state(),
+        )
         self.adapters.put(record)
         log.info("adapter %s… kept (%d steps)", record.adapter_id[:8], record.steps_applied)
         return record.adapter_id
@@ -115,18 +183,22 @@ class Provider:
         """Close a session (authenticated when check), keeping its adapter when keep."""
         return self.sessions.close(session_id, secret, check=check, keep=self.keep_adapter if keep else None)
 
-    def attach_adapter(self, adapter_id: str, *, learning_rate: float = 5e-4,
-                       weight_decay: float = 0.0) -> tuple[str, TopTrainer, str]:
+    def attach_adapter(
+        self, adapter_id: str, *, learning_rate: float = 5e-4, weight_decay: float = 0.0
+    ) -> tuple[str, TopTrainer, str]:
         """A new session starting from a stored adapter (to predict, or to train on)."""
         record = self.adapters.get(adapter_id)
         expected = (self.info.model_id, self.info.split, asdict(self.sessions.peft))
         if (record.model_id, record.split, record.peft) != expected:
-            raise ModelLoadError(f"adapter {adapter_id[:8]}… was trained for {record.model_id} split {record.split} "
-                                 f"{record.peft['method']}; this server serves {self.info.model_id} split "
-                                 f"{self.info.split} {self.sessions.peft.method}")
+            raise ModelLoadError(
+                f"adapter {adapter_id[:8]}… was trained for {record.model_id} split {record.split} "
+                f"{record.peft['method']}; this server serves {self.info.model_id} split "
+                f"{self.info.split} {self.sessions.peft.method}"
+            )
         try:
-            spec = SessionSpec(num_labels=record.num_labels, learning_rate=learning_rate, seed=record.seed,
-                               weight_decay=weight_decay)
+            spec = SessionSpec(
+                num_labels=record.num_labels, learning_rate=learning_rate, seed=record.seed, weight_decay=weight_decay
+            )
         except ValueError as exc:
             raise InvalidInputError(f"OpenSessionRequest: {exc}") from exc
         return self.sessions.open(spec, state=record.state, steps_applied=record.steps_applied)
@@ -137,8 +209,13 @@ class Provider:
             shutil.rmtree(self.bundle_dir, ignore_errors=True)
 
 
-def place_top(base: torch.nn.Module, top: TopModel, device: torch.device, dtype: torch.dtype | None,
-              plan: list[torch.device] | None = None) -> None:
+def place_top(
+    base: torch.nn.Module,
+    top: TopModel,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    plan: list[torch.device] | None = None,
+) -> None:
     """Move the top's blocks and the base modules its heads reuse (final norm, pooler) to device/dtype;
     with a plan (one device per block, sap-server --device-map), block i to plan[i], the final norm and
     pooler (and so each session's head) to the last block's device.
@@ -162,9 +239,13 @@ def place_top(base: torch.nn.Module, top: TopModel, device: torch.device, dtype:
 def block_plan(top: TopModel, dtype: torch.dtype | None, max_memory: dict[torch.device, int]) -> list[torch.device]:
     """One device per top block for --device-map balanced: sap_common.devices.plan_blocks over the blocks'
     sizes in the serving dtype (parameters and buffers)."""
+
     def size(block: torch.nn.Module) -> int:
         tensors = [*block.parameters(), *block.buffers()]
-        return sum(t.numel() * (torch.empty((), dtype=dtype).element_size() if dtype and t.is_floating_point()
-                                else t.element_size()) for t in tensors)
+        return sum(
+            t.numel()
+            * (torch.empty((), dtype=dtype).element_size() if dtype and t.is_floating_point() else t.element_size())
+            for t in tensors
+        )
 
     return plan_blocks([size(block) for block in top.blocks], max_memory)

@@ -113,10 +113,16 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
       a wrong secret: PERMISSION_DENIED.
     """
 
-    def __init__(self, provider: Provider, *, chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
-                 max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
-                 max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES, api_keys: ApiKeys | None = None,
-                 compute: ComputeThread | None = None):
+    def __init__(
+        self,
+        provider: Provider,
+        *,
+        chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
+        max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES,
+        api_keys: ApiKeys | None = None,
+        compute: ComputeThread | None = None,
+    ):
         self.provider = provider
         # Tensor work (decoding, the sessions' steps, checkpoints, encoding) runs on the process's compute
         # thread, not on the gRPC workers (why: sap_server/compute.py); the workers read the request
@@ -130,8 +136,9 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     @_rpc
     def GetServerInfo(self, request, context):
         self._check_api_key(context)
-        return codec.info_to_proto(self.provider.info, max_message_bytes=self.max_message_bytes,
-                                   chunk_bytes=self.chunk_bytes)
+        return codec.info_to_proto(
+            self.provider.info, max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes
+        )
 
     @_reply_stream
     def DownloadBottom(self, request, context) -> Iterator[sap_pb2.FileChunk]:
@@ -140,8 +147,9 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         for relative in bundle_files(folder):
             data = (folder / relative).read_bytes()
             for offset in range(0, max(len(data), 1), self.chunk_bytes):
-                yield sap_pb2.FileChunk(path=relative, offset=offset, total_size=len(data),
-                                        data=data[offset:offset + self.chunk_bytes])
+                yield sap_pb2.FileChunk(
+                    path=relative, offset=offset, total_size=len(data), data=data[offset : offset + self.chunk_bytes]
+                )
 
     @_rpc
     def OpenSession(self, request, context):
@@ -151,12 +159,17 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     def _open_session(self, request) -> sap_pb2.OpenSessionReply:
         if request.adapter_id:
             session_id, trainer, secret = self.provider.attach_adapter(
-                request.adapter_id, learning_rate=request.learning_rate or 5e-4, weight_decay=request.weight_decay)
+                request.adapter_id, learning_rate=request.learning_rate or 5e-4, weight_decay=request.weight_decay
+            )
         else:
             session_id, trainer, secret = self.provider.sessions.open(codec.spec_from_proto(request))
-        return sap_pb2.OpenSessionReply(session_id=session_id, trainable_parameters=trainer.trainable_parameters,
-                                        num_labels=trainer.num_labels, steps_applied=trainer.steps_applied,
-                                        session_secret=secret)
+        return sap_pb2.OpenSessionReply(
+            session_id=session_id,
+            trainable_parameters=trainer.trainable_parameters,
+            num_labels=trainer.num_labels,
+            steps_applied=trainer.steps_applied,
+            session_secret=secret,
+        )
 
     @_rpc
     def CloseSession(self, request, context):
@@ -197,8 +210,9 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         with self.provider.sessions.use(request.session_id, secret) as trainer:
             grad = codec.decode_tensor(request.grad_logits, field="grad_logits", allowed=_FLOATS)
             result = trainer.backward(request.step, grad)  # checkpointed (--state-dir) before this reply
-        reply = sap_pb2.BackwardReply(applied_step=result.applied_step, replayed=result.replayed,
-                                      checkpointed=result.checkpointed)
+        reply = sap_pb2.BackwardReply(
+            applied_step=result.applied_step, replayed=result.replayed, checkpointed=result.checkpointed
+        )
         if result.grad_hidden is not None:
             reply.grad_hidden.CopyFrom(codec.encode_tensor(result.grad_hidden))
         return reply
@@ -228,15 +242,17 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
             packed = codec.decode_tensor(request.packed_hidden, field="packed_hidden", allowed=_FLOATS)
             size = self.provider.info.hidden_size
             if packed.dim() == 2 and packed.shape[1] != size:
-                raise InvalidInputError(f"packed_hidden has shape {list(packed.shape)}, expected (N_real, {size}): "
-                                        f"this server's hidden size is {size}")
+                raise InvalidInputError(
+                    f"packed_hidden has shape {list(packed.shape)}, expected (N_real, {size}): "
+                    f"this server's hidden size is {size}"
+                )
             if request.lengths:
-                check_batch_tokens(len(request.lengths), max(request.lengths),
-                                   self.provider.sessions.max_batch_tokens)
+                check_batch_tokens(len(request.lengths), max(request.lengths), self.provider.sessions.max_batch_tokens)
             return codec.unpack_hidden(packed, request.lengths, max_bytes=self.max_request_bytes)
         hidden = codec.decode_tensor(request.hidden_states, field="hidden_states", allowed=_FLOATS)
-        mask = codec.decode_tensor(request.attention_mask, field="attention_mask",
-                                   allowed=("int64", "int32", "bool", "uint8"))
+        mask = codec.decode_tensor(
+            request.attention_mask, field="attention_mask", allowed=("int64", "int32", "bool", "uint8")
+        )
         return hidden, mask
 
 
@@ -247,25 +263,37 @@ def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
     pb = sap_pb2
     handlers = {
         "GetServerInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetServerInfo, request_deserializer=codec.lenient_parser(pb.ServerInfoRequest),
-            response_serializer=pb.ServerInfo.SerializeToString),
+            servicer.GetServerInfo,
+            request_deserializer=codec.lenient_parser(pb.ServerInfoRequest),
+            response_serializer=pb.ServerInfo.SerializeToString,
+        ),
         "DownloadBottom": grpc.unary_stream_rpc_method_handler(
-            servicer.DownloadBottom, request_deserializer=codec.lenient_parser(pb.DownloadBottomRequest),
-            response_serializer=pb.FileChunk.SerializeToString),
+            servicer.DownloadBottom,
+            request_deserializer=codec.lenient_parser(pb.DownloadBottomRequest),
+            response_serializer=pb.FileChunk.SerializeToString,
+        ),
         "OpenSession": grpc.unary_unary_rpc_method_handler(
-            servicer.OpenSession, request_deserializer=codec.lenient_parser(pb.OpenSessionRequest),
-            response_serializer=pb.OpenSessionReply.SerializeToString),
+            servicer.OpenSession,
+            request_deserializer=codec.lenient_parser(pb.OpenSessionRequest),
+            response_serializer=pb.OpenSessionReply.SerializeToString,
+        ),
         "CloseSession": grpc.unary_unary_rpc_method_handler(
-            servicer.CloseSession, request_deserializer=codec.lenient_parser(pb.CloseSessionRequest),
-            response_serializer=pb.CloseSessionReply.SerializeToString),
+            servicer.CloseSession,
+            request_deserializer=codec.lenient_parser(pb.CloseSessionRequest),
+            response_serializer=pb.CloseSessionReply.SerializeToString,
+        ),
         "ResumeSession": grpc.unary_unary_rpc_method_handler(
-            servicer.ResumeSession, request_deserializer=codec.lenient_parser(pb.ResumeSessionRequest),
-            response_serializer=pb.ResumeSessionReply.SerializeToString),
+            servicer.ResumeSession,
+            request_deserializer=codec.lenient_parser(pb.ResumeSessionRequest),
+            response_serializer=pb.ResumeSessionReply.SerializeToString,
+        ),
     }
     for name in ("Forward", "Backward", "Evaluate"):
         handlers[name] = grpc.stream_stream_rpc_method_handler(
-            getattr(servicer, name), request_deserializer=codec.lenient_parser(pb.Chunk),
-            response_serializer=pb.Chunk.SerializeToString)
+            getattr(servicer, name),
+            request_deserializer=codec.lenient_parser(pb.Chunk),
+            response_serializer=pb.Chunk.SerializeToString,
+        )
     service = pb.DESCRIPTOR.services_by_name["SplitLearning"]
     missing = {m.name for m in service.methods} - handlers.keys()
     if missing:  # a new RPC in sap.proto must be registered here too

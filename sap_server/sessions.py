@@ -36,8 +36,9 @@ from sap_server.trainer import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_BATCH_TOKEN
 log = logging.getLogger(__name__)
 
 
-def build_session_top(template: TopModel, base: PreTrainedModel, peft: PeftConfig, num_labels: int,
-                      seed: int) -> TopModel:
+def build_session_top(
+    template: TopModel, base: PreTrainedModel, peft: PeftConfig, num_labels: int, seed: int
+) -> TopModel:
     """A session's top: frozen weights shared with template, fresh head (seeded) and PEFT parameters.
 
     Random draws: the head from its own generator seeded with `seed`; the PEFT parameters from
@@ -46,15 +47,17 @@ def build_session_top(template: TopModel, base: PreTrainedModel, peft: PeftConfi
     """
     # Parameters that stay frozen are shared (memory per session is the adapter's, not the model's);
     # BitFit trains existing biases, so those must be copied.
-    shared = {id(p): p for name, p in template.named_parameters()
-              if not (peft.method == "bitfit" and name.endswith("bias"))}
+    shared = {
+        id(p): p for name, p in template.named_parameters() if not (peft.method == "bitfit" and name.endswith("bias"))
+    }
     shared.update({id(b): b for b in template.buffers()})
     shared[id(template.config)] = template.config
     top = copy.deepcopy(template, memo=shared)
     # The head is drawn on the CPU in float32 (the same start on any device), then placed with the blocks.
     frozen = next(template.blocks[-1].parameters())  # the head follows the last block (--device-map)
     top.head = new_head(template.config, base, num_labels, torch.Generator().manual_seed(seed)).to(
-        device=frozen.device, dtype=frozen.dtype)
+        device=frozen.device, dtype=frozen.dtype
+    )
     with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):  # the lock: training forwards seed it too
         torch.manual_seed(seed)
         apply_peft(top.blocks, top.family, peft)  # new PEFT weights take each wrapped layer's device/dtype
@@ -73,9 +76,18 @@ class SessionManager:
 
     CLOSED_KEPT = 4096  # closed sessions remembered in memory (for retried closes), oldest forgotten first
 
-    def __init__(self, template: TopModel, base: PreTrainedModel, peft: PeftConfig, *, max_sessions: int = 16,
-                 recorder: Recorder | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 store: SessionStore | None = None, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY):
+    def __init__(
+        self,
+        template: TopModel,
+        base: PreTrainedModel,
+        peft: PeftConfig,
+        *,
+        max_sessions: int = 16,
+        recorder: Recorder | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        store: SessionStore | None = None,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    ):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if max_batch_tokens < 1:
@@ -98,8 +110,9 @@ class SessionManager:
 
     # --- opening, finding, loading ------------------------------------------------------------
 
-    def open(self, spec: SessionSpec, *, state: dict[str, torch.Tensor] | None = None,
-             steps_applied: int = 0) -> tuple[str, TopTrainer, str]:
+    def open(
+        self, spec: SessionSpec, *, state: dict[str, torch.Tensor] | None = None, steps_applied: int = 0
+    ) -> tuple[str, TopTrainer, str]:
         """A new session: (id, trainer, its random secret, which only the opener learns; the server keeps its
         SHA-256). With `state`, its trainable weights are restored from a stored adapter."""
         secret = new_session_secret()
@@ -113,23 +126,37 @@ class SessionManager:
         if self.store is not None:
             with trainer.lock:  # the opening state: a run can always go back to its start
                 self._save(trainer, announced=True)
-        log.info("session %s… opened: %d labels, %d trainable parameters", session_id[:8], spec.num_labels,
-                 trainer.trainable_parameters)
+        log.info(
+            "session %s… opened: %d labels, %d trainable parameters",
+            session_id[:8],
+            spec.num_labels,
+            trainer.trainable_parameters,
+        )
         return session_id, trainer, secret
 
     def _new_trainer(self, session_id: str, spec: SessionSpec, digest: bytes) -> TopTrainer:
         top = build_session_top(self.template, self.base, self.peft, spec.num_labels, spec.seed)
-        return TopTrainer(top, learning_rate=spec.learning_rate, weight_decay=spec.weight_decay,
-                          train_bottom=spec.train_bottom, num_labels=spec.num_labels, seed=spec.seed,
-                          recorder=self.recorder, session_id=session_id, secret_digest=digest,
-                          max_batch_tokens=self.max_batch_tokens, checkpoint_every=self.checkpoint_every,
-                          on_checkpoint=self._announced_checkpoint if self.store is not None else None)
+        return TopTrainer(
+            top,
+            learning_rate=spec.learning_rate,
+            weight_decay=spec.weight_decay,
+            train_bottom=spec.train_bottom,
+            num_labels=spec.num_labels,
+            seed=spec.seed,
+            recorder=self.recorder,
+            session_id=session_id,
+            secret_digest=digest,
+            max_batch_tokens=self.max_batch_tokens,
+            checkpoint_every=self.checkpoint_every,
+            on_checkpoint=self._announced_checkpoint if self.store is not None else None,
+        )
 
     def _check_room(self) -> None:
         """Called with self._lock held."""
         if len(self._sessions) >= self.max_sessions:
-            raise ResourceLimitError(f"the server already holds {self.max_sessions} sessions "
-                                     f"(--max-sessions); close one first")
+            raise ResourceLimitError(
+                f"the server already holds {self.max_sessions} sessions (--max-sessions); close one first"
+            )
 
     def get(self, session_id: str) -> TopTrainer:
         """The session's trainer, without authentication (in-process callers; the servicer uses `use`)."""
@@ -191,8 +218,9 @@ class SessionManager:
         try:
             self.store.save(trainer.session_id, trainer.snapshot(announced=announced))
         except Exception as exc:  # noqa: BLE001 - a full disk must not fail the step; the reply says so
-            log.error("session %s…: checkpoint at step %d failed: %s", trainer.session_id[:8],
-                      trainer.steps_applied, exc)
+            log.error(
+                "session %s…: checkpoint at step %d failed: %s", trainer.session_id[:8], trainer.steps_applied, exc
+            )
             return False
         trainer.saved_step = trainer.steps_applied
         return True
@@ -214,10 +242,15 @@ class SessionManager:
                 return trainer
             steps = self.store.steps(session_id) if self.store is not None else []
             if step not in steps:
-                have = (f"checkpoints at steps {steps}" if self.store is not None
-                        else "no checkpoints (the server runs without --state-dir)")
-                raise StepOrderError(f"session {session_id[:8]!r}… cannot resume at step {step}: it is at step "
-                                     f"{trainer.steps_applied} and has {have}")
+                have = (
+                    f"checkpoints at steps {steps}"
+                    if self.store is not None
+                    else "no checkpoints (the server runs without --state-dir)"
+                )
+                raise StepOrderError(
+                    f"session {session_id[:8]!r}… cannot resume at step {step}: it is at step "
+                    f"{trainer.steps_applied} and has {have}"
+                )
             was = trainer.steps_applied
             trainer.restore(self.store.load(session_id, step))
             self.store.discard_after(session_id, step)
@@ -237,8 +270,10 @@ class SessionManager:
             if stored is None:
                 raise _unknown(session_id)
             if step not in stored.steps:
-                raise StepOrderError(f"session {session_id[:8]!r}… is closed and cannot resume at step {step}: "
-                                     f"it has checkpoints at steps {sorted(stored.steps)}")
+                raise StepOrderError(
+                    f"session {session_id[:8]!r}… is closed and cannot resume at step {step}: "
+                    f"it has checkpoints at steps {sorted(stored.steps)}"
+                )
             self._closed.pop(session_id, None)
             self.store.reopen(session_id)
         log.info("closed session %s… reopened to resume at step %d", session_id[:8], step)
@@ -257,15 +292,22 @@ class SessionManager:
             check_session_secret(closed.secret_digest, secret, session_id)
         return closed
 
-    def close(self, session_id: str, secret: str | None = None, *, check: bool = False,
-              keep: Callable[[TopTrainer], str] | None = None) -> ClosedSession:
+    def close(
+        self,
+        session_id: str,
+        secret: str | None = None,
+        *,
+        check: bool = False,
+        keep: Callable[[TopTrainer], str] | None = None,
+    ) -> ClosedSession:
         """Close the session; keep(trainer) (e.g. store the adapter) runs first and returns the adapter id.
         With a store the final state is checkpointed and the close recorded on disk."""
         if check:
             require_secret(secret)
         with self.use(session_id, secret, check=check) as trainer:
-            record = ClosedSession(trainer.secret_digest, trainer.steps_applied,
-                                   keep(trainer) if keep is not None else "")
+            record = ClosedSession(
+                trainer.secret_digest, trainer.steps_applied, keep(trainer) if keep is not None else ""
+            )
             if self.store is not None:
                 if trainer.saved_step != trainer.steps_applied:
                     self._save(trainer, announced=False)
@@ -309,15 +351,25 @@ class SessionManager:
                     with self._lock:
                         self._sessions.pop(sid, None)
                         trainer.unloaded = True
-                    log.info("session %s… idle for more than %g s: checkpointed at step %d and unloaded; its next "
-                             "call loads it again", sid[:8], idle_timeout, trainer.steps_applied)
+                    log.info(
+                        "session %s… idle for more than %g s: checkpointed at step %d and unloaded; its next "
+                        "call loads it again",
+                        sid[:8],
+                        idle_timeout,
+                        trainer.steps_applied,
+                    )
                 else:
                     with self._lock:
                         self._sessions.pop(sid, None)
                         trainer.unloaded = True
                         self._remember_closed(sid, ClosedSession(trainer.secret_digest, trainer.steps_applied, ""))
-                    log.warning("session %s… idle for more than %g s: closed after %d steps (without --state-dir an "
-                                "idle session cannot be kept)", sid[:8], idle_timeout, trainer.steps_applied)
+                    log.warning(
+                        "session %s… idle for more than %g s: closed after %d steps (without --state-dir an "
+                        "idle session cannot be kept)",
+                        sid[:8],
+                        idle_timeout,
+                        trainer.steps_applied,
+                    )
                 done.append(sid)
             finally:
                 trainer.lock.release()

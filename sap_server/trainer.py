@@ -46,10 +46,22 @@ class _Pending:
 class TopTrainer:
     """Runs Forward/Backward for one session and applies each optimizer step exactly once."""
 
-    def __init__(self, top: TopModel, *, learning_rate: float, weight_decay: float, train_bottom: bool,
-                 num_labels: int = 0, seed: int = 0, recorder: Recorder | None = None,
-                 session_id: str = "", secret_digest: bytes = b"", max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 checkpoint_every: int = 0, on_checkpoint: Callable[[TopTrainer], bool] | None = None):
+    def __init__(
+        self,
+        top: TopModel,
+        *,
+        learning_rate: float,
+        weight_decay: float,
+        train_bottom: bool,
+        num_labels: int = 0,
+        seed: int = 0,
+        recorder: Recorder | None = None,
+        session_id: str = "",
+        secret_digest: bytes = b"",
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[TopTrainer], bool] | None = None,
+    ):
         self.top = top
         self.recorder = recorder  # sap-server --record: keep what arrives, as a curious provider would
         self.session_id = session_id
@@ -91,28 +103,41 @@ class TopTrainer:
         params = {name: p for name, p in self.top.named_parameters() if p.requires_grad}
         if params.keys() != state.keys():
             missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
-            raise ModelLoadError(f"stored adapter does not fit this server's top: missing {missing[:3]}, "
-                                 f"unexpected {extra[:3]}")
+            raise ModelLoadError(
+                f"stored adapter does not fit this server's top: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
         with torch.no_grad():
             for name, param in params.items():
                 if state[name].shape != param.shape:
-                    raise ModelLoadError(f"stored adapter tensor {name} has shape {tuple(state[name].shape)}, "
-                                         f"expected {tuple(param.shape)}")
+                    raise ModelLoadError(
+                        f"stored adapter tensor {name} has shape {tuple(state[name].shape)}, "
+                        f"expected {tuple(param.shape)}"
+                    )
                 param.copy_(state[name])
         self.steps_applied = steps_applied
 
     @property
     def spec(self) -> SessionSpec:
-        return SessionSpec(num_labels=self.num_labels, learning_rate=self.learning_rate, seed=self.seed,
-                           train_bottom=self.train_bottom, weight_decay=self.weight_decay)
+        return SessionSpec(
+            num_labels=self.num_labels,
+            learning_rate=self.learning_rate,
+            seed=self.seed,
+            train_bottom=self.train_bottom,
+            weight_decay=self.weight_decay,
+        )
 
     def snapshot(self, *, announced: bool = False) -> SessionSnapshot:
         """The session's state now (call with self.lock held): the weights as CPU copies, the optimizer state as
         the live tensors, so write the snapshot out before the next step."""
-        return SessionSnapshot(spec=self.spec, steps_applied=self.steps_applied, secret_digest=self.secret_digest,
-                               weights=self.trainable_state(),
-                               optimizer=optimizer_to_tensors(self.optimizer, OPTIMIZER_PREFIX),
-                               last_reply=self._last_reply, announced=announced)
+        return SessionSnapshot(
+            spec=self.spec,
+            steps_applied=self.steps_applied,
+            secret_digest=self.secret_digest,
+            weights=self.trainable_state(),
+            optimizer=optimizer_to_tensors(self.optimizer, OPTIMIZER_PREFIX),
+            last_reply=self._last_reply,
+            announced=announced,
+        )
 
     def restore(self, snapshot: SessionSnapshot) -> None:
         """Put the session back into the snapshot's state: weights, AdamW state, step, the last reply (so a
@@ -157,19 +182,23 @@ class TopTrainer:
             have = "no forward is pending" if pending is None else f"the pending forward is step {pending.step}"
             raise StepOrderError(f"backward for step {step} but {have}; the next step is {self.steps_applied + 1}")
         if tuple(grad_logits.shape) != tuple(pending.logits.shape):
-            raise InvalidInputError(f"grad_logits has shape {tuple(grad_logits.shape)}, "
-                                    f"expected {tuple(pending.logits.shape)} (the logits of step {step})")
+            raise InvalidInputError(
+                f"grad_logits has shape {tuple(grad_logits.shape)}, "
+                f"expected {tuple(pending.logits.shape)} (the logits of step {step})"
+            )
         _check_finite("grad_logits", grad_logits)
         self.optimizer.zero_grad(set_to_none=True)
         pending.hidden.grad = None  # a refused earlier try of this step must not accumulate into dL/dhidden
-        pending.logits.backward(grad_logits.to(device=pending.logits.device, dtype=pending.logits.dtype),
-                                retain_graph=True)  # kept until the step is applied, so a refusal can be retried
+        pending.logits.backward(
+            grad_logits.to(device=pending.logits.device, dtype=pending.logits.dtype), retain_graph=True
+        )  # kept until the step is applied, so a refusal can be retried
         grads = [p.grad for p in self.parameters if p.grad is not None]
         first = self._param.device  # the top may span devices (--device-map): gather the flags on one
         if grads and not bool(torch.stack([torch.isfinite(g).all().to(first) for g in grads]).all()):  # one sync
             self.optimizer.zero_grad(set_to_none=True)
-            raise InvalidInputError(f"grad_logits of step {step} give a non-finite weight gradient (values too "
-                                    f"large?); nothing was applied")
+            raise InvalidInputError(
+                f"grad_logits of step {step} give a non-finite weight gradient (values too large?); nothing was applied"
+            )
         self.optimizer.step()
         if self.recorder is not None:
             self.recorder.record_gradient(self.session_id, step, grad_logits)  # as received, once per applied step
@@ -199,8 +228,10 @@ class TopTrainer:
         if not hidden.is_floating_point():
             raise InvalidInputError(f"hidden_states has dtype {hidden.dtype}, expected a float dtype")
         if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
-            raise InvalidInputError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                                    f"expected {tuple(hidden.shape[:2])} to match hidden_states")
+            raise InvalidInputError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                f"expected {tuple(hidden.shape[:2])} to match hidden_states"
+            )
         if hidden.shape[0] == 0 or hidden.shape[1] == 0:
             raise InvalidInputError(f"hidden_states is empty: shape {tuple(hidden.shape)}")
         if ((attention_mask != 0) & (attention_mask != 1)).any():
@@ -218,9 +249,11 @@ class TopTrainer:
 def check_batch_tokens(batch: int, length: int, limit: int) -> None:
     """ResourceLimitError when a (batch, length) input is larger than the server takes at once."""
     if batch * length > limit:
-        raise ResourceLimitError(f"hidden_states batch x length = {batch} x {length} = {batch * length} tokens; "
-                                 f"this server takes at most {limit} per request (--max-batch-tokens): send "
-                                 f"smaller batches or shorter texts")
+        raise ResourceLimitError(
+            f"hidden_states batch x length = {batch} x {length} = {batch * length} tokens; "
+            f"this server takes at most {limit} per request (--max-batch-tokens): send "
+            f"smaller batches or shorter texts"
+        )
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:

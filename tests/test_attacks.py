@@ -29,8 +29,9 @@ VOCAB = len(SPECIALS) + len(WORDS)  # chance of a blind guess: 1 / VOCAB, about 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _bottom_and_batch(folder: Path, k: int,
-                      texts: list[str]) -> tuple[BottomModel, torch.Tensor, torch.Tensor, list[int]]:
+def _bottom_and_batch(
+    folder: Path, k: int, texts: list[str]
+) -> tuple[BottomModel, torch.Tensor, torch.Tensor, list[int]]:
     """The tiny model's bottom at split k and the right-padded batch (ids, mask) of texts."""
     loaded = load_model(str(folder))
     loaded.tokenizer.padding_side = "right"
@@ -44,8 +45,9 @@ def _texts(n: int, seed: int = 1) -> list[str]:
     return [text for text, _ in learnable_rows(n, seed=seed)]
 
 
-def _observe(bottom: BottomModel, ids: torch.Tensor, mask: torch.Tensor, noise_ratio: float | None = None,
-             seed: int = 0) -> torch.Tensor:
+def _observe(
+    bottom: BottomModel, ids: torch.Tensor, mask: torch.Tensor, noise_ratio: float | None = None, seed: int = 0
+) -> torch.Tensor:
     """What the provider receives: bottom output, plus d_chi noise with E||n|| = ratio * mean||h||."""
     with torch.no_grad():
         hidden = bottom(ids, mask)  # (B, T, H)
@@ -83,8 +85,9 @@ def test_position_aware_inversion_is_exact_at_k0_for_every_family(tiny_model):
     guesses = position_aware_inversion(_observe(bottom, ids, mask), mask, bottom)
     result = token_recovery(guesses, ids, mask, specials)
     assert result["recovery"] >= 0.99 and result["recovery_without_special"] >= 0.99
-    noisy = token_recovery(position_aware_inversion(_observe(bottom, ids, mask, noise_ratio=10.0), mask, bottom),
-                           ids, mask)
+    noisy = token_recovery(
+        position_aware_inversion(_observe(bottom, ids, mask, noise_ratio=10.0), mask, bottom), ids, mask
+    )
     assert noisy["recovery"] < 0.3
 
 
@@ -119,8 +122,9 @@ def test_optimization_inversion_recovers_tokens_at_k1(tiny_model, distance):
     bottom.train()  # the attack must switch to eval itself and switch back
     bottom.requires_grad_(True)  # ... and freeze the weights only while it runs
     before = {name: p.detach().clone() for name, p in bottom.named_parameters()}
-    guesses = optimization_inversion(_observe(bottom, ids, mask), mask, bottom, steps=100, distance=distance,
-                                     batch_size=3)
+    guesses = optimization_inversion(
+        _observe(bottom, ids, mask), mask, bottom, steps=100, distance=distance, batch_size=3
+    )
     assert guesses.shape == ids.shape and guesses.dtype == torch.long
     assert token_recovery(guesses, ids, mask)["recovery"] >= 0.5  # chance is about 0.011
     assert bottom.training
@@ -149,8 +153,7 @@ def test_token_recovery_counts_real_tokens_with_and_without_specials():
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     # Real tokens: 6, guessed: 2, 10, 3, 12 -> 4/6. Without specials {2, 3}: 10, 11, 12 -> 2/3.
     result = token_recovery(predicted, actual, mask, special_ids={2, 3})
-    assert result == {"recovery": 4 / 6, "recovery_without_special": 2 / 3, "tokens": 6,
-                      "tokens_without_special": 3}
+    assert result == {"recovery": 4 / 6, "recovery_without_special": 2 / 3, "tokens": 6, "tokens_without_special": 3}
     assert token_recovery(predicted, actual, mask)["recovery_without_special"] == 4 / 6
 
 
@@ -161,7 +164,7 @@ def test_averaging_observations_shrinks_noise_like_one_over_sqrt_n():
     for n in (4, 16):
         copies = [signal + sample_dchi_noise((2000, 32), 4.0, generator=generator) for _ in range(n)]
         residual = (average_observations(copies) - signal).pow(2).sum(-1).mean().sqrt()
-        assert residual / single == pytest.approx(n ** -0.5, rel=0.05)
+        assert residual / single == pytest.approx(n**-0.5, rel=0.05)
 
 
 # --- attribute inference ------------------------------------------------------------------------------
@@ -213,37 +216,43 @@ _F = torch.zeros(4, 4)
 _Y = torch.tensor([0, 1, 0, 1])
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: nearest_neighbour_inversion(torch.zeros(3, 5), _E), "H = 4"),
-    (lambda: nearest_neighbour_inversion(_H, torch.zeros(5)), "embedding"),
-    (lambda: nearest_neighbour_inversion(_H, _E, chunk_size=0), "chunk_size"),
-    (lambda: token_recovery(torch.zeros(2), torch.zeros(3), torch.ones(3)), "same shape"),
-    (lambda: token_recovery(torch.zeros(3), torch.zeros(3), torch.zeros(3)), "no real tokens"),
-    (lambda: average_observations([]), "at least one"),
-    (lambda: average_observations([torch.zeros(2), torch.zeros(3)]), "same shape"),
-    (lambda: mean_pool(torch.zeros(2, 4), _M), "hidden"),
-    (lambda: mean_pool(_H, torch.ones(2, 4)), "attention_mask"),
-    (lambda: attribute_inference(_F, _Y[:3], _F, _Y), "aux_labels"),
-    (lambda: attribute_inference(_F, _Y, torch.zeros(4, 3), _Y), "width"),
-    (lambda: attribute_inference(_F, _Y.float(), _F, _Y), "integer"),
-    (lambda: attribute_inference(_F, _Y, _F, _Y, hidden=0), "hidden"),
-    (lambda: attribute_inference(_F, _Y, _F, _Y, epochs=0), "epochs"),
-    (lambda: attribute_inference(_F, _Y, _F, _Y, lr=-1.0), "lr"),
-    (lambda: attribute_inference(_F, _Y, _F, _Y, weight_decay=float("nan")), "weight_decay"),
-    (lambda: attribute_inference(_F, _Y, _F, _Y, batch_size=0), "batch_size"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: nearest_neighbour_inversion(torch.zeros(3, 5), _E), "H = 4"),
+        (lambda: nearest_neighbour_inversion(_H, torch.zeros(5)), "embedding"),
+        (lambda: nearest_neighbour_inversion(_H, _E, chunk_size=0), "chunk_size"),
+        (lambda: token_recovery(torch.zeros(2), torch.zeros(3), torch.ones(3)), "same shape"),
+        (lambda: token_recovery(torch.zeros(3), torch.zeros(3), torch.zeros(3)), "no real tokens"),
+        (lambda: average_observations([]), "at least one"),
+        (lambda: average_observations([torch.zeros(2), torch.zeros(3)]), "same shape"),
+        (lambda: mean_pool(torch.zeros(2, 4), _M), "hidden"),
+        (lambda: mean_pool(_H, torch.ones(2, 4)), "attention_mask"),
+        (lambda: attribute_inference(_F, _Y[:3], _F, _Y), "aux_labels"),
+        (lambda: attribute_inference(_F, _Y, torch.zeros(4, 3), _Y), "width"),
+        (lambda: attribute_inference(_F, _Y.float(), _F, _Y), "integer"),
+        (lambda: attribute_inference(_F, _Y, _F, _Y, hidden=0), "hidden"),
+        (lambda: attribute_inference(_F, _Y, _F, _Y, epochs=0), "epochs"),
+        (lambda: attribute_inference(_F, _Y, _F, _Y, lr=-1.0), "lr"),
+        (lambda: attribute_inference(_F, _Y, _F, _Y, weight_decay=float("nan")), "weight_decay"),
+        (lambda: attribute_inference(_F, _Y, _F, _Y, batch_size=0), "batch_size"),
+    ],
+)
 def test_attacks_reject_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"steps": 0}, "steps"),
-    ({"lr": 0.0}, "lr"),
-    ({"temperature": float("inf")}, "temperature"),
-    ({"distance": "manhattan"}, "distance"),
-    ({"batch_size": 0}, "batch_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"distance": "manhattan"}, "distance"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
 def test_optimization_inversion_rejects_bad_settings(tiny_llama, kwargs, message):
     bottom, ids, mask, _ = _bottom_and_batch(tiny_llama, 1, _texts(2))
     observed = _observe(bottom, ids, mask)

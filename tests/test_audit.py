@@ -18,8 +18,13 @@ SCRIPTS = Path(sys.executable).parent
 
 
 def _start_server(args: list[str], env: dict) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([str(SCRIPTS / "sap-server"), *args, "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [str(SCRIPTS / "sap-server"), *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     line = proc.stdout.readline()
     if not line.startswith("sap-server listening on "):
         proc.kill()
@@ -38,20 +43,56 @@ def test_recorded_and_simulated_audits_agree(rescale, tiny_llama, tmp_path, env,
     record, run = tmp_path / "recording", tmp_path / "run"
     server, address = _start_server(["--model", str(tiny_llama), "--split", "0", "--record", str(record)], env)
     try:
-        trained = subprocess.run([str(SCRIPTS / "sap-client"), "train", str(data), "--server", address,
-                                  "--out", str(run), "--epochs", "2", "--noise-ratio", "2.5", "--eval-fraction",
-                                  "0.25", *(["--rescale-noised"] if rescale else [])],
-                                 env=env, capture_output=True, text=True, timeout=120)
+        trained = subprocess.run(
+            [
+                str(SCRIPTS / "sap-client"),
+                "train",
+                str(data),
+                "--server",
+                address,
+                "--out",
+                str(run),
+                "--epochs",
+                "2",
+                "--noise-ratio",
+                "2.5",
+                "--eval-fraction",
+                "0.25",
+                *(["--rescale-noised"] if rescale else []),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert trained.returncode == 0, trained.stderr
         assert len(list(record.glob("*-forward.safetensors"))) > 0
         assert len(list(record.glob("*-evaluate.safetensors"))) > 0
 
         reports = {}
-        for name, extra, texts in (("simulated", [], 120), ("recorded", ["--recorded", str(record)], 120),
-                                   ("recorded-first-30", ["--recorded", str(record)], 30)):
+        for name, extra, texts in (
+            ("simulated", [], 120),
+            ("recorded", ["--recorded", str(record)], 120),
+            ("recorded-first-30", ["--recorded", str(record)], 30),
+        ):
             out = tmp_path / name
-            code = client_cli.main(["audit", str(data), "--server", address, "--run", str(run), "--out", str(out),
-                                    "--max-examples", str(texts), "--observations", "1", *extra])
+            code = client_cli.main(
+                [
+                    "audit",
+                    str(data),
+                    "--server",
+                    address,
+                    "--run",
+                    str(run),
+                    "--out",
+                    str(out),
+                    "--max-examples",
+                    str(texts),
+                    "--observations",
+                    "1",
+                    *extra,
+                ]
+            )
             assert code == 0, capsys.readouterr().err
             reports[name] = json.loads((out / "report.json").read_text())
             assert (out / "report.md").read_text().startswith("# SAP privacy audit")
@@ -60,8 +101,10 @@ def test_recorded_and_simulated_audits_agree(rescale, tiny_llama, tmp_path, env,
         assert server.wait(timeout=15) == 0
 
     simulated, recorded = reports["simulated"], reports["recorded"]
-    print(f"token recovery: simulated {simulated['eia_token_recovery']:.4f}, "
-          f"recorded {recorded['eia_token_recovery']:.4f}")
+    print(
+        f"token recovery: simulated {simulated['eia_token_recovery']:.4f}, "
+        f"recorded {recorded['eia_token_recovery']:.4f}"
+    )
     assert simulated["attack"] == recorded["attack"] == "nn"
     # every distinct example the server received was matched to its text (2 epochs collapse to one copy)
     assert recorded["recorded_examples"] == 120 and recorded["unmatched_examples"] == 0
@@ -100,9 +143,26 @@ def test_audit_without_noise_recovers_everything_and_noise_protects(tiny_llama, 
         figures = {}
         for name, flags in (("clean", []), ("noisy", ["--noise-ratio", "10"])):
             out = tmp_path / name
-            assert client_cli.main(["audit", str(with_party), "--server", address, "--out", str(out),
-                                    "--max-examples", "60", "--observations", "1,16", "--attribute-column", "party",
-                                    *flags]) == 0, capsys.readouterr().err
+            assert (
+                client_cli.main(
+                    [
+                        "audit",
+                        str(with_party),
+                        "--server",
+                        address,
+                        "--out",
+                        str(out),
+                        "--max-examples",
+                        "60",
+                        "--observations",
+                        "1,16",
+                        "--attribute-column",
+                        "party",
+                        *flags,
+                    ]
+                )
+                == 0
+            ), capsys.readouterr().err
             figures[name] = json.loads((out / "report.json").read_text())
     finally:
         server.send_signal(signal.SIGTERM)

@@ -42,8 +42,6 @@ def _provider(folder: Path) -> Provider:
     return Provider.from_loaded(load_model(str(folder)), split=1, peft=PeftConfig())
 
 
-
-
 def _weights(provider: Provider, session_id: str) -> dict[str, torch.Tensor]:
     return provider.sessions.get(session_id).trainable_state()
 
@@ -73,8 +71,11 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
 def test_a_session_is_refused_to_anyone_without_its_secret(tiny_llama):
     provider = _provider(tiny_llama)
     try:
-        with running_server(provider) as address, RemoteTopService(address) as owner, \
-                grpc.insecure_channel(address) as channel:
+        with (
+            running_server(provider) as address,
+            RemoteTopService(address) as owner,
+            grpc.insecure_channel(address) as channel,
+        ):
             sid = owner.open_session(SessionSpec(num_labels=NUM_LABELS, learning_rate=1e-2, seed=3))
             secret = owner.session_secret(sid)
             assert len(secret) == 64 and int(secret, 16) >= 0 and secret not in sid
@@ -87,18 +88,25 @@ def test_a_session_is_refused_to_anyone_without_its_secret(tiny_llama):
             before, pending = _weights(provider, sid), trainer._pending
 
             stub = sap_pb2_grpc.SplitLearningStub(channel)
-            forward = sap_pb2.ForwardRequest(session_id=sid, step=3, hidden_states=codec.encode_tensor(hidden),
-                                             attention_mask=codec.encode_tensor(mask))
-            backward = sap_pb2.BackwardRequest(session_id=sid, step=3,
-                                               grad_logits=codec.encode_tensor(torch.ones(BATCH, NUM_LABELS)))
-            evaluate = sap_pb2.EvaluateRequest(session_id=sid, hidden_states=codec.encode_tensor(hidden),
-                                               attention_mask=codec.encode_tensor(mask))
+            forward = sap_pb2.ForwardRequest(
+                session_id=sid,
+                step=3,
+                hidden_states=codec.encode_tensor(hidden),
+                attention_mask=codec.encode_tensor(mask),
+            )
+            backward = sap_pb2.BackwardRequest(
+                session_id=sid, step=3, grad_logits=codec.encode_tensor(torch.ones(BATCH, NUM_LABELS))
+            )
+            evaluate = sap_pb2.EvaluateRequest(
+                session_id=sid, hidden_states=codec.encode_tensor(hidden), attention_mask=codec.encode_tensor(mask)
+            )
             calls = {
                 "Forward": lambda md: list(stub.Forward(codec.to_chunks(forward), timeout=30, metadata=md)),
                 "Backward": lambda md: list(stub.Backward(codec.to_chunks(backward), timeout=30, metadata=md)),
                 "Evaluate": lambda md: list(stub.Evaluate(codec.to_chunks(evaluate), timeout=30, metadata=md)),
-                "CloseSession": lambda md: stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=sid, keep=True),
-                                                             timeout=30, metadata=md),
+                "CloseSession": lambda md: stub.CloseSession(
+                    sap_pb2.CloseSessionRequest(session_id=sid, keep=True), timeout=30, metadata=md
+                ),
             }
             wrong = "f" * 64 if secret != "f" * 64 else "e" * 64
             for name, call in calls.items():
@@ -142,8 +150,11 @@ def test_a_session_is_refused_to_anyone_without_its_secret(tiny_llama):
 def test_missing_secret_reveals_nothing_and_unknown_or_closed_sessions_are_not_found(tiny_llama):
     provider = _provider(tiny_llama)
     try:
-        with running_server(provider) as address, RemoteTopService(address) as owner, \
-                grpc.insecure_channel(address) as channel:
+        with (
+            running_server(provider) as address,
+            RemoteTopService(address) as owner,
+            grpc.insecure_channel(address) as channel,
+        ):
             stub = sap_pb2_grpc.SplitLearningStub(channel)
             sid = owner.open_session(SessionSpec(num_labels=NUM_LABELS, learning_rate=1e-2, seed=0))
             secret = owner.session_secret(sid)
@@ -203,8 +214,17 @@ def test_api_key_file_format(tmp_path):
     assert len(api) == 2
     api.check("Bearer alpha-key-1")
     api.check("bearer beta-key-2")
-    for bad in (None, "", "alpha-key-1", "Bearer", "Bearer ", "Basic alpha-key-1", "Bearer beta-key-0",
-                "Bearer alpha-key-", "Bearer alpha-key-12"):
+    for bad in (
+        None,
+        "",
+        "alpha-key-1",
+        "Bearer",
+        "Bearer ",
+        "Basic alpha-key-1",
+        "Bearer beta-key-0",
+        "Bearer alpha-key-",
+        "Bearer alpha-key-12",
+    ):
         with pytest.raises(AuthenticationError):
             api.check(bad)
     (tmp_path / "empty").write_text("# nothing\n\n")
@@ -217,18 +237,26 @@ def test_api_key_file_format(tmp_path):
 def test_api_keys_gate_info_bottom_and_sessions(tiny_llama, tmp_path):
     provider = _provider(tiny_llama)
     try:
-        with running_server(provider, api_keys=ApiKeys.of(["k-one", "k-two"])) as address, \
-                grpc.insecure_channel(address) as channel:
+        with (
+            running_server(provider, api_keys=ApiKeys.of(["k-one", "k-two"])) as address,
+            grpc.insecure_channel(address) as channel,
+        ):
             stub = sap_pb2_grpc.SplitLearningStub(channel)
             open_request = sap_pb2.OpenSessionRequest(num_labels=2, learning_rate=1e-3)
-            calls = {"GetServerInfo": lambda md: stub.GetServerInfo(sap_pb2.ServerInfoRequest(), timeout=30,
-                                                                    metadata=md),
-                     "DownloadBottom": lambda md: list(stub.DownloadBottom(sap_pb2.DownloadBottomRequest(),
-                                                                           timeout=30, metadata=md)),
-                     "OpenSession": lambda md: stub.OpenSession(open_request, timeout=30, metadata=md)}
+            calls = {
+                "GetServerInfo": lambda md: stub.GetServerInfo(sap_pb2.ServerInfoRequest(), timeout=30, metadata=md),
+                "DownloadBottom": lambda md: list(
+                    stub.DownloadBottom(sap_pb2.DownloadBottomRequest(), timeout=30, metadata=md)
+                ),
+                "OpenSession": lambda md: stub.OpenSession(open_request, timeout=30, metadata=md),
+            }
             for name, call in calls.items():
-                for md in ((), [("authorization", "Bearer k-three")], [("authorization", "k-one")],
-                           [("authorization", "Basic k-one")]):
+                for md in (
+                    (),
+                    [("authorization", "Bearer k-three")],
+                    [("authorization", "k-one")],
+                    [("authorization", "Basic k-one")],
+                ):
                     code, details = _code(lambda: call(md))
                     assert code == grpc.StatusCode.UNAUTHENTICATED, (name, md, code, details)
                     assert "k-one" not in details and "k-two" not in details
@@ -256,8 +284,12 @@ def test_api_keys_gate_info_bottom_and_sessions(tiny_llama, tmp_path):
 
 def test_cli_api_keys(tiny_llama, tmp_path, capsys, monkeypatch):
     # the server refuses a missing key file at once (before loading the model) with one clear line
-    assert server_cli.main(["--model", str(tiny_llama), "--split", "1", "--port", "0",
-                            "--api-keys", str(tmp_path / "no-keys")]) == 1
+    assert (
+        server_cli.main(
+            ["--model", str(tiny_llama), "--split", "1", "--port", "0", "--api-keys", str(tmp_path / "no-keys")]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-keys" in err[0] and "--api-keys" in err[0]
 

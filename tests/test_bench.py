@@ -21,9 +21,19 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench  # noqa: E402
 import slow_link  # noqa: E402
 
-REDUCED = bench.Settings(batch_size=4, max_length=32, warmup_steps=1, rounds=2, steps_per_round=2,
-                         predict_warmup=1, predict_reps={1: 2, 32: 2}, wire_steps=2, sessions=3, slow_steps=2,
-                         threads=1)
+REDUCED = bench.Settings(
+    batch_size=4,
+    max_length=32,
+    warmup_steps=1,
+    rounds=2,
+    steps_per_round=2,
+    predict_warmup=1,
+    predict_reps={1: 2, 32: 2},
+    wire_steps=2,
+    sessions=3,
+    slow_steps=2,
+    threads=1,
+)
 
 
 def _data() -> TextDataset:
@@ -38,9 +48,18 @@ def _positive(value) -> bool:
 def _check_core(result: dict, settings: bench.Settings) -> None:
     training = result["training"]
     assert training["timed_steps"] == settings.rounds * settings.steps_per_round
-    for key in ("throughput_ratio", "split_examples_per_s", "single_examples_per_s", "bytes_sent_per_example",
-                "naive_bytes_per_example", "wire_bytes_ratio", "real_tokens_per_example",
-                "split_cpu_seconds_per_example", "single_cpu_seconds_per_example", "cpu_ratio"):
+    for key in (
+        "throughput_ratio",
+        "split_examples_per_s",
+        "single_examples_per_s",
+        "bytes_sent_per_example",
+        "naive_bytes_per_example",
+        "wire_bytes_ratio",
+        "real_tokens_per_example",
+        "split_cpu_seconds_per_example",
+        "single_cpu_seconds_per_example",
+        "cpu_ratio",
+    ):
         assert _positive(training[key]), (key, training[key])
     # the chunks behind the ratio: one entry per round and side, adding up to the totals
     for side in ("split", "single"):
@@ -87,7 +106,8 @@ def test_full_bench_on_tiny_bert(tiny_bert):
         assert math.isfinite(figures["transfer_seconds"]) and _positive(figures["bytes_sent_per_step"])
         assert _positive(figures["expected_transfer_seconds"])
         assert figures["transfer_seconds"] == pytest.approx(
-            figures["step_seconds_slow_link"] - figures["step_seconds_loopback"])
+            figures["step_seconds_slow_link"] - figures["step_seconds_loopback"]
+        )
     headline = report["headline"]
     for key in ("throughput_ratio", "wire_bytes_ratio", "predict_p50_ratio"):
         assert _positive(headline[key]), (key, headline)

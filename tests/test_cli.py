@@ -93,8 +93,12 @@ def test_client_eval_fraction_out_of_range(good_csv, capsys):
 
 
 def test_client_eval_and_eval_fraction_exclusive(good_csv, capsys):
-    _usage_error(client_cli.main, ["train", str(good_csv), "--eval", str(good_csv), "--eval-fraction", "0.2"],
-                 capsys, "not allowed with")
+    _usage_error(
+        client_cli.main,
+        ["train", str(good_csv), "--eval", str(good_csv), "--eval-fraction", "0.2"],
+        capsys,
+        "not allowed with",
+    )
 
 
 def test_client_non_numeric_lr(good_csv, capsys):
@@ -145,13 +149,18 @@ def test_client_rescale_needs_noise(good_csv, capsys):
 
 
 def test_client_cti_rows_choices(good_csv, capsys):
-    _usage_error(client_cli.main, ["train", str(good_csv), "--noise-ratio", "1", "--cti", "--cti-rows", "mean"],
-                 capsys, "--cti-rows")
+    _usage_error(
+        client_cli.main,
+        ["train", str(good_csv), "--noise-ratio", "1", "--cti", "--cti-rows", "mean"],
+        capsys,
+        "--cti-rows",
+    )
 
 
 def test_client_eta_and_noise_ratio_exclusive(good_csv, capsys):
-    _usage_error(client_cli.main, ["train", str(good_csv), "--eta", "10", "--noise-ratio", "3"], capsys,
-                 "not allowed with")
+    _usage_error(
+        client_cli.main, ["train", str(good_csv), "--eta", "10", "--noise-ratio", "3"], capsys, "not allowed with"
+    )
 
 
 # --- runtime errors: exit 1 with one line ------------------------------------------------------
@@ -165,56 +174,74 @@ def test_client_missing_file(tmp_path, capsys):
 
 def test_client_missing_column(tmp_path, capsys):
     data = write_csv(tmp_path / "data.csv", learnable_rows(20), header=("sentence", "label"))
-    _runtime_error(client_cli.main, ["train", str(data), "--out", str(tmp_path / "run")], capsys,
-                   "'text'", "missing", "'sentence'")
+    _runtime_error(
+        client_cli.main, ["train", str(data), "--out", str(tmp_path / "run")], capsys, "'text'", "missing", "'sentence'"
+    )
 
 
 def test_client_custom_column_missing(good_csv, tmp_path, capsys):
-    _runtime_error(client_cli.main, ["train", str(good_csv), "--label-column", "sentiment",
-                                     "--out", str(tmp_path / "run")], capsys, "'sentiment'", "missing")
+    _runtime_error(
+        client_cli.main,
+        ["train", str(good_csv), "--label-column", "sentiment", "--out", str(tmp_path / "run")],
+        capsys,
+        "'sentiment'",
+        "missing",
+    )
 
 
 def test_client_header_only_csv(tmp_path, capsys):
     data = write_csv(tmp_path / "data.csv", [])
-    _runtime_error(client_cli.main, ["train", str(data), "--out", str(tmp_path / "run")], capsys,
-                   str(data), "no data rows")
+    _runtime_error(
+        client_cli.main, ["train", str(data), "--out", str(tmp_path / "run")], capsys, str(data), "no data rows"
+    )
 
 
 def test_client_single_class(tmp_path, capsys):
     rows = [(text, "pos") for text, _ in learnable_rows(20)]
     data = write_csv(tmp_path / "data.csv", rows)
-    _runtime_error(client_cli.main, ["train", str(data), "--out", str(tmp_path / "run")], capsys,
-                   "single class", "'pos'")
+    _runtime_error(
+        client_cli.main, ["train", str(data), "--out", str(tmp_path / "run")], capsys, "single class", "'pos'"
+    )
 
 
 def test_client_empty_text_names_the_line(tmp_path, capsys):
     rows = learnable_rows(10)
     rows[4] = ("", rows[4][1])
     data = write_csv(tmp_path / "data.csv", rows)
-    _runtime_error(client_cli.main, ["train", str(data), "--out", str(tmp_path / "run")], capsys,
-                   f"{data}:6", "'text'", "empty")
+    _runtime_error(
+        client_cli.main, ["train", str(data), "--out", str(tmp_path / "run")], capsys, f"{data}:6", "'text'", "empty"
+    )
 
 
 def test_client_eval_label_unseen_in_training(good_csv, tmp_path, capsys):
     held = write_csv(tmp_path / "eval.csv", [("w1 w2 good", "pos"), ("w3 w4", "neutral")])
-    _runtime_error(client_cli.main, ["train", str(good_csv), "--eval", str(held), "--out", str(tmp_path / "run")],
-                   capsys, "'neutral'", "not in the training data")
+    _runtime_error(
+        client_cli.main,
+        ["train", str(good_csv), "--eval", str(held), "--out", str(tmp_path / "run")],
+        capsys,
+        "'neutral'",
+        "not in the training data",
+    )
 
 
 def test_client_server_unreachable(good_csv, tmp_path, capsys):
     port = _free_port()
     started = time.monotonic()
-    _runtime_error(client_cli.main, ["train", str(good_csv), "--server", f"127.0.0.1:{port}",
-                                     "--out", str(tmp_path / "run")], capsys, f"127.0.0.1:{port}")
+    _runtime_error(
+        client_cli.main,
+        ["train", str(good_csv), "--server", f"127.0.0.1:{port}", "--out", str(tmp_path / "run")],
+        capsys,
+        f"127.0.0.1:{port}",
+    )
     assert time.monotonic() - started < 15
 
 
 def test_server_missing_model_folder(tmp_path, capsys):
     missing = tmp_path / "no-such-model"
-    _runtime_error(server_cli.main, ["--model", str(missing), "--split", "1", "--port", "0"], capsys,
-                   "no-such-model")
+    _runtime_error(server_cli.main, ["--model", str(missing), "--split", "1", "--port", "0"], capsys, "no-such-model")
 
 
 def test_server_split_out_of_range(tiny_bert, capsys):
-    _runtime_error(server_cli.main, ["--model", str(tiny_bert), "--split", "10", "--port", "0"], capsys,
-                   "k=10", "3 blocks", "0..2")
+    _runtime_error(
+        server_cli.main, ["--model", str(tiny_bert), "--split", "10", "--port", "0"], capsys, "k=10", "3 blocks", "0..2"
+    )

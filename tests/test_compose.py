@@ -56,8 +56,9 @@ class ComposeRun:
         return self.failure is None
 
     def explain(self) -> str:
-        return f"{self.failure}\n" + "\n".join(f"--- {name} (exit {self.returncodes.get(name)}):\n{log[-3000:]}"
-                                               for name, log in self.logs.items())
+        return f"{self.failure}\n" + "\n".join(
+            f"--- {name} (exit {self.returncodes.get(name)}):\n{log[-3000:]}" for name, log in self.logs.items()
+        )
 
 
 def _interpolate(text: str) -> str:
@@ -225,9 +226,16 @@ def run_compose_locally(compose_path: Path, workdir: Path, *, model: Path, timeo
             if not Path(data_file).exists():
                 write_csv(Path(data_file), learnable_rows(DATA_ROWS, seed=len(data_file)))
 
-    base_env = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": str(workdir / "home"),
-                "LANG": "C.UTF-8", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1",
-                "OMP_NUM_THREADS": "1", "SAP_CACHE_DIR": str(workdir / "cache")}
+    base_env = {
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HOME": str(workdir / "home"),
+        "LANG": "C.UTF-8",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1",
+        "SAP_CACHE_DIR": str(workdir / "cache"),
+    }
     processes: dict[str, subprocess.Popen] = {}
     log_files = {}
     deadline = time.monotonic() + timeout
@@ -235,8 +243,9 @@ def run_compose_locally(compose_path: Path, workdir: Path, *, model: Path, timeo
     try:
         for name in _order(services):
             for dependency, condition in _dependencies(services[name]).items():
-                problem = _wait_for(condition, dependency, services[dependency], processes[dependency],
-                                    localize, base_env, deadline)
+                problem = _wait_for(
+                    condition, dependency, services[dependency], processes[dependency], localize, base_env, deadline
+                )
                 if problem:
                     result.failure = f"{name} not started: {problem}"
                     return result
@@ -246,8 +255,14 @@ def run_compose_locally(compose_path: Path, workdir: Path, *, model: Path, timeo
             cwd = workdir / "cwd" / name
             cwd.mkdir(parents=True, exist_ok=True)
             log_files[name] = (workdir / f"{name}.log").open("w")
-            processes[name] = subprocess.Popen(commands[name], stdout=log_files[name], stderr=subprocess.STDOUT,
-                                               env=env, cwd=cwd, start_new_session=True)
+            processes[name] = subprocess.Popen(
+                commands[name],
+                stdout=log_files[name],
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         # --abort-on-container-exit: the first of the services nobody waits on to finish ends the run.
         finals = [name for name in services if name not in depended_on]
         while time.monotonic() < deadline:
@@ -281,8 +296,9 @@ def run_compose_locally(compose_path: Path, workdir: Path, *, model: Path, timeo
     return result
 
 
-def _wait_for(condition: str, name: str, service: dict, process: subprocess.Popen, localize, env: dict,
-              deadline: float) -> str | None:
+def _wait_for(
+    condition: str, name: str, service: dict, process: subprocess.Popen, localize, env: dict, deadline: float
+) -> str | None:
     """None once `name` meets the depends_on condition, else why it never will."""
     if condition == "service_started":
         return None
@@ -343,11 +359,14 @@ def test_compose_services_run_as_local_processes(tiny_llama, tmp_path):
     print(f"\ncompose as processes: {time.monotonic() - started:.1f} s")
 
 
-@pytest.mark.parametrize("old, new, service", [
-    ("--noise-ratio", "--noise-ration", "client"),    # a misspelt flag in the client's train command
-    ("--run /runs/demo", "--runs /runs/demo", "client"),  # ... in the evaluate command after it
-    ('"--state-dir"', '"--state-dri"', "server"),     # ... in the server's command
-])
+@pytest.mark.parametrize(
+    "old, new, service",
+    [
+        ("--noise-ratio", "--noise-ration", "client"),  # a misspelt flag in the client's train command
+        ("--run /runs/demo", "--runs /runs/demo", "client"),  # ... in the evaluate command after it
+        ('"--state-dir"', '"--state-dri"', "server"),  # ... in the server's command
+    ],
+)
 def test_a_broken_compose_command_fails_the_run(old, new, service, tiny_llama, tmp_path):
     run = run_compose_locally(_copy_with(tmp_path, old, new), tmp_path / "work", model=tiny_llama)
     assert not run.ok, f"the runner did not notice {old!r} -> {new!r}"
@@ -439,5 +458,8 @@ def test_compose_wiring():
     for data_file in re.findall(r"/data/([\w.-]+)", script):
         assert f"/data/{data_file}" in client_dockerfile, f"client.Dockerfile does not provide /data/{data_file}"
     makefile = (REPO / "Makefile").read_text()
-    assert re.search(r"^compose-demo:\n\tdocker compose -f docker/compose.yaml up --build --abort-on-container-exit",
-                     makefile, flags=re.MULTILINE), "make compose-demo must run docker/compose.yaml"
+    assert re.search(
+        r"^compose-demo:\n\tdocker compose -f docker/compose.yaml up --build --abort-on-container-exit",
+        makefile,
+        flags=re.MULTILINE,
+    ), "make compose-demo must run docker/compose.yaml"

@@ -24,8 +24,10 @@ def test_runs_in_order_on_one_thread_and_reraises():
     compute = ComputeThread(name="test-compute")
     try:
         seen: list[tuple[int, str]] = []
-        callers = [threading.Thread(target=lambda i=i: compute.run(
-            lambda: seen.append((i, threading.current_thread().name)))) for i in range(16)]
+        callers = [
+            threading.Thread(target=lambda i=i: compute.run(lambda: seen.append((i, threading.current_thread().name))))
+            for i in range(16)
+        ]
         for caller in callers:
             caller.start()
         for caller in callers:

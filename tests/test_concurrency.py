@@ -43,12 +43,17 @@ def _batch(seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     batch, length = 2 + seed % 3, 4 + seed % 4
     hidden = torch.randn(batch, length, HIDDEN, generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
-    mask[0, length // 2:] = 0
+    mask[0, length // 2 :] = 0
     return hidden, mask, torch.randint(0, NUM_LABELS, (batch,), generator=g)
 
 
-def _train(service: RemoteTopService, seed: int, steps: int = STEPS, start: threading.Barrier | None = None,
-           replays: list[int] | None = None) -> str:
+def _train(
+    service: RemoteTopService,
+    seed: int,
+    steps: int = STEPS,
+    start: threading.Barrier | None = None,
+    replays: list[int] | None = None,
+) -> str:
     """Open a session and train `steps` steps (plus one Evaluate); returns the session id."""
     sid = service.open_session(SessionSpec(num_labels=NUM_LABELS, learning_rate=1e-2, seed=seed))
     if start is not None:
@@ -162,22 +167,31 @@ def _wrapped(handler, action: str, delay: float):
         return reply
 
     if streaming:
-        return grpc.stream_stream_rpc_method_handler(lambda it, ctx: iter(run(it, ctx)), handler.request_deserializer,
-                                                     handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            lambda it, ctx: iter(run(it, ctx)), handler.request_deserializer, handler.response_serializer
+        )
     return grpc.unary_unary_rpc_method_handler(run, handler.request_deserializer, handler.response_serializer)
 
 
 def test_retries_survive_lost_requests_and_lost_replies(tiny_llama):
-    plan = {("OpenSession", 1): "down", ("Forward", 1): "down", ("Forward", 2): "down",
-            ("Backward", 1): "lose",  # applied, reply lost: the retry must be replayed, not applied again
-            ("Forward", 4): "lose",   # forward of step 2 ran, reply lost: the retry recomputes it
-            ("Backward", 4): "lose", ("Evaluate", 1): "down", ("CloseSession", 1): "lose"}
+    plan = {
+        ("OpenSession", 1): "down",
+        ("Forward", 1): "down",
+        ("Forward", 2): "down",
+        ("Backward", 1): "lose",  # applied, reply lost: the retry must be replayed, not applied again
+        ("Forward", 4): "lose",  # forward of step 2 ran, reply lost: the retry recomputes it
+        ("Backward", 4): "lose",
+        ("Evaluate", 1): "down",
+        ("CloseSession", 1): "lose",
+    }
     flaky = Flaky(plan)
     provider = _provider(tiny_llama)
     replays: list[int] = []
     try:
-        with running_server(provider, interceptors=[flaky]) as address, \
-                RemoteTopService(address, tries=4, retry_backoff=0.02) as service:
+        with (
+            running_server(provider, interceptors=[flaky]) as address,
+            RemoteTopService(address, tries=4, retry_backoff=0.02) as service,
+        ):
             sid = _train(service, seed=11, replays=replays)
             trained = provider.sessions.get(sid).trainable_state()
             assert service.close_session(sid) == STEPS  # the first close was applied, its reply lost
@@ -194,8 +208,10 @@ def test_a_call_past_its_deadline_is_tried_again(tiny_llama):
     flaky = Flaky({("Forward", 1): "slow"}, delay=3.0)
     provider = _provider(tiny_llama)
     try:
-        with running_server(provider, interceptors=[flaky]) as address, \
-                RemoteTopService(address, tries=5, retry_backoff=0.02, call_timeout=1.5) as service:
+        with (
+            running_server(provider, interceptors=[flaky]) as address,
+            RemoteTopService(address, tries=5, retry_backoff=0.02, call_timeout=1.5) as service,
+        ):
             started = time.monotonic()
             sid = _train(service, seed=13)
             assert time.monotonic() - started >= 1.5 and flaky.calls["Forward"] >= STEPS + 1
@@ -238,8 +254,10 @@ def test_other_codes_are_not_retried_and_tries_are_bounded(tiny_llama):
     provider = _provider(tiny_llama)
     always_down = Flaky({("GetServerInfo", n): "down" for n in range(1, 10)})
     try:
-        with running_server(provider, interceptors=[always_down]) as address, \
-                RemoteTopService(address, tries=3, retry_backoff=0.01) as service:
+        with (
+            running_server(provider, interceptors=[always_down]) as address,
+            RemoteTopService(address, tries=3, retry_backoff=0.01) as service,
+        ):
             sid = service.open_session(SessionSpec(num_labels=NUM_LABELS, learning_rate=1e-2))
             hidden, mask, _ = _batch(0, 1)
             with pytest.raises(InvalidInputError, match="hidden size"):

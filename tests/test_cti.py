@@ -56,22 +56,28 @@ def test_importance_matches_hand_computation():
     # xi = 1 / max(8, 4) = 0.125, 3 xi = 0.375
     stats = CtiStatistics(counts=torch.tensor([[6, 1, 1, 0], [0, 1, 1, 2]]))
     expected = [
-        [math.log(0.75 / (0 + 0.375)),      # ln 2
-         math.log(0.125 / (0.25 + 0.375)),  # ln 0.2
-         math.log(0.125 / (0.25 + 0.375)),  # ln 0.2
-         0.0],                              # unseen in class 0
-        [0.0,                               # unseen in class 1
-         math.log(0.25 / (0.125 + 0.375)),  # ln 0.5
-         math.log(0.25 / (0.125 + 0.375)),  # ln 0.5
-         math.log(0.5 / (0 + 0.375))],      # ln 4/3
+        [
+            math.log(0.75 / (0 + 0.375)),  # ln 2
+            math.log(0.125 / (0.25 + 0.375)),  # ln 0.2
+            math.log(0.125 / (0.25 + 0.375)),  # ln 0.2
+            0.0,
+        ],  # unseen in class 0
+        [
+            0.0,  # unseen in class 1
+            math.log(0.25 / (0.125 + 0.375)),  # ln 0.5
+            math.log(0.25 / (0.125 + 0.375)),  # ln 0.5
+            math.log(0.5 / (0 + 0.375)),
+        ],  # ln 4/3
     ]
     ui = stats.importance()
     assert ui.dtype == torch.float64
     torch.testing.assert_close(ui, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
     table = eta_table(stats, 2.0, floor=0.6)
-    want = [[2 * math.log(2), 1.2, 1.2, 1.2],  # ln 2 > 0.6 keeps its UI; the rest hit the floor
-            [1.2, 1.2, 1.2, 1.2],              # ln 4/3 = 0.288 < 0.6
-            [2 * math.log(2), 1.2, 1.2, 1.2]]
+    want = [
+        [2 * math.log(2), 1.2, 1.2, 1.2],  # ln 2 > 0.6 keeps its UI; the rest hit the floor
+        [1.2, 1.2, 1.2, 1.2],  # ln 4/3 = 0.288 < 0.6
+        [2 * math.log(2), 1.2, 1.2, 1.2],
+    ]
     torch.testing.assert_close(table, torch.tensor(want, dtype=torch.float64))
 
 
@@ -137,14 +143,17 @@ def test_load_rejects_other_safetensors(tmp_path: Path):
         CtiStatistics.load(path)
 
 
-@pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"eta_base": 0.0}, "eta_base.*0.0"),
-    ({"eta_base": math.inf}, "eta_base.*inf"),
-    ({"mode": "foo"}, "mode.*'foo'"),
-    ({"top": 0.0}, "top.*0.0"),
-    ({"top": 1.5}, "top.*1.5"),
-    ({"floor": 0.0}, "floor.*0.0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"eta_base": 0.0}, "eta_base.*0.0"),
+        ({"eta_base": math.inf}, "eta_base.*inf"),
+        ({"mode": "foo"}, "mode.*'foo'"),
+        ({"top": 0.0}, "top.*0.0"),
+        ({"top": 1.5}, "top.*1.5"),
+        ({"floor": 0.0}, "floor.*0.0"),
+    ],
+)
 def test_eta_table_rejects_bad_parameters(kwargs, needle):
     args = {"eta_base": ETA} | kwargs
     with pytest.raises(ValueError, match=needle):
@@ -172,8 +181,10 @@ def test_token_eta_picks_class_rows_or_the_unlabeled_row():
     ids = torch.tensor([[4, 5, PAD], [5, 1, 4]])
     labelled = token_eta(table, ids, torch.tensor([1, 0]))
     assert labelled.shape == (2, 3)
-    assert labelled.tolist() == [[table[1, 4].item(), table[1, 5].item(), table[1, PAD].item()],
-                                 [table[0, 5].item(), table[0, 1].item(), table[0, 4].item()]]
+    assert labelled.tolist() == [
+        [table[1, 4].item(), table[1, 5].item(), table[1, PAD].item()],
+        [table[0, 5].item(), table[0, 1].item(), table[0, 4].item()],
+    ]
     unlabeled = token_eta(table, ids, None)
     assert unlabeled.tolist() == [[table[2, t].item() for t in row] for row in ids.tolist()]
     assert unlabeled[1, 0].item() > 0.6 * ETA and labelled[1, 0].item() == pytest.approx(0.6 * ETA)

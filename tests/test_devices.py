@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_two_process import _script, _wait_for_address
 
 from sap_client import cli as client_cli
 from sap_client.bottom import load_server_bottom
@@ -25,7 +26,6 @@ from sap_server import cli as server_cli
 from sap_server.local import LocalTopService
 from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
-from test_two_process import _script, _wait_for_address
 from tiny_models import learnable_rows, write_csv
 
 CUDA = torch.cuda.is_available()
@@ -51,8 +51,12 @@ def test_server_rejects_a_bad_device_with_exit_2(value, capsys):
 
 @pytest.mark.parametrize("command", ["train", "predict", "evaluate", "audit"])
 def test_client_commands_reject_a_bad_device_with_exit_2(command, tmp_path, capsys):
-    extra = {"train": [], "predict": ["--run", str(tmp_path), "--out", str(tmp_path / "p.csv")],
-             "evaluate": ["--run", str(tmp_path)], "audit": ["--out", str(tmp_path / "audit")]}[command]
+    extra = {
+        "train": [],
+        "predict": ["--run", str(tmp_path), "--out", str(tmp_path / "p.csv")],
+        "evaluate": ["--run", str(tmp_path)],
+        "audit": ["--out", str(tmp_path / "audit")],
+    }[command]
     with pytest.raises(SystemExit) as info:
         client_cli.main([command, str(tmp_path / "data.csv"), *extra, "--device", "gpu0"])
     assert info.value.code == 2
@@ -103,14 +107,31 @@ def test_client_asked_for_cuda_without_one_exits_1(command, tmp_path, capsys):
 
 
 def test_environment_gives_the_defaults(monkeypatch, tmp_path):
-    for name, value in {"SAP_MODEL": "minilm-l6", "SAP_SPLIT": "2", "SAP_PEFT": "bitfit", "SAP_HOST": "0.0.0.0",
-                        "SAP_PORT": "6000", "SAP_DEVICE": "cpu", "SAP_DTYPE": "bfloat16",
-                        "SAP_STATE_DIR": str(tmp_path), "SAP_SERVER": "provider:7000", "SAP_DEVICE_MAP": "balanced",
-                        "SAP_MAX_MEMORY": "cpu=1GiB"}.items():
+    for name, value in {
+        "SAP_MODEL": "minilm-l6",
+        "SAP_SPLIT": "2",
+        "SAP_PEFT": "bitfit",
+        "SAP_HOST": "0.0.0.0",
+        "SAP_PORT": "6000",
+        "SAP_DEVICE": "cpu",
+        "SAP_DTYPE": "bfloat16",
+        "SAP_STATE_DIR": str(tmp_path),
+        "SAP_SERVER": "provider:7000",
+        "SAP_DEVICE_MAP": "balanced",
+        "SAP_MAX_MEMORY": "cpu=1GiB",
+    }.items():
         monkeypatch.setenv(name, value)
     args = server_cli.build_parser().parse_args([])
-    assert (args.model, args.split, args.peft, args.host, args.port, args.device, args.dtype, args.state_dir) == \
-           ("minilm-l6", 2, "bitfit", "0.0.0.0", 6000, "cpu", "bfloat16", tmp_path)
+    assert (args.model, args.split, args.peft, args.host, args.port, args.device, args.dtype, args.state_dir) == (
+        "minilm-l6",
+        2,
+        "bitfit",
+        "0.0.0.0",
+        6000,
+        "cpu",
+        "bfloat16",
+        tmp_path,
+    )
     assert (args.device_map, args.max_memory) == ("balanced", "cpu=1GiB")
     assert server_cli.build_parser().parse_args(["--split", "3"]).split == 3  # a flag beats the environment
     args = client_cli.build_parser().parse_args(["train", "data.csv"])
@@ -131,8 +152,7 @@ def test_a_bad_environment_value_is_a_usage_error(monkeypatch, capsys):
 @pytest.mark.parametrize("method", ["lora", "adapter", "bitfit"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_session_weights_are_created_in_the_top_dtype(method, dtype, tiny_llama, tmp_path, one_thread):
-    provider = Provider.from_loaded(load_model(str(tiny_llama)), split=1, peft=PeftConfig(method=method),
-                                    dtype=dtype)
+    provider = Provider.from_loaded(load_model(str(tiny_llama)), split=1, peft=PeftConfig(method=method), dtype=dtype)
     try:
         service = LocalTopService(provider)
         bottom, tokenizer, _ = load_server_bottom(service, service.server_info(), cache_root=tmp_path)
@@ -157,8 +177,9 @@ def test_session_weights_are_created_in_the_top_dtype(method, dtype, tiny_llama,
 
 def test_bfloat16_top_learns_and_records_what_arrived(tiny_llama, tmp_path, one_thread):
     record = tmp_path / "record"
-    provider = Provider.from_loaded(load_model(str(tiny_llama)), split=1, peft=PeftConfig(), dtype=torch.bfloat16,
-                                    record_dir=record)
+    provider = Provider.from_loaded(
+        load_model(str(tiny_llama)), split=1, peft=PeftConfig(), dtype=torch.bfloat16, record_dir=record
+    )
     try:
         service = LocalTopService(provider)
         bottom, tokenizer, _ = load_server_bottom(service, service.server_info(), cache_root=tmp_path / "cache")
@@ -179,20 +200,54 @@ def test_bfloat16_top_learns_and_records_what_arrived(tiny_llama, tmp_path, one_
 # --- two processes --------------------------------------------------------------------------------
 
 
-def _two_process_run(tmp_path: Path, folder: Path, server_flags: list[str], client_flags: list[str]) -> tuple[dict, str]:
+def _two_process_run(
+    tmp_path: Path, folder: Path, server_flags: list[str], client_flags: list[str]
+) -> tuple[dict, str]:
     data = write_csv(tmp_path / "data.csv", learnable_rows(ROWS, seed=0))
     run = tmp_path / "run"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SAP_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
-               TQDM_DISABLE="1", OMP_NUM_THREADS="1")
-    server = subprocess.Popen([_script("sap-server"), "--model", str(folder), "--split", "1", "--port", "0",
-                               *server_flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              cwd=tmp_path)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        SAP_CACHE_DIR=str(tmp_path / "cache"),
+        PYTHONUNBUFFERED="1",
+        TQDM_DISABLE="1",
+        OMP_NUM_THREADS="1",
+    )
+    server = subprocess.Popen(
+        [_script("sap-server"), "--model", str(folder), "--split", "1", "--port", "0", *server_flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     try:
         address, _ = _wait_for_address(server, timeout=120)
-        client = subprocess.run([_script("sap-client"), "train", str(data), "--server", address, "--out", str(run),
-                                 "--epochs", str(EPOCHS), "--lr", str(LR), "--batch-size", str(BATCH),
-                                 "--eval-fraction", "0.25", *client_flags],
-                                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        client = subprocess.run(
+            [
+                _script("sap-client"),
+                "train",
+                str(data),
+                "--server",
+                address,
+                "--out",
+                str(run),
+                "--epochs",
+                str(EPOCHS),
+                "--lr",
+                str(LR),
+                "--batch-size",
+                str(BATCH),
+                "--eval-fraction",
+                "0.25",
+                *client_flags,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert client.returncode == 0, client.stderr[-3000:]
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
@@ -207,8 +262,9 @@ def _two_process_run(tmp_path: Path, folder: Path, server_flags: list[str], clie
 
 
 def test_bfloat16_cpu_server_trains_a_client_over_two_processes(tiny_llama, tmp_path):
-    metrics, log = _two_process_run(tmp_path, tiny_llama, ["--device", "cpu", "--dtype", "bfloat16"],
-                                    ["--device", "cpu"])
+    metrics, log = _two_process_run(
+        tmp_path, tiny_llama, ["--device", "cpu", "--dtype", "bfloat16"], ["--device", "cpu"]
+    )
     assert "top on cpu in bfloat16" in log, log[-2000:]
     assert metrics["eval_accuracy"] >= 0.75, metrics["history"]
 
@@ -216,8 +272,9 @@ def test_bfloat16_cpu_server_trains_a_client_over_two_processes(tiny_llama, tmp_
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_server_and_client_over_two_processes(dtype, tiny_llama, tmp_path):
-    metrics, log = _two_process_run(tmp_path, tiny_llama, ["--device", "cuda", "--dtype", dtype],
-                                    ["--device", "cuda", "--train-bottom"])
+    metrics, log = _two_process_run(
+        tmp_path, tiny_llama, ["--device", "cuda", "--dtype", dtype], ["--device", "cuda", "--train-bottom"]
+    )
     assert f"top on cuda in {dtype}" in log, log[-2000:]
     assert metrics["eval_accuracy"] >= 0.75, metrics["history"]
     print(f"\ncuda {dtype}: {json.dumps({k: metrics[k] for k in ('eval_accuracy', 'seconds', 'examples_per_second')})}")
@@ -239,10 +296,18 @@ def test_plan_blocks_gives_contiguous_balanced_shares():
 
 def test_parse_max_memory():
     assert parse_max_memory("cuda:0=20GiB, cuda:1=1.5GB,cpu=64GiB") == {
-        GPU0: 20 * 2**30, GPU1: 1_500_000_000, CPU: 64 * 2**30}
+        GPU0: 20 * 2**30,
+        GPU1: 1_500_000_000,
+        CPU: 64 * 2**30,
+    }
     assert parse_max_memory("cuda=1KiB") == {GPU0: 1024}
-    for bad, message in (("cuda:0", "DEVICE=SIZE"), ("gpu0=1GiB", "device"), ("cuda:0=1GiB,cuda:0=2GiB", "twice"),
-                         ("", "empty"), ("cpu=lots", "DEVICE=SIZE")):
+    for bad, message in (
+        ("cuda:0", "DEVICE=SIZE"),
+        ("gpu0=1GiB", "device"),
+        ("cuda:0=1GiB,cuda:0=2GiB", "twice"),
+        ("", "empty"),
+        ("cpu=lots", "DEVICE=SIZE"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_max_memory(bad)
 
@@ -257,8 +322,9 @@ def test_max_memory_without_device_map_is_a_usage_error(capsys):
 def _spread_run(folder: Path, tmp_path: Path, max_memory: dict | None, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A short training run on a frozen bottom (CPU) and a top placed by max_memory (or all on device);
     the session's trained weights."""
-    provider = Provider.from_loaded(load_model(str(folder)), split=1, peft=PeftConfig(), device=device,
-                                    max_memory=max_memory)
+    provider = Provider.from_loaded(
+        load_model(str(folder)), split=1, peft=PeftConfig(), device=device, max_memory=max_memory
+    )
     try:
         service = LocalTopService(provider)
         bottom, tokenizer, _ = load_server_bottom(service, service.server_info(), cache_root=tmp_path / "cache")
@@ -299,17 +365,18 @@ def test_a_top_spread_over_a_gpu_and_the_cpu_trains_as_on_one_device(family, tin
 
 
 def test_cli_device_map_on_the_cpu_serves_a_client(tiny_llama, tmp_path):
-    metrics, log = _two_process_run(tmp_path, tiny_llama, ["--device-map", "balanced", "--max-memory", "cpu=4GiB"],
-                                    ["--device", "cpu"])
+    metrics, log = _two_process_run(
+        tmp_path, tiny_llama, ["--device-map", "balanced", "--max-memory", "cpu=4GiB"], ["--device", "cpu"]
+    )
     assert "top blocks 1..2 over cpu: 2" in log, log[-2000:]
     assert metrics["eval_accuracy"] >= 0.75, metrics["history"]
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cli_device_map_spreads_the_top_over_a_gpu_and_the_cpu(tiny_llama, tmp_path):
-    metrics, log = _two_process_run(tmp_path, tiny_llama,
-                                    ["--device-map", "balanced", "--max-memory", "cuda:0=1GiB,cpu=4GiB"],
-                                    ["--device", "cpu"])
+    metrics, log = _two_process_run(
+        tmp_path, tiny_llama, ["--device-map", "balanced", "--max-memory", "cuda:0=1GiB,cpu=4GiB"], ["--device", "cpu"]
+    )
     assert "top blocks 1..2 over cuda:0: 1, cpu: 1" in log, log[-2000:]
     assert metrics["eval_accuracy"] >= 0.75, metrics["history"]
     print(f"\ncuda:0 + cpu: {json.dumps({k: metrics[k] for k in ('eval_accuracy', 'seconds', 'examples_per_second')})}")

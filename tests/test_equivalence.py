@@ -48,8 +48,10 @@ Params = dict[str, torch.Tensor]
 def _batches() -> list[tuple[list[str], torch.Tensor]]:
     rows = learnable_rows(STEPS * BATCH, seed=3)
     label_ids = {"neg": 0, "pos": 1}
-    return [([text for text, _ in chunk], torch.tensor([label_ids[label] for _, label in chunk]))
-            for chunk in (rows[i:i + BATCH] for i in range(0, len(rows), BATCH))]
+    return [
+        ([text for text, _ in chunk], torch.tensor([label_ids[label] for _, label in chunk]))
+        for chunk in (rows[i : i + BATCH] for i in range(0, len(rows), BATCH))
+    ]
 
 
 BATCHES = _batches()
@@ -89,8 +91,9 @@ def _train_split(provider: Provider, service, train_bottom: bool, cache: Path) -
     info = service.server_info()
     assert info.split == K and info.peft == provider.sessions.peft.method
     bottom, tokenizer, _ = load_server_bottom(service, info, cache_root=cache)
-    config = TrainConfig(batch_size=BATCH, learning_rate=LR, max_length=MAX_LENGTH, seed=SEED,
-                         train_bottom=train_bottom)
+    config = TrainConfig(
+        batch_size=BATCH, learning_rate=LR, max_length=MAX_LENGTH, seed=SEED, train_bottom=train_bottom
+    )
     trainer = SplitTrainer(bottom, tokenizer, service, config)
     trainer.open(NUM_LABELS)
     top = provider.sessions.get(trainer.session_id).top
@@ -98,8 +101,9 @@ def _train_split(provider: Provider, service, train_bottom: bool, cache: Path) -
     initial_top, initial_bottom = _snapshot(trainable()), _snapshot(trainer.bottom.named_parameters())
     losses = [trainer.step(texts, labels) for texts, labels in BATCHES]
     assert service.close_session(trainer.session_id) == STEPS
-    return Run(initial_top, _snapshot(trainable()), initial_bottom,
-               _snapshot(trainer.bottom.named_parameters()), losses)
+    return Run(
+        initial_top, _snapshot(trainable()), initial_bottom, _snapshot(trainer.bottom.named_parameters()), losses
+    )
 
 
 # --- the reference: ordinary training of the unsplit model ---------------------------------------
@@ -127,15 +131,23 @@ def _reference_run(folder: Path, method: str, train_bottom: bool, initial_top: P
         blocks[:K].requires_grad_(True)
 
     # The same names as the split run's TopModel / BottomModel, over the unsplit model's modules.
-    top_named = lambda: [  # noqa: E731
-        *((f"blocks.{i}.{n}", p) for i, block in enumerate(blocks[K:]) for n, p in block.named_parameters()
-          if p.requires_grad),
-        *((f"head.{head_name}.{n}", p) for n, p in head.named_parameters()),
-    ]
-    bottom_named = lambda: [  # noqa: E731
-        *((f"embeddings.{n}", p) for n, p in embeddings.named_parameters()),
-        *((f"blocks.{i}.{n}", p) for i, block in enumerate(blocks[:K]) for n, p in block.named_parameters()),
-    ]
+    def top_named() -> list[tuple[str, torch.nn.Parameter]]:
+        return [
+            *(
+                (f"blocks.{i}.{n}", p)
+                for i, block in enumerate(blocks[K:])
+                for n, p in block.named_parameters()
+                if p.requires_grad
+            ),
+            *((f"head.{head_name}.{n}", p) for n, p in head.named_parameters()),
+        ]
+
+    def bottom_named() -> list[tuple[str, torch.nn.Parameter]]:
+        return [
+            *((f"embeddings.{n}", p) for n, p in embeddings.named_parameters()),
+            *((f"blocks.{i}.{n}", p) for i, block in enumerate(blocks[:K]) for n, p in block.named_parameters()),
+        ]
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     named_trainable = {id(p) for _, p in top_named()} | ({id(p) for _, p in bottom_named()} if train_bottom else set())
     assert {id(p) for p in trainable} == named_trainable, "the reference trains parameters the test does not compare"
@@ -168,11 +180,13 @@ def assert_same_params(got: Params, expected: Params, what: str, tol: float = TO
     """Same names, same shapes, max abs diff <= tol for each; returns the largest diff."""
     assert got.keys() == expected.keys(), (
         f"{what}: parameter names differ; only in split run: {sorted(got.keys() - expected.keys())[:5]}, "
-        f"only in reference: {sorted(expected.keys() - got.keys())[:5]}")
+        f"only in reference: {sorted(expected.keys() - got.keys())[:5]}"
+    )
     worst = 0.0
     for name, tensor in got.items():
-        assert tensor.shape == expected[name].shape, f"{what}: {name} has shape {tuple(tensor.shape)}, " \
-                                                     f"expected {tuple(expected[name].shape)}"
+        assert tensor.shape == expected[name].shape, (
+            f"{what}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+        )
         diff = _max_diff(tensor, expected[name])
         assert diff <= tol, f"{what}: {name} differs by {diff:.3g} (max abs) > {tol}"
         worst = max(worst, diff)
@@ -221,8 +235,11 @@ def _check(split: Run, reference: Run, method: str, train_bottom: bool) -> dict[
 
 def _assert_bottom_moved(split: Run) -> None:
     """Every bottom block tensor and the token embeddings move (unused embedding rows need not)."""
-    used = {name: tensor for name, tensor in split.final_bottom.items()
-            if name.startswith("blocks.") or "word_embeddings" in name or name == "embeddings.weight"}
+    used = {
+        name: tensor
+        for name, tensor in split.final_bottom.items()
+        if name.startswith("blocks.") or "word_embeddings" in name or name == "embeddings.weight"
+    }
     assert_all_moved(split.initial_bottom, used, "split bottom")
 
 

@@ -39,15 +39,22 @@ TIMEOUT = 60  # per call: generous, so that a busy machine cannot turn a refusal
 KEY = "fuzz-key"
 SERVICE = "/sap.v1.SplitLearning/"
 S = grpc.StatusCode
-INVALID, NOT_FOUND, UNAUTH, DENIED, ORDER, LIMIT = (S.INVALID_ARGUMENT, S.NOT_FOUND, S.UNAUTHENTICATED,
-                                                   S.PERMISSION_DENIED, S.FAILED_PRECONDITION, S.RESOURCE_EXHAUSTED)
+INVALID, NOT_FOUND, UNAUTH, DENIED, ORDER, LIMIT = (
+    S.INVALID_ARGUMENT,
+    S.NOT_FOUND,
+    S.UNAUTHENTICATED,
+    S.PERMISSION_DENIED,
+    S.FAILED_PRECONDITION,
+    S.RESOURCE_EXHAUSTED,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _provider(folder: Path) -> Provider:
-    return Provider.from_loaded(load_model(str(folder)), split=1, peft=PeftConfig(), max_sessions=32,
-                                max_batch_tokens=MAX_BATCH_TOKENS)
+    return Provider.from_loaded(
+        load_model(str(folder)), split=1, peft=PeftConfig(), max_sessions=32, max_batch_tokens=MAX_BATCH_TOKENS
+    )
 
 
 @dataclass
@@ -68,13 +75,22 @@ class Session:
 class Fuzzer:
     """Builds the cases over raw multi-callables (bytes in, bytes out: nothing is validated client-side)."""
 
-    def __init__(self, channel: grpc.Channel, rng: random.Random, fresh: Session, pending: Session, closed: Session,
-                 pending_batch: int):
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        rng: random.Random,
+        fresh: Session,
+        pending: Session,
+        closed: Session,
+        pending_batch: int,
+    ):
         self.rng = rng
         self.fresh, self.pending, self.closed = fresh, pending, closed  # no step yet / forward 1 pending / closed
         self.pending_batch = pending_batch
-        self.unary = {name: channel.unary_unary(SERVICE + name)
-                      for name in ("GetServerInfo", "OpenSession", "CloseSession", "ResumeSession")}
+        self.unary = {
+            name: channel.unary_unary(SERVICE + name)
+            for name in ("GetServerInfo", "OpenSession", "CloseSession", "ResumeSession")
+        }
         self.download = channel.unary_stream(SERVICE + "DownloadBottom")
         self.stream = {name: channel.stream_stream(SERVICE + name) for name in ("Forward", "Backward", "Evaluate")}
 
@@ -84,9 +100,14 @@ class Fuzzer:
         """payload split into Chunk messages (None: an empty stream), or raw Chunk envelopes as given."""
         if envelope is None:
             size = self.rng.choice([7, 64, 1024, 1 << 20])
-            envelope = ([] if payload is None else
-                        [sap_pb2.Chunk(data=payload[i:i + size]).SerializeToString()
-                         for i in range(0, max(len(payload), 1), size)])
+            envelope = (
+                []
+                if payload is None
+                else [
+                    sap_pb2.Chunk(data=payload[i : i + size]).SerializeToString()
+                    for i in range(0, max(len(payload), 1), size)
+                ]
+            )
         return lambda: list(self.stream[rpc](iter(envelope), timeout=TIMEOUT, metadata=md))
 
     def _unary(self, rpc: str, payload: bytes, md=()):
@@ -117,13 +138,16 @@ class Fuzzer:
         hidden = torch.randn(batch, length, HIDDEN, generator=generator)
         mask = torch.ones(batch, length, dtype=torch.long)
         for row in range(batch):
-            mask[row, self.rng.randint(1, length):] = 0
+            mask[row, self.rng.randint(1, length) :] = 0
         return hidden, mask
 
     def _request(self, rpc: str, session: Session, *, packed: bool, step: int = 1, batch: int | None = None):
         hidden, mask = self._tensors(batch)
-        request = (sap_pb2.ForwardRequest(session_id=session.sid, step=step) if rpc == "Forward"
-                   else sap_pb2.EvaluateRequest(session_id=session.sid))
+        request = (
+            sap_pb2.ForwardRequest(session_id=session.sid, step=step)
+            if rpc == "Forward"
+            else sap_pb2.EvaluateRequest(session_id=session.sid)
+        )
         if packed:
             flat, lengths = codec.pack_hidden(hidden, mask)
             request.packed_hidden.CopyFrom(codec.encode_tensor(flat))
@@ -136,21 +160,31 @@ class Fuzzer:
     # --- the cases ----------------------------------------------------------------------------
 
     def case(self) -> Case:
-        kind = self.rng.choices(["info", "download", "open", "close", "inputs", "backward", "bytes", "secret",
-                                 "closed", "resume"], weights=[1, 1, 2, 2, 6, 3, 3, 3, 1, 2])[0]
+        kind = self.rng.choices(
+            ["info", "download", "open", "close", "inputs", "backward", "bytes", "secret", "closed", "resume"],
+            weights=[1, 1, 2, 2, 6, 3, 3, 3, 1, 2],
+        )[0]
         return getattr(self, f"_{kind}")()
 
     def _info(self) -> Case:
         payload = self.rng.choice([b"", self._random_bytes()])
         md = self.rng.choice([(), [("authorization", "Bearer nope")], [("authorization", KEY)]])
-        return Case("GetServerInfo", "no or a wrong API key",
-                    self._unary("GetServerInfo", payload, md), frozenset({UNAUTH, INVALID}))
+        return Case(
+            "GetServerInfo",
+            "no or a wrong API key",
+            self._unary("GetServerInfo", payload, md),
+            frozenset({UNAUTH, INVALID}),
+        )
 
     def _download(self) -> Case:
         payload = self.rng.choice([b"", self._random_bytes()])
         md = self.rng.choice([(), [("authorization", "Bearer nope")], [("authorization", f"bearer{KEY}")]])
-        return Case("DownloadBottom", "no or a wrong API key",
-                    lambda: list(self.download(payload, timeout=TIMEOUT, metadata=md)), frozenset({UNAUTH, INVALID}))
+        return Case(
+            "DownloadBottom",
+            "no or a wrong API key",
+            lambda: list(self.download(payload, timeout=TIMEOUT, metadata=md)),
+            frozenset({UNAUTH, INVALID}),
+        )
 
     def _open(self) -> Case:
         good_key = [("authorization", f"Bearer {KEY}")]
@@ -158,30 +192,41 @@ class Fuzzer:
         if choice == 0:
             payload = self._random_bytes()
             md = self.rng.choice([(), [("authorization", "Bearer nope")]])
-            return Case("OpenSession", "random bytes, no key", self._unary("OpenSession", payload, md),
-                        frozenset({UNAUTH, INVALID}))
+            return Case(
+                "OpenSession",
+                "random bytes, no key",
+                self._unary("OpenSession", payload, md),
+                frozenset({UNAUTH, INVALID}),
+            )
         if choice == 1:
-            request = sap_pb2.OpenSessionRequest(num_labels=self.rng.choice([0, 1, 4097, 2**32 - 1]),
-                                                 learning_rate=1e-3)
+            request = sap_pb2.OpenSessionRequest(
+                num_labels=self.rng.choice([0, 1, 4097, 2**32 - 1]), learning_rate=1e-3
+            )
             words: tuple[str, ...] = ("num_labels",)
         elif choice == 2:
-            request = sap_pb2.OpenSessionRequest(num_labels=2, learning_rate=self.rng.choice(
-                [0.0, -1e-3, math.nan, math.inf, -math.inf]))
+            request = sap_pb2.OpenSessionRequest(
+                num_labels=2, learning_rate=self.rng.choice([0.0, -1e-3, math.nan, math.inf, -math.inf])
+            )
             words = ("learning_rate",)
         elif choice == 3:
-            request = sap_pb2.OpenSessionRequest(num_labels=2, learning_rate=1e-3,
-                                                 weight_decay=self.rng.choice([-0.1, math.nan, math.inf]))
+            request = sap_pb2.OpenSessionRequest(
+                num_labels=2, learning_rate=1e-3, weight_decay=self.rng.choice([-0.1, math.nan, math.inf])
+            )
             words = ("weight_decay",)
         else:
             adapter = self.rng.choice([self.rng.randbytes(16).hex(), "../../etc/passwd", "x" * 500, "A" * 32])
             request = sap_pb2.OpenSessionRequest(adapter_id=adapter, learning_rate=self.rng.choice([0.0, math.nan]))
-            return Case("OpenSession", "unknown adapter",
-                        self._unary("OpenSession", request.SerializeToString(), good_key),
-                        frozenset({NOT_FOUND}), ("unknown",))
+            return Case(
+                "OpenSession",
+                "unknown adapter",
+                self._unary("OpenSession", request.SerializeToString(), good_key),
+                frozenset({NOT_FOUND}),
+                ("unknown",),
+            )
         payload = request.SerializeToString()
-        return Case("OpenSession", f"bad {words[0]}",
-                    self._unary("OpenSession", payload, good_key), frozenset({INVALID}),
-                    words)
+        return Case(
+            "OpenSession", f"bad {words[0]}", self._unary("OpenSession", payload, good_key), frozenset({INVALID}), words
+        )
 
     def _close(self) -> Case:
         session = self.rng.choice([self.fresh, self.pending])
@@ -189,24 +234,33 @@ class Fuzzer:
         keep = self.rng.random() < 0.5
         if choice == 0:  # no secret
             payload = sap_pb2.CloseSessionRequest(session_id=session.sid, keep=keep).SerializeToString()
-            return Case("CloseSession", "no secret", self._unary("CloseSession", payload),
-                        frozenset({UNAUTH}), ("secret",))
+            return Case(
+                "CloseSession", "no secret", self._unary("CloseSession", payload), frozenset({UNAUTH}), ("secret",)
+            )
         if choice == 1:  # a wrong secret
             payload = sap_pb2.CloseSessionRequest(session_id=session.sid, keep=keep).SerializeToString()
             md = self._md(session, "wrong")
-            return Case("CloseSession", "wrong secret",
-                        self._unary("CloseSession", payload, md), frozenset({DENIED}),
-                        ("does not match",))
+            return Case(
+                "CloseSession",
+                "wrong secret",
+                self._unary("CloseSession", payload, md),
+                frozenset({DENIED}),
+                ("does not match",),
+            )
         if choice == 2:  # a made-up session
             payload = sap_pb2.CloseSessionRequest(session_id=self.rng.randbytes(16).hex()).SerializeToString()
             md = self._md(session, "real")
-            return Case("CloseSession", "unknown session",
-                        self._unary("CloseSession", payload, md), frozenset({NOT_FOUND}),
-                        ("unknown or closed",))
+            return Case(
+                "CloseSession",
+                "unknown session",
+                self._unary("CloseSession", payload, md),
+                frozenset({NOT_FOUND}),
+                ("unknown or closed",),
+            )
         payload, md = self._random_bytes(), self._md(session, self.rng.choice(["real", "wrong"]))
-        return Case("CloseSession", "random bytes",
-                    self._unary("CloseSession", payload, md),
-                    frozenset({INVALID, NOT_FOUND}))
+        return Case(
+            "CloseSession", "random bytes", self._unary("CloseSession", payload, md), frozenset({INVALID, NOT_FOUND})
+        )
 
     def _resume(self) -> Case:
         """ResumeSession with no, a wrong or a made-up identity, a step the session is not at, or bad bytes.
@@ -216,30 +270,52 @@ class Fuzzer:
         choice = self.rng.randrange(6)
         request = sap_pb2.ResumeSessionRequest(session_id=session.sid, step=self.rng.choice([0, step]))
         if choice == 0:
-            return Case("ResumeSession", "no secret", self._unary("ResumeSession", request.SerializeToString()),
-                        frozenset({UNAUTH}), ("secret",))
+            return Case(
+                "ResumeSession",
+                "no secret",
+                self._unary("ResumeSession", request.SerializeToString()),
+                frozenset({UNAUTH}),
+                ("secret",),
+            )
         if choice == 1:
-            return Case("ResumeSession", "wrong secret",
-                        self._unary("ResumeSession", request.SerializeToString(), self._md(session, "wrong")),
-                        frozenset({DENIED}), ("does not match",))
+            return Case(
+                "ResumeSession",
+                "wrong secret",
+                self._unary("ResumeSession", request.SerializeToString(), self._md(session, "wrong")),
+                frozenset({DENIED}),
+                ("does not match",),
+            )
         if choice == 2:
             request.session_id = self.rng.choice([self.rng.randbytes(16).hex(), "", "../x", session.sid[:-1]])
-            return Case("ResumeSession", "unknown session",
-                        self._unary("ResumeSession", request.SerializeToString(), self._md(session, "real")),
-                        frozenset({NOT_FOUND}), ("unknown or closed",))
+            return Case(
+                "ResumeSession",
+                "unknown session",
+                self._unary("ResumeSession", request.SerializeToString(), self._md(session, "real")),
+                frozenset({NOT_FOUND}),
+                ("unknown or closed",),
+            )
         if choice == 3:
             request = sap_pb2.ResumeSessionRequest(session_id=self.closed.sid, step=step)
-            return Case("ResumeSession", "closed session",
-                        self._unary("ResumeSession", request.SerializeToString(), self._md(self.closed, "real")),
-                        frozenset({NOT_FOUND}), ("unknown or closed",))
+            return Case(
+                "ResumeSession",
+                "closed session",
+                self._unary("ResumeSession", request.SerializeToString(), self._md(self.closed, "real")),
+                frozenset({NOT_FOUND}),
+                ("unknown or closed",),
+            )
         if choice == 4:
             request.step = step
-            return Case("ResumeSession", "a step it is not at",
-                        self._unary("ResumeSession", request.SerializeToString(), self._md(session, "real")),
-                        frozenset({ORDER}), ("cannot resume", f"step {step}"))
+            return Case(
+                "ResumeSession",
+                "a step it is not at",
+                self._unary("ResumeSession", request.SerializeToString(), self._md(session, "real")),
+                frozenset({ORDER}),
+                ("cannot resume", f"step {step}"),
+            )
         payload, md = self._random_bytes(), self._md(session, self.rng.choice(["real", "wrong"]))
-        return Case("ResumeSession", "random bytes", self._unary("ResumeSession", payload, md),
-                    frozenset({INVALID, NOT_FOUND}))
+        return Case(
+            "ResumeSession", "random bytes", self._unary("ResumeSession", payload, md), frozenset({INVALID, NOT_FOUND})
+        )
 
     def _inputs(self) -> Case:
         """A Forward/Evaluate of a real session, with its real secret, whose inputs are broken in one known way."""
@@ -250,8 +326,21 @@ class Fuzzer:
         request, hidden, mask = self._request(rpc, session, packed=packed)
         field = "packed_hidden" if packed else "hidden_states"
         tensor = getattr(request, field)
-        breakage = self.rng.choice(["dtype", "unknown dtype", "bytes", "hidden size", "nan", "dims", "limit",
-                                    "step", "mask", "lengths", "empty"])
+        breakage = self.rng.choice(
+            [
+                "dtype",
+                "unknown dtype",
+                "bytes",
+                "hidden size",
+                "nan",
+                "dims",
+                "limit",
+                "step",
+                "mask",
+                "lengths",
+                "empty",
+            ]
+        )
         expected, words = frozenset({INVALID}), ()
         if breakage == "dtype":
             bad = self.rng.choice([torch.int64, torch.int32, torch.uint8, torch.bool])
@@ -299,8 +388,9 @@ class Fuzzer:
             if how == 0:
                 request.attention_mask.CopyFrom(codec.encode_tensor(mask * 2))
             elif how == 1:
-                request.attention_mask.CopyFrom(codec.encode_tensor(torch.ones(mask.shape[0] + 1, mask.shape[1],
-                                                                              dtype=torch.long)))
+                request.attention_mask.CopyFrom(
+                    codec.encode_tensor(torch.ones(mask.shape[0] + 1, mask.shape[1], dtype=torch.long))
+                )
             elif how == 2:
                 empty = mask.clone()
                 empty[self.rng.randrange(mask.shape[0])] = 0
@@ -330,8 +420,13 @@ class Fuzzer:
             request.ClearField("lengths")
             request.ClearField("hidden_states")
             words = ("hidden_states",)
-        return Case(rpc, f"{breakage} ({'packed' if packed else 'padded'})",
-                    self._chunks(rpc, request.SerializeToString(), md), expected, words)
+        return Case(
+            rpc,
+            f"{breakage} ({'packed' if packed else 'padded'})",
+            self._chunks(rpc, request.SerializeToString(), md),
+            expected,
+            words,
+        )
 
     def _backward(self) -> Case:
         md = self._md(self.pending, "real")
@@ -341,8 +436,14 @@ class Fuzzer:
         breakage = self.rng.choice(["shape", "nan", "dtype", "unknown dtype", "bytes", "step", "no forward"])
         expected, words = frozenset({INVALID}), ("grad_logits",)
         if breakage == "shape":
-            shape = self.rng.choice([(self.pending_batch, NUM_LABELS + 1), (self.pending_batch + 1, NUM_LABELS),
-                                     (NUM_LABELS,), (1, self.pending_batch, NUM_LABELS)])
+            shape = self.rng.choice(
+                [
+                    (self.pending_batch, NUM_LABELS + 1),
+                    (self.pending_batch + 1, NUM_LABELS),
+                    (NUM_LABELS,),
+                    (1, self.pending_batch, NUM_LABELS),
+                ]
+            )
             request.grad_logits.CopyFrom(codec.encode_tensor(torch.ones(shape)))
             words = ("grad_logits", "shape")
         elif breakage == "nan":
@@ -373,15 +474,20 @@ class Fuzzer:
         md = self._md(session, "real")
         how = self.rng.randrange(3)
         if how == 0:
-            return Case(rpc, "random payload", self._chunks(rpc, self._random_bytes(), md),
-                        frozenset({INVALID, NOT_FOUND}))
+            return Case(
+                rpc, "random payload", self._chunks(rpc, self._random_bytes(), md), frozenset({INVALID, NOT_FOUND})
+            )
         if how == 1:
             envelope = [self._random_bytes() for _ in range(self.rng.randint(1, 3))]
-            return Case(rpc, "random Chunk envelopes", self._chunks(rpc, None, md, envelope),
-                        frozenset({INVALID, NOT_FOUND}))
+            return Case(
+                rpc, "random Chunk envelopes", self._chunks(rpc, None, md, envelope), frozenset({INVALID, NOT_FOUND})
+            )
         if rpc == "Backward":
-            payload = sap_pb2.BackwardRequest(session_id=session.sid, step=1, grad_logits=codec.encode_tensor(
-                torch.ones(self.pending_batch, NUM_LABELS))).SerializeToString()
+            payload = sap_pb2.BackwardRequest(
+                session_id=session.sid,
+                step=1,
+                grad_logits=codec.encode_tensor(torch.ones(self.pending_batch, NUM_LABELS)),
+            ).SerializeToString()
             if session is self.fresh:
                 expected = frozenset({INVALID, NOT_FOUND, ORDER})  # a truncation may leave a valid-looking request
             else:
@@ -399,8 +505,11 @@ class Fuzzer:
         session = self.rng.choice([self.fresh, self.pending])
         mode = self.rng.choice(["none", "wrong", "made-up"])
         if rpc == "Backward":
-            request = sap_pb2.BackwardRequest(session_id=session.sid, step=1, grad_logits=codec.encode_tensor(
-                torch.ones(self.pending_batch, NUM_LABELS)))
+            request = sap_pb2.BackwardRequest(
+                session_id=session.sid,
+                step=1,
+                grad_logits=codec.encode_tensor(torch.ones(self.pending_batch, NUM_LABELS)),
+            )
         else:
             request = self._request(rpc, session, packed=self.rng.random() < 0.5)[0]
         if mode == "made-up":
@@ -421,12 +530,18 @@ class Fuzzer:
         """A good request of a closed session, with that session's real secret."""
         rpc = self.rng.choice(["Forward", "Evaluate", "Backward"])
         if rpc == "Backward":
-            payload = sap_pb2.BackwardRequest(session_id=self.closed.sid, step=1, grad_logits=codec.encode_tensor(
-                torch.ones(2, NUM_LABELS))).SerializeToString()
+            payload = sap_pb2.BackwardRequest(
+                session_id=self.closed.sid, step=1, grad_logits=codec.encode_tensor(torch.ones(2, NUM_LABELS))
+            ).SerializeToString()
         else:
             payload = self._request(rpc, self.closed, packed=True)[0].SerializeToString()
-        return Case(rpc, "closed session", self._chunks(rpc, payload, self._md(self.closed, "real")),
-                    frozenset({NOT_FOUND}), ("unknown or closed",))
+        return Case(
+            rpc,
+            "closed session",
+            self._chunks(rpc, payload, self._md(self.closed, "real")),
+            frozenset({NOT_FOUND}),
+            ("unknown or closed",),
+        )
 
 
 # --- the test -------------------------------------------------------------------------------------
@@ -459,9 +574,11 @@ def test_fuzz_every_rpc_then_train_to_the_exact_weights(tiny_llama):
     provider = _provider(tiny_llama)
     credentials = ClientCredentials(api_key=KEY)
     try:
-        with running_server(provider, api_keys=ApiKeys.of([KEY])) as address, \
-                grpc.insecure_channel(address) as channel, \
-                RemoteTopService(address, credentials=credentials, tries=1) as service:
+        with (
+            running_server(provider, api_keys=ApiKeys.of([KEY])) as address,
+            grpc.insecure_channel(address) as channel,
+            RemoteTopService(address, credentials=credentials, tries=1) as service,
+        ):
             # three sessions to aim at: no step yet, a forward of step 1 pending, closed
             spec = SessionSpec(num_labels=NUM_LABELS, learning_rate=1e-2, seed=1)
             fresh_id, pending_id, closed_id = (service.open_session(spec) for _ in range(3))
@@ -483,13 +600,17 @@ def test_fuzz_every_rpc_then_train_to_the_exact_weights(tiny_llama):
                 codes[code] += 1
                 missing = [word for word in case.words if word not in details]
                 if code not in case.expected or missing:
-                    failures.append(f"#{number} {case.rpc} {case.what}: {code.name} {details!r}, expected "
-                                    f"{sorted(c.name for c in case.expected)} with {case.words}")
+                    failures.append(
+                        f"#{number} {case.rpc} {case.what}: {code.name} {details!r}, expected "
+                        f"{sorted(c.name for c in case.expected)} with {case.words}"
+                    )
             assert not failures, f"{len(failures)} of {REQUESTS} wrong:\n" + "\n".join(failures[:20])
             assert codes[S.INTERNAL] == codes[S.UNKNOWN] == codes[S.OK] == 0
             assert set(codes) == {INVALID, NOT_FOUND, UNAUTH, DENIED, ORDER, LIMIT}, codes
             assert min(per_rpc.values()) >= 20 and len(per_rpc) == 8, per_rpc
-            print(f"\n{REQUESTS} fuzzed requests: {dict(per_rpc)}; statuses {({c.name: n for c, n in codes.items()})}")
+            print(
+                f"\n{REQUESTS} fuzzed requests: {dict(per_rpc)}; statuses { ({c.name: n for c, n in codes.items()}) }"
+            )
 
             # nothing reached the sessions: same weights, no step, the same pending forward
             for trainer, weights in zip(trainers, before):

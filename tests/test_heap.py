@@ -44,8 +44,10 @@ def test_trim_returns_pages_that_the_heap_keeps():
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120, check=True)
     before, kept, trimmed = map(float, out.stdout.split())
     if kept - before < 150:  # seen on a 16-core GPU machine (torch 2.11): the freed blocks were already gone
-        pytest.skip(f"this allocator handed the freed blocks back by itself (RSS {before:.0f} -> {kept:.0f} MiB "
-                    f"after freeing 200 MiB): nothing for malloc_trim to return")
+        pytest.skip(
+            f"this allocator handed the freed blocks back by itself (RSS {before:.0f} -> {kept:.0f} MiB "
+            f"after freeing 200 MiB): nothing for malloc_trim to return"
+        )
     assert kept - trimmed > 100, f"malloc_trim handed back {kept - trimmed:.0f} of the 200 MiB freed"
 
 

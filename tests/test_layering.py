@@ -15,8 +15,13 @@ PACKAGES = ("sap_common", "sap_server", "sap_client")
 ALLOWED = {"sap_common/codec.py", "sap_server/servicer.py", "sap_server/app.py", "sap_client/remote.py"}
 ALLOWED_DIRS = ("sap_common/proto/",)
 # Domain modules that must stay torch-only, checked by name so a move or rename is noticed.
-MUST_BE_DOMAIN = ("sap_server/trainer.py", "sap_server/sessions.py", "sap_server/peft/", "sap_common/models/",
-                  "sap_client/trainer.py")
+MUST_BE_DOMAIN = (
+    "sap_server/trainer.py",
+    "sap_server/sessions.py",
+    "sap_server/peft/",
+    "sap_common/models/",
+    "sap_client/trainer.py",
+)
 
 
 def _python_files() -> list[str]:
@@ -51,8 +56,13 @@ def _imported_modules(relative: str) -> list[str]:
 
 
 def _is_wire(module: str) -> bool:
-    return (module == "grpc" or module.startswith("grpc.") or module.startswith("grpc_")
-            or module == "sap_common.proto" or module.startswith("sap_common.proto."))
+    return (
+        module == "grpc"
+        or module.startswith("grpc.")
+        or module.startswith("grpc_")
+        or module == "sap_common.proto"
+        or module.startswith("sap_common.proto.")
+    )
 
 
 def _wire_imports(relative: str) -> list[str]:
@@ -62,8 +72,13 @@ def _wire_imports(relative: str) -> list[str]:
 def test_scan_finds_the_packages():
     files = _python_files()
     assert len(files) >= 20
-    for expected in ("sap_common/codec.py", "sap_server/servicer.py", "sap_client/remote.py",
-                     "sap_server/trainer.py", "sap_common/models/split.py"):
+    for expected in (
+        "sap_common/codec.py",
+        "sap_server/servicer.py",
+        "sap_client/remote.py",
+        "sap_server/trainer.py",
+        "sap_common/models/split.py",
+    ):
         assert expected in files
 
 
@@ -111,12 +126,20 @@ def test_domain_modules_are_torch_only(prefix):
 
 
 def test_importing_the_domain_leaves_grpc_unloaded():
-    code = ("import sys\n"
-            "import sap_client.trainer, sap_server.trainer, sap_common.models.split\n"
-            "import sap_server.sessions, sap_client.data\n"
-            "bad = sorted(m for m in sys.modules if m == 'grpc' or m.startswith(('grpc.', 'sap_common.proto')))\n"
-            "print(','.join(bad))\n"
-            "sys.exit(1 if bad else 0)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    code = (
+        "import sys\n"
+        "import sap_client.trainer, sap_server.trainer, sap_common.models.split\n"
+        "import sap_server.sessions, sap_client.data\n"
+        "bad = sorted(m for m in sys.modules if m == 'grpc' or m.startswith(('grpc.', 'sap_common.proto')))\n"
+        "print(','.join(bad))\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert result.returncode == 0, f"loaded: {result.stdout.strip()} {result.stderr[-2000:]}"

@@ -40,7 +40,7 @@ def test_pack_unpack_round_trip_is_exact():
     packed, lengths = codec.pack_hidden(hidden, mask)
     assert lengths == LENGTHS and tuple(packed.shape) == (sum(LENGTHS), HIDDEN)
     assert torch.equal(packed[: LENGTHS[0]], hidden[0, : LENGTHS[0]])
-    assert torch.equal(packed[LENGTHS[0]: LENGTHS[0] + LENGTHS[1]], hidden[1, : LENGTHS[1]])
+    assert torch.equal(packed[LENGTHS[0] : LENGTHS[0] + LENGTHS[1]], hidden[1, : LENGTHS[1]])
     back, back_mask = codec.unpack_hidden(packed, lengths)
     assert torch.equal(back, hidden) and torch.equal(back_mask, mask) and back_mask.dtype == torch.int64
 
@@ -65,13 +65,16 @@ def test_pack_refuses_a_mask_that_is_not_right_padded():
         codec.pack_hidden(hidden, torch.tensor([[1, 1, 1], [0, 0, 0]]))  # a row with no real token
 
 
-@pytest.mark.parametrize(("packed_shape", "lengths", "words"), [
-    ((10, HIDDEN), [4, 5], ("lengths", "sum to 9", "10 rows")),
-    ((10, HIDDEN), [4, 0, 6], ("lengths[1]=0", ">= 1")),
-    ((10, HIDDEN), [], ("lengths", "empty")),
-    ((10,), [10], ("packed_hidden", "(N_real, H)")),
-    ((5, HIDDEN), [1] * 5, ("lengths", "5 entries", "at most 4")),
-])
+@pytest.mark.parametrize(
+    ("packed_shape", "lengths", "words"),
+    [
+        ((10, HIDDEN), [4, 5], ("lengths", "sum to 9", "10 rows")),
+        ((10, HIDDEN), [4, 0, 6], ("lengths[1]=0", ">= 1")),
+        ((10, HIDDEN), [], ("lengths", "empty")),
+        ((10,), [10], ("packed_hidden", "(N_real, H)")),
+        ((5, HIDDEN), [1] * 5, ("lengths", "5 entries", "at most 4")),
+    ],
+)
 def test_unpack_validation_names_the_field(packed_shape, lengths, words):
     with pytest.raises(InvalidInputError) as info:
         codec.unpack_hidden(torch.zeros(packed_shape), lengths, max_rows=4)
@@ -114,8 +117,10 @@ def test_packing_and_bfloat16_shrink_the_bytes_sent(served):
     f32 = _forward_bytes(address, torch.float32, hidden, mask)
     bf16 = _forward_bytes(address, torch.bfloat16, hidden, mask)
     f16 = _forward_bytes(address, torch.float16, hidden, mask)
-    print(f"\nnaive padded float32 {naive} B; packed float32 {f32} B ({f32 / naive:.3f}); "
-          f"packed bfloat16 {bf16} B ({bf16 / naive:.3f}, {bf16 / f32:.3f} of float32); float16 {f16} B")
+    print(
+        f"\nnaive padded float32 {naive} B; packed float32 {f32} B ({f32 / naive:.3f}); "
+        f"packed bfloat16 {bf16} B ({bf16 / naive:.3f}, {bf16 / f32:.3f} of float32); float16 {f16} B"
+    )
     assert f32 < naive
     assert f32 / naive <= real_fraction + 0.02  # only the real tokens travel, plus a small envelope
     assert 0.45 <= bf16 / f32 <= 0.55 and abs(f16 - bf16) <= 2  # "float16" vs "bfloat16": one name byte
@@ -142,8 +147,9 @@ def _md(session_id: str) -> list[tuple[str, str]]:
 
 
 def _call(method, message, reply_type):
-    return codec.from_chunks(list(method(codec.to_chunks(message, 1024), timeout=30,
-                                         metadata=_md(message.session_id))), reply_type)
+    return codec.from_chunks(
+        list(method(codec.to_chunks(message, 1024), timeout=30, metadata=_md(message.session_id))), reply_type
+    )
 
 
 def test_packed_and_padded_requests_give_identical_logits(served):
@@ -153,20 +159,23 @@ def test_packed_and_padded_requests_give_identical_logits(served):
     channel, stub = _stub(address)
     with channel:
         session = _open(stub, num_labels=3)
-        padded = sap_pb2.EvaluateRequest(session_id=session, hidden_states=codec.encode_tensor(hidden),
-                                         attention_mask=codec.encode_tensor(mask))
-        lean = sap_pb2.EvaluateRequest(session_id=session, packed_hidden=codec.encode_tensor(packed),
-                                       lengths=lengths)
+        padded = sap_pb2.EvaluateRequest(
+            session_id=session, hidden_states=codec.encode_tensor(hidden), attention_mask=codec.encode_tensor(mask)
+        )
+        lean = sap_pb2.EvaluateRequest(session_id=session, packed_hidden=codec.encode_tensor(packed), lengths=lengths)
         a = codec.decode_tensor(_call(stub.Evaluate, padded, sap_pb2.ForwardReply).logits)
         b = codec.decode_tensor(_call(stub.Evaluate, lean, sap_pb2.ForwardReply).logits)
         stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=session), timeout=10, metadata=_md(session))
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize(("rows", "lengths", "words"), [
-    (10, [4, 5], ("lengths", "sum to 9", "10 rows")),
-    (10, [4, 0, 6], ("lengths[1]=0",)),
-])
+@pytest.mark.parametrize(
+    ("rows", "lengths", "words"),
+    [
+        (10, [4, 5], ("lengths", "sum to 9", "10 rows")),
+        (10, [4, 0, 6], ("lengths[1]=0",)),
+    ],
+)
 @pytest.mark.parametrize("rpc", ["Forward", "Evaluate"])
 def test_malformed_packed_request_is_invalid_argument(served, rpc, rows, lengths, words):
     _, address = served
@@ -175,11 +184,15 @@ def test_malformed_packed_request_is_invalid_argument(served, rpc, rows, lengths
         session = _open(stub, num_labels=2)
         packed = codec.encode_tensor(torch.randn(rows, HIDDEN))
         if rpc == "Forward":
-            request, method = sap_pb2.ForwardRequest(session_id=session, step=1, packed_hidden=packed,
-                                                     lengths=lengths), stub.Forward
+            request, method = (
+                sap_pb2.ForwardRequest(session_id=session, step=1, packed_hidden=packed, lengths=lengths),
+                stub.Forward,
+            )
         else:
-            request, method = sap_pb2.EvaluateRequest(session_id=session, packed_hidden=packed,
-                                                      lengths=lengths), stub.Evaluate
+            request, method = (
+                sap_pb2.EvaluateRequest(session_id=session, packed_hidden=packed, lengths=lengths),
+                stub.Evaluate,
+            )
         with pytest.raises(grpc.RpcError) as info:
             _call(method, request, sap_pb2.ForwardReply)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
@@ -188,8 +201,9 @@ def test_malformed_packed_request_is_invalid_argument(served, rpc, rows, lengths
         # The session is unharmed: a good packed request at step 1 still works.
         good_hidden, good_mask = _padded([3, 2])
         good_packed, good_lengths = codec.pack_hidden(good_hidden, good_mask)
-        ok = sap_pb2.ForwardRequest(session_id=session, step=1, packed_hidden=codec.encode_tensor(good_packed),
-                                    lengths=good_lengths)
+        ok = sap_pb2.ForwardRequest(
+            session_id=session, step=1, packed_hidden=codec.encode_tensor(good_packed), lengths=good_lengths
+        )
         assert _call(stub.Forward, ok, sap_pb2.ForwardReply).step == 1
         stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=session), timeout=10, metadata=_md(session))
 
@@ -208,8 +222,26 @@ def test_bfloat16_wire_training_learns_and_is_recorded(served, tmp_path, capsys)
     train_csv = write_csv(tmp_path / "train.csv", rows[:400])
     eval_csv = write_csv(tmp_path / "eval.csv", rows[400:])
     run = tmp_path / "run"
-    code = client_main(["train", str(train_csv), "--eval", str(eval_csv), "--server", address, "--out", str(run),
-                        "--epochs", "4", "--lr", "3e-3", "--wire-dtype", "bfloat16", "--device", "cpu"])
+    code = client_main(
+        [
+            "train",
+            str(train_csv),
+            "--eval",
+            str(eval_csv),
+            "--server",
+            address,
+            "--out",
+            str(run),
+            "--epochs",
+            "4",
+            "--lr",
+            "3e-3",
+            "--wire-dtype",
+            "bfloat16",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((run / "metrics.json").read_text())
     settings = json.loads((run / "run.json").read_text())
@@ -221,8 +253,25 @@ def test_bfloat16_wire_training_learns_and_is_recorded(served, tmp_path, capsys)
     assert json.loads((run / "evaluation.json").read_text())["accuracy"] == metrics["eval_accuracy"]
     # an explicit flag overrides it (float32 is lossless; accuracy stays about the same).
     out = tmp_path / "eval32.json"
-    assert client_main(["evaluate", str(eval_csv), "--run", str(run), "--server", address, "--device", "cpu",
-                        "--wire-dtype", "float32", "--out", str(out)]) == 0
+    assert (
+        client_main(
+            [
+                "evaluate",
+                str(eval_csv),
+                "--run",
+                str(run),
+                "--server",
+                address,
+                "--device",
+                "cpu",
+                "--wire-dtype",
+                "float32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert abs(json.loads(out.read_text())["accuracy"] - metrics["eval_accuracy"]) <= 0.05
 
 

@@ -62,8 +62,9 @@ def clean_batches(provider: Provider, texts: list[str], batch_size: int = BATCH)
     tokenizer.padding_side = "right"
     out = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=64,
-                          return_tensors="pt")
+        batch = tokenizer(
+            texts[start : start + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt"
+        )
         with torch.no_grad():
             hidden = bottom(batch["input_ids"], batch["attention_mask"])  # (B, T, H)
         out.append((hidden, batch["attention_mask"], batch["input_ids"]))
@@ -78,8 +79,18 @@ def real_rows(records) -> torch.Tensor:
 def run_train(address, tmp_path, rows, eval_rows, config: TrainConfig, noise: NoiseConfig) -> dict:
     data = write_csv(tmp_path / "train.csv", rows)
     held = write_csv(tmp_path / "eval.csv", eval_rows)
-    return train(data, server=address, out=tmp_path / "run", config=config, noise=noise, text_column="text",
-                 label_column="label", eval_path=held, eval_fraction=0.1, max_examples=None)
+    return train(
+        data,
+        server=address,
+        out=tmp_path / "run",
+        config=config,
+        noise=noise,
+        text_column="text",
+        label_column="label",
+        eval_path=held,
+        eval_fraction=0.1,
+        max_examples=None,
+    )
 
 
 # --- noise at k = 1: nothing received equals a clean bottom output ----------------------------------
@@ -96,8 +107,9 @@ def test_noisy_training_sends_no_clean_vector_and_zero_padding(family, tiny_llam
         hidden_size = provider.info.hidden_size
         norm = real_rows(train_clean).norm(dim=-1).mean().item()
         eta = eta_for_noise_ratio(1.0, norm, hidden_size)
-        metrics = run_train(address, tmp_path, rows, eval_rows, TrainConfig(epochs=2, batch_size=BATCH),
-                            NoiseConfig(eta=eta))
+        metrics = run_train(
+            address, tmp_path, rows, eval_rows, TrainConfig(epochs=2, batch_size=BATCH), NoiseConfig(eta=eta)
+        )
     assert metrics["eta"] == eta
     assert metrics["noise_to_signal"] == pytest.approx(1.0, rel=0.15)
     assert len(received["forward"]) == 2 * math.ceil(len(rows) / BATCH)
@@ -120,7 +132,7 @@ def test_noisy_training_sends_no_clean_vector_and_zero_padding(family, tiny_llam
     # Evaluate calls come in order, so each received vector pairs with its clean vector at the same position.
     epoch_calls = len(eval_clean)
     for epoch in range(2):
-        got = received["evaluate"][epoch * epoch_calls:(epoch + 1) * epoch_calls]
+        got = received["evaluate"][epoch * epoch_calls : (epoch + 1) * epoch_calls]
         distances = []
         for (hidden, mask), (clean_hidden, clean_mask, _) in zip(got, eval_clean):
             assert torch.equal(mask.long(), clean_mask.long())
@@ -136,8 +148,7 @@ def test_without_noise_the_recording_sees_the_clean_vectors(tiny_llama, received
     rows, eval_rows = learnable_rows(24, seed=1), learnable_rows(20, seed=2)
     with recording_server(tiny_llama, split=1) as (provider, address):
         eval_clean = clean_batches(provider, [t for t, _ in eval_rows])
-        metrics = run_train(address, tmp_path, rows, eval_rows, TrainConfig(epochs=1, batch_size=BATCH),
-                            NoiseConfig())
+        metrics = run_train(address, tmp_path, rows, eval_rows, TrainConfig(epochs=1, batch_size=BATCH), NoiseConfig())
     assert metrics["eta"] is None and metrics["noise_to_signal"] == 0.0
     for (hidden, mask), (clean_hidden, clean_mask, _) in zip(received["evaluate"], eval_clean):
         real = clean_mask.bool()
@@ -157,8 +168,10 @@ def test_embedding_inversion_rate_falls_with_eta(tiny_llama, received):
         trainer = SplitTrainer(bottom, tokenizer, service, TrainConfig(batch_size=BATCH))
         trainer.open(num_labels=2)
         norm = trainer.mean_hidden_norm(texts)
-        token_ids = [ids[mask.bool()] for ids, mask in (trainer.encode(texts[s:s + BATCH])
-                                                         for s in range(0, len(texts), BATCH))]
+        token_ids = [
+            ids[mask.bool()]
+            for ids, mask in (trainer.encode(texts[s : s + BATCH]) for s in range(0, len(texts), BATCH))
+        ]
         truth = torch.cat(token_ids)
         rates = {}
         for ratio in (None, 1.0, 2.5, 10.0):
@@ -188,7 +201,7 @@ def _examples_by_epoch(forwards, per_epoch: int, epochs: int) -> list[Counter]:
     out = []
     for epoch in range(epochs):
         seen: Counter = Counter()
-        for hidden, mask in forwards[epoch * per_epoch:(epoch + 1) * per_epoch]:
+        for hidden, mask in forwards[epoch * per_epoch : (epoch + 1) * per_epoch]:
             for b in range(hidden.shape[0]):
                 rows = hidden[b][mask[b].bool()]  # (len, H)
                 seen[(tuple(rows.shape), rows.numpy().tobytes())] += 1
@@ -200,8 +213,14 @@ def _examples_by_epoch(forwards, per_epoch: int, epochs: int) -> list[Counter]:
 def test_frozen_bottom_resends_identical_noise_unless_fresh(fresh, tiny_llama, received, tmp_path):
     rows, eval_rows, epochs = learnable_rows(40, seed=4), learnable_rows(8, seed=5), 3
     with recording_server(tiny_llama, split=1) as (_, address):
-        metrics = run_train(address, tmp_path, rows, eval_rows, TrainConfig(epochs=epochs, batch_size=BATCH),
-                            NoiseConfig(eta=300.0, fresh_noise=fresh))
+        metrics = run_train(
+            address,
+            tmp_path,
+            rows,
+            eval_rows,
+            TrainConfig(epochs=epochs, batch_size=BATCH),
+            NoiseConfig(eta=300.0, fresh_noise=fresh),
+        )
     per_epoch = math.ceil(len(rows) / BATCH)  # 3 steps: 16, 16, 8
     assert metrics["steps"] == per_epoch * epochs
     by_epoch = _examples_by_epoch(received["forward"], per_epoch, epochs)
@@ -237,8 +256,13 @@ def test_rescaled_noise_arrives_at_the_run_norm_in_training_and_prediction(tiny_
         settings = json.loads((tmp_path / "run" / "run.json").read_text())
         training = list(received["forward"] + received["evaluate"])
         received["evaluate"].clear()
-        predict(tmp_path / "eval.csv", run_path=tmp_path / "run", server=address, out=tmp_path / "preds.csv",
-                text_column=None)
+        predict(
+            tmp_path / "eval.csv",
+            run_path=tmp_path / "run",
+            server=address,
+            out=tmp_path / "preds.csv",
+            text_column=None,
+        )
         predicting = list(received["evaluate"])
     # the norm is the training data's mean hidden-state norm, kept in run.json for predict and audit
     assert settings["rescale_norm"] == pytest.approx(train_norm, rel=1e-5)
@@ -255,4 +279,4 @@ def test_rescaled_noise_arrives_at_the_run_norm_in_training_and_prediction(tiny_
         for hidden, mask in records:
             assert (hidden[mask == 0] == 0).all()
     # without rescaling, the noised vectors are about sqrt(1 + R^2) times longer: rescaling changed them
-    assert settings["rescale_norm"] < 0.6 * math.sqrt(1 + 2.0 ** 2) * train_norm
+    assert settings["rescale_norm"] < 0.6 * math.sqrt(1 + 2.0**2) * train_norm

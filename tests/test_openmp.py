@@ -10,14 +10,19 @@ import pytest
 
 from sap_common import openmp
 
-PROBE = ("import os, sys; import {module}; "
-         "print(os.environ.get('GOMP_SPINCOUNT', '-'), 'torch' in sys.modules)")
+PROBE = "import os, sys; import {module}; print(os.environ.get('GOMP_SPINCOUNT', '-'), 'torch' in sys.modules)"
 
 
 def _probe(module: str, **env: str) -> list[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    result = subprocess.run([sys.executable, "-c", PROBE.format(module=module)], env={**clean, **env},
-                            capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE.format(module=module)],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return result.stdout.split()
 
 

@@ -51,8 +51,7 @@ def _trainer(served, tmp_path, *, prefetch: bool, train_bottom: bool = False) ->
     _, address = served
     with RemoteTopService(address) as service:
         bottom, tokenizer, _ = load_server_bottom(service, service.server_info(), cache_root=tmp_path / "bottoms")
-        config = TrainConfig(batch_size=BATCH, learning_rate=1e-2, seed=0, train_bottom=train_bottom,
-                             prefetch=prefetch)
+        config = TrainConfig(batch_size=BATCH, learning_rate=1e-2, seed=0, train_bottom=train_bottom, prefetch=prefetch)
         trainer = SplitTrainer(bottom, tokenizer, service, config)
         eta = eta_for_noise_ratio(0.5, trainer.mean_hidden_norm(_dataset().texts), bottom.config.hidden_size)
         trainer.privatizer = Privatizer(eta, key=KEY)

@@ -101,12 +101,25 @@ def test_per_token_eta_broadcasts_over_batch_shape():
     assert norms[1].mean().item() == pytest.approx(d / 20.0, rel=0.03)
 
 
-@pytest.mark.parametrize("eta, shown", [
-    (0, "0"), (0.0, "0.0"), (-1, "-1"), (-1.5, "-1.5"), (float("nan"), "nan"), (float("inf"), "inf"),
-    (float("-inf"), "-inf"), ("abc", "'abc'"), (None, "None"), (True, "True"),
-    (torch.tensor([1.0, 0.0]), "0.0"), (torch.tensor([1.0, float("inf")]), "inf"),
-    (torch.tensor([2.0, -3.0]), "-3.0"), (torch.tensor([float("nan")]), "nan"),
-])
+@pytest.mark.parametrize(
+    "eta, shown",
+    [
+        (0, "0"),
+        (0.0, "0.0"),
+        (-1, "-1"),
+        (-1.5, "-1.5"),
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        (float("-inf"), "-inf"),
+        ("abc", "'abc'"),
+        (None, "None"),
+        (True, "True"),
+        (torch.tensor([1.0, 0.0]), "0.0"),
+        (torch.tensor([1.0, float("inf")]), "inf"),
+        (torch.tensor([2.0, -3.0]), "-3.0"),
+        (torch.tensor([float("nan")]), "nan"),
+    ],
+)
 def test_invalid_eta_is_refused_by_name(eta, shown):
     with pytest.raises(ValueError, match=re.escape(shown)):
         sample_dchi_noise((2, 4), eta)
@@ -144,8 +157,10 @@ def test_eta_for_noise_ratio_formula():
     assert norms.mean().item() == pytest.approx(3.0 * 0.5, rel=0.03)
 
 
-@pytest.mark.parametrize("ratio, norm", [(0, 1.0), (-1, 1.0), (float("nan"), 1.0), (float("inf"), 1.0),
-                                         (1.0, 0.0), (1.0, -2.0), (1.0, float("nan"))])
+@pytest.mark.parametrize(
+    "ratio, norm",
+    [(0, 1.0), (-1, 1.0), (float("nan"), 1.0), (float("inf"), 1.0), (1.0, 0.0), (1.0, -2.0), (1.0, float("nan"))],
+)
 def test_eta_for_noise_ratio_refuses_bad_inputs(ratio, norm):
     with pytest.raises(ValueError):
         eta_for_noise_ratio(ratio, norm, 32)
@@ -295,8 +310,9 @@ def test_rescaling_sets_the_norm_of_noised_vectors_only():
     exempt = (mask == 1) & (ids == exempt_id)
     assert noised.any() and exempt.any()
     assert torch.allclose(sent[noised].norm(dim=-1), torch.full((int(noised.sum()),), 4.0))
-    assert torch.allclose(F.cosine_similarity(sent[noised], unscaled[noised], dim=-1),
-                          torch.ones(int(noised.sum())), atol=1e-5)
+    assert torch.allclose(
+        F.cosine_similarity(sent[noised], unscaled[noised], dim=-1), torch.ones(int(noised.sum())), atol=1e-5
+    )
     assert not torch.allclose(unscaled[noised].norm(dim=-1), torch.full((int(noised.sum()),), 4.0), rtol=0.05)
     assert torch.equal(sent[exempt], hidden[exempt])
     assert (sent[mask == 0] == 0).all()

@@ -48,8 +48,7 @@ class Server:
             args += ["--state-dir", str(state_dir)]
         self.log = log
         self._stderr = log.open("w")
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env,
-                                        cwd=cwd)
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env, cwd=cwd)
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -66,8 +65,10 @@ class Server:
             except queue.Empty:
                 pytest.fail(f"sap-server printed no 'listening' line within {timeout} s; stdout: {seen}")
             if line is None:
-                pytest.fail(f"sap-server exited ({self.process.wait()}) before listening; stdout: {seen}; "
-                            f"stderr: {self.log.read_text()[-2000:]}")
+                pytest.fail(
+                    f"sap-server exited ({self.process.wait()}) before listening; stdout: {seen}; "
+                    f"stderr: {self.log.read_text()[-2000:]}"
+                )
             seen.append(line)
             match = LISTENING.match(line)
             if match:
@@ -89,8 +90,9 @@ class Server:
 
 
 def _client(env: dict, cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([_script("sap-client"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=cwd)
+    return subprocess.Popen(
+        [_script("sap-client"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd
+    )
 
 
 def _finish(process: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -123,17 +125,43 @@ def test_noisy_cti_run_predicts_and_evaluates_from_new_processes_across_restart(
     eval_csv = write_csv(tmp_path / "eval.csv", rows[TRAIN_ROWS:])
     eval_labels = [label for _, label in rows[TRAIN_ROWS:]]
     run, state, preds = tmp_path / "run", tmp_path / "state", tmp_path / "preds.csv"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SAP_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
-               TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        SAP_CACHE_DIR=str(tmp_path / "cache"),
+        PYTHONUNBUFFERED="1",
+        TQDM_DISABLE="1",
+        OMP_NUM_THREADS="1",
+    )
     env.pop("SAP_SERVER", None)
     env.pop("SAP_STATE_DIR", None)
     servers: list[Server] = []
     try:
         servers.append(Server(tiny_llama, env, tmp_path, tmp_path / "server1.log", state))
         address = servers[0].address()
-        _ok(_finish(_client(env, tmp_path, "train", str(train_csv), "--eval", str(eval_csv), "--server", address,
-                            "--out", str(run), "--epochs", str(EPOCHS), "--lr", str(LR), "--eta", str(ETA),
-                            "--cti")))
+        _ok(
+            _finish(
+                _client(
+                    env,
+                    tmp_path,
+                    "train",
+                    str(train_csv),
+                    "--eval",
+                    str(eval_csv),
+                    "--server",
+                    address,
+                    "--out",
+                    str(run),
+                    "--epochs",
+                    str(EPOCHS),
+                    "--lr",
+                    str(LR),
+                    "--eta",
+                    str(ETA),
+                    "--cti",
+                )
+            )
+        )
         metrics = json.loads((run / "metrics.json").read_text())
         settings = json.loads((run / "run.json").read_text())
         assert metrics["eta"] == ETA and metrics["cti"] is True
@@ -148,8 +176,9 @@ def test_noisy_cti_run_predicts_and_evaluates_from_new_processes_across_restart(
         servers.append(Server(tiny_llama, env, tmp_path, tmp_path / "server2.log", state))
 
         # Predict and evaluate, each from a new process, against the server that trained.
-        predict = _client(env, tmp_path, "predict", str(eval_csv), "--run", str(run), "--server", address,
-                          "--out", str(preds))
+        predict = _client(
+            env, tmp_path, "predict", str(eval_csv), "--run", str(run), "--server", address, "--out", str(preds)
+        )
         evaluate = _client(env, tmp_path, "evaluate", str(eval_csv), "--run", str(run), "--server", address)
         _ok(_finish(predict))
         _ok(_finish(evaluate))
@@ -174,16 +203,25 @@ def test_noisy_cti_run_predicts_and_evaluates_from_new_processes_across_restart(
 
         # A new server process on the same state dir knows the adapter.
         (run / "evaluation.json").unlink()
-        again = _client(env, tmp_path, "evaluate", str(eval_csv), "--run", str(run), "--server",
-                        servers[1].address())
+        again = _client(env, tmp_path, "evaluate", str(eval_csv), "--run", str(run), "--server", servers[1].address())
 
         # Meanwhile: a server without the state dir (same model and split, in this process) does not.
         provider = Provider.from_loaded(load_model(str(tiny_llama)), split=1, peft=PeftConfig())
         try:
             with running_server(provider) as stateless:
                 capsys.readouterr()
-                code = client_main(["evaluate", str(eval_csv), "--run", str(run), "--server", stateless,
-                                    "--out", str(tmp_path / "unknown.json")])
+                code = client_main(
+                    [
+                        "evaluate",
+                        str(eval_csv),
+                        "--run",
+                        str(run),
+                        "--server",
+                        stateless,
+                        "--out",
+                        str(tmp_path / "unknown.json"),
+                    ]
+                )
         finally:
             provider.close()
         err = capsys.readouterr().err

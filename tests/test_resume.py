@@ -61,8 +61,6 @@ def _provider(folder: Path, state_dir: Path | None = None, **kwargs) -> Provider
     return Provider.from_loaded(load_model(str(folder)), split=1, peft=PeftConfig(), state_dir=state_dir, **kwargs)
 
 
-
-
 def _spec(seed: int) -> SessionSpec:
     return SessionSpec(num_labels=NUM_LABELS, learning_rate=1e-2, seed=seed)
 
@@ -128,11 +126,15 @@ def _snapshot(step: int, *, announced: bool, seed: int = 0) -> SessionSnapshot:
     from sap_common.checkpoint import optimizer_to_tensors
 
     reply = BackwardResult(step, False, torch.randn(2, 3, 4, generator=g), announced) if step else None
-    return SessionSnapshot(spec=SessionSpec(num_labels=3, learning_rate=1e-3, seed=seed, train_bottom=True),
-                           steps_applied=step, secret_digest=bytes(range(32)),
-                           weights={"head.weight": params[0].detach().clone(), "blocks.0.lora": params[1].detach()},
-                           optimizer=optimizer_to_tensors(optimizer, "optimizer/"), last_reply=reply,
-                           announced=announced)
+    return SessionSnapshot(
+        spec=SessionSpec(num_labels=3, learning_rate=1e-3, seed=seed, train_bottom=True),
+        steps_applied=step,
+        secret_digest=bytes(range(32)),
+        weights={"head.weight": params[0].detach().clone(), "blocks.0.lora": params[1].detach()},
+        optimizer=optimizer_to_tensors(optimizer, "optimizer/"),
+        last_reply=reply,
+        announced=announced,
+    )
 
 
 def test_session_store_round_trip_and_keeps_the_two_latest_announced(tmp_path):
@@ -157,8 +159,12 @@ def test_session_store_round_trip_and_keeps_the_two_latest_announced(tmp_path):
 
     expected = _snapshot(8, announced=True)
     loaded = store.load(sid, 8)
-    assert (loaded.spec, loaded.steps_applied, loaded.secret_digest, loaded.announced) == \
-           (expected.spec, 8, expected.secret_digest, True)
+    assert (loaded.spec, loaded.steps_applied, loaded.secret_digest, loaded.announced) == (
+        expected.spec,
+        8,
+        expected.secret_digest,
+        True,
+    )
     _assert_close(loaded.weights, expected.weights, "weights")
     _assert_close(loaded.optimizer[0], expected.optimizer[0], "optimizer state")
     assert loaded.optimizer[1]["param_groups"][0]["betas"] == [0.9, 0.999]
@@ -242,8 +248,11 @@ def test_a_restarted_server_loads_sessions_lazily_and_replays_exactly(tiny_llama
     second = _provider(tiny_llama, state, checkpoint_every=2, max_sessions=1)
     try:
         assert len(second.sessions) == 0 and second.sessions.store.steps(sid) == [2, 4]
-        with running_server(second) as address, RemoteTopService(address, tries=1) as service, \
-                grpc.insecure_channel(address) as channel:
+        with (
+            running_server(second) as address,
+            RemoteTopService(address, tries=1) as service,
+            grpc.insecure_channel(address) as channel,
+        ):
             stub = sap_pb2_grpc.SplitLearningStub(channel)
             hidden, mask, _ = _batch(7, 5)
             evaluate = sap_pb2.EvaluateRequest(session_id=sid)
@@ -254,8 +263,9 @@ def test_a_restarted_server_loads_sessions_lazily_and_replays_exactly(tiny_llama
             # refused calls load nothing
             code, _ = _code(lambda: list(stub.Evaluate(codec.to_chunks(evaluate), timeout=30)))
             assert code == grpc.StatusCode.UNAUTHENTICATED
-            code, _ = _code(lambda: list(stub.Evaluate(codec.to_chunks(evaluate), timeout=30,
-                                                       metadata=[(SECRET_KEY, "0" * 64)])))
+            code, _ = _code(
+                lambda: list(stub.Evaluate(codec.to_chunks(evaluate), timeout=30, metadata=[(SECRET_KEY, "0" * 64)]))
+            )
             assert code == grpc.StatusCode.PERMISSION_DENIED and len(second.sessions) == 0
 
             service.use_session(sid, secret)
@@ -315,8 +325,11 @@ def test_a_graceful_stop_checkpoints_every_session_where_it_stands(tiny_llama, t
 def test_resume_session_auth_rollback_and_refusals(tiny_llama, tmp_path):
     provider = _provider(tiny_llama, tmp_path / "state", checkpoint_every=2)
     try:
-        with running_server(provider) as address, RemoteTopService(address) as owner, \
-                grpc.insecure_channel(address) as channel:
+        with (
+            running_server(provider) as address,
+            RemoteTopService(address) as owner,
+            grpc.insecure_channel(address) as channel,
+        ):
             stub = sap_pb2_grpc.SplitLearningStub(channel)
             sid = owner.open_session(_spec(3))
             secret = owner.session_secret(sid)
@@ -328,8 +341,9 @@ def test_resume_session_auth_rollback_and_refusals(tiny_llama, tmp_path):
             before, pending = trainer.trainable_state(), trainer._pending
 
             def resume(session_id: str, step: int, md=()):
-                return stub.ResumeSession(sap_pb2.ResumeSessionRequest(session_id=session_id, step=step), timeout=30,
-                                          metadata=md)
+                return stub.ResumeSession(
+                    sap_pb2.ResumeSessionRequest(session_id=session_id, step=step), timeout=30, metadata=md
+                )
 
             made_up = "0123456789abcdef" * 2
             # the auth order of every session call: no secret (the same answer for any id), unknown, wrong
@@ -450,21 +464,35 @@ def _adapter_weights(provider: Provider, run: Path) -> Weights:
 
 
 def _comparable(metrics: dict) -> dict:
-    return {key: metrics[key] for key in ("steps", "examples", "eval_accuracy", "train_loss", "history",
-                                          "noise_to_signal", "eta", "rescale_norm")}
+    return {
+        key: metrics[key]
+        for key in (
+            "steps",
+            "examples",
+            "eval_accuracy",
+            "train_loss",
+            "history",
+            "noise_to_signal",
+            "eta",
+            "rescale_norm",
+        )
+    }
 
 
 class _Killed(BaseException):
     """Stands for the client process dying: not an error the client handles."""
 
 
-@pytest.mark.parametrize("flags, cut_at, applied",
-                         [([], 5, False), (["--noise-ratio", "0.5", "--cti", "--rescale-noised"], 15, True),
-                          (["--train-bottom", "--eta", "600"], 10, True)],
-                         ids=["plain-forward-pending", "noise-cti-rescaled-epoch2",
-                              "train-bottom-server-checkpoint-ahead"])
-def test_a_run_cut_short_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path, monkeypatch, flags, cut_at,
-                                                             applied):
+@pytest.mark.parametrize(
+    "flags, cut_at, applied",
+    [
+        ([], 5, False),
+        (["--noise-ratio", "0.5", "--cti", "--rescale-noised"], 15, True),
+        (["--train-bottom", "--eta", "600"], 10, True),
+    ],
+    ids=["plain-forward-pending", "noise-cti-rescaled-epoch2", "train-bottom-server-checkpoint-ahead"],
+)
+def test_a_run_cut_short_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path, monkeypatch, flags, cut_at, applied):
     """The client dies at step cut_at: with its forward under way (the server then sits at the client's checkpoint
     with a forward pending), or right after the server applied it (the server is ahead; at an even step it also
     holds a checkpoint the client never wrote: the alignment case)."""
@@ -500,8 +528,10 @@ def test_a_run_cut_short_resumes_to_the_uninterrupted_result(tiny_llama, tmp_pat
             monkeypatch.setattr(client_trainer.SplitTrainer, "_exchange", exchange)
             assert not (run / "metrics.json").exists()
             saved = read_meta(run / "checkpoint.safetensors")
-            assert saved["step"] == (cut_at - 1) // 2 * 2 and stat.S_IMODE((run / "checkpoint.safetensors").stat()
-                                                                          .st_mode) == 0o600
+            assert (
+                saved["step"] == (cut_at - 1) // 2 * 2
+                and stat.S_IMODE((run / "checkpoint.safetensors").stat().st_mode) == 0o600
+            )
             # predict/evaluate and a new train into the folder are refused while the run is unfinished
             assert client_cli.main(["evaluate", str(data), "--run", str(run)]) == 1
             assert client_cli.main([*train, "--server", address, "--out", str(run)]) == 1
@@ -515,8 +545,11 @@ def test_a_run_cut_short_resumes_to_the_uninterrupted_result(tiny_llama, tmp_pat
     assert metrics["resumed_at_steps"] == [saved["step"]] and reference_metrics["resumed_at_steps"] == []
     _assert_close(trained, expected, "resumed run")
     if "--train-bottom" in flags:
-        _assert_close(load_file(str(run / "bottom.safetensors")),
-                      load_file(str(tmp_path / "ref" / "bottom.safetensors")), "trained bottom")
+        _assert_close(
+            load_file(str(run / "bottom.safetensors")),
+            load_file(str(tmp_path / "ref" / "bottom.safetensors")),
+            "trained bottom",
+        )
     assert not (run / "checkpoint.safetensors").exists(), "the completed run keeps no session secret"
     settings = json.loads((run / "run.json").read_text())
     assert settings["finished"] and settings["adapter_id"]
@@ -529,22 +562,58 @@ def test_resume_refuses_conflicting_flags_and_completed_runs(tiny_llama, tmp_pat
     provider = _provider(tiny_llama)
     try:
         with running_server(provider) as address:
-            assert client_cli.main(["train", str(data), "--server", address, "--out", str(run), "--batch-size",
-                                    "8", "--eval-fraction", "0.25", "--epochs", "2"]) == 0
+            assert (
+                client_cli.main(
+                    [
+                        "train",
+                        str(data),
+                        "--server",
+                        address,
+                        "--out",
+                        str(run),
+                        "--batch-size",
+                        "8",
+                        "--eval-fraction",
+                        "0.25",
+                        "--epochs",
+                        "2",
+                    ]
+                )
+                == 0
+            )
     finally:
         provider.close()
     capsys.readouterr()
-    for flags, words in ((["--epochs", "3"], ("--epochs 3", "the run's: 2")),
-                         (["--batch-size", "4", "--eta", "9"], ("--batch-size 4", "--eta 9.0")),
-                         ([str(tmp_path / "other.csv")], ("DATA.csv",)),
-                         (["--out", str(tmp_path / "elsewhere")], ("--out",))):
+    for flags, words in (
+        (["--epochs", "3"], ("--epochs 3", "the run's: 2")),
+        (["--batch-size", "4", "--eta", "9"], ("--batch-size 4", "--eta 9.0")),
+        ([str(tmp_path / "other.csv")], ("DATA.csv",)),
+        (["--out", str(tmp_path / "elsewhere")], ("--out",)),
+    ):
         with pytest.raises(SystemExit) as info:
             client_cli.main(["train", "--resume", str(run), *flags])
         err = capsys.readouterr().err
         assert info.value.code == 2 and "differ" in err and all(word in err for word in words), err
     # the run's own values, and where/how to connect, may be repeated
-    assert client_cli.main(["train", str(data), "--resume", str(run), "--epochs", "2", "--batch-size", "8",
-                            "--device", "cpu", "--server", "127.0.0.1:1"]) == 1
+    assert (
+        client_cli.main(
+            [
+                "train",
+                str(data),
+                "--resume",
+                str(run),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--device",
+                "cpu",
+                "--server",
+                "127.0.0.1:1",
+            ]
+        )
+        == 1
+    )
     assert "completed run" in capsys.readouterr().err
     assert client_cli.main(["train", "--resume", str(tmp_path / "nothing")]) == 1
     assert "not a run folder" in capsys.readouterr().err
@@ -562,8 +631,11 @@ def test_cli_flags_and_help(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         client_cli.main(["train", "--help"])
     assert "--resume" in capsys.readouterr().out
-    for argv, word in ((["--checkpoint-every", "0"], "--checkpoint-every"),
-                       (["--idle-timeout", "-1"], "--idle-timeout"), (["--idle-timeout", "nan"], "--idle-timeout")):
+    for argv, word in (
+        (["--checkpoint-every", "0"], "--checkpoint-every"),
+        (["--idle-timeout", "-1"], "--idle-timeout"),
+        (["--idle-timeout", "nan"], "--idle-timeout"),
+    ):
         with pytest.raises(SystemExit) as info:
             server_cli.main(argv)
         assert info.value.code == 2 and word in capsys.readouterr().err
@@ -576,8 +648,23 @@ def test_cli_flags_and_help(capsys, monkeypatch):
 # --- real processes, SIGKILL ----------------------------------------------------------------------
 
 LISTENING = re.compile(r"^sap-server listening on (\S+):(\d+)$")
-KILL_ROWS, KILL_FLAGS = 64, ["--batch-size", "4", "--epochs", "2", "--eval-fraction", "0.25", "--lr", "1e-2",
-                             "--seed", "4", "--noise-ratio", "0.5"]
+KILL_ROWS, KILL_FLAGS = (
+    64,
+    [
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--eval-fraction",
+        "0.25",
+        "--lr",
+        "1e-2",
+        "--seed",
+        "4",
+        "--noise-ratio",
+        "0.5",
+    ],
+)
 # The console scripts' entry points (pyproject: sap-server = sap_server.cli:main, sap-client = sap_client.cli:main),
 # each in its own process. The process does its heavy imports first and then waits for a go file, so that the
 # processes a test needs start together (a cold import of torch + transformers takes seconds on a busy machine).
@@ -603,9 +690,13 @@ class _Process:
             self.go()
         self._out = log.open("w")
         server = module == "sap_server.cli"
-        self.process = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(self._go), module, *argv],
-                                        stdout=subprocess.PIPE if server else self._out, stderr=self._out, text=True,
-                                        env=env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, str(self._go), module, *argv],
+            stdout=subprocess.PIPE if server else self._out,
+            stderr=self._out,
+            text=True,
+            env=env,
+        )
         self._lines: queue.Queue[str | None] = queue.Queue()
         if server:
             threading.Thread(target=self._pump, daemon=True).start()
@@ -641,8 +732,26 @@ class _Process:
 
 
 def _server(folder: Path, state: Path, port: int, env: dict, log: Path, *, go: bool) -> _Process:
-    return _Process("sap_server.cli", ["--model", str(folder), "--split", "1", "--port", str(port), "--state-dir",
-                                       str(state), "--checkpoint-every", "2", "--workers", "4"], env, log, go=go)
+    return _Process(
+        "sap_server.cli",
+        [
+            "--model",
+            str(folder),
+            "--split",
+            "1",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(state),
+            "--checkpoint-every",
+            "2",
+            "--workers",
+            "4",
+        ],
+        env,
+        log,
+        go=go,
+    )
 
 
 def _free_port() -> int:
@@ -671,8 +780,14 @@ def uninterrupted(one_thread, tiny_llama, tmp_path_factory) -> tuple[Path, dict,
 
 
 def _env(tmp_path: Path) -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", SAP_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
-                TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        SAP_CACHE_DIR=str(tmp_path / "cache"),
+        PYTHONUNBUFFERED="1",
+        TQDM_DISABLE="1",
+        OMP_NUM_THREADS="1",
+    )
 
 
 def _client_checkpoint_step(run: Path) -> int:
@@ -685,8 +800,11 @@ def _client_checkpoint_step(run: Path) -> int:
 def _kill_when_checkpointed(client: _Process, run: Path, then) -> int:
     """Wait for the client's first checkpoint after a step (step >= 2), run `then`, SIGKILL the client; the
     step of its checkpoint."""
-    _wait_until(lambda: _client_checkpoint_step(run) >= 2 or client.process.poll() is not None, timeout=90,
-                what="the client's first checkpoint")
+    _wait_until(
+        lambda: _client_checkpoint_step(run) >= 2 or client.process.poll() is not None,
+        timeout=90,
+        what="the client's first checkpoint",
+    )
     then()
     client.kill()
     assert not (run / "metrics.json").exists(), f"the run finished before it was killed: {client.log.read_text()}"
@@ -701,13 +819,18 @@ def _check_against(uninterrupted, run: Path, state: Path, capsys) -> None:
     assert metrics["steps"] == expected_metrics["steps"] and metrics["examples"] == expected_metrics["examples"]
     assert [h["eval_accuracy"] for h in metrics["history"]] == [h["eval_accuracy"] for h in expected_metrics["history"]]
     assert [h["train_loss"] for h in metrics["history"]] == pytest.approx(
-        [h["train_loss"] for h in expected_metrics["history"]], rel=1e-5)  # the issue's 1e-5: on a 16-core
+        [h["train_loss"] for h in expected_metrics["history"]], rel=1e-5
+    )  # the issue's 1e-5: on a 16-core
     # machine torch's parallel reductions can differ in the last bits between two runs of the same step
     assert metrics["eval_accuracy"] == expected_metrics["eval_accuracy"]
     assert metrics["noise_to_signal"] == pytest.approx(expected_metrics["noise_to_signal"], rel=1e-6)
     adapter_id = json.loads((run / "run.json").read_text())["adapter_id"]
-    _assert_close(load_file(str(state / "adapters" / adapter_id / "adapter.safetensors")), expected_weights,
-                  "resumed run", atol=1e-5)
+    _assert_close(
+        load_file(str(state / "adapters" / adapter_id / "adapter.safetensors")),
+        expected_weights,
+        "resumed run",
+        atol=1e-5,
+    )
 
 
 def test_server_killed_mid_run_restarts_and_the_client_resumes(tiny_llama, uninterrupted, tmp_path, capsys):
@@ -715,8 +838,12 @@ def test_server_killed_mid_run_restarts_and_the_client_resumes(tiny_llama, unint
     env, state, run, port = _env(tmp_path), tmp_path / "state", _run_dir(tmp_path / "run"), _free_port()
     address = f"127.0.0.1:{port}"
     server = _server(tiny_llama, state, port, env, tmp_path / "server.log", go=True)
-    client = _Process("sap_client.cli", ["train", str(data), "--server", address, "--out", str(run), *KILL_FLAGS],
-                      env, tmp_path / "client.log")
+    client = _Process(
+        "sap_client.cli",
+        ["train", str(data), "--server", address, "--out", str(run), *KILL_FLAGS],
+        env,
+        tmp_path / "client.log",
+    )
     restarted = _server(tiny_llama, state, port, env, tmp_path / "restarted.log", go=False)
     try:
         assert server.address() == address
@@ -740,8 +867,12 @@ def test_client_killed_mid_run_resumes_against_the_running_server(tiny_llama, un
     env, state, run, port = _env(tmp_path), tmp_path / "state", _run_dir(tmp_path / "run"), _free_port()
     address = f"127.0.0.1:{port}"
     server = _server(tiny_llama, state, port, env, tmp_path / "server.log", go=True)
-    client = _Process("sap_client.cli", ["train", str(data), "--server", address, "--out", str(run), *KILL_FLAGS],
-                      env, tmp_path / "client.log")
+    client = _Process(
+        "sap_client.cli",
+        ["train", str(data), "--server", address, "--out", str(run), *KILL_FLAGS],
+        env,
+        tmp_path / "client.log",
+    )
     try:
         assert server.address() == address
         client.go()

@@ -37,8 +37,9 @@ def served(tiny_llama):
 
 
 def _open(stub, num_labels: int = NUM_LABELS, seed: int = 0) -> str:
-    reply = stub.OpenSession(sap_pb2.OpenSessionRequest(num_labels=num_labels, learning_rate=1e-2, seed=seed),
-                             timeout=10)
+    reply = stub.OpenSession(
+        sap_pb2.OpenSessionRequest(num_labels=num_labels, learning_rate=1e-2, seed=seed), timeout=10
+    )
     assert reply.session_id and reply.trainable_parameters > 0
     assert len(reply.session_secret) == 64
     SECRETS[reply.session_id] = reply.session_secret
@@ -52,8 +53,9 @@ def _md(session_id: str) -> list[tuple[str, str]]:
 
 def _close(stub, session_id: str) -> int:
     """CloseSession with the session's secret; the steps it had applied."""
-    return stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=session_id), timeout=10,
-                             metadata=_md(session_id)).steps_applied
+    return stub.CloseSession(
+        sap_pb2.CloseSessionRequest(session_id=session_id), timeout=10, metadata=_md(session_id)
+    ).steps_applied
 
 
 def _inputs(batch: int = 2, length: int = 5, hidden: int = HIDDEN, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +67,12 @@ def _inputs(batch: int = 2, length: int = 5, hidden: int = HIDDEN, seed: int = 0
 
 
 def _forward_request(session_id: str, step: int, hidden: torch.Tensor, mask: torch.Tensor) -> sap_pb2.ForwardRequest:
-    return sap_pb2.ForwardRequest(session_id=session_id, step=step, hidden_states=codec.encode_tensor(hidden),
-                                  attention_mask=codec.encode_tensor(mask))
+    return sap_pb2.ForwardRequest(
+        session_id=session_id,
+        step=step,
+        hidden_states=codec.encode_tensor(hidden),
+        attention_mask=codec.encode_tensor(mask),
+    )
 
 
 def _call(method, message, reply_type):
@@ -142,16 +148,21 @@ def test_server_info_and_bottom_download(family, tiny_bert, tiny_llama, tmp_path
 
 def test_open_session_rejects_one_label(served):
     _, stub = served
-    _expect_error(grpc.StatusCode.INVALID_ARGUMENT,
-                  lambda: stub.OpenSession(sap_pb2.OpenSessionRequest(num_labels=1, learning_rate=1e-3), timeout=10),
-                  "num_labels", "1")
+    _expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.OpenSession(sap_pb2.OpenSessionRequest(num_labels=1, learning_rate=1e-3), timeout=10),
+        "num_labels",
+        "1",
+    )
 
 
 def test_open_session_rejects_zero_learning_rate(served):
     _, stub = served
-    _expect_error(grpc.StatusCode.INVALID_ARGUMENT,
-                  lambda: stub.OpenSession(sap_pb2.OpenSessionRequest(num_labels=2), timeout=10),
-                  "learning_rate")
+    _expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.OpenSession(sap_pb2.OpenSessionRequest(num_labels=2), timeout=10),
+        "learning_rate",
+    )
 
 
 def test_too_many_sessions_is_resource_exhausted(tiny_llama):
@@ -173,14 +184,12 @@ def test_too_many_sessions_is_resource_exhausted(tiny_llama):
 def test_forward_unknown_session_is_not_found(served):
     _, stub = served
     h, mask = _inputs()
-    _expect_error(grpc.StatusCode.NOT_FOUND, lambda: _forward(stub, "deadbeef" * 4, 1, h, mask),
-                  "deadbeef", "unknown")
+    _expect_error(grpc.StatusCode.NOT_FOUND, lambda: _forward(stub, "deadbeef" * 4, 1, h, mask), "deadbeef", "unknown")
 
 
 def test_close_unknown_session_is_not_found(served):
     _, stub = served
-    _expect_error(grpc.StatusCode.NOT_FOUND,
-                  lambda: _close(stub, "nope"), "unknown")
+    _expect_error(grpc.StatusCode.NOT_FOUND, lambda: _close(stub, "nope"), "unknown")
 
 
 def test_forward_input_errors_are_invalid_argument_and_server_keeps_serving(served):
@@ -216,9 +225,11 @@ def test_forward_input_errors_are_invalid_argument_and_server_keeps_serving(serv
     empty_row = mask.clone()
     empty_row[1] = 0
     _expect_error(bad, lambda: _forward(stub, sid, 1, h, empty_row), "attention_mask", "no real token")
+
     # bytes that are not a ForwardRequest at all
-    garbage = lambda: list(stub.Forward(iter([sap_pb2.Chunk(data=b"\xff" * 16)]), timeout=10,  # noqa: E731
-                                        metadata=_md(sid)))
+    def garbage():
+        return list(stub.Forward(iter([sap_pb2.Chunk(data=b"\xff" * 16)]), timeout=10, metadata=_md(sid)))
+
     _expect_error(bad, garbage, "ForwardRequest")
     # an empty stream
     _expect_error(bad, lambda: list(stub.Forward(iter([]), timeout=10, metadata=_md(sid))), "0 chunks")
@@ -280,13 +291,22 @@ def test_backward_with_wrong_grad_shape_is_invalid_argument(served):
     h, mask = _inputs()
     logits = _forward(stub, sid, 1, h, mask)
     before = _top_state(provider, sid)
-    _expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: _backward(stub, sid, 1, torch.ones(2, NUM_LABELS + 1)),
-                  "grad_logits", f"(2, {NUM_LABELS + 1})", f"(2, {NUM_LABELS})")
+    _expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: _backward(stub, sid, 1, torch.ones(2, NUM_LABELS + 1)),
+        "grad_logits",
+        f"(2, {NUM_LABELS + 1})",
+        f"(2, {NUM_LABELS})",
+    )
     nan = torch.ones_like(logits)
     nan[0, 0] = math.nan
     _expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: _backward(stub, sid, 1, nan), "grad_logits", "NaN")
-    _expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: _backward(stub, sid, 1, torch.ones(2, NUM_LABELS).long()),
-                  "grad_logits", "int64")
+    _expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: _backward(stub, sid, 1, torch.ones(2, NUM_LABELS).long()),
+        "grad_logits",
+        "int64",
+    )
     assert all(torch.equal(before[n], v) for n, v in _top_state(provider, sid).items())
     # the pending forward survived the bad requests
     reply = _backward(stub, sid, 1, torch.ones_like(logits))
@@ -298,8 +318,9 @@ def test_evaluate_changes_nothing_and_matches_training_forward(served):
     sid = _open(stub)
     h, mask = _inputs(seed=3)
     before = _top_state(provider, sid)
-    request = sap_pb2.EvaluateRequest(session_id=sid, hidden_states=codec.encode_tensor(h),
-                                      attention_mask=codec.encode_tensor(mask))
+    request = sap_pb2.EvaluateRequest(
+        session_id=sid, hidden_states=codec.encode_tensor(h), attention_mask=codec.encode_tensor(mask)
+    )
     reply = _call(stub.Evaluate, request, sap_pb2.ForwardReply)
     evaluated = codec.decode_tensor(reply.logits)
     assert reply.step == 0
@@ -342,9 +363,10 @@ def test_tensor_larger_than_message_cap_streams_in_chunks(tiny_llama):
             with grpc.insecure_channel(address) as channel:
                 stub = sap_pb2_grpc.SplitLearningStub(channel)
                 whole = _forward_request(sid, 2, hidden, mask).SerializeToString()
-                _expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              lambda: list(stub.Forward(iter([sap_pb2.Chunk(data=whole)]), timeout=10,
-                                                        metadata=_md(sid))))
+                _expect_error(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    lambda: list(stub.Forward(iter([sap_pb2.Chunk(data=whole)]), timeout=10, metadata=_md(sid))),
+                )
     finally:
         provider.close()
 

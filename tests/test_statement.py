@@ -12,8 +12,17 @@ from sap_common.models.split import split_base
 
 
 def _statement(**changes):
-    settings = dict(model="tiny", split=0, eta=2.0, eta_max=None, cti=None, rescale_norm=None,
-                    noise_observations="one per example", epochs=3, median_distance=1.5)
+    settings = dict(
+        model="tiny",
+        split=0,
+        eta=2.0,
+        eta_max=None,
+        cti=None,
+        rescale_norm=None,
+        noise_observations="one per example",
+        epochs=3,
+        median_distance=1.5,
+    )
     return privacy_statement(**{**settings, **changes})
 
 
@@ -38,9 +47,16 @@ def test_the_markdown_names_the_label_exposure_and_quotes_an_audit(tmp_path):
     text = render_statement(_statement(split=6))
     assert "every training label is readable by the provider" in text
     assert "number of tokens of every text" in text and "No audit has been run" in text
-    report = {"source": "simulated", "attack": "sequential", "eia_token_recovery": 0.9, "eia_tokens": 100,
-              "eia_token_recovery_content": 0.8, "eia_privacy": 0.1, "examples": 8,
-              "eia_attacks": {"optimization": {"recovery": 0.5}, "sequential": {"recovery": 0.9}}}
+    report = {
+        "source": "simulated",
+        "attack": "sequential",
+        "eia_token_recovery": 0.9,
+        "eia_tokens": 100,
+        "eia_token_recovery_content": 0.8,
+        "eia_privacy": 0.1,
+        "examples": 8,
+        "eia_attacks": {"optimization": {"recovery": 0.5}, "sequential": {"recovery": 0.9}},
+    }
     with_audit = render_statement(_statement(split=6, audit=audit_summary(report)))
     assert "sequential) recovered 90.0% of 100 tokens" in with_audit and "optimization 50.0%" in with_audit
 

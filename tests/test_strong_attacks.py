@@ -12,8 +12,8 @@ from sap_client.audit.attacks import AttackConfig, simulated_mechanism
 from sap_client.audit.inversion import optimization_inversion, token_recovery
 from sap_client.audit.learned import LearnedConfig, train_inverter
 from sap_client.audit.probe import fit_token_probe
-from sap_client.audit.sequential import SequentialConfig, extend, first_position_outputs, sequential_inversion
 from sap_client.audit.runner import simulated_audit
+from sap_client.audit.sequential import SequentialConfig, extend, first_position_outputs, sequential_inversion
 from sap_client.data import TextDataset
 from sap_client.privacy import Privatizer, eta_for_noise_ratio
 from sap_client.trainer import SplitTrainer, TrainConfig
@@ -62,7 +62,7 @@ def _received(bottom: BottomModel, ids, mask, ratio: float | None, key: bytes = 
 def _public(bottom: BottomModel, tokenizer, texts: list[str]) -> list[tuple]:
     out = []
     for start in range(0, len(texts), 16):
-        ids, mask = _batch(tokenizer, texts[start:start + 16])
+        ids, mask = _batch(tokenizer, texts[start : start + 16])
         with torch.no_grad():
             out.append((bottom(ids, mask), mask, ids))
     return out
@@ -80,9 +80,13 @@ def test_extend_with_a_kv_cache_equals_the_full_forward(deep_llama):
             candidates = torch.stack([ids[:, t], (ids[:, t] + 1) % VOCAB, (ids[:, t] + 7) % VOCAB], dim=1)
             out, new = extend(bottom, prefix, table[candidates], t)
             outputs.append(out[:, 0])
-            prefix = {layer: (torch.cat([prefix[layer][0], k[:, :, :1]], 2) if prefix else k[:, :, :1],
-                              torch.cat([prefix[layer][1], v[:, :, :1]], 2) if prefix else v[:, :, :1])
-                      for layer, (k, v) in new.items()}
+            prefix = {
+                layer: (
+                    torch.cat([prefix[layer][0], k[:, :, :1]], 2) if prefix else k[:, :, :1],
+                    torch.cat([prefix[layer][1], v[:, :, :1]], 2) if prefix else v[:, :, :1],
+                )
+                for layer, (k, v) in new.items()
+            }
     real = mask.bool()
     torch.testing.assert_close(torch.stack(outputs, 1)[real], full[real], atol=1e-5, rtol=1e-5)
 
@@ -97,20 +101,25 @@ def test_sequential_inversion_recovers_a_causal_model_and_beats_optimization(dee
     before = {name: p.detach().clone() for name, p in bottom.named_parameters()}
 
     clean, _ = _received(bottom, ids, mask, None)
-    exact = token_recovery(sequential_inversion(clean, mask, bottom, probe=probe, first_outputs=first, config=SMALL),
-                           ids, mask)["recovery"]
+    exact = token_recovery(
+        sequential_inversion(clean, mask, bottom, probe=probe, first_outputs=first, config=SMALL), ids, mask
+    )["recovery"]
     assert exact >= 0.99
     noisy, _ = _received(bottom, ids, mask, 6.0)
-    heavy = token_recovery(sequential_inversion(noisy, mask, bottom, probe=probe, first_outputs=first, config=SMALL),
-                           ids, mask)["recovery"]
+    heavy = token_recovery(
+        sequential_inversion(noisy, mask, bottom, probe=probe, first_outputs=first, config=SMALL), ids, mask
+    )["recovery"]
     assert heavy < exact - 0.3  # heavy noise: clearly fewer
     # the same received vectors at a moderate noise, both attacks
     moderate, _ = _received(bottom, ids, mask, 1.5)
-    sequential = token_recovery(sequential_inversion(moderate, mask, bottom, probe=probe, first_outputs=first,
-                                                     config=SMALL), ids, mask)["recovery"]
+    sequential = token_recovery(
+        sequential_inversion(moderate, mask, bottom, probe=probe, first_outputs=first, config=SMALL), ids, mask
+    )["recovery"]
     optimization = token_recovery(optimization_inversion(moderate, mask, bottom, steps=200), ids, mask)["recovery"]
-    print(f"sequential: {exact:.3f} clean, {heavy:.3f} at R 6; at R 1.5 {sequential:.3f} vs optimization "
-          f"{optimization:.3f}")
+    print(
+        f"sequential: {exact:.3f} clean, {heavy:.3f} at R 6; at R 1.5 {sequential:.3f} vs optimization "
+        f"{optimization:.3f}"
+    )
     assert sequential > optimization
     for name, p in bottom.named_parameters():
         assert torch.equal(p, before[name]), name
@@ -138,8 +147,11 @@ def test_learned_inverter_trained_on_disjoint_public_text_beats_chance(family, t
     assert not set(public) & set(victims)  # the attacker never trains on a victim's text
     ids, mask = _batch(tokenizer, victims)
     received, eta = _received(bottom, ids, mask, 1.0)
-    inverter = train_inverter(_public(bottom, tokenizer, public), simulated_mechanism(Privatizer(eta, key=b"other")),
-                              config=LearnedConfig(width=64, layers=1, epochs=8, lr=3e-3))
+    inverter = train_inverter(
+        _public(bottom, tokenizer, public),
+        simulated_mechanism(Privatizer(eta, key=b"other")),
+        config=LearnedConfig(width=64, layers=1, epochs=8, lr=3e-3),
+    )
     recovered = token_recovery(inverter(received, mask), ids, mask)["recovery"]
     print(f"learned inverter ({family}, k = 2, R 1): {recovered:.3f}")
     assert recovered > 10 / VOCAB  # chance is 1 / VOCAB, about 0.011
@@ -164,7 +176,9 @@ def test_auto_reports_the_strongest_attack_it_ran(tiny_bert):
         by_attack = {kind: figures["recovery"] for kind, figures in report["eia_attacks"].items()}
         assert report["eia_token_recovery"] == max(by_attack.values())
         assert report["eia_privacy"] == 1 - max(by_attack.values())
-        assert report["eia_token_recovery_content"] == max(f["recovery_content"] for f in report["eia_attacks"].values())
+        assert report["eia_token_recovery_content"] == max(
+            f["recovery_content"] for f in report["eia_attacks"].values()
+        )
     learned, optimization = reports["learned stronger"], reports["optimization stronger"]
     print({name: {k: round(v["recovery"], 3) for k, v in r["eia_attacks"].items()} for name, r in reports.items()})
     assert learned["eia_attacks"]["learned"]["recovery"] > learned["eia_attacks"]["optimization"]["recovery"]

@@ -50,17 +50,66 @@ def _openssl(folder: Path, *args: str) -> None:
 
 
 def _ca(folder: Path, name: str) -> None:
-    _openssl(folder, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN=SAP test {name}",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _openssl(
+        folder,
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN=SAP test {name}",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
 
 
 def _leaf(folder: Path, name: str, ca: str, extensions: str, serial: int) -> None:
-    _openssl(folder, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=sap-{name}")
+    _openssl(
+        folder,
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN=sap-{name}",
+    )
     (folder / f"{name}.ext").write_text(extensions)
-    _openssl(folder, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-set_serial", str(serial), "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext")
+    _openssl(
+        folder,
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-set_serial",
+        str(serial),
+        "-days",
+        "2",
+        "-out",
+        f"{name}.pem",
+        "-extfile",
+        f"{name}.ext",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +123,21 @@ def pki(tmp_path_factory) -> Pki:
     _leaf(folder, "server", "ca", leaf + "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n", 2)
     _leaf(folder, "client", "ca", leaf + "extendedKeyUsage=clientAuth\n", 3)
     _leaf(folder, "impostor", "other-ca", leaf + "extendedKeyUsage=clientAuth\n", 4)
-    return Pki(*(folder / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key",
-                                            "other-ca.pem", "impostor.pem", "impostor.key")))
+    return Pki(
+        *(
+            folder / name
+            for name in (
+                "ca.pem",
+                "server.pem",
+                "server.key",
+                "client.pem",
+                "client.key",
+                "other-ca.pem",
+                "impostor.pem",
+                "impostor.key",
+            )
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +164,9 @@ def _train(service: RemoteTopService, seed: int, steps: int = 3) -> str:
 def _refused(address: str, credentials: ClientCredentials | None) -> None:
     """The client cannot get anything from the server: the handshake fails (at connect or at the first call)."""
     with pytest.raises(ServerUnavailableError):
-        with RemoteTopService(address, credentials=credentials, connect_timeout=2, tries=2,
-                              retry_backoff=0.05, call_timeout=5) as service:
+        with RemoteTopService(
+            address, credentials=credentials, connect_timeout=2, tries=2, retry_backoff=0.05, call_timeout=5
+        ) as service:
             service.server_info()
 
 
@@ -166,10 +229,24 @@ def test_client_cli_over_mutual_tls(provider, pki, tmp_path, monkeypatch):
     data = write_csv(tmp_path / "data.csv", learnable_rows(24))
     tls = ServerTls.from_files(pki.server_cert, pki.server_key, client_ca=pki.ca)
     with running_server(provider, tls=tls) as address:
-        train = ["train", str(data), "--server", address, "--batch-size", "8", "--eval-fraction", "0.25",
-                 "--out", str(tmp_path / "run")]
-        assert client_cli.main(train + ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
-                                        "--tls-key", str(pki.client_key)]) == 0
+        train = [
+            "train",
+            str(data),
+            "--server",
+            address,
+            "--batch-size",
+            "8",
+            "--eval-fraction",
+            "0.25",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+        assert (
+            client_cli.main(
+                train + ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+            )
+            == 0
+        )
         for name, path in (("SAP_TLS_CA", pki.ca), ("SAP_TLS_CERT", pki.client_cert), ("SAP_TLS_KEY", pki.client_key)):
             monkeypatch.setenv(name, str(path))
         assert client_cli.main(["evaluate", str(data), "--run", str(tmp_path / "run")]) == 0

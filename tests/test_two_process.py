@@ -18,8 +18,19 @@ from tiny_models import build_tiny_model, learnable_rows, write_csv
 
 BIN = Path(sys.executable).parent
 LISTENING = re.compile(r"^sap-server listening on (\S+):(\d+)$")
-METRIC_KEYS = ("eval_accuracy", "train_loss", "steps", "examples", "bytes_sent", "bytes_received", "seconds",
-               "examples_per_second", "split", "peft", "model")
+METRIC_KEYS = (
+    "eval_accuracy",
+    "train_loss",
+    "steps",
+    "examples",
+    "bytes_sent",
+    "bytes_received",
+    "seconds",
+    "examples_per_second",
+    "split",
+    "peft",
+    "model",
+)
 ROWS, EPOCHS, LR, BATCH, EVAL_FRACTION = 800, 10, 3e-3, 32, 0.25
 
 
@@ -61,17 +72,49 @@ def test_train_through_two_processes(family, tiny_bert, tiny_llama, tmp_path):
     folder = {"bert": tiny_bert, "llama": tiny_llama}.get(family) or build_tiny_model(tmp_path / family, family)
     data = write_csv(tmp_path / "data.csv", learnable_rows(ROWS, seed=0))
     run = tmp_path / "run"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SAP_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
-               TQDM_DISABLE="1", OMP_NUM_THREADS="1")  # one thread each: the two processes share the cores
-    server = subprocess.Popen([_script("sap-server"), "--model", str(folder), "--split", "1", "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        SAP_CACHE_DIR=str(tmp_path / "cache"),
+        PYTHONUNBUFFERED="1",
+        TQDM_DISABLE="1",
+        OMP_NUM_THREADS="1",
+    )  # one thread each: the two processes share the cores
+    server = subprocess.Popen(
+        [_script("sap-server"), "--model", str(folder), "--split", "1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     try:
         address, _ = _wait_for_address(server, timeout=60)
         assert address.startswith("127.0.0.1:") and not address.endswith(":0")
-        client = subprocess.run([_script("sap-client"), "train", str(data), "--server", address, "--out", str(run),
-                                 "--epochs", str(EPOCHS), "--lr", str(LR), "--batch-size", str(BATCH),
-                                 "--eval-fraction", str(EVAL_FRACTION)],
-                                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        client = subprocess.run(
+            [
+                _script("sap-client"),
+                "train",
+                str(data),
+                "--server",
+                address,
+                "--out",
+                str(run),
+                "--epochs",
+                str(EPOCHS),
+                "--lr",
+                str(LR),
+                "--batch-size",
+                str(BATCH),
+                "--eval-fraction",
+                str(EVAL_FRACTION),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
+        )
         assert client.returncode == 0, client.stderr[-3000:]
         assert "eval accuracy" in client.stdout
 

@@ -7,8 +7,19 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import (BertConfig, BertModel, LlamaConfig, LlamaModel, MistralConfig, MistralModel,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2Model, Qwen3Config, Qwen3Model)
+from transformers import (
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaModel,
+    MistralConfig,
+    MistralModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2Model,
+    Qwen3Config,
+    Qwen3Model,
+)
 
 WORDS = [f"w{i}" for i in range(80)] + ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot"]
 POSITIVE, NEGATIVE = ["good", "great", "fine"], ["bad", "awful", "poor"]
@@ -21,41 +32,74 @@ def make_tokenizer(bert_style: bool) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if bert_style:
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                       cls_token="[CLS]", sep_token="[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A", special_tokens=[("[CLS]", vocab["[CLS]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   bos_token="[CLS]", eos_token="[SEP]")
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+        )
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", vocab["[CLS]"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[CLS]", eos_token="[SEP]"
+    )
 
 
 def bert_config(layers: int = 3, hidden: int = 32) -> BertConfig:
-    return BertConfig(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64,
-                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+    return BertConfig(
+        vocab_size=len(SPECIALS) + len(WORDS),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+    )
 
 
 def llama_config(layers: int = 3, hidden: int = 32) -> LlamaConfig:
-    return LlamaConfig(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=hidden, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden,
-                       max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                       tie_word_embeddings=True)
+    return LlamaConfig(
+        vocab_size=len(SPECIALS) + len(WORDS),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=True,
+    )
 
 
 # The decoder families SAP lists besides Llama: same sizes, each architecture's own config and model class.
-DECODER_FAMILIES = {"llama": (LlamaConfig, LlamaModel), "qwen2": (Qwen2Config, Qwen2Model),
-                    "qwen3": (Qwen3Config, Qwen3Model), "mistral": (MistralConfig, MistralModel)}
+DECODER_FAMILIES = {
+    "llama": (LlamaConfig, LlamaModel),
+    "qwen2": (Qwen2Config, Qwen2Model),
+    "qwen3": (Qwen3Config, Qwen3Model),
+    "mistral": (MistralConfig, MistralModel),
+}
 
 
 def decoder_config(family: str, layers: int = 3, hidden: int = 32):
     config_class, _ = DECODER_FAMILIES[family]
     if family == "llama":
         return llama_config(layers, hidden)
-    return config_class(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
-                        eos_token_id=3, tie_word_embeddings=True)
+    return config_class(
+        vocab_size=len(SPECIALS) + len(WORDS),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=True,
+    )
 
 
 def build_tiny_model(folder: Path, family: str, layers: int = 3, hidden: int = 32, seed: int = 0) -> Path:

@@ -25,8 +25,10 @@ MIN_PUBLIC = 16  # fewer public texts than this: no probe and no learned inverte
 
 @dataclass
 class AttackConfig:
-    attack: str = field(default="auto", metadata={"help": "auto (every attack that applies, the strongest "
-                                                          "reported) or one of " + ", ".join(ATTACKS)})
+    attack: str = field(
+        default="auto",
+        metadata={"help": "auto (every attack that applies, the strongest reported) or one of " + ", ".join(ATTACKS)},
+    )
     steps: int = 400  # optimization attack
     lr: float = 0.03
     temperature: float = 0.2
@@ -40,8 +42,9 @@ class AttackConfig:
         if self.attack not in ("auto", *ATTACKS):
             raise ValueError(f"attack must be auto or one of {', '.join(ATTACKS)}, got {self.attack!r}")
         if self.steps < 1 or not self.lr > 0 or not self.temperature > 0:
-            raise ValueError(f"steps, lr and temperature must be positive, got {self.steps}, {self.lr}, "
-                             f"{self.temperature}")
+            raise ValueError(
+                f"steps, lr and temperature must be positive, got {self.steps}, {self.lr}, {self.temperature}"
+            )
         if not self.observations or min(self.observations) < 1:
             raise ValueError(f"observations must be counts >= 1, got {self.observations}")
 
@@ -57,11 +60,11 @@ def undo_rescaling(observed: torch.Tensor, privatizer: Privatizer | None) -> tor
     it weighs the candidates' norms too heavily and understates the leak (tiny Llama k = 0, R 2.5: 17% of
     tokens against 42% after this); the optimization attack's cosine distance does not depend on it."""
     norm = privatizer.rescale_norm if privatizer is not None else None
-    if norm is None:
+    if norm is None or privatizer is None or privatizer.eta is None:
         return observed
     d = observed.shape[-1]
-    length = (norm ** 2 + d * (d + 1) / privatizer.eta ** 2) ** 0.5
-    rescaled = ((observed.norm(dim=-1, keepdim=True) - norm).abs() <= 1e-3 * norm)  # (..., 1)
+    length = (norm**2 + d * (d + 1) / privatizer.eta**2) ** 0.5
+    rescaled = (observed.norm(dim=-1, keepdim=True) - norm).abs() <= 1e-3 * norm  # (..., 1)
     return torch.where(rescaled, observed * (length / norm), observed)
 
 
@@ -69,11 +72,17 @@ def simulated_mechanism(privatizer: Privatizer | None) -> NoiseFn:
     """What the attacker applies to its public text: the user's mechanism with the user's settings (eta, CTI
     table, rescaling), an independent noise key, then its own undoing of the rescaling. Unlabelled public text
     takes CTI's unlabelled (max) rows. Every (text, epoch) gets its own draw."""
+
     def perturb(hidden: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor, epoch: int) -> torch.Tensor:
         if privatizer is None or privatizer.eta is None:
             return hidden * mask.unsqueeze(-1).to(hidden.dtype)
-        twin = Privatizer(privatizer.eta, key=f"attacker-epoch-{epoch}".encode(), eta_table=privatizer.eta_table,
-                          label_rows=False, rescale_norm=privatizer.rescale_norm)
+        twin = Privatizer(
+            privatizer.eta,
+            key=f"attacker-epoch-{epoch}".encode(),
+            eta_table=privatizer.eta_table,
+            label_rows=False,
+            rescale_norm=privatizer.rescale_norm,
+        )
         keys = [row[row_mask.bool()].numpy().tobytes() for row, row_mask in zip(input_ids, mask)]
         return undo_rescaling(twin(hidden, mask, input_ids, None, keys), privatizer)
 
@@ -85,9 +94,16 @@ class Attacker:
     bottom, [(clean hidden (B, T, H), mask (B, T), ids (B, T))], never the victim's; the probe, the position-0
     table and the learned inverter are built from them on first use."""
 
-    def __init__(self, bottom: BottomModel, config: AttackConfig, *, perturb: NoiseFn,
-                 public: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
-                 cache: dict | None = None, mechanism: str | None = None):
+    def __init__(
+        self,
+        bottom: BottomModel,
+        config: AttackConfig,
+        *,
+        perturb: NoiseFn,
+        public: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+        cache: dict | None = None,
+        mechanism: str | None = None,
+    ):
         """cache (optional, the caller's): keeps what is expensive to build across Attackers of one bottom and
         public text: the position-0 table always, the probe and the learned inverter under `mechanism`, a key
         naming the noise settings they were trained under (no key: they are not shared)."""
@@ -98,8 +114,12 @@ class Attacker:
         self._mechanism = mechanism
 
     def _cached(self, name: str, build):
-        key = name if name == "first_outputs" else (name, self._mechanism) if self._mechanism else None
-        if key is None:
+        key: object
+        if name == "first_outputs":
+            key = name
+        elif self._mechanism:
+            key = (name, self._mechanism)
+        else:
             key = (name, id(self))  # private to this attacker
         if key not in self._cache:
             self._cache[key] = build()
@@ -128,16 +148,26 @@ class Attacker:
                 return position_aware_inversion(observed, mask, bottom)
             return nearest_neighbour_inversion(observed, bottom.input_embedding_matrix().detach())
         if kind == "optimization":
-            return optimization_inversion(observed, mask, bottom, steps=config.steps, lr=config.lr,
-                                          temperature=config.temperature, distance=config.distance, seed=config.seed)
+            return optimization_inversion(
+                observed,
+                mask,
+                bottom,
+                steps=config.steps,
+                lr=config.lr,
+                temperature=config.temperature,
+                distance=config.distance,
+                seed=config.seed,
+            )
         if kind == "sequential":
             first = self._cached("first_outputs", lambda: first_position_outputs(bottom))
-            return sequential_inversion(observed, mask, bottom, probe=self.probe(), first_outputs=first,
-                                        config=config.sequential)
+            return sequential_inversion(
+                observed, mask, bottom, probe=self.probe(), first_outputs=first, config=config.sequential
+            )
         if kind == "learned":
             if not self.has_public:
-                raise ValueError(f"the learned attack needs at least {MIN_PUBLIC} public texts to train on, got "
-                                 f"{self.public_texts}")
+                raise ValueError(
+                    f"the learned attack needs at least {MIN_PUBLIC} public texts to train on, got {self.public_texts}"
+                )
             inverter = self._cached("learned", lambda: train_inverter(self.public, self.perturb, config=config.learned))
             return inverter(observed, mask)
         raise ValueError(f"unknown attack {kind!r}; expected one of {', '.join(ATTACKS)}")

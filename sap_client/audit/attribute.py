@@ -19,8 +19,9 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, H), got shape {tuple(hidden.shape)}")
     if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"attention_mask must be (B, T) = {tuple(hidden.shape[:2])}, "
-                         f"got {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must be (B, T) = {tuple(hidden.shape[:2])}, got {tuple(attention_mask.shape)}"
+        )
     weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, H)
 
@@ -34,9 +35,19 @@ def _check_split(name: str, features: torch.Tensor, labels: torch.Tensor) -> Non
         raise ValueError(f"{name}_labels must be integer class ids, got dtype {labels.dtype}")
 
 
-def attribute_inference(aux_features: torch.Tensor, aux_labels: torch.Tensor, victim_features: torch.Tensor,
-                        victim_labels: torch.Tensor, *, hidden: int = 64, epochs: int = 100, lr: float = 1e-3,
-                        weight_decay: float = 0.0, batch_size: int = 64, seed: int = 0) -> dict[str, float | int]:
+def attribute_inference(
+    aux_features: torch.Tensor,
+    aux_labels: torch.Tensor,
+    victim_features: torch.Tensor,
+    victim_labels: torch.Tensor,
+    *,
+    hidden: int = 64,
+    epochs: int = 100,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, float | int]:
     """Train an MLP on the auxiliary split, predict the victim split.
 
     Features are standardised with statistics from the auxiliary split only. Labels are integer
@@ -47,8 +58,9 @@ def attribute_inference(aux_features: torch.Tensor, aux_labels: torch.Tensor, vi
     _check_split("aux", aux_features, aux_labels)
     _check_split("victim", victim_features, victim_labels)
     if victim_features.shape[1] != aux_features.shape[1]:
-        raise ValueError(f"victim_features width {victim_features.shape[1]} differs from aux_features width "
-                         f"{aux_features.shape[1]}")
+        raise ValueError(
+            f"victim_features width {victim_features.shape[1]} differs from aux_features width {aux_features.shape[1]}"
+        )
     if hidden < 1:
         raise ValueError(f"hidden must be >= 1, got {hidden!r}")
     if epochs < 1:
@@ -73,7 +85,7 @@ def attribute_inference(aux_features: torch.Tensor, aux_labels: torch.Tensor, vi
     for _ in tqdm(range(epochs), desc="attribute inference", unit="epoch", disable=None):
         order = torch.randperm(x_aux.shape[0], generator=generator)
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x_aux[rows]), y_aux[rows]).backward()
             optimizer.step()
@@ -95,7 +107,8 @@ def _mlp(width: int, hidden: int, num_classes: int, generator: torch.Generator) 
     """One hidden layer, initialised from generator (Kaiming-uniform bounds, as nn.Linear)."""
     model = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
     with torch.no_grad():
-        for layer in (model[0], model[2]):
+        layers: tuple[nn.Linear, nn.Linear] = (model[0], model[2])  # type: ignore[assignment]
+        for layer in layers:
             bound = 1.0 / math.sqrt(layer.in_features)
             layer.weight.uniform_(-bound, bound, generator=generator)
             layer.bias.uniform_(-bound, bound, generator=generator)

@@ -10,7 +10,8 @@ import torch
 
 # English function words (articles, pronouns, auxiliaries, prepositions, conjunctions, common particles)
 # and the contraction pieces tokenizers split off.
-FUNCTION_WORDS = frozenset("""
+FUNCTION_WORDS = frozenset(
+    """
 a an the this that these those there here
 i me my mine myself we us our ours ourselves you your yours yourself yourselves he him his himself she her
 hers herself it its itself they them their theirs themselves one ones
@@ -24,7 +25,8 @@ towards via per
 all any both each few more most other some such no not only own same too very just also even ever still
 s t d ll m re ve n't nt don doesn didn isn aren wasn weren hasn haven hadn won wouldn shouldn couldn
 can't cannot 's 're 've 'd 'll 'm
-""".split())
+""".split()
+)
 
 
 def is_content(text: str) -> bool:

@@ -24,8 +24,9 @@ DISTANCES = ("cosine", "l2")
 _BLOCK_ELEMENTS = 1 << 24
 
 
-def nearest_neighbour_inversion(observed: torch.Tensor, embedding: torch.Tensor, *,
-                                chunk_size: int | None = None) -> torch.Tensor:
+def nearest_neighbour_inversion(
+    observed: torch.Tensor, embedding: torch.Tensor, *, chunk_size: int | None = None
+) -> torch.Tensor:
     """observed (..., H), embedding (V, H) -> (...,) ids of the nearest embedding rows (L2).
 
     Works in chunks of observed rows so that V = 50k and N = 50k fit in memory.
@@ -33,8 +34,10 @@ def nearest_neighbour_inversion(observed: torch.Tensor, embedding: torch.Tensor,
     if embedding.dim() != 2 or embedding.shape[0] < 1:
         raise ValueError(f"embedding must be a non-empty (V, H) matrix, got shape {tuple(embedding.shape)}")
     if observed.dim() < 1 or observed.shape[-1] != embedding.shape[1]:
-        raise ValueError(f"observed must be (..., H) with H = {embedding.shape[1]} (the embedding width), "
-                         f"got shape {tuple(observed.shape)}")
+        raise ValueError(
+            f"observed must be (..., H) with H = {embedding.shape[1]} (the embedding width), "
+            f"got shape {tuple(observed.shape)}"
+        )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
     vocab, width = embedding.shape
@@ -45,10 +48,10 @@ def nearest_neighbour_inversion(observed: torch.Tensor, embedding: torch.Tensor,
     ids = torch.empty(rows.shape[0], dtype=torch.long, device=table.device)
     starts = range(0, rows.shape[0], chunk)
     for start in tqdm(starts, desc="nearest-neighbour EIA", unit="chunk", disable=None):
-        block = rows[start:start + chunk].to(table.device, torch.float32)  # (n, H)
+        block = rows[start : start + chunk].to(table.device, torch.float32)  # (n, H)
         # ||a - b||^2 = ||a||^2 - 2ab + ||b||^2; ||a||^2 is the same for every b, so it is left out.
         scores = table_sq.unsqueeze(0) - 2.0 * block @ table.T  # (n, V)
-        ids[start:start + chunk] = scores.argmin(-1)
+        ids[start : start + chunk] = scores.argmin(-1)
     return ids.reshape(observed.shape[:-1]).to(observed.device)
 
 
@@ -62,8 +65,10 @@ def position_aware_inversion(observed: torch.Tensor, attention_mask: torch.Tenso
     if bottom.split != 0:
         raise ValueError(f"position-aware nearest-neighbour inversion needs a k = 0 bottom, got k = {bottom.split}")
     if observed.dim() != 3 or tuple(attention_mask.shape) != tuple(observed.shape[:2]):
-        raise ValueError(f"observed must be (B, T, H) and attention_mask (B, T), got {tuple(observed.shape)} and "
-                         f"{tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"observed must be (B, T, H) and attention_mask (B, T), got {tuple(observed.shape)} and "
+            f"{tuple(attention_mask.shape)}"
+        )
     table = bottom.input_embedding_matrix().detach()  # (V, H)
     if bottom.family is not ENCODER:
         return nearest_neighbour_inversion(observed, table)
@@ -105,9 +110,18 @@ def _distance(output: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor, 
     return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def optimization_inversion(observed: torch.Tensor, attention_mask: torch.Tensor, bottom: BottomModel, *,
-                           steps: int = 400, lr: float = 0.03, temperature: float = 0.2,
-                           distance: str = "cosine", seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+def optimization_inversion(
+    observed: torch.Tensor,
+    attention_mask: torch.Tensor,
+    bottom: BottomModel,
+    *,
+    steps: int = 400,
+    lr: float = 0.03,
+    temperature: float = 0.2,
+    distance: str = "cosine",
+    seed: int = 0,
+    batch_size: int = 8,
+) -> torch.Tensor:
     """observed (B, T, H) -> guessed token ids (B, T); padding positions hold meaningless guesses.
 
     The bottom's weights are not changed: its parameters are frozen (and put in eval mode) for the
@@ -116,11 +130,14 @@ def optimization_inversion(observed: torch.Tensor, attention_mask: torch.Tensor,
     if observed.dim() != 3:
         raise ValueError(f"observed must be (B, T, H), got shape {tuple(observed.shape)}")
     if tuple(attention_mask.shape) != tuple(observed.shape[:2]):
-        raise ValueError(f"attention_mask must be (B, T) = {tuple(observed.shape[:2])}, "
-                         f"got {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must be (B, T) = {tuple(observed.shape[:2])}, got {tuple(attention_mask.shape)}"
+        )
     if observed.shape[-1] != bottom.config.hidden_size:
-        raise ValueError(f"observed hidden size {observed.shape[-1]} does not match the bottom's "
-                         f"hidden_size {bottom.config.hidden_size}")
+        raise ValueError(
+            f"observed hidden size {observed.shape[-1]} does not match the bottom's "
+            f"hidden_size {bottom.config.hidden_size}"
+        )
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r}")
     if not (math.isfinite(lr) and lr > 0):
@@ -133,8 +150,17 @@ def optimization_inversion(observed: torch.Tensor, attention_mask: torch.Tensor,
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
 
     with frozen(bottom):
-        return _invert(observed, attention_mask, bottom, steps=steps, lr=lr, temperature=temperature,
-                       distance=distance, seed=seed, batch_size=batch_size)
+        return _invert(
+            observed,
+            attention_mask,
+            bottom,
+            steps=steps,
+            lr=lr,
+            temperature=temperature,
+            distance=distance,
+            seed=seed,
+            batch_size=batch_size,
+        )
 
 
 @contextmanager
@@ -155,8 +181,18 @@ def frozen(bottom: BottomModel) -> Iterator[BottomModel]:
         bottom.train(was_training)
 
 
-def _invert(observed: torch.Tensor, attention_mask: torch.Tensor, bottom: BottomModel, *, steps: int,
-            lr: float, temperature: float, distance: str, seed: int, batch_size: int) -> torch.Tensor:
+def _invert(
+    observed: torch.Tensor,
+    attention_mask: torch.Tensor,
+    bottom: BottomModel,
+    *,
+    steps: int,
+    lr: float,
+    temperature: float,
+    distance: str,
+    seed: int,
+    batch_size: int,
+) -> torch.Tensor:
     table = bottom.input_embedding_matrix().detach()  # (V, H)
     device, dtype = table.device, table.dtype
     n, length, _ = observed.shape
@@ -166,8 +202,8 @@ def _invert(observed: torch.Tensor, attention_mask: torch.Tensor, bottom: Bottom
     bar = tqdm(total=len(starts) * steps, desc="optimization EIA", unit="step", disable=None)
     with bar:
         for start in starts:
-            target = observed[start:start + batch_size].detach().to(device, dtype)  # (b, T, H)
-            mask = attention_mask[start:start + batch_size].to(device)  # (b, T)
+            target = observed[start : start + batch_size].detach().to(device, dtype)  # (b, T, H)
+            mask = attention_mask[start : start + batch_size].to(device)  # (b, T)
             init = 0.01 * torch.randn((target.shape[0], length, table.shape[0]), generator=generator)
             logits = nn.Parameter(init.to(device))  # (b, T, V), float32
             optimizer = torch.optim.Adam([logits], lr=lr)
@@ -178,12 +214,17 @@ def _invert(observed: torch.Tensor, attention_mask: torch.Tensor, bottom: Bottom
                 loss.backward()
                 optimizer.step()
                 bar.update(1)
-            guesses[start:start + batch_size] = logits.detach().argmax(-1).cpu()
+            guesses[start : start + batch_size] = logits.detach().argmax(-1).cpu()
     return guesses.to(observed.device)
 
 
-def token_recovery(predicted: torch.Tensor, actual: torch.Tensor, mask: torch.Tensor,
-                   special_ids: Collection[int] = (), content: torch.Tensor | None = None) -> dict[str, float | int]:
+def token_recovery(
+    predicted: torch.Tensor,
+    actual: torch.Tensor,
+    mask: torch.Tensor,
+    special_ids: Collection[int] = (),
+    content: torch.Tensor | None = None,
+) -> dict[str, float | int]:
     """Fraction of real tokens (mask = 1) guessed exactly, with and without special token ids, and (given a
     content mask, sap_client.audit.content) over content tokens only.
 
@@ -192,8 +233,10 @@ def token_recovery(predicted: torch.Tensor, actual: torch.Tensor, mask: torch.Te
     tokens_content. Empirical privacy is 1 - recovery.
     """
     if predicted.shape != actual.shape or actual.shape != mask.shape:
-        raise ValueError(f"predicted, actual and mask must have the same shape, got {tuple(predicted.shape)}, "
-                         f"{tuple(actual.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"predicted, actual and mask must have the same shape, got {tuple(predicted.shape)}, "
+            f"{tuple(actual.shape)} and {tuple(mask.shape)}"
+        )
     if content is not None and content.shape != mask.shape:
         raise ValueError(f"content must have the mask's shape {tuple(mask.shape)}, got {tuple(content.shape)}")
     real = mask.to(torch.bool)
@@ -212,8 +255,7 @@ def token_recovery(predicted: torch.Tensor, actual: torch.Tensor, mask: torch.Te
     if content is not None:
         chosen = content.to(actual.device).bool() & real
         count = int(chosen.sum())
-        figures.update(recovery_content=int((hit & chosen).sum()) / count if count else math.nan,
-                       tokens_content=count)
+        figures.update(recovery_content=int((hit & chosen).sum()) / count if count else math.nan, tokens_content=count)
     return figures
 
 

@@ -62,8 +62,12 @@ def _name_sides(side: torch.Tensor, majority_class: int) -> torch.Tensor:
 def label_inference(guesses: torch.Tensor, labels: torch.Tensor) -> dict[str, float | int]:
     """The attack's accuracy on the true labels and the majority-class baseline (the best guess without gradients)."""
     if guesses.shape != labels.shape or labels.dim() != 1 or len(labels) < 1:
-        raise ValueError(f"guesses and labels must be equal (N,) tensors, got {tuple(guesses.shape)} and "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"guesses and labels must be equal (N,) tensors, got {tuple(guesses.shape)} and {tuple(labels.shape)}"
+        )
     counts = torch.bincount(labels.long())
-    return {"label_inference_accuracy": float((guesses.long() == labels.long()).float().mean()),
-            "label_inference_baseline": float(counts.max()) / len(labels), "label_inference_examples": len(labels)}
+    return {
+        "label_inference_accuracy": float((guesses.long() == labels.long()).float().mean()),
+        "label_inference_baseline": float(counts.max()) / len(labels),
+        "label_inference_examples": len(labels),
+    }

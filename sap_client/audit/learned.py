@@ -52,8 +52,9 @@ class InversionModel(nn.Module):
         self.norm = nn.LayerNorm(hidden)  # received vectors differ in scale by orders of magnitude (sinks, noise)
         self.project = nn.Linear(hidden, config.width)
         self.positions = nn.Embedding(max_length, config.width)
-        layer = nn.TransformerEncoderLayer(config.width, config.heads, 4 * config.width, dropout=0.1,
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            config.width, config.heads, 4 * config.width, dropout=0.1, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.out = nn.Linear(config.width, known_tokens)
 
@@ -81,13 +82,19 @@ class LearnedInverter:
             raise ValueError(f"the inverter was trained on at most {max_length} positions, got {observed.shape[1]}")
         guesses = []
         for start in range(0, observed.shape[0], batch_size):
-            logits = self.model(observed[start:start + batch_size].float(), attention_mask[start:start + batch_size])
+            logits = self.model(
+                observed[start : start + batch_size].float(), attention_mask[start : start + batch_size]
+            )
             guesses.append(self.token_ids[logits.argmax(-1)])
         return torch.cat(guesses).to(observed.device)
 
 
-def train_inverter(public: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], perturb: NoiseFn, *,
-                   config: LearnedConfig = LearnedConfig()) -> LearnedInverter:
+def train_inverter(
+    public: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    perturb: NoiseFn,
+    *,
+    config: LearnedConfig = LearnedConfig(),
+) -> LearnedInverter:
     """Train on public batches [(clean hidden (B, T, H), mask (B, T), input ids (B, T))] of the attacker's bottom;
     perturb(hidden, mask, ids, epoch) applies the mechanism (a new draw per epoch)."""
     if not public:
@@ -106,17 +113,19 @@ def train_inverter(public: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     steps = config.epochs * math.ceil(len(examples) / config.batch_size)
     warmup = max(1, steps // 10)  # a short linear warm-up, then a cosine decay to zero
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    )
     model.train()
     with tqdm(total=steps, desc="learned inverter", unit="step", disable=None) as bar:
         for epoch in range(config.epochs):
             received = [perturb(hidden, mask, ids, epoch) for hidden, mask, ids in public]
             order = torch.randperm(len(examples), generator=order_generator).tolist()
             for start in range(0, len(order), config.batch_size):
-                picked = [examples[i] for i in order[start:start + config.batch_size]]
+                picked = [examples[i] for i in order[start : start + config.batch_size]]
                 x, mask, target = _batch(picked, received, public, lookup)
-                loss = nn.functional.cross_entropy(model(x, mask).reshape(-1, len(known)), target.reshape(-1),
-                                                   ignore_index=-100)
+                loss = nn.functional.cross_entropy(
+                    model(x, mask).reshape(-1, len(known)), target.reshape(-1), ignore_index=-100
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -127,9 +136,12 @@ def train_inverter(public: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     return LearnedInverter(model, known, int(real_ids.numel()))
 
 
-def _batch(picked: list[tuple[int, int]], received: list[torch.Tensor],
-           public: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], lookup: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(
+    picked: list[tuple[int, int]],
+    received: list[torch.Tensor],
+    public: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    lookup: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of the perturbed public batches, padded together: (x (b, T, H), mask (b, T), target classes (b, T))."""
     lengths = torch.tensor([int(public[b][1][row].sum()) for b, row in picked])
     pad = nn.utils.rnn.pad_sequence

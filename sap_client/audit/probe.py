@@ -32,8 +32,9 @@ class TokenProbe:
         return hidden @ self.embedding[:-1] + self.embedding[-1]
 
 
-def fit_token_probe(hidden: torch.Tensor, token_ids: torch.Tensor, table: torch.Tensor, *,
-                    ridge: float = 1e-2) -> TokenProbe:
+def fit_token_probe(
+    hidden: torch.Tensor, token_ids: torch.Tensor, table: torch.Tensor, *, ridge: float = 1e-2
+) -> TokenProbe:
     """Fit h -> one-hot(token) and h -> E[token] by ridge regression: hidden (N, H) vectors of public text (as
     the provider would receive them: under the same noise), token_ids (N,), table the embedding matrix (V, H).
 
@@ -43,8 +44,10 @@ def fit_token_probe(hidden: torch.Tensor, token_ids: torch.Tensor, table: torch.
     """
     vocab_size = table.shape[0]
     if hidden.dim() != 2 or token_ids.shape != hidden.shape[:1] or hidden.shape[0] < 1:
-        raise ValueError(f"hidden must be (N, H) and token_ids (N,) with N >= 1, got {tuple(hidden.shape)} and "
-                         f"{tuple(token_ids.shape)}")
+        raise ValueError(
+            f"hidden must be (N, H) and token_ids (N,) with N >= 1, got {tuple(hidden.shape)} and "
+            f"{tuple(token_ids.shape)}"
+        )
     if not (math.isfinite(ridge) and ridge > 0):
         raise ValueError(f"ridge must be positive and finite, got {ridge!r}")
     if int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab_size:

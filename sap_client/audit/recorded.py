@@ -10,14 +10,20 @@ import torch
 from sap_client.audit.attacks import AttackConfig, undo_rescaling
 from sap_client.audit.content import content_mask
 from sap_client.audit.labels import label_inference, sign_rule
-from sap_client.audit.runner import clean_batches, eia_report, as_sent, build_attacker
+from sap_client.audit.runner import as_sent, build_attacker, clean_batches, eia_report
 from sap_client.data import TextDataset
 from sap_client.trainer import SplitTrainer
 from sap_common.recording import Record
 
 
-def recorded_audit(trainer: SplitTrainer, data: TextDataset, records: list[Record], config: AttackConfig,
-                   public: list[str] | None = None, label_data: TextDataset | None = None) -> dict:
+def recorded_audit(
+    trainer: SplitTrainer,
+    data: TextDataset,
+    records: list[Record],
+    config: AttackConfig,
+    public: list[str] | None = None,
+    label_data: TextDataset | None = None,
+) -> dict:
     """Attack what a server recorded (sap-server --record): the hidden states it received, with every attack that
     applies, and (when the data is labelled and the recording holds Backward gradients) the labels.
 
@@ -35,9 +41,10 @@ def recorded_audit(trainer: SplitTrainer, data: TextDataset, records: list[Recor
     results: dict[str, list[tuple]] = {kind: [] for kind in kinds}
     size = trainer.config.batch_size
     for start in range(0, len(order), size):
-        chunk = order[start:start + size]
-        observed = torch.nn.utils.rnn.pad_sequence([undo_rescaling(received[i], trainer.privatizer) for i in chunk],
-                                                   batch_first=True)  # (B, T, H)
+        chunk = order[start : start + size]
+        observed = torch.nn.utils.rnn.pad_sequence(
+            [undo_rescaling(received[i], trainer.privatizer) for i in chunk], batch_first=True
+        )  # (B, T, H)
         truth = torch.nn.utils.rnn.pad_sequence([matched[i][1] for i in chunk], batch_first=True)  # (B, T)
         lengths = torch.tensor([len(received[i]) for i in chunk])
         mask = (torch.arange(observed.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
@@ -77,14 +84,17 @@ def recorded_label_inference(records: list[Record], text_of: dict[str, int], lab
             else:
                 unmatched += 1
     if not truth:
-        return {"label_inference": "no recorded Backward gradient of a paired example (a recording from before "
-                                   "gradients were recorded, or no training steps)"}
+        return {
+            "label_inference": "no recorded Backward gradient of a paired example (a recording from before "
+            "gradients were recorded, or no training steps)"
+        }
     figures = label_inference(torch.tensor(guesses), torch.tensor(truth))
     return {**figures, "label_attack": "sign", "label_inference_unmatched": unmatched}
 
 
-def _pair_with_texts(trainer: SplitTrainer, data: TextDataset, received: list[torch.Tensor]
-                     ) -> dict[int, tuple[int, torch.Tensor]]:
+def _pair_with_texts(
+    trainer: SplitTrainer, data: TextDataset, received: list[torch.Tensor]
+) -> dict[int, tuple[int, torch.Tensor]]:
     """received index -> (text index, token ids): one to one within each length, nearest pairs first. The distance
     is the smaller of the distances to the text's clean bottom output and to what this client would send for it
     (exact for a run's keyed noise and frozen bottom; the clean output serves fresh noise and trained bottoms)."""
@@ -94,8 +104,9 @@ def _pair_with_texts(trainer: SplitTrainer, data: TextDataset, received: list[to
         sent = as_sent(trainer.privatizer, hidden, mask, input_ids, labels, [t.encode() for t in texts])
         for b in range(len(input_ids)):
             length = int(mask[b].sum())
-            references.setdefault(length, []).append((index, hidden[b, :length], sent[b, :length],
-                                                      input_ids[b, :length]))
+            references.setdefault(length, []).append(
+                (index, hidden[b, :length], sent[b, :length], input_ids[b, :length])
+            )
             index += 1
     by_length: dict[int, list[int]] = {}
     for i, rows in enumerate(received):
@@ -106,8 +117,10 @@ def _pair_with_texts(trainer: SplitTrainer, data: TextDataset, received: list[to
         if not candidates:
             continue
         got = torch.stack([received[i].reshape(-1) for i in indices]).double()
-        distances = torch.minimum(torch.cdist(got, torch.stack([c[1].reshape(-1) for c in candidates]).double()),
-                                  torch.cdist(got, torch.stack([c[2].reshape(-1) for c in candidates]).double()))
+        distances = torch.minimum(
+            torch.cdist(got, torch.stack([c[1].reshape(-1) for c in candidates]).double()),
+            torch.cdist(got, torch.stack([c[2].reshape(-1) for c in candidates]).double()),
+        )
         width = distances.shape[1]
         used_rows, used_texts = set(), set()
         for flat in distances.reshape(-1).argsort().tolist():  # (received, text) pairs from the nearest on
@@ -122,8 +135,9 @@ def _pair_with_texts(trainer: SplitTrainer, data: TextDataset, received: list[to
 
 
 def _row_digests(hidden: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    return [hashlib.sha256(hidden[b, mask[b].bool()].float().numpy().tobytes()).hexdigest()
-            for b in range(hidden.shape[0])]
+    return [
+        hashlib.sha256(hidden[b, mask[b].bool()].float().numpy().tobytes()).hexdigest() for b in range(hidden.shape[0])
+    ]
 
 
 def _distinct_examples(records: list[Record]) -> tuple[list[torch.Tensor], list[str]]:

@@ -19,8 +19,15 @@ from sap_common.models.split import BottomModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AttackConfig", "attribute_report", "build_attacker", "sent_representations", "simulated_audit",
-           "undo_rescaling", "write_report"]
+__all__ = [
+    "AttackConfig",
+    "attribute_report",
+    "build_attacker",
+    "sent_representations",
+    "simulated_audit",
+    "undo_rescaling",
+    "write_report",
+]
 
 
 def clean_batches(trainer: SplitTrainer, data: TextDataset, bottom: BottomModel | None = None):
@@ -28,8 +35,8 @@ def clean_batches(trainer: SplitTrainer, data: TextDataset, bottom: BottomModel 
     size = trainer.config.batch_size
     bottom = bottom if bottom is not None else trainer.bottom
     for start in range(0, len(data), size):
-        texts = data.texts[start:start + size]
-        labels = torch.tensor(data.labels[start:start + size]) if data.labels else None
+        texts = data.texts[start : start + size]
+        labels = torch.tensor(data.labels[start : start + size]) if data.labels else None
         input_ids, mask = trainer.encode(texts)
         bottom.eval()
         with torch.no_grad():
@@ -44,9 +51,14 @@ def as_sent(privatizer: Privatizer | None, hidden, mask, input_ids, labels, keys
     return privatizer(hidden, mask, input_ids, labels, keys)
 
 
-def build_attacker(trainer: SplitTrainer, config: AttackConfig, public: list[str] | None = None,
-                   attacker: BottomModel | None = None, cache: dict | None = None,
-                   mechanism: str | None = None) -> Attacker:
+def build_attacker(
+    trainer: SplitTrainer,
+    config: AttackConfig,
+    public: list[str] | None = None,
+    attacker: BottomModel | None = None,
+    cache: dict | None = None,
+    mechanism: str | None = None,
+) -> Attacker:
     """The curious provider for this client's settings: its pretrained bottom (default: the client's own, i.e. a
     frozen bottom), its public texts run through that bottom, and the client's mechanism to simulate on them.
     cache and mechanism: see Attacker (a caller auditing many settings shares what it can)."""
@@ -54,17 +66,32 @@ def build_attacker(trainer: SplitTrainer, config: AttackConfig, public: list[str
     if cache is not None and "public" in cache:
         batches = cache["public"]
     else:
-        batches = [(hidden, mask, ids) for _, _, ids, mask, hidden in
-                   clean_batches(trainer, TextDataset(list(public or []), [], []), bottom)]
+        batches = [
+            (hidden, mask, ids)
+            for _, _, ids, mask, hidden in clean_batches(trainer, TextDataset(list(public or []), [], []), bottom)
+        ]
         if cache is not None:
             cache["public"] = batches
-    return Attacker(bottom, config, perturb=simulated_mechanism(trainer.privatizer), public=batches, cache=cache,
-                    mechanism=mechanism)
+    return Attacker(
+        bottom,
+        config,
+        perturb=simulated_mechanism(trainer.privatizer),
+        public=batches,
+        cache=cache,
+        mechanism=mechanism,
+    )
 
 
-def simulated_audit(trainer: SplitTrainer, data: TextDataset, attributes: list[int] | None,
-                    config: AttackConfig, attacker: BottomModel | None = None,
-                    public: list[str] | None = None, cache: dict | None = None, mechanism: str | None = None) -> dict:
+def simulated_audit(
+    trainer: SplitTrainer,
+    data: TextDataset,
+    attributes: list[int] | None,
+    config: AttackConfig,
+    attacker: BottomModel | None = None,
+    public: list[str] | None = None,
+    cache: dict | None = None,
+    mechanism: str | None = None,
+) -> dict:
     """Attack what the client would send for `data` with every attack that applies (or the one asked for); with
     observations n > 1, average n noisy copies first.
 
@@ -84,9 +111,13 @@ def simulated_audit(trainer: SplitTrainer, data: TextDataset, attributes: list[i
         first = undo_rescaling(first, privatizer)
         content = content_mask(input_ids, mask, trainer.tokenizer)
         for n in config.observations:
-            copies = [first] + [undo_rescaling(as_sent(privatizer, hidden, mask, input_ids, labels,
-                                                     [k + f"\0copy={i}".encode() for k in keys]), privatizer)
-                                for i in range(1, n)]
+            copies = [first] + [
+                undo_rescaling(
+                    as_sent(privatizer, hidden, mask, input_ids, labels, [k + f"\0copy={i}".encode() for k in keys]),
+                    privatizer,
+                )
+                for i in range(1, n)
+            ]
             observed = torch.stack(copies).mean(0)
             for kind in kinds:
                 per_n[n][kind].append((provider.invert(kind, observed, mask), input_ids, mask, content))
@@ -104,13 +135,25 @@ def eia_report(per_n: dict[int, dict[str, list[tuple]]], trainer: SplitTrainer, 
     for n, by_kind in per_n.items():
         attacks = {kind: _recovery(results, special) for kind, results in by_kind.items()}
         strongest = max(attacks, key=lambda kind: attacks[kind]["recovery"])
-        observations.append({"observations": n, **attacks[strongest], "attack": strongest,
-                             "privacy": 1.0 - attacks[strongest]["recovery"],
-                             "recovery_content": max(a["recovery_content"] for a in attacks.values()),
-                             "attacks": attacks})
+        observations.append(
+            {
+                "observations": n,
+                **attacks[strongest],
+                "attack": strongest,
+                "privacy": 1.0 - attacks[strongest]["recovery"],
+                "recovery_content": max(a["recovery_content"] for a in attacks.values()),
+                "attacks": attacks,
+            }
+        )
     first = observations[0]
-    return {"attack": first["attack"], "attacks_run": list(first["attacks"]), "observations": observations,
-            "eia_attacks": first["attacks"], "public_examples": provider.public_texts, **_eia_fields(first)}
+    return {
+        "attack": first["attack"],
+        "attacks_run": list(first["attacks"]),
+        "observations": observations,
+        "eia_attacks": first["attacks"],
+        "public_examples": provider.public_texts,
+        **_eia_fields(first),
+    }
 
 
 def sent_representations(trainer: SplitTrainer, data: TextDataset, clean: list | None = None) -> torch.Tensor:
@@ -134,6 +177,7 @@ def sent_representations(trainer: SplitTrainer, data: TextDataset, clean: list |
 
 def _recovery(results: list[tuple], special: set[int]) -> dict:
     """Token recovery over [(guesses, truth, mask, content)] batches."""
+
     def flat(i: int) -> torch.Tensor:
         return torch.cat([r[i].reshape(-1) for r in results])
 
@@ -141,22 +185,31 @@ def _recovery(results: list[tuple], special: set[int]) -> dict:
 
 
 def _eia_fields(entry: dict) -> dict:
-    return {"eia_token_recovery": entry["recovery"],
-            "eia_token_recovery_without_special": entry["recovery_without_special"],
-            "eia_token_recovery_content": entry["recovery_content"],
-            "eia_privacy": entry["privacy"], "eia_content_privacy": 1.0 - entry["recovery_content"],
-            "eia_tokens": entry["tokens"], "eia_content_tokens": entry["tokens_content"]}
+    return {
+        "eia_token_recovery": entry["recovery"],
+        "eia_token_recovery_without_special": entry["recovery_without_special"],
+        "eia_token_recovery_content": entry["recovery_content"],
+        "eia_privacy": entry["privacy"],
+        "eia_content_privacy": 1.0 - entry["recovery_content"],
+        "eia_tokens": entry["tokens"],
+        "eia_content_tokens": entry["tokens_content"],
+    }
 
 
 def attribute_report(features: torch.Tensor, attributes: list[int], seed: int) -> dict:
-    """AIA on pooled features (N, H): auxiliary half (the attacker's labelled data) vs victim half, split seeded and disjoint."""
+    """AIA on pooled features (N, H): the auxiliary half (the attacker's labelled data) against the victim half,
+    split seeded and disjoint."""
     order = torch.randperm(len(attributes), generator=torch.Generator().manual_seed(seed))
     half = len(order) // 2
     aux, victim = order[:half], order[half:]
     labels = torch.tensor(attributes)
     result = attribute_inference(features[aux], labels[aux], features[victim], labels[victim], seed=seed)
-    return {"aia_accuracy": result["accuracy"], "aia_baseline": result["baseline"],
-            "aia_privacy": 1.0 - result["accuracy"], "aia_victims": len(victim)}
+    return {
+        "aia_accuracy": result["accuracy"],
+        "aia_baseline": result["baseline"],
+        "aia_privacy": 1.0 - result["accuracy"],
+        "aia_victims": len(victim),
+    }
 
 
 def write_report(report: dict, folder: Path) -> None:
@@ -165,33 +218,58 @@ def write_report(report: dict, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# SAP privacy audit ({report.get('source', 'simulated')})", "",
-             f"Model {report.get('model')} split k = {report['split']}; noise eta = {report['eta']}, "
-             f"noise ratio = {report.get('noise_ratio')}, CTI = {report['cti']}"
-             + (f", noised vectors rescaled to norm {report['rescale_norm']:.4g}" if report.get("rescale_norm") else "")
-             + ".", "",
-             "**Embedding inversion**, "
-             + (f"the strongest of {len(report['eia_attacks'])} attacks ({report['attack']}), "
-                if len(report["eia_attacks"]) > 1 else f"the {report['attack']} attack, ")
-             + f"{report['eia_tokens']} tokens of {report['examples']} examples: {report['eia_token_recovery']:.1%} of "
-             f"tokens recovered ({report['eia_token_recovery_without_special']:.1%} without special tokens, "
-             f"{report['eia_token_recovery_content']:.1%} of the {report['eia_content_tokens']} content tokens); "
-             f"empirical privacy {report['eia_privacy']:.3f}.", "",
-             "| attack | tokens recovered | content tokens recovered |", "|---|---|---|"]
-    lines += [f"| {kind} | {a['recovery']:.1%} | {a['recovery_content']:.1%} |" for kind, a in report["eia_attacks"].items()]
-    lines += ["", f"The provider's public text: {report.get('public_examples', 0)} texts (for the probe and the learned "
-                  f"inverter; never the attacked ones).", ""]
+    lines = [
+        f"# SAP privacy audit ({report.get('source', 'simulated')})",
+        "",
+        f"Model {report.get('model')} split k = {report['split']}; noise eta = {report['eta']}, "
+        f"noise ratio = {report.get('noise_ratio')}, CTI = {report['cti']}"
+        + (f", noised vectors rescaled to norm {report['rescale_norm']:.4g}" if report.get("rescale_norm") else "")
+        + ".",
+        "",
+        "**Embedding inversion**, "
+        + (
+            f"the strongest of {len(report['eia_attacks'])} attacks ({report['attack']}), "
+            if len(report["eia_attacks"]) > 1
+            else f"the {report['attack']} attack, "
+        )
+        + f"{report['eia_tokens']} tokens of {report['examples']} examples: {report['eia_token_recovery']:.1%} of "
+        f"tokens recovered ({report['eia_token_recovery_without_special']:.1%} without special tokens, "
+        f"{report['eia_token_recovery_content']:.1%} of the {report['eia_content_tokens']} content tokens); "
+        f"empirical privacy {report['eia_privacy']:.3f}.",
+        "",
+        "| attack | tokens recovered | content tokens recovered |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {kind} | {a['recovery']:.1%} | {a['recovery_content']:.1%} |" for kind, a in report["eia_attacks"].items()
+    ]
+    lines += [
+        "",
+        f"The provider's public text: {report.get('public_examples', 0)} texts (for the probe and the learned "
+        f"inverter; never the attacked ones).",
+        "",
+    ]
     if len(report["observations"]) > 1:
         lines += ["| observations of each example averaged | tokens recovered | empirical privacy |", "|---|---|---|"]
         lines += [f"| {o['observations']} | {o['recovery']:.1%} | {o['privacy']:.3f} |" for o in report["observations"]]
-        lines += ["", "Averaging several noisy copies strips the noise: send each example once "
-                      "(the default with a frozen bottom; avoid --fresh-noise).", ""]
+        lines += [
+            "",
+            "Averaging several noisy copies strips the noise: send each example once "
+            "(the default with a frozen bottom; avoid --fresh-noise).",
+            "",
+        ]
     if "aia_accuracy" in report:
-        lines += [f"**Attribute inference** ({report['attribute_column']}): accuracy {report['aia_accuracy']:.3f} "
-                  f"against a majority baseline of {report['aia_baseline']:.3f} on {report['aia_victims']} "
-                  f"victims; empirical privacy {report['aia_privacy']:.3f}.", ""]
+        lines += [
+            f"**Attribute inference** ({report['attribute_column']}): accuracy {report['aia_accuracy']:.3f} "
+            f"against a majority baseline of {report['aia_baseline']:.3f} on {report['aia_victims']} "
+            f"victims; empirical privacy {report['aia_privacy']:.3f}.",
+            "",
+        ]
     if "label_inference_accuracy" in report:
-        lines += [f"**Label inference** ({report['label_attack']} rule on the recorded Backward gradients): "
-                  f"{report['label_inference_accuracy']:.1%} of {report['label_inference_examples']} training labels "
-                  f"read, against a majority baseline of {report['label_inference_baseline']:.1%}.", ""]
+        lines += [
+            f"**Label inference** ({report['label_attack']} rule on the recorded Backward gradients): "
+            f"{report['label_inference_accuracy']:.1%} of {report['label_inference_examples']} training labels "
+            f"read, against a majority baseline of {report['label_inference_baseline']:.1%}.",
+            "",
+        ]
     (folder / "report.md").write_text("\n".join(lines))

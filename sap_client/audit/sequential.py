@@ -53,8 +53,9 @@ def _prefix_length(prefix: PrefixKV | None) -> int:
     return next(iter(prefix.values()))[0].shape[2] if prefix else 0
 
 
-def extend(bottom: BottomModel, prefix: PrefixKV | None, x: torch.Tensor, position: int
-           ) -> tuple[torch.Tensor, PrefixKV]:
+def extend(
+    bottom: BottomModel, prefix: PrefixKV | None, x: torch.Tensor, position: int
+) -> tuple[torch.Tensor, PrefixKV]:
     """The bottom's output at `position` for C candidate input embeddings after each of M prefixes.
 
     prefix: the K/V of M prefixes of length `position` (None when position = 0); x (M, C, H): candidate
@@ -75,8 +76,7 @@ def extend(bottom: BottomModel, prefix: PrefixKV | None, x: torch.Tensor, positi
     cache = _PrefixCache(prefix)
     hidden = x
     for block in bottom.blocks:
-        hidden = block(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary,
-                       cache=cache)
+        hidden = block(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary, cache=cache)
     return hidden, cache.new
 
 
@@ -110,15 +110,22 @@ def first_position_outputs(bottom: BottomModel, *, chunk: int = 4096) -> torch.T
     so one pass over the vocabulary makes position 0 an exact search (SmolLM2 k = 6: about 45 s on 2 cores)."""
     table = bottom.input_embedding_matrix().detach().float()
     with frozen(bottom):
-        rows = [extend(bottom, None, table[start:start + chunk].unsqueeze(0), 0)[0][0]
-                for start in tqdm(range(0, table.shape[0], chunk), desc="position-0 outputs", unit="chunk",
-                                  disable=None)]
+        rows = [
+            extend(bottom, None, table[start : start + chunk].unsqueeze(0), 0)[0][0]
+            for start in tqdm(range(0, table.shape[0], chunk), desc="position-0 outputs", unit="chunk", disable=None)
+        ]
     return torch.cat(rows)
 
 
-def sequential_inversion(observed: torch.Tensor, attention_mask: torch.Tensor, bottom: BottomModel, *,
-                         probe: TokenProbe | None = None, first_outputs: torch.Tensor | None = None,
-                         config: SequentialConfig = SequentialConfig()) -> torch.Tensor:
+def sequential_inversion(
+    observed: torch.Tensor,
+    attention_mask: torch.Tensor,
+    bottom: BottomModel,
+    *,
+    probe: TokenProbe | None = None,
+    first_outputs: torch.Tensor | None = None,
+    config: SequentialConfig = SequentialConfig(),
+) -> torch.Tensor:
     """observed (B, T, H) -> guessed token ids (B, T) for a causal decoder's bottom (right padding).
 
     probe: fitted on public text (fit_token_probe); without it the embedding similarity compares the received
@@ -126,14 +133,20 @@ def sequential_inversion(observed: torch.Tensor, attention_mask: torch.Tensor, b
     here when not given. The bottom's weights are not changed (frozen and in eval mode while the attack runs).
     """
     if bottom.family is not DECODER:
-        raise ValueError("sequential inversion needs a causal decoder's bottom (Llama, Qwen, Mistral); an encoder's "
-                         "hidden states depend on the whole text")
+        raise ValueError(
+            "sequential inversion needs a causal decoder's bottom (Llama, Qwen, Mistral); an encoder's "
+            "hidden states depend on the whole text"
+        )
     if observed.dim() != 3 or tuple(attention_mask.shape) != tuple(observed.shape[:2]):
-        raise ValueError(f"observed must be (B, T, H) and attention_mask (B, T), got {tuple(observed.shape)} and "
-                         f"{tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"observed must be (B, T, H) and attention_mask (B, T), got {tuple(observed.shape)} and "
+            f"{tuple(attention_mask.shape)}"
+        )
     if observed.shape[-1] != bottom.config.hidden_size:
-        raise ValueError(f"observed hidden size {observed.shape[-1]} does not match the bottom's hidden_size "
-                         f"{bottom.config.hidden_size}")
+        raise ValueError(
+            f"observed hidden size {observed.shape[-1]} does not match the bottom's hidden_size "
+            f"{bottom.config.hidden_size}"
+        )
     with frozen(bottom):
         if first_outputs is None:
             first_outputs = first_position_outputs(bottom)
@@ -143,10 +156,11 @@ def sequential_inversion(observed: torch.Tensor, attention_mask: torch.Tensor, b
         with bar:
             for start in range(0, observed.shape[0], config.batch_size):
                 chunk = slice(start, start + config.batch_size)
-                decoded = _Decoder(bottom, probe, first_outputs, config).run(observed[chunk].float(), lengths[chunk],
-                                                                             bar)
+                decoded = _Decoder(bottom, probe, first_outputs, config).run(
+                    observed[chunk].float(), lengths[chunk], bar
+                )
                 for row, ids in enumerate(decoded):
-                    guesses[start + row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                    guesses[start + row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return guesses.to(observed.device)
 
 
@@ -175,16 +189,19 @@ def _gather_prefix(prefix: PrefixKV | None, new: PrefixKV, parents: torch.Tensor
 
 
 def _concat_kv(first: PrefixKV, second: PrefixKV) -> PrefixKV:
-    return {layer: (torch.cat([k, second[layer][0]], dim=2), torch.cat([v, second[layer][1]], dim=2))
-            for layer, (k, v) in first.items()}
+    return {
+        layer: (torch.cat([k, second[layer][0]], dim=2), torch.cat([v, second[layer][1]], dim=2))
+        for layer, (k, v) in first.items()
+    }
 
 
 class _Decoder:
     """Beam decoding of a chunk of examples. A hypothesis is (example, tokens so far, summed L2 distance, the
     prefix's K/V); at each position every hypothesis scores its shortlist and each example keeps its best."""
 
-    def __init__(self, bottom: BottomModel, probe: TokenProbe | None, first_outputs: torch.Tensor,
-                 config: SequentialConfig):
+    def __init__(
+        self, bottom: BottomModel, probe: TokenProbe | None, first_outputs: torch.Tensor, config: SequentialConfig
+    ):
         self.bottom, self.probe, self.first_outputs, self.config = bottom, probe, first_outputs.float(), config
         self.table = bottom.input_embedding_matrix().detach().float()  # (V, H)
         self.unit_table = torch.nn.functional.normalize(self.table, dim=-1)
@@ -195,7 +212,7 @@ class _Decoder:
         n_probe = min(config.probe_candidates, vocab) if self.probe is not None else 0
         n_embed = min(config.embedding_candidates + (config.probe_candidates if self.probe is None else 0), vocab)
         parts = []
-        if n_probe:
+        if n_probe and self.probe is not None:
             parts.append(self.probe.scores(received).topk(n_probe, dim=-1).indices)
         if n_embed:
             query = self.probe.predicted_embedding(received) if self.probe is not None else received
@@ -203,8 +220,15 @@ class _Decoder:
             parts.append(cosine.topk(n_embed, dim=-1).indices)
         return torch.cat(parts, dim=1)
 
-    def gradient_candidates(self, prefix: PrefixKV | None, origin: torch.Tensor, received: torch.Tensor,
-                            position: int, exclude: torch.Tensor, count: int) -> torch.Tensor:
+    def gradient_candidates(
+        self,
+        prefix: PrefixKV | None,
+        origin: torch.Tensor,
+        received: torch.Tensor,
+        position: int,
+        exclude: torch.Tensor,
+        count: int,
+    ) -> torch.Tensor:
         """The tokens v whose move origin -> E_v decreases ||B(prefix, x)_t - received|| most to first order."""
         x = origin.detach().clone().unsqueeze(1).requires_grad_(True)  # (M, 1, H)
         with torch.enable_grad():
@@ -215,14 +239,16 @@ class _Decoder:
         return change.topk(min(count, self.table.shape[0]), dim=-1, largest=False).indices
 
     @torch.no_grad()
-    def score(self, prefix: PrefixKV | None, candidates: torch.Tensor, received: torch.Tensor, position: int
-              ) -> tuple[torch.Tensor, PrefixKV]:
+    def score(
+        self, prefix: PrefixKV | None, candidates: torch.Tensor, received: torch.Tensor, position: int
+    ) -> tuple[torch.Tensor, PrefixKV]:
         """L2 distances (M, C) of the candidates' outputs to the received vectors, and the candidates' K/V."""
         output, new = extend(self.bottom, prefix, self.table[candidates], position)
         return (output - received.unsqueeze(1)).norm(dim=-1).double(), new
 
-    def candidates_at(self, prefix: PrefixKV | None, received: torch.Tensor, position: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, PrefixKV]:
+    def candidates_at(
+        self, prefix: PrefixKV | None, received: torch.Tensor, position: int
+    ) -> tuple[torch.Tensor, torch.Tensor, PrefixKV]:
         """(candidates (M, C), their distances (M, C), their K/V) at one position."""
         if position == 0:  # exact: the nearest of every token's position-0 output
             exact = torch.cdist(received, self.first_outputs)  # (M, V)
@@ -273,7 +299,6 @@ class _Decoder:
             bar.update(int((length_of > t).sum()))
         _keep_best(result, example, tokens, score)
         return result
-
 
 
 def _select(example: torch.Tensor, totals: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:

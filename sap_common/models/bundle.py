@@ -40,15 +40,22 @@ class BottomMeta:
     format: int = BUNDLE_FORMAT
 
 
-def export_bottom(bottom: BottomModel, tokenizer: PreTrainedTokenizerBase, model_id: str, total_blocks: int,
-                  folder: Path) -> BottomMeta:
+def export_bottom(
+    bottom: BottomModel, tokenizer: PreTrainedTokenizerBase, model_id: str, total_blocks: int, folder: Path
+) -> BottomMeta:
     """Write the bundle for bottom into folder (which must exist and be empty)."""
     state = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in bottom.state_dict().items()}
     save_file(state, str(folder / WEIGHTS))
     truncated_config(bottom.config, bottom.split).save_pretrained(folder)
     tokenizer.save_pretrained(folder / TOKENIZER_DIR)
-    meta = BottomMeta(model_id=model_id, family=bottom.family.name, model_type=bottom.config.model_type,
-                      split=bottom.split, total_blocks=total_blocks, hidden_size=bottom.config.hidden_size)
+    meta = BottomMeta(
+        model_id=model_id,
+        family=bottom.family.name,
+        model_type=bottom.config.model_type,
+        split=bottom.split,
+        total_blocks=total_blocks,
+        hidden_size=bottom.config.hidden_size,
+    )
     (folder / META).write_text(json.dumps(asdict(meta), indent=2) + "\n")
     return meta
 
@@ -88,13 +95,15 @@ def load_bottom(folder: Path) -> tuple[BottomModel, PreTrainedTokenizerBase, Bot
         raise ModelLoadError(f"cannot read bottom bundle {folder}: {exc}") from exc
     dtype = next(iter(state.values())).dtype if state else torch.float32
     if config.num_hidden_layers != meta.split:
-        raise ModelLoadError(f"bottom bundle {folder}: config has {config.num_hidden_layers} blocks, "
-                             f"{META} says {meta.split}")
+        raise ModelLoadError(
+            f"bottom bundle {folder}: config has {config.num_hidden_layers} blocks, {META} says {meta.split}"
+        )
     bottom = whole_base_as_bottom(AutoModel.from_config(config, dtype=dtype))
     missing, unexpected = bottom.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ModelLoadError(f"bottom bundle {folder} does not match its config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        raise ModelLoadError(
+            f"bottom bundle {folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     bottom.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,8 +65,9 @@ def family_of(config: PretrainedConfig) -> Family:
     raise UnsupportedModelError(f"model_type {model_type!r} is not supported; supported: {supported}")
 
 
-def base_blocks(base: nn.Module, family: Family) -> nn.ModuleList:
-    """The transformer blocks of a base (headless) model, in order."""
+def base_blocks(base: Any, family: Family) -> nn.ModuleList:
+    """The transformer blocks of a base (headless) model, in order (base: a transformers model, whose submodules
+    are named per architecture)."""
     return base.encoder.layer if family is ENCODER else base.layers
 
 
@@ -102,27 +104,38 @@ def run_blocks(
     if len(blocks) == 0:
         return hidden
     if family is ENCODER:
-        masks_on = _per_device(create_bidirectional_mask(config=config, inputs_embeds=hidden,
-                                                         attention_mask=attention_mask))
+        mask_on = _per_device(
+            create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+        )
         for block in blocks:
             device = _device_of(block, hidden.device)
-            hidden = block(hidden.to(device), attention_mask=masks_on(device))
+            hidden = block(hidden.to(device), attention_mask=mask_on(device))
         return hidden
     # Decoder: causal + padding masks, rotary positions 0..T-1 (right padding, as in the unsplit model).
+    if rotary is None:
+        raise ValueError("a decoder's blocks need the model's rotary position embedding, got None")
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
-    mask_kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-                       position_ids=position_ids)
+    mask_kwargs = dict(
+        config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids
+    )
     positions_on = _per_device((position_ids, rotary(hidden, position_ids)))
     masks_on: dict[str, Callable[[torch.device], object]] = {}
     for offset, block in enumerate(blocks):
         kind = _layer_type(config, first_index + offset)
         if kind not in masks_on:
-            masks_on[kind] = _per_device(create_causal_mask(**mask_kwargs) if kind == "full_attention"
-                                         else create_sliding_window_causal_mask(**mask_kwargs))
+            masks_on[kind] = _per_device(
+                create_causal_mask(**mask_kwargs)
+                if kind == "full_attention"
+                else create_sliding_window_causal_mask(**mask_kwargs)
+            )
         device = _device_of(block, hidden.device)
         block_positions, position_embeddings = positions_on(device)
-        hidden = block(hidden.to(device), attention_mask=masks_on[kind](device), position_ids=block_positions,
-                       position_embeddings=position_embeddings)
+        hidden = block(
+            hidden.to(device),
+            attention_mask=masks_on[kind](device),
+            position_ids=block_positions,
+            position_embeddings=position_embeddings,
+        )
     return hidden
 
 
@@ -197,9 +210,10 @@ class LastTokenHead(nn.Module):
         return self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # (B, C)
 
 
-def new_head(config: PretrainedConfig, base: nn.Module, num_labels: int, generator: torch.Generator) -> nn.Module:
+def new_head(config: PretrainedConfig, base: Any, num_labels: int, generator: torch.Generator) -> nn.Module:
     """A freshly initialised classification head over the base's frozen pooler or final norm."""
     family = family_of(config)
+    head: nn.Module
     if family is DECODER:
         head = LastTokenHead(config, base.norm, num_labels)
     elif config.model_type == "bert":

