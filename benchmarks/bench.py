@@ -77,13 +77,14 @@ from sap_client.privacy import Privatizer, eta_for_noise_ratio  # noqa: E402
 from sap_client.remote import RemoteTopService  # noqa: E402
 from sap_client.trainer import SplitTrainer, TrainConfig  # noqa: E402
 from sap_common.codec import WIRE_DTYPES  # noqa: E402
+from sap_common.devices import DTYPES  # noqa: E402
 from sap_common.models.families import ENCODER, base_blocks, family_of  # noqa: E402
 from sap_common.models.registry import resolve_model  # noqa: E402
 from sap_server.peft import PeftConfig, apply_peft  # noqa: E402
 
 DATA = REPO / "data" / "movie_snippets.csv"
 RESULTS = REPO / "benchmarks" / "results"
-WIRE_NAMES = ("float32", "bfloat16", "float16")
+WIRE_NAMES = tuple(DTYPES)
 NOISE_KEY = b"sap-bench-noise-key"  # fixed: the bench is about cost, not secrecy
 MASK_BYTES = 8  # int64 attention mask entry, in the naive encoding
 

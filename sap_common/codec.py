@@ -10,6 +10,7 @@ from typing import TypeVar
 import torch
 from google.protobuf.message import DecodeError, Message
 
+from sap_common.devices import DTYPES
 from sap_common.errors import InvalidInputError, InvalidTensorError
 from sap_common.proto import sap_pb2
 from sap_common.service import ServerInfo, SessionSpec
@@ -42,16 +43,14 @@ MAX_DIMS = 8
 MAX_PACKED_ROWS = 65536  # most examples one packed request may carry (lengths entries)
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
+    **DTYPES,  # the float dtypes, named once in sap_common.devices
     "int64": torch.int64,
     "int32": torch.int32,
     "bool": torch.bool,
     "uint8": torch.uint8,
 }
 _DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in WIRE_DTYPES.items()}
-_FLOAT_WIRE = frozenset({torch.float32, torch.float16, torch.bfloat16})
+_FLOAT_WIRE = frozenset(DTYPES.values())
 _BIG_ENDIAN = sys.byteorder == "big"
 
 

@@ -10,6 +10,7 @@ import torch
 from sap_common.errors import SapError
 
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N"
+# The float dtypes, for compute (--dtype) and on the wire (--wire-dtype); float32 is lossless on the wire.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 

@@ -18,6 +18,7 @@ SESSION_SECRET_METADATA = "sap-session-secret"
 API_KEY_METADATA = "authorization"
 API_KEY_SCHEME = "Bearer"
 
+DEFAULT_LEARNING_RATE = 5e-4  # AdamW, top and bottom: the client's --lr default and the server's when none is sent
 MAX_NUM_LABELS = 4096  # a session's classification head is (hidden, num_labels): keep a request from asking for GBs
 
 
@@ -39,7 +40,7 @@ class SessionSpec:
     """What a user asks for when it opens a training session."""
 
     num_labels: int
-    learning_rate: float = 5e-4
+    learning_rate: float = DEFAULT_LEARNING_RATE
     seed: int = 0
     train_bottom: bool = False
     weight_decay: float = 0.0

@@ -18,7 +18,7 @@ from sap_common.models.bundle import bundle_sha256, export_bottom
 from sap_common.models.registry import LoadedModel, load_model
 from sap_common.models.split import TopModel, split_base
 from sap_common.recording import Recorder
-from sap_common.service import ServerInfo, SessionSpec
+from sap_common.service import DEFAULT_LEARNING_RATE, ServerInfo, SessionSpec
 from sap_server.adapters import AdapterRecord, AdapterStore
 from sap_server.checkpoints import ClosedSession, SessionStore
 from sap_server.peft import PeftConfig
@@ -184,7 +184,7 @@ class Provider:
         return self.sessions.close(session_id, secret, check=check, keep=self.keep_adapter if keep else None)
 
     def attach_adapter(
-        self, adapter_id: str, *, learning_rate: float = 5e-4, weight_decay: float = 0.0
+        self, adapter_id: str, *, learning_rate: float = DEFAULT_LEARNING_RATE, weight_decay: float = 0.0
     ) -> tuple[str, TopTrainer, str]:
         """A new session starting from a stored adapter (to predict, or to train on)."""
         record = self.adapters.get(adapter_id)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from sap_common import codec
+from sap_common.devices import DTYPES
 from sap_common.errors import (
     AuthenticationError,
     InvalidInputError,
@@ -21,7 +22,7 @@ from sap_common.errors import (
 )
 from sap_common.models.bundle import bundle_files
 from sap_common.proto import sap_pb2, sap_pb2_grpc
-from sap_common.service import API_KEY_METADATA, SESSION_SECRET_METADATA
+from sap_common.service import API_KEY_METADATA, DEFAULT_LEARNING_RATE, SESSION_SECRET_METADATA
 from sap_server.auth import ApiKeys, require_secret
 from sap_server.compute import ComputeThread, compute_thread
 from sap_server.provider import Provider
@@ -159,7 +160,9 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     def _open_session(self, request) -> sap_pb2.OpenSessionReply:
         if request.adapter_id:
             session_id, trainer, secret = self.provider.attach_adapter(
-                request.adapter_id, learning_rate=request.learning_rate or 5e-4, weight_decay=request.weight_decay
+                request.adapter_id,
+                learning_rate=request.learning_rate or DEFAULT_LEARNING_RATE,
+                weight_decay=request.weight_decay,
             )
         else:
             session_id, trainer, secret = self.provider.sessions.open(codec.spec_from_proto(request))
@@ -302,4 +305,4 @@ def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-_FLOATS = ("float32", "float16", "bfloat16")
+_FLOATS = tuple(DTYPES)  # the float dtypes a tensor may arrive in
