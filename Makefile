@@ -43,7 +43,8 @@ proto: install
 	    proto/sap_common/proto/sap.proto
 
 # The type-checked part: the shared code and everything on the client that decides what leaves the user.
-MYPY_PATHS := sap_common sap_client/privacy.py sap_client/cti.py sap_client/statement.py sap_client/audit
+MYPY_PATHS := sap_common sap_client/privacy.py sap_client/cti.py sap_client/statement.py sap_client/audit \
+	sap_client/rundir.py sap_client/connection.py
 
 lint: install
 	$(BIN)/ruff check .

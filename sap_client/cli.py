@@ -17,7 +17,8 @@ prefer_short_spin()  # before the imports below load torch (sap_common/openmp.py
 
 from sap_client.cti import CTI_MODES
 from sap_client.privacy import CTI_ROWS
-from sap_common.devices import DEVICE_CHOICES, device_arg, resolve_device
+from sap_client.trainer import TrainConfig
+from sap_common.devices import DEVICE_CHOICES, DTYPES, device_arg, resolve_device
 from sap_common.errors import SapError
 
 log = logging.getLogger("sap_client")
@@ -32,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    parser.subcommands = commands  # main() reads the train subparser's actions for --resume
     train = commands.add_parser(
         "train",
         help="fine-tune through a sap-server on a labelled CSV",
@@ -41,21 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         "runs, RUN_DIR holds a checkpoint (written whenever the server, run "
         "with --state-dir, checkpoints the session): a run cut short, by a "
         "server restart or this process being killed, continues with "
-        "`sap-client train --resume RUN_DIR`.",
+        "`sap-client resume RUN_DIR`.",
     )
-    train.add_argument(
-        "data", type=Path, metavar="DATA.csv", nargs="?", help="training data (not needed with --resume: the run's own)"
-    )
-    train.add_argument(
-        "--resume",
-        type=Path,
-        metavar="RUN_DIR",
-        help="continue the unfinished run in RUN_DIR from its latest checkpoint, with the run's own "
-        "data and settings (training, noise and CTI settings, seeds, noise key): only --server, "
-        "--device and the connection flags may be given besides, and other flags must equal the "
-        "run's. The server must still have the run's session (a restarted server needs the same "
-        "--state-dir). Ends with the same metrics and weights as an uninterrupted run",
-    )
+    train.add_argument("data", type=Path, metavar="DATA.csv", nargs="?", help="training data")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help=argparse.SUPPRESS)  # now `sap-client resume`
     train.add_argument(
         "--server",
         default=os.environ.get("SAP_SERVER", DEFAULT_SERVER),
@@ -75,12 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="without --eval: stratified fraction of DATA held out (default 0.1)",
     )
-    train.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")
-    train.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
-    train.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
-    train.add_argument("--max-length", type=int, default=64, help="tokens per text after truncation (default 64)")
+    train.add_argument(
+        "--epochs", type=int, default=TrainConfig.epochs, help="passes over the data (default %(default)s)"
+    )
+    train.add_argument(
+        "--batch-size", type=int, default=TrainConfig.batch_size, help="examples per step (default %(default)s)"
+    )
+    train.add_argument(
+        "--lr", type=float, default=TrainConfig.learning_rate, help="AdamW learning rate (default %(default)s)"
+    )
+    train.add_argument(
+        "--max-length",
+        type=int,
+        default=TrainConfig.max_length,
+        help="tokens per text after truncation (default %(default)s)",
+    )
     train.add_argument("--max-examples", type=int, help="use only the first N rows of DATA")
-    train.add_argument("--seed", type=int, default=0, help="seed of split, data order and initial weights")
+    train.add_argument(
+        "--seed", type=int, default=TrainConfig.seed, help="seed of split, data order and initial weights"
+    )
     train.add_argument(
         "--train-bottom",
         action="store_true",
@@ -93,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_wire_flag(train, default="float32")
     _add_noise_flags(train)
     _add_connection_flags(train)
+
+    resume = commands.add_parser(
+        "resume",
+        help="continue a training run cut short, from its latest checkpoint",
+        description="Continue the unfinished `sap-client train` run in RUN_DIR from its latest checkpoint, with "
+        "the run's own data and settings (training, noise and CTI settings, seeds, noise key): only where "
+        "to connect and the device may be given. The server must still have the run's session (a restarted "
+        "server needs the same --state-dir). Ends with the same metrics and weights as an uninterrupted run.",
+    )
+    resume.add_argument("run", type=Path, metavar="RUN_DIR", help="the --out of the unfinished `sap-client train`")
+    resume.add_argument(
+        "--server",
+        default=os.environ.get("SAP_SERVER"),
+        help="sap-server HOST:PORT (default $SAP_SERVER, else the run's server)",
+    )
+    _add_device_flag(resume)
+    _add_connection_flags(resume)
 
     for name, what in (
         ("predict", "write predictions for a CSV through a trained run"),
@@ -261,7 +280,7 @@ def _add_device_flag(parser: argparse.ArgumentParser) -> None:
 def _add_wire_flag(parser: argparse.ArgumentParser, *, default: str | None) -> None:
     parser.add_argument(
         "--wire-dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=tuple(DTYPES),
         default=default,
         help="dtype of the hidden states sent to the server: float32 is lossless, bfloat16 and "
         "float16 halve the bytes " + ("(default float32)" if default else "(default: the run's wire dtype)"),
@@ -351,31 +370,38 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def run_train(args: argparse.Namespace, config, noise, device) -> int:
-    from sap_client.commands import resume, train
+    from sap_client.commands import train
 
-    if args.resume is not None:
-        out = args.run_dir = args.resume
-        explicit_server = "server" in args.explicit or os.environ.get("SAP_SERVER")
-        metrics = resume(
-            out, server=args.server if explicit_server else None, device=device, credentials=_credentials(args)
-        )
-    else:
-        out = args.run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        metrics = train(
-            args.data,
-            server=args.server,
-            out=out,
-            config=config,
-            noise=noise,
-            text_column=args.text_column,
-            label_column=args.label_column,
-            eval_path=args.eval,
-            eval_fraction=args.eval_fraction,
-            max_examples=args.max_examples,
-            device=device,
-            wire_dtype=args.wire_dtype,
-            credentials=_credentials(args),
-        )
+    out = args.run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    metrics = train(
+        args.data,
+        server=args.server,
+        out=out,
+        config=config,
+        noise=noise,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        eval_path=args.eval,
+        eval_fraction=args.eval_fraction,
+        max_examples=args.max_examples,
+        device=device,
+        wire_dtype=args.wire_dtype,
+        credentials=_credentials(args),
+    )
+    _print_trained(metrics, out)
+    return 0
+
+
+def run_resume(args: argparse.Namespace, device) -> int:
+    from sap_client.commands import resume
+
+    args.run_dir = args.run
+    metrics = resume(args.run, server=args.server, device=device, credentials=_credentials(args))
+    _print_trained(metrics, args.run)
+    return 0
+
+
+def _print_trained(metrics: dict, out: Path) -> None:
     noise_note = (
         f"noise eta {metrics['eta']:.4g} (noise/signal {metrics['noise_to_signal']:.2f}"
         f"{', CTI' if metrics['cti'] else ''})"
@@ -387,80 +413,6 @@ def run_train(args: argparse.Namespace, config, noise, device) -> int:
         f"eval accuracy {metrics['eval_accuracy']:.4f} after {metrics['steps']} steps "
         f"({metrics['seconds']:.1f} s, {noise_note}{resumed}); run in {out}"
     )
-    return 0
-
-
-# With --resume, these flags may be given (where to connect and how); any other must equal the run's setting.
-RESUME_FREE = frozenset(
-    {"command", "verbose", "resume", "server", "device", "api_key", "tls_ca", "tls_cert", "tls_key"}
-)
-
-
-def _explicit_flags(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The destinations the command line really set (not filled from a default): parse again with every default of
-    the subcommand suppressed."""
-    saved = {action: action.default for action in sub._actions}
-    try:
-        for action in sub._actions:
-            action.default = argparse.SUPPRESS
-        # (a positional left out comes back as its suppressed default passed through its type, e.g.
-        # Path('==SUPPRESS=='); an explicit None, like `--eta none`, means the default anyway)
-        return {
-            dest
-            for dest, value in vars(parser.parse_args(argv)).items()
-            if value is not None and str(value) != argparse.SUPPRESS
-        }
-    finally:
-        for action, default in saved.items():
-            action.default = default
-
-
-def _resume_conflicts(args: argparse.Namespace, sub: argparse.ArgumentParser) -> list[str]:
-    """`--flag value (the run's: other)` for every flag given with --resume that differs from the run's setting."""
-    from sap_client.rundir import RunDir
-
-    settings = RunDir(args.resume).read_run()
-    config, noise = settings.get("config", {}), settings.get("noise", {})
-    saved = {
-        "data": settings.get("data"),
-        "eval": settings.get("eval"),
-        "eval_fraction": settings.get("eval_fraction"),
-        "max_examples": settings.get("max_examples"),
-        "text_column": settings.get("text_column"),
-        "label_column": settings.get("label_column"),
-        "wire_dtype": settings.get("wire_dtype"),
-        "epochs": config.get("epochs"),
-        "batch_size": config.get("batch_size"),
-        "lr": config.get("learning_rate"),
-        "max_length": config.get("max_length"),
-        "seed": config.get("seed"),
-        "train_bottom": config.get("train_bottom"),
-        "out": str(args.resume.resolve()),
-        **{
-            name: noise.get(name)
-            for name in (
-                "eta",
-                "noise_ratio",
-                "cti",
-                "cti_mode",
-                "cti_floor",
-                "cti_top",
-                "cti_rows",
-                "fresh_noise",
-                "rescale_noised",
-            )
-        },
-    }
-    flags = {
-        action.dest: action.option_strings[0] if action.option_strings else action.metavar for action in sub._actions
-    }
-    conflicts = []
-    for dest in sorted(args.explicit - RESUME_FREE):
-        given = getattr(args, dest)
-        ours = str(Path(given).resolve()) if isinstance(given, Path) else given
-        if dest not in saved or ours != saved[dest]:
-            conflicts.append(f"{flags.get(dest, dest)} {given} (the run's: {saved.get(dest, 'not a setting')})")
-    return conflicts
 
 
 def run_predict(args: argparse.Namespace, device) -> int:
@@ -588,23 +540,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.public_examples < 0:
             parser.error(f"--public-examples must be >= 0, got {args.public_examples}")
     if args.command == "train" and args.resume is not None:
-        train_parser = parser.subcommands.choices["train"]
-        args.explicit = _explicit_flags(parser, train_parser, argv)
-        try:  # a missing run folder is the runtime error resume() gives (exit 1)
-            conflicts = _resume_conflicts(args, train_parser) if (args.resume / "run.json").is_file() else []
-        except SapError as exc:
-            parser.error(f"--resume {args.resume}: {exc}")
-        if conflicts:
-            parser.error(
-                "--resume continues the run with its own settings; these flags differ from them: "
-                + "; ".join(conflicts)
-                + ". Leave them out, or start a new run with another --out"
-            )
-    elif args.command == "train" and args.data is None:
-        parser.error("train: the DATA.csv argument is required (unless --resume RUN_DIR)")
-    if args.command == "train" and args.resume is None:
-        from sap_client.trainer import TrainConfig
-
+        parser.error(f"train --resume is now its own command: sap-client resume {args.resume}")
+    if args.command == "train" and args.data is None:
+        parser.error("train: the DATA.csv argument is required")
+    if args.command == "train":
         try:
             config = TrainConfig(
                 epochs=args.epochs,
@@ -627,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         if args.command == "train":
             return run_train(args, config, noise, device)
+        if args.command == "resume":
+            return run_resume(args, device)
         if args.command == "predict":
             return run_predict(args, device)
         if args.command == "evaluate":
@@ -639,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         run_dir = getattr(args, "run_dir", None)
         hint = (
-            f"; continue the run with `sap-client train --resume {run_dir}`"
+            f"; continue the run with `sap-client resume {run_dir}`"
             if run_dir is not None and (run_dir / "checkpoint.safetensors").is_file()
             else ""
         )

@@ -1,65 +1,31 @@
-"""What `sap-client train`, `predict` and `evaluate` do, once their arguments are parsed."""
+"""What `sap-client train`, `resume`, `predict`, `evaluate` and `audit` do, once their arguments are parsed. Each
+opens its connection, bottom and trainer with sap_client.connection.open_split; a run's settings are its RunSpec
+(run.json), an unfinished run's progress its RunState (checkpoint.safetensors)."""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from sap_client.bottom import load_server_bottom
-from sap_client.cti import CtiStatistics, eta_table, fit_cti
+from sap_client.connection import OpenSplit, file_sha256, make_privatizer, open_split
+from sap_client.cti import fit_cti
 from sap_client.data import TextDataset, load_labelled_csv, load_texts, stratified_split
 from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
-from sap_client.remote import ClientCredentials, RemoteTopService
-from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, METRICS, PRIVACY, RUN, RunDir
+from sap_client.remote import ClientCredentials
+from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, METRICS, PRIVACY, RunDir, RunSpec, RunState
 from sap_client.statement import audit_summary, median_token_distance, privacy_statement, render_statement
 from sap_client.trainer import SplitTrainer, TrainConfig, TrainProgress
 from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors
-from sap_common.codec import WIRE_DTYPES
 from sap_common.errors import InvalidInputError, ModelLoadError, SapError, SessionNotFoundError, StepOrderError
 
 log = logging.getLogger(__name__)
 NORM_SAMPLE = 256  # training texts used to measure the mean hidden-state norm for --noise-ratio
-HIDDEN_WIRE_DTYPES = ("float32", "bfloat16", "float16")  # --wire-dtype: float32 is lossless
-
-
-def wire_dtype_of(name: str) -> torch.dtype:
-    if name not in HIDDEN_WIRE_DTYPES:
-        raise InvalidInputError(f"wire dtype {name!r} is not one of {', '.join(HIDDEN_WIRE_DTYPES)}")
-    return WIRE_DTYPES[name]
-
-
-def _privatizer(
-    noise: NoiseConfig, eta: float | None, run: RunDir, stats: CtiStatistics | None, rescale_norm: float | None = None
-) -> Privatizer:
-    table = eta_table(stats, eta, mode=noise.cti_mode, floor=noise.cti_floor, top=noise.cti_top) if stats else None
-    return Privatizer(
-        eta, key=run.noise_key(), eta_table=table, label_rows=noise.cti_rows == "label", rescale_norm=rescale_norm
-    )
-
-
-def run_privatizer(run: RunDir, settings: dict) -> Privatizer | None:
-    """The privatizer a finished run used: its eta, CTI statistics, noise key and rescaling norm."""
-    if not settings["eta"]:
-        return None
-    noise = NoiseConfig(**settings["noise"])
-    rescale_norm = settings.get("rescale_norm")
-    if noise.rescale_noised and rescale_norm is None:
-        raise InvalidInputError(f"{run.path}/{RUN} asks for rescaled noised vectors but records no rescale_norm")
-    return _privatizer(
-        noise,
-        settings["eta"],
-        run,
-        CtiStatistics.load(run.file(CTI)) if noise.cti else None,
-        rescale_norm if noise.rescale_noised else None,
-    )
 
 
 def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run: RunDir) -> Privatizer | None:
@@ -89,15 +55,7 @@ def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run
             token_ids, train.labels, num_classes=len(train.label_names), vocab_size=vocab, ignore_ids=ignore
         )
         stats.save(run.file(CTI))
-    return _privatizer(noise, eta, run, stats, norm if noise.rescale_noised else None)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return make_privatizer(noise, eta, run, stats, norm if noise.rescale_noised else None)
 
 
 def _training_data(
@@ -121,19 +79,11 @@ def _training_data(
 
 
 class _Checkpointer:
-    """Writes the client's checkpoint (RUN_DIR/checkpoint.safetensors) when the provider announces one of its
-    own (BackwardReply.checkpointed), before the next step is sent; and once right after the session opens."""
+    """Writes the client's checkpoint (RUN_DIR/checkpoint.safetensors, a RunState) when the provider announces one
+    of its own (BackwardReply.checkpointed), before the next step is sent; and once right after the session opens."""
 
-    def __init__(
-        self,
-        run: RunDir,
-        trainer: SplitTrainer,
-        service: RemoteTopService,
-        *,
-        bytes_sent: int = 0,
-        bytes_received: int = 0,
-    ):
-        self.run, self.trainer, self.service = run, trainer, service
+    def __init__(self, run: RunDir, opened: OpenSplit, *, bytes_sent: int = 0, bytes_received: int = 0):
+        self.run, self.trainer, self.service = run, opened.trainer, opened.service
         self.bytes_sent, self.bytes_received = bytes_sent, bytes_received  # traffic of earlier processes
         self.step: int | None = None  # the step of the latest checkpoint written
 
@@ -141,24 +91,23 @@ class _Checkpointer:
         trainer = self.trainer
         if trainer.privatizer is not None:
             progress.privatizer = trainer.privatizer.state()
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "session_id": trainer.session_id,
-            "session_secret": self.service.session_secret(trainer.session_id),
-            "step": progress.step,
-            "progress": asdict(progress),
-            "bytes_sent": self.bytes_sent + self.service.bytes_sent,
-            "bytes_received": self.bytes_received + self.service.bytes_received,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+        assert trainer.session_id is not None
+        state = RunState(
+            session_id=trainer.session_id,
+            session_secret=self.service.session_secret(trainer.session_id),
+            progress=progress,
+            bytes_sent=self.bytes_sent + self.service.bytes_sent,
+            bytes_received=self.bytes_received + self.service.bytes_received,
+            saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
         tensors: dict[str, torch.Tensor] = {}
         if trainer.bottom_optimizer is not None:
             tensors.update({_BOTTOM + name: value for name, value in trainer.bottom.state_dict().items()})
-            optimizer_tensors, meta["bottom_optimizer"] = optimizer_to_tensors(
+            optimizer_tensors, state.bottom_optimizer = optimizer_to_tensors(
                 trainer.bottom_optimizer, _BOTTOM_OPTIMIZER
             )
             tensors.update(optimizer_tensors)
-        self.run.write_checkpoint(meta, tensors)
+        self.run.write_state(state, tensors)
         self.step = progress.step
         log.debug("client checkpoint at step %d", progress.step)
 
@@ -167,13 +116,26 @@ class _Checkpointer:
         if self.step is None:
             return exc
         return type(exc)(
-            f"{exc}; the run can continue from its checkpoint at step {self.step}: "
-            f"sap-client train --resume {self.run.path}"
+            f"{exc}; the run can continue from its checkpoint at step {self.step}: sap-client resume {self.run.path}"
         )
 
 
-CHECKPOINT_FORMAT = 1
 _BOTTOM, _BOTTOM_OPTIMIZER = "bottom/", "bottom_optimizer/"
+
+
+def _fit(opened: OpenSplit, run: RunDir, checkpoint: _Checkpointer, train_data, held, progress=None) -> tuple:
+    """Train to the end; (metrics with the run's total traffic, the kept adapter's id)."""
+    trainer, service = opened.trainer, opened.service
+    try:
+        metrics = trainer.fit(train_data, held, progress=progress, on_checkpoint=checkpoint)
+        adapter_id = service.finish_session(trainer.session_id)
+    except SapError as exc:
+        raise checkpoint.hint(exc) from exc
+    metrics.update(
+        bytes_sent=checkpoint.bytes_sent + service.bytes_sent,
+        bytes_received=checkpoint.bytes_received + service.bytes_received,
+    )
+    return metrics, adapter_id
 
 
 def train(
@@ -192,20 +154,18 @@ def train(
     wire_dtype: str = "float32",
     credentials: ClientCredentials | None = None,
 ) -> dict:
-    wire = wire_dtype_of(wire_dtype)
     label_names, train_data, held = _training_data(
         data_path, text_column, label_column, eval_path, eval_fraction, max_examples, config.seed
     )
     run = RunDir(out).create()
     if run.file(CHECKPOINT).exists() and not run.file(METRICS).exists():
         raise InvalidInputError(
-            f"{out} holds an unfinished run: continue it with `sap-client train --resume {out}`, "
-            f"or choose another --out"
+            f"{out} holds an unfinished run: continue it with `sap-client resume {out}`, or choose another --out"
         )
-    with RemoteTopService(server, wire_dtype=wire, credentials=credentials) as service:
-        info = service.server_info()
-        bottom, tokenizer, _ = load_server_bottom(service, info)
-        download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
+    with open_split(
+        server, config, wire_dtype=wire_dtype, fresh_noise=noise.fresh_noise, credentials=credentials, device=device
+    ) as opened:
+        info, trainer = opened.info, opened.trainer
         log.info(
             "server %s: %s (%s), split %d/%d, %s; %d train / %d eval examples, %d classes",
             server,
@@ -218,43 +178,35 @@ def train(
             len(held),
             len(label_names),
         )
-        trainer = SplitTrainer(bottom, tokenizer, service, config, fresh_noise=noise.fresh_noise, device=device)
         trainer.privatizer = fit_noise(noise, trainer, train_data, run)
-        eta = trainer.privatizer.eta if trainer.privatizer else None
-        settings = {
-            "server": server,
-            "model": info.model_id,
-            "split": info.split,
-            "label_names": label_names,
-            "text_column": text_column,
-            "label_column": label_column,
-            "config": asdict(config),
-            "noise": asdict(noise),
-            "eta": eta,
-            "rescale_norm": trainer.privatizer.rescale_norm if trainer.privatizer else None,
-            "wire_dtype": wire_dtype,
-            "data": str(Path(data_path).resolve()),
-            "data_sha256": _file_sha256(data_path),
-            "eval": str(Path(eval_path).resolve()) if eval_path else None,
-            "eval_sha256": _file_sha256(eval_path) if eval_path else None,
-            "eval_fraction": None if eval_path else eval_fraction,
-            "max_examples": max_examples,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "finished": None,
-        }
+        spec = RunSpec(
+            server=server,
+            model=info.model_id,
+            split=info.split,
+            label_names=label_names,
+            text_column=text_column,
+            label_column=label_column,
+            config=config,
+            noise=noise,
+            eta=trainer.privatizer.eta if trainer.privatizer else None,
+            rescale_norm=trainer.privatizer.rescale_norm if trainer.privatizer else None,
+            wire_dtype=wire_dtype,
+            data=str(Path(data_path).resolve()),
+            data_sha256=file_sha256(data_path),
+            eval=str(Path(eval_path).resolve()) if eval_path else None,
+            eval_sha256=file_sha256(eval_path) if eval_path else None,
+            eval_fraction=None if eval_path else eval_fraction,
+            max_examples=max_examples,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
         for stale in (METRICS, CHECKPOINT):
             run.file(stale).unlink(missing_ok=True)
-        run.write_json(RUN, settings)  # before the first step: what --resume needs
+        run.write_spec(spec)  # before the first step: what `resume` needs
         trainer.open(len(label_names))
-        checkpoint = _Checkpointer(run, trainer, service)
+        checkpoint = _Checkpointer(run, opened)
         checkpoint(TrainProgress())  # the session id and secret, so even a run cut short at once can resume
-        try:
-            metrics = trainer.fit(train_data, held, on_checkpoint=checkpoint)
-            adapter_id = service.finish_session(trainer.session_id)
-        except SapError as exc:
-            raise checkpoint.hint(exc) from exc
-        metrics.update(bytes_sent=service.bytes_sent, bytes_received=service.bytes_received)
-    return _complete(run, settings, metrics, trainer, info, noise, adapter_id, download_bytes)
+        metrics, adapter_id = _fit(opened, run, checkpoint, train_data, held)
+    return _complete(run, spec, metrics, trainer, info, adapter_id, opened.download_bytes)
 
 
 def resume(
@@ -266,74 +218,53 @@ def resume(
 ) -> dict:
     """Continue an unfinished `train` run from RUN_DIR's latest checkpoint, with the run's own settings."""
     run = RunDir(run_path)
-    settings = run.read_run()
-    if run.file(METRICS).exists() or settings.get("finished"):
+    spec = run.read_spec()
+    if run.file(METRICS).exists() or spec.finished:
         raise InvalidInputError(f"{run_path} holds a completed run (its metrics.json is written): nothing to resume")
-    if "data_sha256" not in settings:
-        raise InvalidInputError(f"{run_path}/{RUN} has no resume information (written by an older sap-client)")
-    config, noise = TrainConfig(**settings["config"]), NoiseConfig(**settings["noise"])
-    data_path = Path(settings["data"])
-    eval_path = Path(settings["eval"]) if settings.get("eval") else None
-    for path, digest in ((data_path, settings["data_sha256"]), (eval_path, settings.get("eval_sha256"))):
-        if path is not None and path.is_file() and _file_sha256(path) != digest:
+    config = spec.config
+    data_path = Path(spec.data)
+    eval_path = Path(spec.eval) if spec.eval else None
+    for path, digest in ((data_path, spec.data_sha256), (eval_path, spec.eval_sha256)):
+        if path is not None and path.is_file() and file_sha256(path) != digest:
             raise InvalidInputError(
                 f"{path} changed since the run started (its SHA-256 differs): resuming on other "
                 f"data would not continue the same run"
             )
     label_names, train_data, held = _training_data(
         data_path,
-        settings["text_column"],
-        settings["label_column"],
+        spec.text_column,
+        spec.label_column,
         eval_path,
-        settings.get("eval_fraction") or 0.1,
-        settings.get("max_examples"),
+        spec.eval_fraction or 0.1,
+        spec.max_examples,
         config.seed,
     )
-    if label_names != settings["label_names"]:
-        raise InvalidInputError(f"{data_path} now has the labels {label_names}, the run {settings['label_names']}")
-    saved = run.read_checkpoint()
-    server = server or settings["server"]
-    wire = wire_dtype_of(settings.get("wire_dtype", "float32"))
-    with RemoteTopService(server, wire_dtype=wire, credentials=credentials) as service:
-        info = service.server_info()
-        if (info.model_id, info.split) != (settings["model"], settings["split"]):
-            raise ModelLoadError(
-                f"the run was trained on {settings['model']} split {settings['split']}; the server "
-                f"at {server} serves {info.model_id} split {info.split}"
-            )
-        bottom, tokenizer, _ = load_server_bottom(service, info)
-        download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
-        trainer = SplitTrainer(
-            bottom,
-            tokenizer,
-            service,
-            config,
-            run_privatizer(run, settings),
-            fresh_noise=noise.fresh_noise,
-            device=device,
-        )
-        progress = TrainProgress(**saved[1]["progress"]) if saved is not None else None
-        if saved is not None and saved[1].get("format") != CHECKPOINT_FORMAT:
-            raise InvalidInputError(
-                f"{run.file(CHECKPOINT)} has format {saved[1].get('format')!r}, expected {CHECKPOINT_FORMAT}"
-            )
+    if label_names != spec.label_names:
+        raise InvalidInputError(f"{data_path} now has the labels {label_names}, the run {spec.label_names}")
+    saved = run.read_state()
+    server = server or spec.server
+    with open_split(
+        server, config, run=run, spec=spec, fresh_noise=spec.noise.fresh_noise, credentials=credentials, device=device
+    ) as opened:
+        trainer, service = opened.trainer, opened.service
+        state = saved[0] if saved is not None else None
         if saved is not None:
-            tensors, meta = saved
+            state, tensors = saved
             if config.train_bottom:
-                bottom.load_state_dict(
+                trainer.bottom.load_state_dict(
                     {name[len(_BOTTOM) :]: value for name, value in tensors.items() if name.startswith(_BOTTOM)}
                 )
-                optimizer_from_tensors(trainer.bottom_optimizer, tensors, meta["bottom_optimizer"], _BOTTOM_OPTIMIZER)
-            service.use_session(meta["session_id"], meta["session_secret"])
+                optimizer_from_tensors(trainer.bottom_optimizer, tensors, state.bottom_optimizer, _BOTTOM_OPTIMIZER)
+            service.use_session(state.session_id, state.session_secret)
             try:
-                service.resume_session(meta["session_id"], progress.step)
+                service.resume_session(state.session_id, state.step)
             except (StepOrderError, SessionNotFoundError) as exc:
-                if progress.step == 0:  # nothing to lose: the same seeds give the same run in a new session
+                if state.step == 0:  # nothing to lose: the same seeds give the same run in a new session
                     log.warning("the server cannot resume the run's session at step 0 (%s): a new session starts", exc)
-                    saved = None
+                    state = None
                 elif isinstance(exc, StepOrderError):
                     raise StepOrderError(
-                        f"the server cannot bring the run's session back to step {progress.step}, "
+                        f"the server cannot bring the run's session back to step {state.step}, "
                         f"where the run's checkpoint is: {exc}"
                     ) from exc
                 else:
@@ -341,16 +272,15 @@ def resume(
                         f"the server does not know the run's session (was it restarted "
                         f"without its --state-dir, or is this another server?): {exc}"
                     ) from exc
-        if saved is None:  # cut short before its first step: start it again (the same seeds, the same run)
+        if state is None:  # cut short before its first step: start it again (the same seeds, the same run)
             trainer.open(len(label_names))
-            checkpoint, progress = _Checkpointer(run, trainer, service), TrainProgress()
+            checkpoint, progress = _Checkpointer(run, opened), TrainProgress()
             checkpoint(progress)
         else:
-            trainer.session_id, trainer.steps = meta["session_id"], progress.step
+            progress = state.progress
+            trainer.session_id, trainer.steps = state.session_id, progress.step
             progress.resumed_at.append(progress.step)
-            checkpoint = _Checkpointer(
-                run, trainer, service, bytes_sent=meta["bytes_sent"], bytes_received=meta["bytes_received"]
-            )
+            checkpoint = _Checkpointer(run, opened, bytes_sent=state.bytes_sent, bytes_received=state.bytes_received)
             checkpoint.step = progress.step
             log.info(
                 "resuming %s at step %d (epoch %d, batch %d)",
@@ -359,30 +289,21 @@ def resume(
                 progress.epoch,
                 progress.position + 1,
             )
-        try:
-            metrics = trainer.fit(train_data, held, progress=progress, on_checkpoint=checkpoint)
-            adapter_id = service.finish_session(trainer.session_id)
-        except SapError as exc:
-            raise checkpoint.hint(exc) from exc
-        metrics.update(
-            bytes_sent=checkpoint.bytes_sent + service.bytes_sent,
-            bytes_received=checkpoint.bytes_received + service.bytes_received,
-        )
-    return _complete(run, settings, metrics, trainer, info, noise, adapter_id, download_bytes)
+        metrics, adapter_id = _fit(opened, run, checkpoint, train_data, held, progress)
+    return _complete(run, spec, metrics, trainer, opened.info, adapter_id, opened.download_bytes)
 
 
 def _complete(
     run: RunDir,
-    settings: dict,
+    spec: RunSpec,
     metrics: dict,
     trainer: SplitTrainer,
     info,
-    noise: NoiseConfig,
     adapter_id: str,
     download_bytes: int,
 ) -> dict:
     """Write the finished run: the bottom (when it trained), metrics.json, run.json; drop the checkpoint."""
-    config = trainer.config
+    config, noise = trainer.config, spec.noise
     if config.train_bottom:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in trainer.bottom.state_dict().items()}, str(run.file(BOTTOM))
@@ -394,10 +315,10 @@ def _complete(
         total_blocks=info.total_blocks,
         peft=info.peft,
         model=info.model_id,
-        label_names=settings["label_names"],
+        label_names=spec.label_names,
         train_bottom=config.train_bottom,
         bottom_download_bytes=download_bytes,
-        wire_dtype=settings["wire_dtype"],
+        wire_dtype=spec.wire_dtype,
         eta=eta,
         noise_ratio=noise.noise_ratio,
         cti=noise.cti,
@@ -427,7 +348,8 @@ def _complete(
     )
     run.write_json(METRICS, metrics)
     run.file(PRIVACY).write_text(render_statement(metrics["privacy"]))
-    run.write_json(RUN, dict(settings, adapter_id=adapter_id, finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
+    spec.adapter_id, spec.finished = adapter_id, time.strftime("%Y-%m-%dT%H:%M:%S")
+    run.write_spec(spec)
     run.file(CHECKPOINT).unlink(missing_ok=True)  # it holds the session secret, and the session is closed
     return metrics
 
@@ -452,61 +374,40 @@ def record_audit(run: RunDir, report: dict) -> None:
     run.file(PRIVACY).write_text(render_statement(metrics["privacy"]))
 
 
-def _attach(
-    run: RunDir,
-    settings: dict,
-    server: str | None,
-    service_factory=RemoteTopService,
-    credentials: ClientCredentials | None = None,
-    device: torch.device | str = "cpu",
-    wire_dtype: str | None = None,
-):
-    """Connect, load the bottom (and its fine-tuned weights), reattach to the run's adapter. The wire
-    dtype is the run's (float32 for runs from before --wire-dtype) unless wire_dtype overrides it."""
-    if not settings.get("adapter_id"):
-        raise InvalidInputError(
-            f"{run.path} holds a run that has not finished training (no adapter yet): "
-            f"continue it with `sap-client train --resume {run.path}`"
-        )
-    wire = wire_dtype_of(wire_dtype or settings.get("wire_dtype", "float32"))
-    service = service_factory(server or settings["server"], wire_dtype=wire, credentials=credentials)
-    info = service.server_info()
-    if (info.model_id, info.split) != (settings["model"], settings["split"]):
-        service.close()
-        raise ModelLoadError(
-            f"the run was trained on {settings['model']} split {settings['split']}; the server "
-            f"serves {info.model_id} split {info.split}"
-        )
-    bottom, tokenizer, _ = load_server_bottom(service, info)
-    if run.file(BOTTOM).exists():
-        bottom.load_state_dict(load_file(str(run.file(BOTTOM))))
-    trainer = SplitTrainer(
-        bottom, tokenizer, service, TrainConfig(**settings["config"]), run_privatizer(run, settings), device=device
-    )
-    trainer.session_id, num_labels = service.attach_adapter(settings["adapter_id"])
-    if num_labels != len(settings["label_names"]):
-        raise ModelLoadError(f"adapter has {num_labels} labels, the run has {len(settings['label_names'])}")
-    return service, trainer
-
-
 def _probabilities(
     run: RunDir,
-    settings: dict,
+    spec: RunSpec,
     texts: list[str],
     server: str | None,
     device: torch.device | str = "cpu",
     wire_dtype: str | None = None,
     credentials: ClientCredentials | None = None,
 ) -> torch.Tensor:
+    """Class probabilities (N, C) of texts through the run's split, noise and kept adapter."""
     empty = [i + 2 for i, text in enumerate(texts) if not text]
     if empty:
         raise InvalidInputError(f"line {empty[0]} has an empty text ({len(empty)} such lines)")
-    service, trainer = _attach(run, settings, server, device=device, wire_dtype=wire_dtype, credentials=credentials)
-    try:
+    if not spec.adapter_id:
+        raise InvalidInputError(
+            f"{run.path} holds a run that has not finished training (no adapter yet): "
+            f"continue it with `sap-client resume {run.path}`"
+        )
+    with open_split(
+        server or spec.server,
+        spec.config,
+        run=run,
+        spec=spec,
+        wire_dtype=wire_dtype,
+        trained_bottom=True,
+        credentials=credentials,
+        device=device,
+    ) as opened:
+        trainer = opened.trainer
+        trainer.session_id, num_labels = opened.service.attach_adapter(spec.adapter_id)
+        if num_labels != len(spec.label_names):
+            raise ModelLoadError(f"adapter has {num_labels} labels, the run has {len(spec.label_names)}")
         probabilities = trainer.predict(texts)
-        service.close_session(trainer.session_id)
-    finally:
-        service.close()
+        opened.service.close_session(trainer.session_id)
     return probabilities
 
 
@@ -523,10 +424,10 @@ def predict(
 ) -> int:
     """Write one row per input row: row number, predicted label, class probabilities. Returns rows."""
     run = RunDir(run_path)
-    settings = run.read_run()
-    texts = load_texts(data_path, text_column or settings["text_column"])
-    probabilities = _probabilities(run, settings, texts, server, device, wire_dtype, credentials)
-    names = settings["label_names"]
+    spec = run.read_spec()
+    texts = load_texts(data_path, text_column or spec.text_column)
+    probabilities = _probabilities(run, spec, texts, server, device, wire_dtype, credentials)
+    names = spec.label_names
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -549,18 +450,15 @@ def evaluate(
 ) -> dict:
     """Accuracy and macro-F1 of the run's adapter on labelled data, through the same split and noise."""
     run = RunDir(run_path)
-    settings = run.read_run()
+    spec = run.read_spec()
     data = load_labelled_csv(
-        data_path,
-        text_column or settings["text_column"],
-        label_column or settings["label_column"],
-        settings["label_names"],
+        data_path, text_column or spec.text_column, label_column or spec.label_column, spec.label_names
     )
-    probabilities = _probabilities(run, settings, data.texts, server, device, wire_dtype, credentials)
+    probabilities = _probabilities(run, spec, data.texts, server, device, wire_dtype, credentials)
     predictions = probabilities.argmax(-1).tolist()
     return {
         "accuracy": sum(int(p == y) for p, y in zip(predictions, data.labels)) / len(data),
-        "macro_f1": macro_f1(predictions, data.labels, len(settings["label_names"])),
+        "macro_f1": macro_f1(predictions, data.labels, len(spec.label_names)),
         "examples": len(data),
         "data": str(data_path),
     }
@@ -606,14 +504,14 @@ def audit(
     from sap_client.data import read_rows
     from sap_common.recording import read_records
 
-    settings = RunDir(run_path).read_run() if run_path else None
-    if settings:
-        text_column, label_column = settings["text_column"], settings["label_column"]
-        max_length = settings["config"]["max_length"]
+    run = RunDir(run_path) if run_path else None
+    spec = run.read_spec() if run else None
+    if spec:
+        text_column, label_column, max_length = spec.text_column, spec.label_column, spec.config.max_length
     rows = read_rows(data_path, [text_column] + ([attribute_column] if attribute_column else []))
     labelled = label_column in rows[0]
     everything = (
-        load_labelled_csv(data_path, text_column, label_column, settings["label_names"] if settings else None)
+        load_labelled_csv(data_path, text_column, label_column, spec.label_names if spec else None)
         if labelled
         else TextDataset(load_texts(data_path, text_column), [], [])
     )
@@ -631,20 +529,24 @@ def audit(
         names = sorted(set(values))
         attributes = [names.index(v) for v in values]
     report_dir = RunDir(out).create()
-    with RemoteTopService(server, credentials=credentials) as service:
-        info = service.server_info()
-        bottom, tokenizer, _ = load_server_bottom(service, info)
-    trainer = SplitTrainer(
-        bottom, tokenizer, service, TrainConfig(batch_size=batch_size, max_length=max_length), device=device
-    )
-    if settings:
-        trainer.privatizer, eta = run_privatizer(RunDir(run_path), settings), settings["eta"]
-        noise = NoiseConfig(**settings["noise"])
+    # The very trainer (bottom, privatizer, send function) a training run with these settings uses; the connection
+    # is only for the bottom, so it closes here.
+    with open_split(
+        server,
+        TrainConfig(batch_size=batch_size, max_length=max_length),
+        run=run,
+        spec=spec,
+        credentials=credentials,
+        device=device,
+    ) as opened:
+        info, trainer = opened.info, opened.trainer
+    if spec:
+        noise = spec.noise
     else:
         trainer.privatizer = fit_noise(noise, trainer, data, report_dir)
-        eta = trainer.privatizer.eta if trainer.privatizer else None
+    eta = trainer.privatizer.eta if trainer.privatizer else None
     if recorded:
-        limit = (settings or {}).get("max_examples")  # a run trained on the first rows only: pair those
+        limit = spec.max_examples if spec else None  # a run trained on the first rows only: pair those
         label_data = everything.subset(list(range(min(limit, len(everything))))) if limit else everything
         report = recorded_audit(
             trainer, data, read_records(recorded), attack, public, label_data=label_data if labelled else None
@@ -666,6 +568,6 @@ def audit(
         public=str(public_path) if public_path else f"rows {len(data) + 1}.. of {data_path}",
     )
     write_report(report, out)
-    if run_path:
-        record_audit(RunDir(run_path), report)
+    if run is not None:
+        record_audit(run, report)
     return report

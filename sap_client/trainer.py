@@ -9,17 +9,21 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from sap_client.data import TextDataset
 from sap_client.privacy import NoiseTally, Privatizer
 from sap_common.checkpoint import seeded_draws
-from sap_common.models.split import BottomModel
-from sap_common.service import SessionSpec, TopService
+from sap_common.service import DEFAULT_LEARNING_RATE, SessionSpec, TopService
+
+if TYPE_CHECKING:  # the model code loads transformers: not needed to parse a command line
+    from transformers import PreTrainedTokenizerBase
+
+    from sap_common.models.split import BottomModel
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,9 @@ Outgoing = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, NoiseTally | N
 class TrainConfig:
     epochs: int = field(default=1, metadata={"help": "passes over the training data"})
     batch_size: int = field(default=16, metadata={"help": "examples per step"})
-    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (top and bottom)"})
+    learning_rate: float = field(
+        default=DEFAULT_LEARNING_RATE, metadata={"help": "AdamW learning rate (top and bottom)"}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_length: int = field(default=64, metadata={"help": "tokens per example after truncation"})
     seed: int = field(default=0, metadata={"help": "seeds data order and the server's initial weights"})
@@ -219,6 +225,40 @@ class SplitTrainer:
         )
         return batch["input_ids"], batch["attention_mask"]
 
+    def bottom_outputs(self, input_ids: torch.Tensor, mask: torch.Tensor, *, train: bool = False) -> torch.Tensor:
+        """The bottom's hidden states (B, T, H) for a batch; with a graph only when the bottom trains now."""
+        if train and self.config.train_bottom:
+            self.bottom.train()
+            # Dropout of a trainable bottom draws from (seed, step) alone (sap_common.checkpoint.seeded_draws), so
+            # a resumed run recomputes a step exactly. The bottom trains without prefetch: this is step steps + 1.
+            with seeded_draws(self.config.seed, self.steps + 1, self.device, purpose="bottom-dropout"):
+                return self.bottom(input_ids, mask)
+        self.bottom.eval()
+        with torch.no_grad():
+            return self.bottom(input_ids, mask)
+
+    def noise_keys(self, texts: list[str], *, epoch: int | None = None) -> list[bytes]:
+        """What each text's noise is drawn from (with the run's secret): the text itself, so a text is sent with the
+        same noise in every epoch and at inference; with --fresh-noise, the training epoch too."""
+        tag = f"\0epoch={epoch}" if epoch is not None and self.fresh_noise else ""
+        return [(text + tag).encode() for text in texts]
+
+    def to_send(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None,
+        keys: list[bytes],
+        tally: NoiseTally | None = None,
+    ) -> torch.Tensor:
+        """The send function: the tensor (B, T, H) that leaves this machine for a batch of bottom outputs. Training,
+        inference and the audit all call this one. Padding is sent as zeros, never as bottom outputs: at k >= 1
+        those mix in the real tokens. tally: see Privatizer.__call__."""
+        if self.privatizer is None:
+            return hidden.detach() * mask.unsqueeze(-1).to(hidden.dtype)
+        return self.privatizer(hidden, mask, input_ids, labels, keys, tally=tally)
+
     def _outgoing(
         self,
         texts: list[str],
@@ -228,26 +268,11 @@ class SplitTrainer:
         epoch: int = 0,
         tally: NoiseTally | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hidden with graph, the tensor that is sent, mask). Padding is sent as zeros, never as
-        bottom outputs: at k >= 1 those mix in the real tokens. tally: see Privatizer.__call__."""
+        """(hidden with graph, the tensor that is sent, mask)."""
         input_ids, mask = self.encode(texts)
-        if train and self.config.train_bottom:
-            self.bottom.train()
-            # Dropout of a trainable bottom draws from (seed, step) alone (sap_common.checkpoint.seeded_draws), so
-            # a resumed run recomputes a step exactly. The bottom trains without prefetch: this is step steps + 1.
-            with seeded_draws(self.config.seed, self.steps + 1, self.device, purpose="bottom-dropout"):
-                hidden = self.bottom(input_ids, mask)  # (B, T, H)
-        else:
-            self.bottom.eval()
-            with torch.no_grad():
-                hidden = self.bottom(input_ids, mask)
-        if self.privatizer is None:
-            sent = hidden.detach() * mask.unsqueeze(-1).to(hidden.dtype)
-        else:
-            tag = f"\0epoch={epoch}" if train and self.fresh_noise else ""
-            keys = [(text + tag).encode() for text in texts]
-            sent = self.privatizer(hidden, mask, input_ids, labels, keys, tally=tally)
-        return hidden, sent, mask
+        hidden = self.bottom_outputs(input_ids, mask, train=train)  # (B, T, H)
+        keys = self.noise_keys(texts, epoch=epoch if train else None)
+        return hidden, self.to_send(hidden, mask, input_ids, labels, keys, tally), mask
 
     def _cached(self, ids: list[int] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not self.reuse_sent or ids is None or not all(i in self._sent_cache for i in ids):

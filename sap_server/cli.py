@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "only): kept adapters (DIR/adapters), so users can reattach for prediction, and "
         "session checkpoints (DIR/sessions): a server killed even with SIGKILL and started "
         "again with the same DIR knows every checkpointed session and loads it on its first "
-        "call, so `sap-client train --resume RUN_DIR` can continue the run",
+        "call, so `sap-client resume RUN_DIR` can continue the run",
     )
     parser.add_argument(
         "--checkpoint-every",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sap_client import cli as client_cli
 from tiny_models import learnable_rows, write_csv
@@ -174,3 +175,36 @@ def test_audit_without_noise_recovers_everything_and_noise_protects(tiny_llama, 
     assert by_n[16] > by_n[1] + 0.2, by_n  # averaging 16 copies cuts the noise 4x: it strips the privacy
     for report in (clean, noisy):
         assert {"aia_accuracy", "aia_baseline", "aia_privacy"} <= report.keys()
+
+
+def test_the_audit_measures_what_the_trainers_send_function_sends(tiny_llama, tmp_path, env, capsys, monkeypatch):
+    """The audit builds no send path of its own: change SplitTrainer.to_send (what training sends) and the audit's
+    figure follows it."""
+    from sap_client.trainer import SplitTrainer
+
+    data = write_csv(tmp_path / "data.csv", learnable_rows(24, seed=5))
+    server, address = _start_server(["--model", str(tiny_llama), "--split", "0"], env)
+    original, calls = SplitTrainer.to_send, []
+
+    def swamped(self, hidden, mask, *args, **kwargs):
+        sent = original(self, hidden, mask, *args, **kwargs)
+        calls.append(sent.shape)
+        noise = torch.randn(sent.shape, generator=torch.Generator().manual_seed(len(calls)))
+        return sent + 100 * sent.norm(dim=-1, keepdim=True).mean() * noise * mask.unsqueeze(-1)
+
+    def recovery(name: str) -> float:
+        out = tmp_path / name
+        argv = ["audit", str(data), "--server", address, "--out", str(out), "--max-examples", "24"]
+        assert client_cli.main([*argv, "--observations", "1", "--public-examples", "0"]) == 0, capsys.readouterr()
+        return json.loads((out / "report.json").read_text())["eia_token_recovery"]
+
+    try:
+        clean = recovery("as-trained")
+        monkeypatch.setattr(SplitTrainer, "to_send", swamped)
+        changed = recovery("changed-send-path")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0
+    print(f"audit token recovery: send path as trained {clean:.3f}, changed {changed:.3f}")
+    assert calls, "the audit never called the trainer's send function"
+    assert clean >= 0.99 and changed < 0.3

@@ -1,14 +1,14 @@
-"""Resume: session checkpoints (`sap-server --state-dir`), lazy loading, idle unloading and `sap-client train --resume`.
+"""Resume: session checkpoints (`sap-server --state-dir`), lazy loading, idle unloading and `sap-client resume`.
 
 - Checkpoint files: atomic writes, a round trip of everything a session needs, which checkpoints are kept.
 - Dropout draws depend on (session seed, step) only: a recomputed step and interleaved sessions draw the same.
 - In-process: a restarted provider knows its sessions and loads them on their first call; ResumeSession
   (auth order, rollback of a live state that is ahead, refusal naming the steps it has); idle sessions are
   checkpointed and unloaded (or closed without a state dir) and come back with the same weights.
-- The client: a run cut short at any step continues with `train --resume` to exactly the uninterrupted run's
+- The client: a run cut short at any step continues with `sap-client resume` to exactly the uninterrupted run's
   metrics and weights (noise off and on, frozen and trainable bottom); conflicting flags are refused.
 - Real processes: `sap-client train` against `sap-server --state-dir --checkpoint-every 2`; the server killed
-  with SIGKILL and restarted (or only the client killed), then `sap-client train --resume RUN_DIR`.
+  with SIGKILL and restarted (or only the client killed), then `sap-client resume RUN_DIR`.
 """
 
 from __future__ import annotations
@@ -535,7 +535,7 @@ def test_a_run_cut_short_resumes_to_the_uninterrupted_result(tiny_llama, tmp_pat
             # predict/evaluate and a new train into the folder are refused while the run is unfinished
             assert client_cli.main(["evaluate", str(data), "--run", str(run)]) == 1
             assert client_cli.main([*train, "--server", address, "--out", str(run)]) == 1
-            assert client_cli.main(["train", "--resume", str(run), "--server", address]) == 0
+            assert client_cli.main(["resume", str(run), "--server", address]) == 0
         metrics = json.loads((run / "metrics.json").read_text())
         trained = _adapter_weights(provider, run)
     finally:
@@ -584,38 +584,21 @@ def test_resume_refuses_conflicting_flags_and_completed_runs(tiny_llama, tmp_pat
     finally:
         provider.close()
     capsys.readouterr()
-    for flags, words in (
-        (["--epochs", "3"], ("--epochs 3", "the run's: 2")),
-        (["--batch-size", "4", "--eta", "9"], ("--batch-size 4", "--eta 9.0")),
-        ([str(tmp_path / "other.csv")], ("DATA.csv",)),
-        (["--out", str(tmp_path / "elsewhere")], ("--out",)),
-    ):
+    # resume takes the run's own settings: a training flag is not one of its flags
+    for flags in (["--epochs", "3"], ["--batch-size", "4", "--eta", "9"], [str(tmp_path / "other.csv")]):
         with pytest.raises(SystemExit) as info:
-            client_cli.main(["train", "--resume", str(run), *flags])
+            client_cli.main(["resume", str(run), *flags])
         err = capsys.readouterr().err
-        assert info.value.code == 2 and "differ" in err and all(word in err for word in words), err
-    # the run's own values, and where/how to connect, may be repeated
-    assert (
-        client_cli.main(
-            [
-                "train",
-                str(data),
-                "--resume",
-                str(run),
-                "--epochs",
-                "2",
-                "--batch-size",
-                "8",
-                "--device",
-                "cpu",
-                "--server",
-                "127.0.0.1:1",
-            ]
-        )
-        == 1
-    )
+        assert info.value.code == 2 and "unrecognized arguments" in err and flags[0] in err, err
+    # the old spelling says what to use instead
+    with pytest.raises(SystemExit) as info:
+        client_cli.main(["train", "--resume", str(run)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"sap-client resume {run}" in err, err
+    # where/how to connect may be given; a completed run is refused before connecting
+    assert client_cli.main(["resume", str(run), "--device", "cpu", "--server", "127.0.0.1:1"]) == 1
     assert "completed run" in capsys.readouterr().err
-    assert client_cli.main(["train", "--resume", str(tmp_path / "nothing")]) == 1
+    assert client_cli.main(["resume", str(tmp_path / "nothing")]) == 1
     assert "not a run folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         client_cli.main(["train"])
@@ -629,8 +612,8 @@ def test_cli_flags_and_help(capsys, monkeypatch):
     for flag in ("--state-dir", "--checkpoint-every", "--idle-timeout", "SAP_CHECKPOINT_EVERY", "SAP_IDLE_TIMEOUT"):
         assert flag in out
     with pytest.raises(SystemExit):
-        client_cli.main(["train", "--help"])
-    assert "--resume" in capsys.readouterr().out
+        client_cli.main(["resume", "--help"])
+    assert "RUN_DIR" in capsys.readouterr().out
     for argv, word in (
         (["--checkpoint-every", "0"], "--checkpoint-every"),
         (["--idle-timeout", "-1"], "--idle-timeout"),
@@ -812,7 +795,7 @@ def _kill_when_checkpointed(client: _Process, run: Path, then) -> int:
 
 
 def _check_against(uninterrupted, run: Path, state: Path, capsys) -> None:
-    """`sap-client train --resume RUN_DIR` ran: the same metrics and weights as the uninterrupted run."""
+    """`sap-client resume RUN_DIR` ran: the same metrics and weights as the uninterrupted run."""
     _, expected_metrics, expected_weights = uninterrupted
     assert "resumed at step" in capsys.readouterr().out
     metrics = json.loads((run / "metrics.json").read_text())
@@ -854,7 +837,7 @@ def test_server_killed_mid_run_restarts_and_the_client_resumes(tiny_llama, unint
         assert list(session.glob("step-*.safetensors"))
         restarted.go()  # the same port, the same --state-dir
         assert restarted.address() == address
-        assert client_cli.main(["train", "--resume", str(run), "--server", address]) == 0
+        assert client_cli.main(["resume", str(run), "--server", address]) == 0
     finally:
         for process in (client, server, restarted):
             process.kill()
@@ -877,7 +860,7 @@ def test_client_killed_mid_run_resumes_against_the_running_server(tiny_llama, un
         assert server.address() == address
         client.go()
         _kill_when_checkpointed(client, run, then=lambda: time.sleep(0.1))  # the server goes on a few steps
-        assert client_cli.main(["train", "--resume", str(run)]) == 0  # the run's own server
+        assert client_cli.main(["resume", str(run)]) == 0  # the run's own server
     finally:
         client.kill()
         server.kill()

@@ -10,7 +10,7 @@ import torch
 from sap_client.audit.attacks import AttackConfig, undo_rescaling
 from sap_client.audit.content import content_mask
 from sap_client.audit.labels import label_inference, sign_rule
-from sap_client.audit.runner import as_sent, build_attacker, clean_batches, eia_report
+from sap_client.audit.runner import build_attacker, clean_batches, eia_report
 from sap_client.data import TextDataset
 from sap_client.trainer import SplitTrainer
 from sap_common.recording import Record
@@ -101,7 +101,7 @@ def _pair_with_texts(
     references: dict[int, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     index = 0
     for texts, labels, input_ids, mask, hidden in clean_batches(trainer, data):
-        sent = as_sent(trainer.privatizer, hidden, mask, input_ids, labels, [t.encode() for t in texts])
+        sent = trainer.to_send(hidden, mask, input_ids, labels, trainer.noise_keys(texts))
         for b in range(len(input_ids)):
             length = int(mask[b].sum())
             references.setdefault(length, []).append(

@@ -13,7 +13,6 @@ from sap_client.audit.attribute import attribute_inference, mean_pool
 from sap_client.audit.content import content_mask
 from sap_client.audit.inversion import token_recovery
 from sap_client.data import TextDataset
-from sap_client.privacy import Privatizer
 from sap_client.trainer import SplitTrainer
 from sap_common.models.split import BottomModel
 
@@ -31,24 +30,20 @@ __all__ = [
 
 
 def clean_batches(trainer: SplitTrainer, data: TextDataset, bottom: BottomModel | None = None):
-    """(texts, labels, ids, mask, clean hidden) per batch of data, through bottom (default: the trainer's)."""
+    """(texts, labels, ids, mask, clean hidden) per batch of data, through bottom (default: the trainer's own, as
+    training runs it)."""
     size = trainer.config.batch_size
-    bottom = bottom if bottom is not None else trainer.bottom
     for start in range(0, len(data), size):
         texts = data.texts[start : start + size]
         labels = torch.tensor(data.labels[start : start + size]) if data.labels else None
         input_ids, mask = trainer.encode(texts)
-        bottom.eval()
-        with torch.no_grad():
-            hidden = bottom(input_ids, mask)  # (B, T, H)
+        if bottom is None:
+            hidden = trainer.bottom_outputs(input_ids, mask)  # (B, T, H)
+        else:
+            bottom.eval()
+            with torch.no_grad():
+                hidden = bottom(input_ids, mask)
         yield texts, labels, input_ids, mask, hidden
-
-
-def as_sent(privatizer: Privatizer | None, hidden, mask, input_ids, labels, keys: list[bytes]) -> torch.Tensor:
-    """What the client sends for a clean batch (B, T, H): privatized with its keys, padding zeroed."""
-    if privatizer is None:
-        return hidden * mask.unsqueeze(-1).to(hidden.dtype)
-    return privatizer(hidden, mask, input_ids, labels, keys)
 
 
 def build_attacker(
@@ -105,15 +100,15 @@ def simulated_audit(
     per_n: dict[int, dict[str, list[tuple]]] = {n: {kind: [] for kind in kinds} for n in config.observations}
     pooled = []
     for texts, labels, input_ids, mask, hidden in clean_batches(trainer, data):
-        keys = [t.encode() for t in texts]  # the keys training uses: the provider's first observation
-        first = as_sent(privatizer, hidden, mask, input_ids, labels, keys)
+        keys = trainer.noise_keys(texts)  # the keys training uses: the provider's first observation
+        first = trainer.to_send(hidden, mask, input_ids, labels, keys)
         pooled.append(mean_pool(first, mask))
         first = undo_rescaling(first, privatizer)
         content = content_mask(input_ids, mask, trainer.tokenizer)
         for n in config.observations:
             copies = [first] + [
                 undo_rescaling(
-                    as_sent(privatizer, hidden, mask, input_ids, labels, [k + f"\0copy={i}".encode() for k in keys]),
+                    trainer.to_send(hidden, mask, input_ids, labels, [k + f"\0copy={i}".encode() for k in keys]),
                     privatizer,
                 )
                 for i in range(1, n)
@@ -170,7 +165,7 @@ def sent_representations(trainer: SplitTrainer, data: TextDataset, clean: list |
         batches = clean
     pooled = []
     for texts, labels, input_ids, mask, hidden in batches:
-        sent = as_sent(trainer.privatizer, hidden, mask, input_ids, labels, [t.encode() for t in texts])
+        sent = trainer.to_send(hidden, mask, input_ids, labels, trainer.noise_keys(texts))
         pooled.append(mean_pool(sent, mask))
     return torch.cat(pooled)
 

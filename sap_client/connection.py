@@ -1,0 +1,124 @@
+"""open_split: everything a command needs, opened one way for all of them (train, resume, predict, evaluate, audit).
+
+It connects, checks the server against the run (model and split), downloads and verifies the bottom, puts a run's
+fine-tuned bottom weights in place and builds the SplitTrainer with the run's privatizer, whose send function
+(SplitTrainer.to_send) is what every command, the audit included, sends or measures."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sap_client.bottom import load_server_bottom
+from sap_client.cti import CtiStatistics, eta_table
+from sap_client.privacy import NoiseConfig, Privatizer
+from sap_client.remote import ClientCredentials, RemoteTopService
+from sap_client.rundir import BOTTOM, CTI, RunDir, RunSpec
+from sap_client.trainer import SplitTrainer, TrainConfig
+from sap_common.devices import DTYPES
+from sap_common.errors import InvalidInputError, ModelLoadError
+from sap_common.service import ServerInfo
+
+log = logging.getLogger(__name__)
+
+
+def wire_dtype_of(name: str) -> torch.dtype:
+    """--wire-dtype's torch dtype (float32 is lossless; bfloat16 and float16 halve the bytes)."""
+    if name not in DTYPES:
+        raise InvalidInputError(f"wire dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def make_privatizer(
+    noise: NoiseConfig, eta: float | None, run: RunDir, stats: CtiStatistics | None, rescale_norm: float | None = None
+) -> Privatizer:
+    table = None
+    if stats is not None and eta is not None:
+        table = eta_table(stats, eta, mode=noise.cti_mode, floor=noise.cti_floor, top=noise.cti_top)
+    return Privatizer(
+        eta, key=run.noise_key(), eta_table=table, label_rows=noise.cti_rows == "label", rescale_norm=rescale_norm
+    )
+
+
+def run_privatizer(run: RunDir, spec: RunSpec) -> Privatizer | None:
+    """The privatizer a run uses: its eta, CTI statistics, noise key and rescaling norm (None without noise)."""
+    if not spec.eta:
+        return None
+    noise = spec.noise
+    if noise.rescale_noised and spec.rescale_norm is None:
+        raise InvalidInputError(f"{run.path} asks for rescaled noised vectors but records no rescale_norm")
+    return make_privatizer(
+        noise,
+        spec.eta,
+        run,
+        CtiStatistics.load(run.file(CTI)) if noise.cti else None,
+        spec.rescale_norm if noise.rescale_noised else None,
+    )
+
+
+@dataclass
+class OpenSplit:
+    """A connected client: the service, what the server serves, and the trainer over the downloaded bottom."""
+
+    service: RemoteTopService
+    info: ServerInfo
+    trainer: SplitTrainer
+    download_bytes: int  # the bottom download (the service's byte counters start at 0 after it)
+
+    def close(self) -> None:
+        self.service.close()
+
+    def __enter__(self) -> OpenSplit:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_split(
+    server: str,
+    config: TrainConfig,
+    *,
+    run: RunDir | None = None,
+    spec: RunSpec | None = None,
+    wire_dtype: str | None = None,
+    trained_bottom: bool = False,
+    fresh_noise: bool = False,
+    credentials: ClientCredentials | None = None,
+    device: torch.device | str = "cpu",
+) -> OpenSplit:
+    """Connect to server and build the trainer. With a run (spec read from run.json): the server must serve the run's
+    model and split, the trainer gets the run's privatizer, the wire dtype is the run's unless wire_dtype overrides
+    it, and trained_bottom loads the run's fine-tuned bottom (bottom.safetensors) when it has one."""
+    wire = wire_dtype or (spec.wire_dtype if spec else "float32")
+    service = RemoteTopService(server, wire_dtype=wire_dtype_of(wire), credentials=credentials)
+    try:
+        info = service.server_info()
+        if spec is not None and (info.model_id, info.split) != (spec.model, spec.split):
+            raise ModelLoadError(
+                f"the run was trained on {spec.model} split {spec.split}; the server at {server} serves "
+                f"{info.model_id} split {info.split}"
+            )
+        bottom, tokenizer, _ = load_server_bottom(service, info)
+        download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
+        if trained_bottom and run is not None and run.file(BOTTOM).exists():
+            bottom.load_state_dict(load_file(str(run.file(BOTTOM))))
+        privatizer = run_privatizer(run, spec) if run is not None and spec is not None else None
+        trainer = SplitTrainer(bottom, tokenizer, service, config, privatizer, fresh_noise=fresh_noise, device=device)
+    except BaseException:
+        service.close()
+        raise
+    return OpenSplit(service, info, trainer, download_bytes)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
