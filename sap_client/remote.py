@@ -13,11 +13,12 @@ from typing import TypeVar
 import grpc
 import torch
 
-from sap_common import codec
+from sap_common import PROTOCOL_VERSION, codec
 from sap_common.errors import (
     AuthenticationError,
     InvalidInputError,
     PermissionDeniedError,
+    ProtocolError,
     RemoteError,
     ResourceLimitError,
     SapError,
@@ -169,7 +170,23 @@ class RemoteTopService:
     # --- TopService -------------------------------------------------------------------------
 
     def server_info(self) -> ServerInfo:
-        return codec.info_from_proto(self._call(self._stub.GetServerInfo, sap_pb2.ServerInfoRequest()))
+        """What the server serves; ProtocolError when it speaks another version of the wire contract."""
+        try:
+            info = codec.info_from_proto(self._call(self._stub.GetServerInfo, sap_pb2.ServerInfoRequest()))
+        except RemoteError as exc:
+            if "UNIMPLEMENTED" in str(exc):  # no /sap.v2.SplitLearning/GetServerInfo: another package version
+                raise ProtocolError(
+                    f"sap-server at {self.address} does not speak SAP wire protocol {PROTOCOL_VERSION} "
+                    f"(sap.v{PROTOCOL_VERSION}): it is an older or newer sap-server; use a client and server "
+                    f"of the same release"
+                ) from exc
+            raise
+        if info.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"sap-server at {self.address} speaks SAP wire protocol {info.protocol_version}, this client "
+                f"{PROTOCOL_VERSION}: use a client and server of the same release"
+            )
+        return info
 
     def download_bottom(self, destination: Path) -> None:
         def attempt() -> None:  # a retry starts the download over: every file is rewritten from offset 0
@@ -194,26 +211,19 @@ class RemoteTopService:
         return self._opened(self._call(self._stub.OpenSession, codec.spec_to_proto(spec)))[0]
 
     def forward(self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        request = sap_pb2.ForwardRequest(session_id=session_id, step=step)
-        self._put_inputs(request, hidden, attention_mask)
-        reply = self._chunked(self._stub.Forward, request, sap_pb2.ForwardReply, session_id)
-        return codec.decode_tensor(reply.logits, field="logits")
+        return self._forward(self._stub.Forward, session_id, step, hidden, attention_mask)
 
     def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult:
-        request = sap_pb2.BackwardRequest(
-            session_id=session_id, step=step, grad_logits=codec.encode_tensor(grad_logits)
+        tensor, raw = codec.wire_tensor(grad_logits)
+        header = sap_pb2.BackwardHeader(session_id=session_id, step=step, grad=tensor)
+        frames = codec.to_frames(sap_pb2.BackwardFrame, header, [raw], self.chunk_bytes)
+        reply, tensors = self._streamed(
+            self._stub.Backward, frames, sap_pb2.BackwardReplyFrame, ("grad_hidden",), session_id
         )
-        reply = self._chunked(self._stub.Backward, request, sap_pb2.BackwardReply, session_id)
-        grad_hidden = (
-            codec.decode_tensor(reply.grad_hidden, field="grad_hidden") if reply.HasField("grad_hidden") else None
-        )
-        return BackwardResult(reply.applied_step, reply.replayed, grad_hidden, reply.checkpointed)
+        return BackwardResult(reply.applied_step, reply.replayed, tensors.get("grad_hidden"), reply.checkpointed)
 
     def evaluate(self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        request = sap_pb2.EvaluateRequest(session_id=session_id)
-        self._put_inputs(request, hidden, attention_mask)
-        reply = self._chunked(self._stub.Evaluate, request, sap_pb2.ForwardReply, session_id)
-        return codec.decode_tensor(reply.logits, field="logits")
+        return self._forward(self._stub.Evaluate, session_id, 0, hidden, attention_mask)
 
     def close_session(self, session_id: str) -> int:
         request = sap_pb2.CloseSessionRequest(session_id=session_id)
@@ -263,15 +273,23 @@ class RemoteTopService:
             metadata.append((SESSION_SECRET_METADATA, self._secrets[session_id]))
         return metadata
 
-    def _put_inputs(self, request, hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Packed real tokens in the wire dtype; the padded form only for a mask that is not right-padded."""
-        if codec.is_right_padded(attention_mask):
-            packed, lengths = codec.pack_hidden(hidden, attention_mask)
-            request.packed_hidden.CopyFrom(codec.encode_tensor(packed, wire_dtype=self.wire_dtype))
-            request.lengths.extend(lengths)
-        else:
-            request.hidden_states.CopyFrom(codec.encode_tensor(hidden, wire_dtype=self.wire_dtype))
-            request.attention_mask.CopyFrom(codec.encode_tensor(attention_mask))
+    def _forward(self, method, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        """Forward or Evaluate: the real tokens packed (N_real, H) in the wire dtype; the logits (B, C)."""
+        if not codec.is_right_padded(attention_mask):
+            raise InvalidInputError(
+                "the wire carries right-padded batches only (every row: real tokens, then padding, at least one "
+                "real token); tokenize with padding_side='right'"
+            )
+        packed, lengths = codec.pack_hidden(hidden, attention_mask)
+        tensor, raw = codec.wire_tensor(packed, wire_dtype=self.wire_dtype)
+        header = sap_pb2.ForwardHeader(
+            session_id=session_id, step=step, hidden=tensor, lengths=lengths, output=sap_pb2.OUTPUT_LOGITS
+        )
+        frames = codec.to_frames(sap_pb2.ForwardFrame, header, [raw], self.chunk_bytes)
+        reply, tensors = self._streamed(method, frames, sap_pb2.ForwardReplyFrame, ("tensor",), session_id)
+        if "tensor" not in tensors:
+            raise RemoteError("the server's Forward reply carries no tensor")
+        return tensors["tensor"]
 
     def _call(self, method, request, session_id: str | None = None):
         def attempt():
@@ -283,16 +301,16 @@ class RemoteTopService:
             self.bytes_received += reply.ByteSize()
         return reply
 
-    def _chunked(self, method, request, reply_type, session_id: str):
-        chunks = list(codec.to_chunks(request, self.chunk_bytes))
+    def _streamed(self, method, frames: list, reply_type, tensor_fields: tuple[str, ...], session_id: str):
+        """Send a hot call's frames (again on a retry); (the reply's header, its tensors)."""
 
         def attempt():
-            self.bytes_sent += sum(len(c.data) for c in chunks)
-            return list(method(iter(chunks), timeout=self.call_timeout, metadata=self._metadata(session_id)))
+            self.bytes_sent += sum(frame.ByteSize() for frame in frames)
+            return list(method(iter(frames), timeout=self.call_timeout, metadata=self._metadata(session_id)))
 
         replies = self._retrying(_rpc_name(method), attempt)
-        self.bytes_received += sum(len(c.data) for c in replies)
-        return codec.from_chunks(replies, reply_type)
+        self.bytes_received += sum(frame.ByteSize() for frame in replies)
+        return codec.from_frames(replies, reply_type, tensor_fields, max_bytes=codec.DEFAULT_MAX_REQUEST_BYTES)
 
     def _retrying(self, name: str, attempt: Callable[[], T]) -> T:
         """attempt(), tried again on UNAVAILABLE / DEADLINE_EXCEEDED with bounded exponential backoff and
@@ -321,7 +339,7 @@ class RemoteTopService:
 
 
 def _rpc_name(method) -> str:
-    """'Forward' for the stub's multi-callable of /sap.v1.SplitLearning/Forward (best effort, for messages)."""
+    """'Forward' for the stub's multi-callable of /sap.v2.SplitLearning/Forward (best effort, for messages)."""
     name = getattr(method, "_method", b"")
     name = name.decode() if isinstance(name, bytes) else str(name)
     return name.rsplit("/", 1)[-1] or "call"

@@ -308,7 +308,7 @@ class SplitTrainer:
             if result.grad_hidden is None:
                 raise RuntimeError("the server returned no dL/dhidden although the bottom is trainable")
             self.bottom_optimizer.zero_grad(set_to_none=True)
-            hidden.backward(result.grad_hidden.to(hidden.dtype))
+            hidden[mask.bool()].backward(result.grad_hidden.to(hidden.dtype))  # real tokens, packed
             self.bottom_optimizer.step()
         self.steps = result.applied_step
         self.last_checkpointed = result.checkpointed

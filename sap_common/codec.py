@@ -1,9 +1,10 @@
-"""The one serde module between the wire and torch: tensor encode/decode and chunk framing."""
+"""The one serde module between the wire and torch: tensors as headers plus raw bytes, the frames of the hot calls
+(a header, then the bytes), the packed encoding of hidden states, and the domain <-> message mappings."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, fields
 from typing import TypeVar
 
@@ -23,20 +24,20 @@ __all__ = [
     "MAX_PACKED_ROWS",
     "WIRE_DTYPES",
     "Undecodable",
-    "decode_tensor",
-    "encode_tensor",
-    "from_chunks",
+    "from_frames",
+    "header_nbytes",
     "is_right_padded",
     "lenient_parser",
     "pack_hidden",
-    "tensor_nbytes",
-    "to_chunks",
+    "to_frames",
     "unpack_hidden",
+    "wire_tensor",
 ]
 
 M = TypeVar("M", bound=Message)
+F = TypeVar("F", bound=Message)  # a frame type: oneof frame { header; bytes data }
 
-DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024  # the most tensor bytes one data frame carries
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC per-message cap, set on both ends
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024 * 1024  # most a whole reassembled message may be
 MAX_DIMS = 8
@@ -59,84 +60,6 @@ def _byteswap(flat_u8: torch.Tensor, itemsize: int) -> torch.Tensor:
     if itemsize == 1:
         return flat_u8
     return flat_u8.view(-1, itemsize).flip(1).reshape(-1)
-
-
-def encode_tensor(t: torch.Tensor, *, wire_dtype: torch.dtype | None = None) -> sap_pb2.Tensor:
-    """Encode a tensor as raw little-endian bytes, optionally cast to a smaller float wire dtype."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"encode_tensor: expected a torch.Tensor, got {type(t).__name__}")
-    t = t.detach().cpu()
-    if wire_dtype is not None and wire_dtype != t.dtype:
-        if t.dtype not in _FLOAT_WIRE or wire_dtype not in _FLOAT_WIRE:
-            raise ValueError(
-                f"wire_dtype={wire_dtype} for a {t.dtype} tensor: only float tensors "
-                f"(float32, float16, bfloat16) may be cast, and only to one of those"
-            )
-        t = t.to(wire_dtype)
-    name = _DTYPE_NAMES.get(t.dtype)
-    if name is None:
-        raise ValueError(f"tensor dtype {t.dtype} cannot go on the wire; valid: {sorted(WIRE_DTYPES)}")
-    t = t.contiguous()
-    if t.numel() == 0:
-        data = b""
-    else:
-        # view(uint8) works for every dtype, bfloat16 included, where numpy would not.
-        raw = t.reshape(-1).view(torch.uint8)
-        if _BIG_ENDIAN:
-            raw = _byteswap(raw, t.element_size())
-        data = raw.numpy().tobytes()
-    return sap_pb2.Tensor(dtype=name, shape=list(t.shape), data=data)
-
-
-def tensor_nbytes(msg: sap_pb2.Tensor, *, field: str = "tensor") -> int:
-    """The byte length a well-formed Tensor message's data must have (validates dtype and shape)."""
-    dtype = WIRE_DTYPES.get(msg.dtype)
-    if dtype is None:
-        raise InvalidTensorError(f"{field}.dtype={msg.dtype!r} is not a wire dtype; valid: {sorted(WIRE_DTYPES)}")
-    shape = list(msg.shape)
-    if len(shape) > MAX_DIMS:
-        raise InvalidTensorError(f"{field}.shape has {len(shape)} dims; at most {MAX_DIMS} allowed")
-    numel = 1
-    for i, dim in enumerate(shape):
-        if dim < 0:
-            raise InvalidTensorError(f"{field}.shape[{i}]={dim} is negative; dims must be >= 0")
-        numel *= dim  # Python ints: no overflow
-    return numel * dtype.itemsize
-
-
-def decode_tensor(
-    msg: sap_pb2.Tensor,
-    *,
-    field: str = "tensor",
-    max_bytes: int | None = None,
-    allowed: Collection[str] | None = None,
-) -> torch.Tensor:
-    """Validate a Tensor message, then return a fresh writable CPU tensor with its contents."""
-    if allowed is not None and msg.dtype not in allowed:
-        raise InvalidTensorError(f"{field}.dtype={msg.dtype!r} is not allowed here; expected one of {sorted(allowed)}")
-    expected = tensor_nbytes(msg, field=field)
-    shape = tuple(msg.shape)
-    if max_bytes is not None and expected > max_bytes:
-        raise InvalidTensorError(
-            f"{field} with shape {list(shape)} and dtype {msg.dtype} needs {expected} bytes; "
-            f"at most {max_bytes} allowed"
-        )
-    actual = len(msg.data)
-    if actual != expected:
-        raise InvalidTensorError(
-            f"{field}.data has {actual} bytes; shape {list(shape)} and dtype {msg.dtype} need exactly {expected}"
-        )
-    dtype = WIRE_DTYPES[msg.dtype]
-    if expected == 0:
-        # frombuffer rejects empty buffers.
-        return torch.empty(shape, dtype=dtype)
-    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)  # copy: never alias the message
-    if dtype == torch.bool and int(raw.max()) > 1:
-        # Any byte other than 0/1 viewed as bool is undefined behaviour in torch.
-        raise InvalidTensorError(f"{field}.data holds a byte > 1 for dtype bool; valid bytes: 0, 1")
-    if _BIG_ENDIAN:
-        raw = _byteswap(raw, dtype.itemsize).contiguous()
-    return raw.view(dtype).reshape(shape)
 
 
 class Undecodable:
@@ -163,43 +86,132 @@ def lenient_parser(message_type: type[M]) -> Callable[[bytes], M | Undecodable]:
     return parse
 
 
-def to_chunks(message: Message, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[sap_pb2.Chunk]:
-    """Serialize a message once and yield it as Chunks of at most chunk_bytes (at least one)."""
+# --- frames: the hot calls' streams (a header, then the raw bytes of the tensors it describes) ---------------
+
+
+def wire_tensor(t: torch.Tensor, *, wire_dtype: torch.dtype | None = None) -> tuple[sap_pb2.TensorHeader, torch.Tensor]:
+    """(its header, its bytes as a flat little-endian uint8 CPU tensor), optionally cast to a smaller float dtype.
+    The bytes are a view of t where t already is a contiguous CPU tensor of that dtype (no copy)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"wire_tensor: expected a torch.Tensor, got {type(t).__name__}")
+    t = t.detach().cpu()
+    if wire_dtype is not None and wire_dtype != t.dtype:
+        if t.dtype not in _FLOAT_WIRE or wire_dtype not in _FLOAT_WIRE:
+            raise ValueError(
+                f"wire_dtype={wire_dtype} for a {t.dtype} tensor: only float tensors "
+                f"(float32, float16, bfloat16) may be cast, and only to one of those"
+            )
+        t = t.to(wire_dtype)
+    name = _DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        raise ValueError(f"tensor dtype {t.dtype} cannot go on the wire; valid: {sorted(WIRE_DTYPES)}")
+    t = t.contiguous()
+    raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    if _BIG_ENDIAN:
+        raw = _byteswap(raw, t.element_size()).contiguous()
+    return sap_pb2.TensorHeader(dtype=name, shape=list(t.shape)), raw
+
+
+def to_frames(frame_type: type[F], header: Message, tensors: Sequence[torch.Tensor], chunk_bytes: int) -> list[F]:
+    """The frames of one call: header first, then the bytes of tensors (uint8, from wire_tensor, in the order of the
+    header's tensor fields) in frames of at most chunk_bytes each."""
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes={chunk_bytes} must be > 0")
-    payload = memoryview(message.SerializeToString())
-    if len(payload) == 0:
-        yield sap_pb2.Chunk(data=b"")
-        return
-    for start in range(0, len(payload), chunk_bytes):
-        yield sap_pb2.Chunk(data=bytes(payload[start : start + chunk_bytes]))
+    frames = [frame_type(header=header)]
+    for raw in tensors:
+        for start in range(0, raw.numel(), chunk_bytes):
+            frames.append(frame_type(data=raw[start : start + chunk_bytes].numpy().tobytes()))
+    return frames
 
 
-def from_chunks(
-    chunks: Iterable[sap_pb2.Chunk],
-    message_type: type[M],
+def header_nbytes(header: sap_pb2.TensorHeader, *, field: str = "tensor") -> int:
+    """The byte length a TensorHeader announces (validates its dtype and shape)."""
+    dtype = WIRE_DTYPES.get(header.dtype)
+    if dtype is None:
+        raise InvalidTensorError(f"{field}.dtype={header.dtype!r} is not a wire dtype; valid: {sorted(WIRE_DTYPES)}")
+    shape = list(header.shape)
+    if len(shape) > MAX_DIMS:
+        raise InvalidTensorError(f"{field}.shape has {len(shape)} dims; at most {MAX_DIMS} allowed")
+    numel = 1
+    for i, dim in enumerate(shape):
+        if dim < 0:
+            raise InvalidTensorError(f"{field}.shape[{i}]={dim} is negative; dims must be >= 0")
+        numel *= dim  # Python ints: no overflow
+    return numel * dtype.itemsize
+
+
+def from_frames(
+    frames: Iterable,
+    frame_type: type[F],
+    tensor_fields: Sequence[str],
     *,
     max_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-) -> M:
-    """Join a Chunk stream and parse it as message_type, refusing more than max_bytes in total."""
-    name = message_type.DESCRIPTOR.name
-    buf = bytearray()
-    count = 0
-    for chunk in chunks:
-        count += 1
-        if isinstance(chunk, Undecodable):  # the Chunk envelope itself was garbage
-            raise InvalidInputError(f"{name} stream: chunk {count}: {chunk.error()}")
-        buf += chunk.data
-        if len(buf) > max_bytes:
-            raise InvalidInputError(
-                f"{name} stream exceeds max_bytes={max_bytes} (got {len(buf)} bytes after {count} chunks)"
+    allowed: Collection[str] | None = None,
+) -> tuple[Message, dict[str, torch.Tensor]]:
+    """Read one call's frames: (its header, {field: tensor} for each of tensor_fields the header sets).
+
+    The header comes first and announces every tensor's size, so the bytes are read straight into one buffer of
+    that size (no growing, no joining); the tensors are views of it. Validating: a stream that is not one header
+    then exactly the announced bytes, a tensor of a dtype not in allowed, or more than max_bytes in all raise
+    InvalidInputError naming what is wrong."""
+    name = frame_type.DESCRIPTOR.name
+    stream = iter(frames)
+    first = next(stream, None)
+    if first is None:
+        raise InvalidInputError(f"{name} stream had 0 frames; expected a header first")
+    if isinstance(first, Undecodable):
+        raise InvalidInputError(f"{name} stream: frame 1: {first.error()}")
+    if first.WhichOneof("frame") != "header":
+        raise InvalidInputError(f"{name} stream: frame 1 is {first.WhichOneof('frame')!r}; the header comes first")
+    header = first.header
+    layout = []  # (field, header, offset, nbytes)
+    total = 0
+    for field in tensor_fields:
+        if not header.HasField(field):
+            continue
+        spec = getattr(header, field)
+        if allowed is not None and spec.dtype not in allowed:
+            raise InvalidTensorError(
+                f"{field}.dtype={spec.dtype!r} is not allowed here; expected one of {sorted(allowed)}"
             )
-    if count == 0:
-        raise InvalidInputError(f"{name} stream had 0 chunks; expected at least one")
-    try:
-        return message_type.FromString(buf)  # bytearray is accepted: no second copy
-    except DecodeError as exc:
-        raise InvalidInputError(f"{name}: {len(buf)} bytes do not parse as a {name}: {exc}") from exc
+        nbytes = header_nbytes(spec, field=field)
+        layout.append((field, spec, total, nbytes))
+        total += nbytes
+    if total > max_bytes:
+        raise InvalidInputError(f"{name} stream announces {total} bytes of tensors; at most {max_bytes} allowed")
+    buffer = bytearray(total)
+    view = memoryview(buffer)
+    filled, count = 0, 1
+    for frame in stream:
+        count += 1
+        if isinstance(frame, Undecodable):
+            raise InvalidInputError(f"{name} stream: frame {count}: {frame.error()}")
+        if frame.WhichOneof("frame") != "data":
+            raise InvalidInputError(f"{name} stream: frame {count} is {frame.WhichOneof('frame')!r}; only data follows")
+        size = len(frame.data)
+        if filled + size > total:
+            raise InvalidInputError(f"{name} stream: more bytes than its header announces ({total})")
+        view[filled : filled + size] = frame.data
+        filled += size
+    if filled != total:
+        raise InvalidInputError(f"{name} stream: {filled} bytes of tensors; its header announces {total}")
+    raw = torch.frombuffer(buffer, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
+    tensors = {}
+    for field, spec, offset, nbytes in layout:
+        dtype, shape = WIRE_DTYPES[spec.dtype], tuple(spec.shape)
+        if nbytes == 0:
+            tensors[field] = torch.empty(shape, dtype=dtype)
+            continue
+        part = raw[offset : offset + nbytes]
+        if dtype == torch.bool and int(part.max()) > 1:
+            # Any byte other than 0/1 viewed as bool is undefined behaviour in torch.
+            raise InvalidTensorError(f"{field} holds a byte > 1 for dtype bool; valid bytes: 0, 1")
+        if _BIG_ENDIAN:
+            part = _byteswap(part, dtype.itemsize).contiguous()
+        elif offset % dtype.itemsize:
+            part = part.clone()  # a dtype view needs an aligned start
+        tensors[field] = part.view(dtype).reshape(shape)
+    return header, tensors
 
 
 # --- packed hidden states: only the real (non-padding) token vectors cross the wire -------------

@@ -48,5 +48,9 @@ class ServerUnavailableError(SapError):
     """The provider cannot be reached."""
 
 
+class ProtocolError(SapError):
+    """The other side speaks another version of the wire contract (sap_common.PROTOCOL_VERSION)."""
+
+
 class RemoteError(SapError):
     """The provider answered with an error that has no more specific SAP class."""

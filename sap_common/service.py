@@ -58,7 +58,7 @@ class SessionSpec:
 class BackwardResult:
     applied_step: int
     replayed: bool
-    grad_hidden: torch.Tensor | None  # (B, T, H) when the session trains the bottom
+    grad_hidden: torch.Tensor | None  # (N_real, H), the real tokens packed, when the session trains the bottom
     # The provider checkpointed the session at applied_step before answering: the client checkpoints its own
     # side before it sends the next step (see sap.proto, BackwardReply.checkpointed).
     checkpointed: bool = False

@@ -13,6 +13,7 @@ from sap_common.devices import DTYPES
 from sap_common.errors import (
     AuthenticationError,
     InvalidInputError,
+    InvalidTensorError,
     ModelLoadError,
     PermissionDeniedError,
     ResourceLimitError,
@@ -70,13 +71,12 @@ def _rpc(method: Callable) -> Callable:
     return wrapper
 
 
-def _streaming_rpc(method: Callable) -> Callable:
-    """Like _rpc for methods that return a reply message to be sent back as Chunks."""
+def _frames_rpc(method: Callable) -> Callable:
+    """Like _rpc for the hot calls: the method reads the request's frames and returns the reply's frames."""
 
     @functools.wraps(method)
     def wrapper(self, request_iterator, context):
-        reply = _rpc(method)(self, request_iterator, context)
-        yield from codec.to_chunks(reply, self.chunk_bytes)
+        yield from _rpc(method)(self, request_iterator, context)
 
     return wrapper
 
@@ -191,72 +191,79 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         trainer = self.compute.run(self.provider.sessions.resume, request.session_id, secret, request.step)
         return sap_pb2.ResumeSessionReply(steps_applied=request.step, num_labels=trainer.num_labels)
 
-    @_streaming_rpc
-    def Forward(self, request_iterator, context):
+    @_frames_rpc
+    def Forward(self, frames, context):
         secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))  # before reading the stream
-        request = codec.from_chunks(request_iterator, sap_pb2.ForwardRequest, max_bytes=self.max_request_bytes)
-        return self.compute.run(self._forward, request, secret)
+        header, tensors = codec.from_frames(frames, sap_pb2.ForwardFrame, ("hidden",), max_bytes=self.max_request_bytes)
+        return self.compute.run(self._forward, header, tensors.get("hidden"), secret, True)
 
-    def _forward(self, request: sap_pb2.ForwardRequest, secret: str) -> sap_pb2.ForwardReply:
-        with self.provider.sessions.use(request.session_id, secret) as trainer:
-            hidden, mask = self._decode_inputs(request)
-            logits = trainer.forward(request.step, hidden, mask)
-        return sap_pb2.ForwardReply(step=request.step, logits=codec.encode_tensor(logits))
-
-    @_streaming_rpc
-    def Backward(self, request_iterator, context):
+    @_frames_rpc
+    def Evaluate(self, frames, context):
         secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
-        request = codec.from_chunks(request_iterator, sap_pb2.BackwardRequest, max_bytes=self.max_request_bytes)
-        return self.compute.run(self._backward, request, secret)
+        header, tensors = codec.from_frames(frames, sap_pb2.ForwardFrame, ("hidden",), max_bytes=self.max_request_bytes)
+        return self.compute.run(self._forward, header, tensors.get("hidden"), secret, False)
 
-    def _backward(self, request: sap_pb2.BackwardRequest, secret: str) -> sap_pb2.BackwardReply:
-        with self.provider.sessions.use(request.session_id, secret) as trainer:
-            grad = codec.decode_tensor(request.grad_logits, field="grad_logits", allowed=_FLOATS)
-            result = trainer.backward(request.step, grad)  # checkpointed (--state-dir) before this reply
-        reply = sap_pb2.BackwardReply(
+    def _forward(self, header: sap_pb2.ForwardHeader, packed, secret: str, train: bool) -> list:
+        with self.provider.sessions.use(header.session_id, secret) as trainer:
+            if header.output != sap_pb2.OUTPUT_LOGITS:
+                raise InvalidInputError(
+                    f"output {sap_pb2.Output.Name(header.output)} is not served by this server: its sessions end "
+                    f"with the task head and return logits (OUTPUT_LOGITS)"
+                )
+            hidden, mask = self._unpack(packed, header.lengths)
+            logits = trainer.forward(header.step, hidden, mask) if train else trainer.evaluate(hidden, mask)
+        tensor, raw = codec.wire_tensor(logits)
+        reply = sap_pb2.ForwardReplyHeader(step=header.step if train else 0, output=header.output, tensor=tensor)
+        return codec.to_frames(sap_pb2.ForwardReplyFrame, reply, [raw], self.chunk_bytes)
+
+    @_frames_rpc
+    def Backward(self, frames, context):
+        secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
+        header, tensors = codec.from_frames(frames, sap_pb2.BackwardFrame, ("grad",), max_bytes=self.max_request_bytes)
+        return self.compute.run(self._backward, header, tensors.get("grad"), secret)
+
+    def _backward(self, header: sap_pb2.BackwardHeader, grad, secret: str) -> list:
+        with self.provider.sessions.use(header.session_id, secret) as trainer:
+            if grad is None:
+                raise InvalidInputError("BackwardHeader.grad is missing: dL/d(what Forward returned)")
+            _check_float("grad", header.grad)
+            result = trainer.backward(header.step, grad)  # checkpointed (--state-dir) before this reply
+        reply = sap_pb2.BackwardReplyHeader(
             applied_step=result.applied_step, replayed=result.replayed, checkpointed=result.checkpointed
         )
+        raws = []
         if result.grad_hidden is not None:
-            reply.grad_hidden.CopyFrom(codec.encode_tensor(result.grad_hidden))
-        return reply
-
-    @_streaming_rpc
-    def Evaluate(self, request_iterator, context):
-        secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
-        request = codec.from_chunks(request_iterator, sap_pb2.EvaluateRequest, max_bytes=self.max_request_bytes)
-        return self.compute.run(self._evaluate, request, secret)
-
-    def _evaluate(self, request: sap_pb2.EvaluateRequest, secret: str) -> sap_pb2.ForwardReply:
-        with self.provider.sessions.use(request.session_id, secret) as trainer:
-            hidden, mask = self._decode_inputs(request)
-            logits = trainer.evaluate(hidden, mask)
-        return sap_pb2.ForwardReply(step=0, logits=codec.encode_tensor(logits))
+            tensor, raw = codec.wire_tensor(result.grad_hidden)
+            reply.grad_hidden.CopyFrom(tensor)
+            raws.append(raw)
+        return codec.to_frames(sap_pb2.BackwardReplyFrame, reply, raws, self.chunk_bytes)
 
     def _check_api_key(self, context) -> None:
         if self.api_keys is not None:
             self.api_keys.check(_metadata(context, API_KEY_METADATA))
 
-    def _decode_inputs(self, request: sap_pb2.ForwardRequest | sap_pb2.EvaluateRequest):
-        """(B, T, H) hidden states and (B, T) mask from the packed form when set, else the padded one.
+    def _unpack(self, packed, lengths) -> tuple:
+        """(B, T, H) hidden states and the (B, T) mask from the packed real tokens and their lengths.
 
-        The hidden size and the batch x length limit of a packed request are checked before it is unpacked
-        (unpacking allocates the padded batch); the trainer checks everything again on the padded form."""
-        if request.HasField("packed_hidden"):
-            packed = codec.decode_tensor(request.packed_hidden, field="packed_hidden", allowed=_FLOATS)
-            size = self.provider.info.hidden_size
-            if packed.dim() == 2 and packed.shape[1] != size:
-                raise InvalidInputError(
-                    f"packed_hidden has shape {list(packed.shape)}, expected (N_real, {size}): "
-                    f"this server's hidden size is {size}"
-                )
-            if request.lengths:
-                check_batch_tokens(len(request.lengths), max(request.lengths), self.provider.sessions.max_batch_tokens)
-            return codec.unpack_hidden(packed, request.lengths, max_bytes=self.max_request_bytes)
-        hidden = codec.decode_tensor(request.hidden_states, field="hidden_states", allowed=_FLOATS)
-        mask = codec.decode_tensor(
-            request.attention_mask, field="attention_mask", allowed=("int64", "int32", "bool", "uint8")
-        )
-        return hidden, mask
+        The hidden size and the batch x length limit are checked before unpacking (it allocates the padded batch);
+        the trainer checks everything again on the padded form."""
+        if packed is None:
+            raise InvalidInputError("ForwardHeader.hidden is missing: the packed real token vectors (N_real, H)")
+        if packed.dtype not in DTYPES.values():
+            raise InvalidTensorError(f"hidden.dtype={packed.dtype} is not allowed here; expected one of {_FLOATS}")
+        size = self.provider.info.hidden_size
+        if packed.dim() == 2 and packed.shape[1] != size:
+            raise InvalidInputError(
+                f"hidden has shape {list(packed.shape)}, expected (N_real, {size}): this server's hidden size is {size}"
+            )
+        if lengths:
+            check_batch_tokens(len(lengths), max(lengths), self.provider.sessions.max_batch_tokens)
+        return codec.unpack_hidden(packed, lengths, field="hidden", max_bytes=self.max_request_bytes)
+
+
+def _check_float(field: str, header: sap_pb2.TensorHeader) -> None:
+    if header.dtype not in _FLOATS:
+        raise InvalidTensorError(f"{field}.dtype={header.dtype!r} is not allowed here; expected one of {_FLOATS}")
 
 
 def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
@@ -291,11 +298,15 @@ def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
             response_serializer=pb.ResumeSessionReply.SerializeToString,
         ),
     }
-    for name in ("Forward", "Backward", "Evaluate"):
+    for name, request, reply in (
+        ("Forward", pb.ForwardFrame, pb.ForwardReplyFrame),
+        ("Evaluate", pb.ForwardFrame, pb.ForwardReplyFrame),
+        ("Backward", pb.BackwardFrame, pb.BackwardReplyFrame),
+    ):
         handlers[name] = grpc.stream_stream_rpc_method_handler(
             getattr(servicer, name),
-            request_deserializer=codec.lenient_parser(pb.Chunk),
-            response_serializer=pb.Chunk.SerializeToString,
+            request_deserializer=codec.lenient_parser(request),
+            response_serializer=reply.SerializeToString,
         )
     service = pb.DESCRIPTOR.services_by_name["SplitLearning"]
     missing = {m.name for m in service.methods} - handlers.keys()

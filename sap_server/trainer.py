@@ -41,6 +41,7 @@ class _Pending:
     step: int
     hidden: torch.Tensor  # leaf; its .grad is dL/dhidden when the bottom trains
     logits: torch.Tensor
+    mask: torch.Tensor  # (B, T) bool: the real tokens
 
 
 class TopTrainer:
@@ -170,7 +171,7 @@ class TopTrainer:
         # Finite but huge inputs can overflow inside the top; refuse before keeping a graph whose backward
         # would write NaN into this session's weights (the pending forward of this step, if any, is kept).
         _check_finite("logits computed from hidden_states (values too large?)", logits)
-        self._pending = _Pending(step=step, hidden=placed, logits=logits)
+        self._pending = _Pending(step=step, hidden=placed, logits=logits, mask=placed_mask.bool())
         return logits.detach().float().cpu()
 
     def backward(self, step: int, grad_logits: torch.Tensor) -> BackwardResult:
@@ -204,7 +205,8 @@ class TopTrainer:
             self.recorder.record_gradient(self.session_id, step, grad_logits)  # as received, once per applied step
         self.steps_applied = step
         self._pending = None
-        grad_hidden = pending.hidden.grad.detach().float().cpu() if self.train_bottom else None
+        # dL/dhidden of the real tokens only, packed like the forward's input (N_real, H): padding gets none.
+        grad_hidden = pending.hidden.grad[pending.mask].detach().float().cpu() if self.train_bottom else None
         due = self.on_checkpoint is not None and self.checkpoint_every > 0 and step % self.checkpoint_every == 0
         self._last_reply = BackwardResult(step, False, grad_hidden, checkpointed=due)
         if due and not self.on_checkpoint(self):  # written before the reply, or the reply says it was not

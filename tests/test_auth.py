@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+import wire
 from torch.nn import functional as F
 
 from conftest import running_server
 from sap_client import cli as client_cli
 from sap_client.remote import ClientCredentials, RemoteTopService
-from sap_common import codec
 from sap_common.errors import AuthenticationError, InvalidInputError, PermissionDeniedError, SessionNotFoundError
 from sap_common.models.registry import load_model
 from sap_common.proto import sap_pb2, sap_pb2_grpc
@@ -88,22 +88,13 @@ def test_a_session_is_refused_to_anyone_without_its_secret(tiny_llama):
             before, pending = _weights(provider, sid), trainer._pending
 
             stub = sap_pb2_grpc.SplitLearningStub(channel)
-            forward = sap_pb2.ForwardRequest(
-                session_id=sid,
-                step=3,
-                hidden_states=codec.encode_tensor(hidden),
-                attention_mask=codec.encode_tensor(mask),
-            )
-            backward = sap_pb2.BackwardRequest(
-                session_id=sid, step=3, grad_logits=codec.encode_tensor(torch.ones(BATCH, NUM_LABELS))
-            )
-            evaluate = sap_pb2.EvaluateRequest(
-                session_id=sid, hidden_states=codec.encode_tensor(hidden), attention_mask=codec.encode_tensor(mask)
-            )
+            forward = wire.forward_frames(sid, 3, hidden, mask)
+            backward = wire.backward_frames(sid, 3, torch.ones(BATCH, NUM_LABELS))
+            evaluate = wire.forward_frames(sid, 0, hidden, mask)
             calls = {
-                "Forward": lambda md: list(stub.Forward(codec.to_chunks(forward), timeout=30, metadata=md)),
-                "Backward": lambda md: list(stub.Backward(codec.to_chunks(backward), timeout=30, metadata=md)),
-                "Evaluate": lambda md: list(stub.Evaluate(codec.to_chunks(evaluate), timeout=30, metadata=md)),
+                "Forward": lambda md: list(stub.Forward(iter(forward), timeout=30, metadata=md)),
+                "Backward": lambda md: list(stub.Backward(iter(backward), timeout=30, metadata=md)),
+                "Evaluate": lambda md: list(stub.Evaluate(iter(evaluate), timeout=30, metadata=md)),
                 "CloseSession": lambda md: stub.CloseSession(
                     sap_pb2.CloseSessionRequest(session_id=sid, keep=True), timeout=30, metadata=md
                 ),

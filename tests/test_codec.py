@@ -1,4 +1,4 @@
-"""Unit tests of sap_common.codec: tensor round-trips, corrupt payloads and chunk framing."""
+"""Unit tests of sap_common.codec: tensor round-trips through real frames, corrupt streams, framing."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from sap_common.codec import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_REQUEST_BYTES,
     WIRE_DTYPES,
-    decode_tensor,
-    encode_tensor,
-    from_chunks,
-    tensor_nbytes,
-    to_chunks,
+    from_frames,
+    header_nbytes,
+    to_frames,
+    wire_tensor,
 )
 from sap_common.errors import InvalidInputError, InvalidTensorError
 from sap_common.proto import sap_pb2
@@ -42,10 +41,33 @@ def _assert_bit_exact(a: torch.Tensor, b: torch.Tensor) -> None:
         assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
+def _frames(t: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES, **kw) -> list[sap_pb2.ForwardFrame]:
+    """The frames of a Forward carrying t, as they arrive: every frame serialized and parsed again."""
+    header, raw = wire_tensor(t, **kw)
+    frames = to_frames(
+        sap_pb2.ForwardFrame, sap_pb2.ForwardHeader(session_id="s", step=3, hidden=header), [raw], chunk_bytes
+    )
+    return [sap_pb2.ForwardFrame.FromString(f.SerializeToString()) for f in frames]
+
+
+def _decode(frames, **kw) -> torch.Tensor:
+    header, tensors = from_frames(frames, sap_pb2.ForwardFrame, ("hidden",), **kw)
+    assert header.session_id == "s" and header.step == 3
+    return tensors["hidden"]
+
+
 def _roundtrip(t: torch.Tensor, **kw) -> torch.Tensor:
-    msg = encode_tensor(t, **kw)
-    wire = sap_pb2.Tensor.FromString(msg.SerializeToString())
-    return decode_tensor(wire)
+    return _decode(_frames(t, **kw))
+
+
+def _announcing(dtype: str, shape: list[int], *data: bytes) -> list[sap_pb2.ForwardFrame]:
+    """A stream whose header announces (dtype, shape), followed by the given data frames."""
+    header = sap_pb2.ForwardHeader(session_id="s", step=3, hidden=sap_pb2.TensorHeader(dtype=dtype, shape=shape))
+    return [sap_pb2.ForwardFrame(header=header), *(sap_pb2.ForwardFrame(data=d) for d in data)]
+
+
+def _raw_bytes(t: torch.Tensor, **kw) -> bytes:
+    return wire_tensor(t, **kw)[1].numpy().tobytes()
 
 
 # --- tensor round-trips ------------------------------------------------------------------------
@@ -61,8 +83,8 @@ def test_roundtrip_bit_exact(dtype: torch.dtype, shape: tuple[int, ...]) -> None
     t = _sample(dtype, shape)
     out = _roundtrip(t)
     _assert_bit_exact(out, t)
-    assert encode_tensor(t).dtype == codec._DTYPE_NAMES[dtype]
-    assert list(encode_tensor(t).shape) == list(shape)
+    header, _ = wire_tensor(t)
+    assert header.dtype == codec._DTYPE_NAMES[dtype] and list(header.shape) == list(shape)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -82,9 +104,8 @@ def test_special_float_values_survive() -> None:
 
 
 def test_bytes_are_little_endian() -> None:
-    msg = encode_tensor(torch.tensor([1, 256], dtype=torch.int32))
-    assert msg.data == b"\x01\x00\x00\x00\x00\x01\x00\x00"
-    assert encode_tensor(torch.tensor(1.0, dtype=torch.bfloat16)).data == b"\x80\x3f"
+    assert _raw_bytes(torch.tensor([1, 256], dtype=torch.int32)) == b"\x01\x00\x00\x00\x00\x01\x00\x00"
+    assert _raw_bytes(torch.tensor(1.0, dtype=torch.bfloat16)) == b"\x80\x3f"
 
 
 def test_encode_detaches_autograd_tensors() -> None:
@@ -97,17 +118,16 @@ def test_encode_detaches_autograd_tensors() -> None:
 @pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16], ids=str)
 def test_wire_dtype_cast_rounds_and_halves_bytes(wire: torch.dtype) -> None:
     t = torch.randn(64, 33, generator=torch.Generator().manual_seed(3))
-    full = encode_tensor(t)
-    half = encode_tensor(t, wire_dtype=wire)
-    assert len(half.data) * 2 == len(full.data)
-    out = decode_tensor(half)
+    assert len(_raw_bytes(t, wire_dtype=wire)) * 2 == len(_raw_bytes(t))
+    out = _roundtrip(t, wire_dtype=wire)
     _assert_bit_exact(out, t.to(wire))
     assert not torch.equal(out.float(), t)  # rounding really happened
 
 
 def test_wire_dtype_same_as_tensor_is_noop() -> None:
     t = torch.arange(5)
-    assert encode_tensor(t, wire_dtype=torch.int64) == encode_tensor(t)
+    assert _raw_bytes(t, wire_dtype=torch.int64) == _raw_bytes(t)
+    assert wire_tensor(t, wire_dtype=torch.int64)[0] == wire_tensor(t)[0]
 
 
 @pytest.mark.parametrize(
@@ -121,115 +141,130 @@ def test_wire_dtype_same_as_tensor_is_noop() -> None:
 )
 def test_wire_dtype_rejects_non_float_casts(t: torch.Tensor, wire: torch.dtype) -> None:
     with pytest.raises(ValueError, match="wire_dtype"):
-        encode_tensor(t, wire_dtype=wire)
+        wire_tensor(t, wire_dtype=wire)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.int8, torch.int16])
 def test_encode_rejects_dtype_outside_whitelist(dtype: torch.dtype) -> None:
     with pytest.raises(ValueError, match=str(dtype)):
-        encode_tensor(torch.zeros(2, dtype=dtype))
+        wire_tensor(torch.zeros(2, dtype=dtype))
 
 
-# --- corrupt payloads --------------------------------------------------------------------------
-
-
-def _good(shape: tuple[int, ...] = (2, 3)) -> sap_pb2.Tensor:
-    return encode_tensor(torch.randn(shape))
+# --- corrupt streams ---------------------------------------------------------------------------
 
 
 def test_rejects_one_byte_short() -> None:
-    msg = _good()
-    msg.data = msg.data[:-1]
-    with pytest.raises(InvalidTensorError, match=r"hidden_states\.data has 23 bytes.*exactly 24"):
-        decode_tensor(msg, field="hidden_states")
+    frames = _frames(torch.randn(2, 3))
+    frames[-1].data = frames[-1].data[:-1]
+    with pytest.raises(InvalidInputError, match=r"ForwardFrame stream: 23 bytes.*announces 24"):
+        _decode(frames)
 
 
 def test_rejects_one_byte_extra() -> None:
-    msg = _good()
-    msg.data = msg.data + b"\x00"
-    with pytest.raises(InvalidTensorError, match=r"grad_logits\.data has 25 bytes.*exactly 24"):
-        decode_tensor(msg, field="grad_logits")
+    frames = _frames(torch.randn(2, 3))
+    frames[-1].data = frames[-1].data + b"\x00"
+    with pytest.raises(InvalidInputError, match=r"more bytes than its header announces \(24\)"):
+        _decode(frames)
 
 
 def test_rejects_data_on_empty_shape() -> None:
-    msg = sap_pb2.Tensor(dtype="float32", shape=[0, 4], data=b"\x00" * 4)
-    with pytest.raises(InvalidTensorError, match="logits"):
-        decode_tensor(msg, field="logits")
+    with pytest.raises(InvalidInputError, match=r"announces \(0\)"):
+        _decode(_announcing("float32", [0, 4], b"\x00" * 4))
 
 
 @pytest.mark.parametrize("dtype", ["float64", "complex64", "", "FLOAT32", "torch.float32"])
 def test_rejects_unknown_dtype(dtype: str) -> None:
-    msg = sap_pb2.Tensor(dtype=dtype, shape=[1], data=b"\x00" * 8)
-    with pytest.raises(InvalidTensorError, match="attention_mask.dtype") as info:
-        decode_tensor(msg, field="attention_mask")
+    with pytest.raises(InvalidTensorError, match=r"hidden\.dtype") as info:
+        _decode(_announcing(dtype, [1], b"\x00" * 8))
     assert repr(dtype) in str(info.value)
     assert "bfloat16" in str(info.value)  # says what is valid
 
 
 def test_rejects_dtype_not_in_allowed() -> None:
-    msg = encode_tensor(torch.ones(3))
-    with pytest.raises(InvalidTensorError, match=r"attention_mask\.dtype='float32'.*int64"):
-        decode_tensor(msg, field="attention_mask", allowed={"int64", "bool"})
-    assert decode_tensor(msg, allowed=("float32",)).shape == (3,)
+    frames = _frames(torch.ones(3))
+    with pytest.raises(InvalidTensorError, match=r"hidden\.dtype='float32'.*int64"):
+        _decode(frames, allowed={"int64", "bool"})
+    assert _decode(frames, allowed=("float32",)).shape == (3,)
 
 
 def test_rejects_negative_dim() -> None:
-    msg = sap_pb2.Tensor(dtype="float32", shape=[2, -1], data=b"")
-    with pytest.raises(InvalidTensorError, match=r"logits\.shape\[1\]=-1"):
-        decode_tensor(msg, field="logits")
+    with pytest.raises(InvalidTensorError, match=r"hidden\.shape\[1\]=-1"):
+        _decode(_announcing("float32", [2, -1]))
 
 
 def test_rejects_negative_dims_that_multiply_to_positive() -> None:
-    msg = sap_pb2.Tensor(dtype="uint8", shape=[-2, -3], data=b"\x00" * 6)
-    with pytest.raises(InvalidTensorError, match=r"x\.shape\[0\]=-2"):
-        decode_tensor(msg, field="x")
+    with pytest.raises(InvalidTensorError, match=r"hidden\.shape\[0\]=-2"):
+        _decode(_announcing("uint8", [-2, -3], b"\x00" * 6))
 
 
 def test_rejects_too_many_dims() -> None:
-    msg = sap_pb2.Tensor(dtype="uint8", shape=[1] * 9, data=b"\x00")
-    with pytest.raises(InvalidTensorError, match=r"x\.shape has 9 dims.*8"):
-        decode_tensor(msg, field="x")
-    ok = sap_pb2.Tensor(dtype="uint8", shape=[1] * 8, data=b"\x07")
-    assert decode_tensor(ok).shape == (1,) * 8
+    with pytest.raises(InvalidTensorError, match=r"hidden\.shape has 9 dims.*8"):
+        _decode(_announcing("uint8", [1] * 9, b"\x00"))
+    assert _decode(_announcing("uint8", [1] * 8, b"\x07")).shape == (1,) * 8
 
 
-def test_rejects_over_max_bytes() -> None:
-    msg = encode_tensor(torch.zeros(10))  # 40 bytes
-    with pytest.raises(InvalidTensorError, match=r"hidden_states.*40 bytes.*at most 39"):
-        decode_tensor(msg, field="hidden_states", max_bytes=39)
-    assert decode_tensor(msg, max_bytes=40).shape == (10,)
+def test_rejects_over_max_bytes_before_reading_the_data() -> None:
+    read = []
+
+    def stream():
+        for frame in _frames(torch.zeros(10), chunk_bytes=8):  # 40 bytes in 5 data frames
+            read.append(frame)
+            yield frame
+
+    with pytest.raises(InvalidInputError, match=r"announces 40 bytes.*at most 39"):
+        _decode(stream(), max_bytes=39)
+    assert len(read) == 1  # only the header was read
+    assert _decode(_frames(torch.zeros(10)), max_bytes=40).shape == (10,)
 
 
 def test_huge_shape_rejected_without_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
+    huge = sap_pb2.TensorHeader(dtype="float32", shape=[2**40, 2**40])
+    assert header_nbytes(huge) == 2**80 * 4  # Python ints: no int64 overflow
+
     def _no_alloc(*args, **kwargs):
-        raise AssertionError("decode_tensor allocated for a bad message")
+        raise AssertionError("from_frames allocated for a bad stream")
 
     monkeypatch.setattr(torch, "frombuffer", _no_alloc)
     monkeypatch.setattr(torch, "empty", _no_alloc)
-    huge = sap_pb2.Tensor(dtype="float32", shape=[2**40, 2**40], data=b"\x00" * 16)
-    assert tensor_nbytes(huge) == 2**80 * 4  # Python ints: no int64 overflow
-    with pytest.raises(InvalidTensorError, match=r"hidden_states\.data has 16 bytes"):
-        decode_tensor(huge, field="hidden_states")
-    with pytest.raises(InvalidTensorError, match="at most"):
-        decode_tensor(huge, field="hidden_states", max_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+    with pytest.raises(InvalidInputError, match="at most"):
+        _decode(_announcing("float32", [2**40, 2**40], b"\x00" * 16), max_bytes=DEFAULT_MAX_MESSAGE_BYTES)
 
 
 def test_int64_overflowing_shape_rejected() -> None:
-    # 2**32 * 2**32 wraps to 0 in int64: an empty data field must not slip through.
-    msg = sap_pb2.Tensor(dtype="uint8", shape=[2**32, 2**32], data=b"")
-    with pytest.raises(InvalidTensorError, match="need exactly 18446744073709551616"):
-        decode_tensor(msg, field="x")
+    # 2**32 * 2**32 wraps to 0 in int64: an empty stream must not slip through.
+    with pytest.raises(InvalidInputError, match="18446744073709551616 bytes"):
+        _decode(_announcing("uint8", [2**32, 2**32]))
 
 
 def test_rejects_bool_bytes_other_than_0_1() -> None:
-    msg = sap_pb2.Tensor(dtype="bool", shape=[3], data=b"\x00\x01\x02")
-    with pytest.raises(InvalidTensorError, match="mask"):
-        decode_tensor(msg, field="mask")
+    with pytest.raises(InvalidTensorError, match="hidden holds a byte > 1"):
+        _decode(_announcing("bool", [3], b"\x00\x01\x02"))
 
 
-def test_default_field_name_is_tensor() -> None:
-    with pytest.raises(InvalidTensorError, match=r"^tensor\.dtype"):
-        decode_tensor(sap_pb2.Tensor(dtype="float64"))
+def test_header_must_come_first_and_only_data_follows() -> None:
+    frames = _frames(torch.randn(4, 4), chunk_bytes=16)
+    with pytest.raises(InvalidInputError, match="frame 1 is 'data'; the header comes first"):
+        _decode(frames[1:])
+    with pytest.raises(InvalidInputError, match="frame 3 is 'header'; only data follows"):
+        _decode(frames[:2] + frames[:1] + frames[2:])
+    with pytest.raises(InvalidInputError, match="0 frames"):
+        _decode(iter(()))
+
+
+def test_garbage_frames_raise_invalid_input() -> None:
+    parse = codec.lenient_parser(sap_pb2.ForwardFrame)
+    garbage = parse(b"\xff\xff\xff")
+    assert isinstance(garbage, codec.Undecodable)
+    with pytest.raises(InvalidInputError, match="frame 1: 3 bytes do not parse as a ForwardFrame"):
+        _decode([garbage])
+    with pytest.raises(InvalidInputError, match="frame 2: 3 bytes do not parse"):
+        _decode(_frames(torch.randn(2))[:1] + [garbage])
+
+
+def test_truncated_stream_raises_invalid_input() -> None:
+    frames = _frames(torch.randn(4096), chunk_bytes=1000)
+    with pytest.raises(InvalidInputError, match="14000 bytes of tensors; its header announces 16384"):
+        _decode(frames[:-3])
 
 
 def test_errors_are_invalid_input_and_value_errors() -> None:
@@ -242,19 +277,26 @@ def test_errors_are_invalid_input_and_value_errors() -> None:
 
 def test_decoded_tensor_is_writable_and_owns_its_memory() -> None:
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
-    msg = encode_tensor(t)
-    out = decode_tensor(msg)
+    frames = _frames(t)
+    out = _decode(frames)
     out += 1  # writable, no warning about non-writable buffers
     assert torch.equal(out, t + 1)
-    msg.data = b"\xff" * 24
+    frames[1].data = b"\xff" * 24
     assert torch.equal(out, t + 1)
-    again = decode_tensor(encode_tensor(t))
-    assert torch.equal(again, t)
+    assert torch.equal(_roundtrip(t), t)
+
+
+def test_sent_bytes_are_a_view_without_a_copy_for_a_contiguous_cpu_tensor() -> None:
+    t = torch.randn(8, 16)
+    _, raw = wire_tensor(t)
+    assert raw.data_ptr() == t.data_ptr()  # the one copy is into the frames
 
 
 @pytest.mark.parametrize("shape", [(0,), (2, 0, 3)], ids=str)
 def test_decoded_empty_tensor_is_usable(shape: tuple[int, ...]) -> None:
-    out = decode_tensor(encode_tensor(torch.zeros(shape, dtype=torch.bfloat16)))
+    frames = _frames(torch.zeros(shape, dtype=torch.bfloat16))
+    assert len(frames) == 1  # the header alone
+    out = _decode(frames)
     assert out.shape == shape and out.dtype == torch.bfloat16
     assert torch.cat([out, torch.zeros(shape, dtype=torch.bfloat16)]).numel() == 0
 
@@ -267,17 +309,7 @@ def test_big_endian_path_byteswaps() -> None:
     assert codec._byteswap(raw, 1) is raw
 
 
-# --- chunk framing -----------------------------------------------------------------------------
-
-
-def _forward_request(nbytes: int) -> sap_pb2.ForwardRequest:
-    hidden = torch.randn(nbytes // 4, generator=torch.Generator().manual_seed(7)).reshape(-1, 256)
-    return sap_pb2.ForwardRequest(
-        session_id="s-1",
-        step=3,
-        hidden_states=encode_tensor(hidden),
-        attention_mask=encode_tensor(torch.ones(4, 8, dtype=torch.int64)),
-    )
+# --- framing -----------------------------------------------------------------------------------
 
 
 def test_constants() -> None:
@@ -287,73 +319,36 @@ def test_constants() -> None:
     assert DEFAULT_CHUNK_BYTES < DEFAULT_MAX_MESSAGE_BYTES
 
 
-def test_chunks_roundtrip_large_message() -> None:
-    req = _forward_request(3 * 1024 * 1024)
-    chunks = list(to_chunks(req, chunk_bytes=64 * 1024))
-    assert len(chunks) > 40
-    assert all(len(c.data) <= 64 * 1024 for c in chunks)
-    assert all(len(c.data) == 64 * 1024 for c in chunks[:-1])
-    assert b"".join(c.data for c in chunks) == req.SerializeToString()
-    out = from_chunks(iter(chunks), sap_pb2.ForwardRequest)
-    assert out == req
-    _assert_bit_exact(decode_tensor(out.hidden_states), decode_tensor(req.hidden_states))
+def test_frames_roundtrip_a_large_tensor() -> None:
+    t = torch.randn(3 * 1024, 256, generator=torch.Generator().manual_seed(7))  # 3 MiB
+    frames = _frames(t, chunk_bytes=64 * 1024)
+    data = frames[1:]
+    assert frames[0].WhichOneof("frame") == "header" and len(data) == 48
+    assert all(f.WhichOneof("frame") == "data" and len(f.data) == 64 * 1024 for f in data)
+    assert b"".join(f.data for f in data) == _raw_bytes(t)
+    _assert_bit_exact(_decode(frames), t)
 
 
-def test_chunks_exact_multiple_has_no_trailing_empty_chunk() -> None:
-    msg = sap_pb2.Chunk(data=b"x" * 98)  # serializes to 100 bytes
-    assert len(msg.SerializeToString()) == 100
-    chunks = list(to_chunks(msg, chunk_bytes=10))
-    assert len(chunks) == 10 and all(len(c.data) == 10 for c in chunks)
+def test_exact_multiple_has_no_trailing_empty_frame() -> None:
+    frames = _frames(torch.zeros(25), chunk_bytes=10)  # 100 bytes
+    assert len(frames) == 11 and all(len(f.data) == 10 for f in frames[1:])
 
 
-def test_default_chunk_size_gives_one_chunk_for_small_message() -> None:
-    req = _forward_request(1024)
-    chunks = list(to_chunks(req))
-    assert len(chunks) == 1
-    assert from_chunks(chunks, sap_pb2.ForwardRequest) == req
-
-
-def test_empty_message_is_one_empty_chunk() -> None:
-    chunks = list(to_chunks(sap_pb2.ForwardReply()))
-    assert len(chunks) == 1 and chunks[0].data == b""
-    assert from_chunks(chunks, sap_pb2.ForwardReply) == sap_pb2.ForwardReply()
+def test_default_chunk_size_gives_one_data_frame_for_a_small_tensor() -> None:
+    frames = _frames(torch.randn(16, 16))
+    assert len(frames) == 2
 
 
 @pytest.mark.parametrize("bad", [0, -1])
 def test_chunk_bytes_must_be_positive(bad: int) -> None:
     with pytest.raises(ValueError, match=f"chunk_bytes={bad}"):
-        list(to_chunks(sap_pb2.ForwardReply(step=1), chunk_bytes=bad))
+        to_frames(sap_pb2.ForwardFrame, sap_pb2.ForwardHeader(), [], chunk_bytes=bad)
 
 
-def test_from_chunks_max_bytes_stops_reading_early() -> None:
-    req = _forward_request(64 * 1024)
-    consumed = 0
-
-    def stream():
-        nonlocal consumed
-        for chunk in to_chunks(req, chunk_bytes=1024):
-            consumed += 1
-            yield chunk
-
-    with pytest.raises(InvalidInputError, match=r"ForwardRequest.*max_bytes=4096"):
-        from_chunks(stream(), sap_pb2.ForwardRequest, max_bytes=4096)
-    assert consumed == 5  # the fifth chunk crossed the limit; nothing after it was read
-    size = len(req.SerializeToString())
-    assert from_chunks(to_chunks(req, 1024), sap_pb2.ForwardRequest, max_bytes=size) == req
-
-
-def test_from_chunks_garbage_raises_invalid_input() -> None:
-    chunks = [sap_pb2.Chunk(data=b"\xff\xff\xff"), sap_pb2.Chunk(data=b"\xff\xff")]
-    with pytest.raises(InvalidInputError, match="BackwardRequest"):
-        from_chunks(chunks, sap_pb2.BackwardRequest)
-
-
-def test_from_chunks_truncated_stream_raises_invalid_input() -> None:
-    chunks = list(to_chunks(_forward_request(16 * 1024), chunk_bytes=1000))
-    with pytest.raises(InvalidInputError, match="ForwardRequest"):
-        from_chunks(chunks[:-3], sap_pb2.ForwardRequest)
-
-
-def test_from_chunks_zero_chunks_raises() -> None:
-    with pytest.raises(InvalidInputError, match=r"EvaluateRequest.*0 chunks"):
-        from_chunks(iter(()), sap_pb2.EvaluateRequest)
+def test_a_header_without_the_tensor_reads_as_none() -> None:
+    header, tensors = from_frames(
+        [sap_pb2.BackwardReplyFrame(header=sap_pb2.BackwardReplyHeader(applied_step=2))],
+        sap_pb2.BackwardReplyFrame,
+        ("grad_hidden",),
+    )
+    assert header.applied_step == 2 and tensors == {}

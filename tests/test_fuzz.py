@@ -1,8 +1,8 @@
 """Fuzz every RPC of a real loopback server with malformed requests, then train on it normally.
 
 Over 500 seeded-random requests: random bytes, truncated and garbled serialized messages, forbidden and
-unknown dtypes, byte lengths that do not match the shape, wrong hidden sizes, NaN/Inf, mask/batch
-mismatches, oversized batches, wrong steps, empty streams, bogus session ids and secrets, missing and
+unknown dtypes, byte lengths that do not match the header, wrong hidden sizes, NaN/Inf, lengths that do not
+fit the tokens, oversized batches, wrong steps, empty streams, bogus session ids and secrets, missing and
 wrong API keys. Each must get a non-OK status from the set expected for it (never INTERNAL or UNKNOWN,
 which would mean an unhandled error), and a message naming the problem where the problem is known.
 Afterwards the fuzzed sessions are exactly as before, and a normal training run on the same server ends
@@ -37,7 +37,7 @@ from sap_server.provider import Provider
 HIDDEN, NUM_LABELS, MAX_BATCH_TOKENS, REQUESTS = 32, 3, 256, 600
 TIMEOUT = 60  # per call: generous, so that a busy machine cannot turn a refusal into DEADLINE_EXCEEDED
 KEY = "fuzz-key"
-SERVICE = "/sap.v1.SplitLearning/"
+SERVICE = "/sap.v2.SplitLearning/"
 S = grpc.StatusCode
 INVALID, NOT_FOUND, UNAUTH, DENIED, ORDER, LIMIT = (
     S.INVALID_ARGUMENT,
@@ -96,19 +96,19 @@ class Fuzzer:
 
     # --- raw calls ----------------------------------------------------------------------------
 
-    def _chunks(self, rpc: str, payload: bytes | None, md, envelope: list[bytes] | None = None):
-        """payload split into Chunk messages (None: an empty stream), or raw Chunk envelopes as given."""
-        if envelope is None:
-            size = self.rng.choice([7, 64, 1024, 1 << 20])
-            envelope = (
-                []
-                if payload is None
-                else [
-                    sap_pb2.Chunk(data=payload[i : i + size]).SerializeToString()
-                    for i in range(0, max(len(payload), 1), size)
-                ]
-            )
-        return lambda: list(self.stream[rpc](iter(envelope), timeout=TIMEOUT, metadata=md))
+    def _stream(self, rpc: str, frames: list[bytes] | None, md):
+        """A hot call sending the given serialized frames (None: an empty stream)."""
+        return lambda: list(self.stream[rpc](iter(frames or []), timeout=TIMEOUT, metadata=md))
+
+    def _serialized(self, rpc: str, header, tensor: torch.Tensor | None, data: bytes | None = None) -> list[bytes]:
+        """header's frame, then tensor's bytes (or data, as given) in data frames of a random size."""
+        frame = sap_pb2.BackwardFrame if rpc == "Backward" else sap_pb2.ForwardFrame
+        if data is None:
+            data = b"" if tensor is None else codec.wire_tensor(tensor)[1].numpy().tobytes()
+        size = self.rng.choice([7, 64, 1024, 1 << 20])
+        return [frame(header=header).SerializeToString()] + [
+            frame(data=data[i : i + size]).SerializeToString() for i in range(0, len(data), size)
+        ]
 
     def _unary(self, rpc: str, payload: bytes, md=()):
         return lambda: self.unary[rpc](payload, timeout=TIMEOUT, metadata=md)
@@ -141,21 +141,19 @@ class Fuzzer:
             mask[row, self.rng.randint(1, length) :] = 0
         return hidden, mask
 
-    def _request(self, rpc: str, session: Session, *, packed: bool, step: int = 1, batch: int | None = None):
+    def _request(self, rpc: str, session: Session, *, step: int = 1, batch: int | None = None):
+        """(a good ForwardHeader for rpc, the packed hidden states it announces)."""
         hidden, mask = self._tensors(batch)
-        request = (
-            sap_pb2.ForwardRequest(session_id=session.sid, step=step)
-            if rpc == "Forward"
-            else sap_pb2.EvaluateRequest(session_id=session.sid)
+        flat, lengths = codec.pack_hidden(hidden, mask)
+        header = sap_pb2.ForwardHeader(
+            session_id=session.sid, step=step if rpc == "Forward" else 0, hidden=codec.wire_tensor(flat)[0]
         )
-        if packed:
-            flat, lengths = codec.pack_hidden(hidden, mask)
-            request.packed_hidden.CopyFrom(codec.encode_tensor(flat))
-            request.lengths.extend(lengths)
-        else:
-            request.hidden_states.CopyFrom(codec.encode_tensor(hidden))
-            request.attention_mask.CopyFrom(codec.encode_tensor(mask))
-        return request, hidden, mask
+        header.lengths.extend(lengths)
+        return header, flat
+
+    def _grad_request(self, session: Session, grad: torch.Tensor | None = None):
+        grad = torch.ones(self.pending_batch, NUM_LABELS) if grad is None else grad
+        return sap_pb2.BackwardHeader(session_id=session.sid, step=1, grad=codec.wire_tensor(grad)[0]), grad
 
     # --- the cases ----------------------------------------------------------------------------
 
@@ -322,84 +320,49 @@ class Fuzzer:
         rpc = self.rng.choice(["Forward", "Evaluate"])
         session = self.rng.choice([self.fresh, self.pending])
         md = self._md(session, "real")
-        packed = self.rng.random() < 0.5
-        request, hidden, mask = self._request(rpc, session, packed=packed)
-        field = "packed_hidden" if packed else "hidden_states"
-        tensor = getattr(request, field)
+        header, tensor = self._request(rpc, session)
+        data = None
         breakage = self.rng.choice(
-            [
-                "dtype",
-                "unknown dtype",
-                "bytes",
-                "hidden size",
-                "nan",
-                "dims",
-                "limit",
-                "step",
-                "mask",
-                "lengths",
-                "empty",
-            ]
+            ["dtype", "unknown dtype", "bytes", "hidden size", "nan", "dims", "limit", "step", "lengths", "empty"]
         )
         expected, words = frozenset({INVALID}), ()
         if breakage == "dtype":
-            bad = self.rng.choice([torch.int64, torch.int32, torch.uint8, torch.bool])
-            tensor.CopyFrom(codec.encode_tensor((codec.decode_tensor(tensor) > 0).to(bad)))
-            words = (field, "not allowed")
+            tensor = (tensor > 0).to(self.rng.choice([torch.int64, torch.int32, torch.uint8, torch.bool]))
+            words = ("hidden", "not allowed")
         elif breakage == "unknown dtype":
-            tensor.dtype = self.rng.choice(["float64", "float128", "", "complex64", "FLOAT32", "float32 "])
-            words = (field,)
+            header.hidden.dtype = self.rng.choice(["float64", "float128", "", "complex64", "FLOAT32", "float32 "])
+            words = ("hidden.dtype",)
         elif breakage == "bytes":
             cut = self.rng.randint(1, 9)
-            tensor.data = tensor.data[:-cut] if self.rng.random() < 0.5 else tensor.data + b"\0" * cut
-            words = (field, "bytes")
+            raw = codec.wire_tensor(tensor)[1].numpy().tobytes()
+            data = raw[:-cut] if self.rng.random() < 0.5 else raw + b"\0" * cut
+            words = ("bytes", "announces")
         elif breakage == "hidden size":
             size = self.rng.choice([1, HIDDEN - 1, HIDDEN + 1, 2 * HIDDEN])
-            shape = list(tensor.shape[:-1]) + [size]
-            tensor.CopyFrom(codec.encode_tensor(torch.randn(shape)))
-            words = (field, str(size), str(HIDDEN))
+            tensor = torch.randn(tensor.shape[0], size)
+            words = ("hidden", str(size), str(HIDDEN))
         elif breakage == "nan":
-            values = codec.decode_tensor(tensor).clone()
-            flat = values.view(-1)
+            tensor = tensor.clone()
+            flat = tensor.view(-1)
             flat[self.rng.randrange(flat.numel())] = self.rng.choice([math.nan, math.inf, -math.inf])
-            tensor.CopyFrom(codec.encode_tensor(values, wire_dtype=self.rng.choice([torch.float32, torch.float16])))
+            tensor = tensor.to(self.rng.choice([torch.float32, torch.float16]))
             words = ("hidden_states", "NaN or Inf")  # named as the padded batch the server checks
         elif breakage == "dims":
             shape = self.rng.choice([[HIDDEN], [2, 2, 2, HIDDEN], [1] * 9 + [HIDDEN], [-1, HIDDEN], [0, 3, HIDDEN]])
-            numel = max(math.prod(shape), 0)
-            tensor.CopyFrom(sap_pb2.Tensor(dtype="float32", shape=shape, data=b"\0" * 4 * numel))
-            words = (field,)
+            header.hidden.CopyFrom(sap_pb2.TensorHeader(dtype="float32", shape=shape))
+            data = b"\0" * 4 * max(math.prod(shape), 0)
+            words = ("hidden",)
         elif breakage == "limit":  # a batch x length over --max-batch-tokens
-            if packed:
-                request.ClearField("lengths")
-                lengths = [MAX_BATCH_TOKENS // 4 + 1] * 4 + [1] * self.rng.randint(0, 3)
-                request.lengths.extend(lengths)
-                tensor.CopyFrom(codec.encode_tensor(torch.zeros(sum(lengths), HIDDEN)))
-            else:
-                batch = self.rng.randint(17, 40)
-                request.hidden_states.CopyFrom(codec.encode_tensor(torch.zeros(batch, 16, HIDDEN)))
-                request.attention_mask.CopyFrom(codec.encode_tensor(torch.ones(batch, 16, dtype=torch.long)))
+            lengths = [MAX_BATCH_TOKENS // 4 + 1] * 4 + [1] * self.rng.randint(0, 3)
+            header.ClearField("lengths")
+            header.lengths.extend(lengths)
+            tensor = torch.zeros(sum(lengths), HIDDEN)
             expected, words = frozenset({LIMIT}), ("--max-batch-tokens", str(MAX_BATCH_TOKENS))
         elif breakage == "step" and rpc == "Forward":
-            request.step = self.rng.choice([0, 2, 3, 1000, 2**64 - 1])
+            header.step = self.rng.choice([0, 2, 3, 1000, 2**64 - 1])
             expected, words = frozenset({ORDER}), ("next step is 1",)
-        elif breakage in ("mask", "step") and not packed:  # mask values, mask batch, a row without a token
-            how = self.rng.randrange(4)
-            if how == 0:
-                request.attention_mask.CopyFrom(codec.encode_tensor(mask * 2))
-            elif how == 1:
-                request.attention_mask.CopyFrom(
-                    codec.encode_tensor(torch.ones(mask.shape[0] + 1, mask.shape[1], dtype=torch.long))
-                )
-            elif how == 2:
-                empty = mask.clone()
-                empty[self.rng.randrange(mask.shape[0])] = 0
-                request.attention_mask.CopyFrom(codec.encode_tensor(empty))
-            else:
-                request.attention_mask.CopyFrom(codec.encode_tensor(mask.float()))  # a float mask
-            words = ("attention_mask",)
-        elif breakage in ("mask", "step", "lengths") and packed:  # lengths that do not fit the rows
-            lengths = list(request.lengths)
+        elif breakage in ("step", "lengths"):  # lengths that do not fit the rows
+            lengths = list(header.lengths)
             how = self.rng.randrange(3)
             if how == 0:  # the sum no longer matches the rows, or a length becomes 0
                 lengths[self.rng.randrange(len(lengths))] += self.rng.choice([-1, 1])
@@ -407,34 +370,28 @@ class Fuzzer:
                 lengths = lengths + [0]
             else:
                 lengths = []
-            request.ClearField("lengths")
-            request.lengths.extend(lengths)
+            header.ClearField("lengths")
+            header.lengths.extend(lengths)
             words = ("lengths",)
-        elif breakage == "lengths":  # a padded request has no lengths: a mask one token short instead
-            request.attention_mask.CopyFrom(codec.encode_tensor(mask[:, :-1]))
-            words = ("attention_mask",)
-        else:  # empty: nothing sent at all, or the default (empty) tensors
+        else:  # empty: nothing sent at all, or a header without the tensor
             if self.rng.random() < 0.5:
-                return Case(rpc, "empty stream", self._chunks(rpc, None, md), frozenset({INVALID}), ("0 chunks",))
-            request.ClearField("packed_hidden")
-            request.ClearField("lengths")
-            request.ClearField("hidden_states")
-            words = ("hidden_states",)
-        return Case(
-            rpc,
-            f"{breakage} ({'packed' if packed else 'padded'})",
-            self._chunks(rpc, request.SerializeToString(), md),
-            expected,
-            words,
-        )
+                return Case(rpc, "empty stream", self._stream(rpc, None, md), frozenset({INVALID}), ("0 frames",))
+            header.ClearField("hidden")
+            header.ClearField("lengths")
+            tensor = None
+            words = ("hidden", "missing")
+        if tensor is not None and breakage in ("dtype", "hidden size", "nan", "limit"):
+            header.hidden.CopyFrom(codec.wire_tensor(tensor)[0])
+        return Case(rpc, breakage, self._stream(rpc, self._serialized(rpc, header, tensor, data), md), expected, words)
 
     def _backward(self) -> Case:
         md = self._md(self.pending, "real")
         logits_shape = (self.pending_batch, NUM_LABELS)
         grad = torch.randn(logits_shape, generator=torch.Generator().manual_seed(self.rng.randrange(1 << 30)))
-        request = sap_pb2.BackwardRequest(session_id=self.pending.sid, step=1, grad_logits=codec.encode_tensor(grad))
+        header, grad = self._grad_request(self.pending, grad)
+        data = None
         breakage = self.rng.choice(["shape", "nan", "dtype", "unknown dtype", "bytes", "step", "no forward"])
-        expected, words = frozenset({INVALID}), ("grad_logits",)
+        expected, words = frozenset({INVALID}), ("grad",)
         if breakage == "shape":
             shape = self.rng.choice(
                 [
@@ -444,77 +401,63 @@ class Fuzzer:
                     (1, self.pending_batch, NUM_LABELS),
                 ]
             )
-            request.grad_logits.CopyFrom(codec.encode_tensor(torch.ones(shape)))
+            grad = torch.ones(shape)
             words = ("grad_logits", "shape")
         elif breakage == "nan":
             grad.view(-1)[self.rng.randrange(grad.numel())] = self.rng.choice([math.nan, math.inf])
-            request.grad_logits.CopyFrom(codec.encode_tensor(grad))
             words = ("grad_logits", "NaN or Inf")
         elif breakage == "dtype":
-            request.grad_logits.CopyFrom(codec.encode_tensor(grad.to(self.rng.choice([torch.int64, torch.uint8]))))
-            words = ("grad_logits", "not allowed")
+            grad = grad.to(self.rng.choice([torch.int64, torch.uint8]))
+            words = ("grad.dtype", "not allowed")
         elif breakage == "unknown dtype":
-            request.grad_logits.dtype = self.rng.choice(["double", "f32", ""])
+            header.grad.dtype = self.rng.choice(["double", "f32", ""])
+            words = ("grad.dtype",)
         elif breakage == "bytes":
-            request.grad_logits.data = request.grad_logits.data[: -self.rng.randint(1, 5)]
-            words = ("grad_logits", "bytes")
+            data = codec.wire_tensor(grad)[1].numpy().tobytes()[: -self.rng.randint(1, 5)]
+            words = ("bytes", "announces")
         elif breakage == "step":
-            request.step = self.rng.choice([0, 2, 5, 2**64 - 1])
+            header.step = self.rng.choice([0, 2, 5, 2**64 - 1])
             expected, words = frozenset({ORDER}), ("pending forward is step 1",)
         else:  # the session without a pending forward
-            request.session_id = self.fresh.sid
+            header.session_id = self.fresh.sid
             md = self._md(self.fresh, "real")
             expected, words = frozenset({ORDER}), ("no forward is pending",)
-        return Case("Backward", breakage, self._chunks("Backward", request.SerializeToString(), md), expected, words)
+        if breakage in ("shape", "dtype"):
+            header.grad.CopyFrom(codec.wire_tensor(grad)[0])
+        frames = self._serialized("Backward", header, grad, data)
+        return Case("Backward", breakage, self._stream("Backward", frames, md), expected, words)
+
+    def _good_frames(self, rpc: str, session: Session) -> list[bytes]:
+        if rpc == "Backward":
+            return self._serialized(rpc, *self._grad_request(session))
+        return self._serialized(rpc, *self._request(rpc, session))
 
     def _bytes(self) -> Case:
-        """Random, truncated or garbled bytes in a chunk stream (or as the Chunk envelope itself)."""
+        """Random frames, or a good call whose header frame is truncated."""
         rpc = self.rng.choice(["Forward", "Backward", "Evaluate"])
         session = self.rng.choice([self.fresh, self.pending])
         md = self._md(session, "real")
         how = self.rng.randrange(3)
         if how == 0:
-            return Case(
-                rpc, "random payload", self._chunks(rpc, self._random_bytes(), md), frozenset({INVALID, NOT_FOUND})
-            )
+            return Case(rpc, "a random frame", self._stream(rpc, [self._random_bytes()], md), frozenset({INVALID}))
         if how == 1:
-            envelope = [self._random_bytes() for _ in range(self.rng.randint(1, 3))]
-            return Case(
-                rpc, "random Chunk envelopes", self._chunks(rpc, None, md, envelope), frozenset({INVALID, NOT_FOUND})
-            )
-        if rpc == "Backward":
-            payload = sap_pb2.BackwardRequest(
-                session_id=session.sid,
-                step=1,
-                grad_logits=codec.encode_tensor(torch.ones(self.pending_batch, NUM_LABELS)),
-            ).SerializeToString()
-            if session is self.fresh:
-                expected = frozenset({INVALID, NOT_FOUND, ORDER})  # a truncation may leave a valid-looking request
-            else:
-                payload = payload[: len(payload) - 4 * NUM_LABELS]  # keep the cut inside the gradient's data
-                expected = frozenset({INVALID, NOT_FOUND})
-        else:
-            payload = self._request(rpc, session, packed=self.rng.random() < 0.5)[0].SerializeToString()
-            expected = frozenset({INVALID, NOT_FOUND})
-        payload = payload[: self.rng.randrange(len(payload))]
-        return Case(rpc, "truncated message", self._chunks(rpc, payload, md), expected)
+            frames = [self._random_bytes() for _ in range(self.rng.randint(1, 3))]
+            return Case(rpc, "random frames", self._stream(rpc, frames, md), frozenset({INVALID, NOT_FOUND}))
+        frames = self._good_frames(rpc, session)
+        frames[0] = frames[0][: self.rng.randrange(len(frames[0]))]
+        # a cut header may still parse (fewer fields): what it then announces does not fit the data, or it names
+        # no session, or (a Backward of the session without a pending forward) finds none pending
+        return Case(rpc, "truncated header", self._stream(rpc, frames, md), frozenset({INVALID, NOT_FOUND, ORDER}))
 
     def _secret(self) -> Case:
         """A well-formed (or garbled) request of a real session with no, a wrong, or a made-up identity."""
         rpc = self.rng.choice(["Forward", "Backward", "Evaluate"])
         session = self.rng.choice([self.fresh, self.pending])
         mode = self.rng.choice(["none", "wrong", "made-up"])
-        if rpc == "Backward":
-            request = sap_pb2.BackwardRequest(
-                session_id=session.sid,
-                step=1,
-                grad_logits=codec.encode_tensor(torch.ones(self.pending_batch, NUM_LABELS)),
-            )
-        else:
-            request = self._request(rpc, session, packed=self.rng.random() < 0.5)[0]
+        header, tensor = self._grad_request(session) if rpc == "Backward" else self._request(rpc, session)
         if mode == "made-up":
-            request.session_id = self.rng.choice([self.rng.randbytes(16).hex(), "", "../x", session.sid[:-1]])
-        payload = request.SerializeToString()
+            header.session_id = self.rng.choice([self.rng.randbytes(16).hex(), "", "../x", session.sid[:-1]])
+        frames = self._serialized(rpc, header, tensor)
         md = self._md(session, "none" if mode == "none" else "wrong")
         if mode == "none":
             expected, words = frozenset({UNAUTH}), ("secret",)
@@ -523,22 +466,16 @@ class Fuzzer:
         else:
             expected, words = frozenset({NOT_FOUND}), ("unknown or closed",)
         if mode != "none" and self.rng.random() < 0.4:  # garbled on top: it may no longer parse, or name no session
-            payload, expected, words = self._garble(payload), expected | {INVALID, NOT_FOUND}, ()
-        return Case(rpc, f"{mode} secret", self._chunks(rpc, payload, md), expected, words)
+            frames[0], expected, words = self._garble(frames[0]), expected | {INVALID, NOT_FOUND}, ()
+        return Case(rpc, f"{mode} secret", self._stream(rpc, frames, md), expected, words)
 
     def _closed(self) -> Case:
         """A good request of a closed session, with that session's real secret."""
         rpc = self.rng.choice(["Forward", "Evaluate", "Backward"])
-        if rpc == "Backward":
-            payload = sap_pb2.BackwardRequest(
-                session_id=self.closed.sid, step=1, grad_logits=codec.encode_tensor(torch.ones(2, NUM_LABELS))
-            ).SerializeToString()
-        else:
-            payload = self._request(rpc, self.closed, packed=True)[0].SerializeToString()
         return Case(
             rpc,
             "closed session",
-            self._chunks(rpc, payload, self._md(self.closed, "real")),
+            self._stream(rpc, self._good_frames(rpc, self.closed), self._md(self.closed, "real")),
             frozenset({NOT_FOUND}),
             ("unknown or closed",),
         )

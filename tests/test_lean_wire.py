@@ -7,6 +7,7 @@ import json
 import grpc
 import pytest
 import torch
+import wire
 
 from conftest import running_server
 from sap_client.cli import main as client_main
@@ -48,9 +49,11 @@ def test_pack_unpack_round_trip_is_exact():
 def test_pack_round_trip_through_the_wire_in_bfloat16():
     hidden, mask = _padded([3, 1, 5])
     packed, lengths = codec.pack_hidden(hidden, mask)
-    msg = codec.encode_tensor(packed, wire_dtype=torch.bfloat16)
-    assert msg.dtype == "bfloat16" and len(msg.data) == sum(lengths) * HIDDEN * 2
-    back, back_mask = codec.unpack_hidden(codec.decode_tensor(msg), lengths)
+    header, raw = codec.wire_tensor(packed, wire_dtype=torch.bfloat16)
+    assert header.dtype == "bfloat16" and raw.numel() == sum(lengths) * HIDDEN * 2
+    frames = codec.to_frames(sap_pb2.ForwardFrame, sap_pb2.ForwardHeader(hidden=header, lengths=lengths), [raw], 64)
+    _, tensors = codec.from_frames(frames, sap_pb2.ForwardFrame, ("hidden",))
+    back, back_mask = codec.unpack_hidden(tensors["hidden"], lengths)
     assert back.dtype == torch.bfloat16 and torch.equal(back_mask, mask)
     assert torch.equal(back, hidden.to(torch.bfloat16))  # padding still exactly zero
 
@@ -146,27 +149,16 @@ def _md(session_id: str) -> list[tuple[str, str]]:
     return [("sap-session-secret", SECRETS[session_id])]
 
 
-def _call(method, message, reply_type):
-    return codec.from_chunks(
-        list(method(codec.to_chunks(message, 1024), timeout=30, metadata=_md(message.session_id))), reply_type
-    )
-
-
-def test_packed_and_padded_requests_give_identical_logits(served):
+def test_a_mask_that_is_not_right_padded_is_refused_before_it_is_sent(served):
+    """The wire has one encoding, the packed real tokens of right-padded rows: a left-padded batch (whose positions
+    the server could not restore) is refused by the client, with what to do."""
     _, address = served
-    hidden, mask = _padded([5, 2, 7], seed=3)
-    packed, lengths = codec.pack_hidden(hidden, mask)
-    channel, stub = _stub(address)
-    with channel:
-        session = _open(stub, num_labels=3)
-        padded = sap_pb2.EvaluateRequest(
-            session_id=session, hidden_states=codec.encode_tensor(hidden), attention_mask=codec.encode_tensor(mask)
-        )
-        lean = sap_pb2.EvaluateRequest(session_id=session, packed_hidden=codec.encode_tensor(packed), lengths=lengths)
-        a = codec.decode_tensor(_call(stub.Evaluate, padded, sap_pb2.ForwardReply).logits)
-        b = codec.decode_tensor(_call(stub.Evaluate, lean, sap_pb2.ForwardReply).logits)
-        stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=session), timeout=10, metadata=_md(session))
-    assert torch.equal(a, b)
+    hidden, _ = _padded([3, 3])
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    with RemoteTopService(address) as service:
+        with pytest.raises(InvalidInputError, match="right-padded"):
+            service.evaluate("any", hidden, left)
+        assert service.bytes_sent == 0
 
 
 @pytest.mark.parametrize(
@@ -182,29 +174,18 @@ def test_malformed_packed_request_is_invalid_argument(served, rpc, rows, lengths
     channel, stub = _stub(address)
     with channel:
         session = _open(stub, num_labels=2)
-        packed = codec.encode_tensor(torch.randn(rows, HIDDEN))
-        if rpc == "Forward":
-            request, method = (
-                sap_pb2.ForwardRequest(session_id=session, step=1, packed_hidden=packed, lengths=lengths),
-                stub.Forward,
-            )
-        else:
-            request, method = (
-                sap_pb2.EvaluateRequest(session_id=session, packed_hidden=packed, lengths=lengths),
-                stub.Evaluate,
-            )
+        method = stub.Forward if rpc == "Forward" else stub.Evaluate
+        frames = wire.forward_frames(session, 1 if rpc == "Forward" else 0, torch.randn(rows, HIDDEN), lengths=lengths)
         with pytest.raises(grpc.RpcError) as info:
-            _call(method, request, sap_pb2.ForwardReply)
+            wire.call(method, frames, _md(session))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
         for word in words:
             assert word in info.value.details(), info.value.details()
         # The session is unharmed: a good packed request at step 1 still works.
         good_hidden, good_mask = _padded([3, 2])
-        good_packed, good_lengths = codec.pack_hidden(good_hidden, good_mask)
-        ok = sap_pb2.ForwardRequest(
-            session_id=session, step=1, packed_hidden=codec.encode_tensor(good_packed), lengths=good_lengths
+        assert (
+            wire.logits_of(stub.Forward, wire.forward_frames(session, 1, good_hidden, good_mask), _md(session))[0] == 1
         )
-        assert _call(stub.Forward, ok, sap_pb2.ForwardReply).step == 1
         stub.CloseSession(sap_pb2.CloseSessionRequest(session_id=session), timeout=10, metadata=_md(session))
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+import wire
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
@@ -255,17 +256,11 @@ def test_a_restarted_server_loads_sessions_lazily_and_replays_exactly(tiny_llama
         ):
             stub = sap_pb2_grpc.SplitLearningStub(channel)
             hidden, mask, _ = _batch(7, 5)
-            evaluate = sap_pb2.EvaluateRequest(session_id=sid)
-            from sap_common import codec
-
-            evaluate.hidden_states.CopyFrom(codec.encode_tensor(hidden))
-            evaluate.attention_mask.CopyFrom(codec.encode_tensor(mask))
+            evaluate = wire.forward_frames(sid, 0, hidden, mask)
             # refused calls load nothing
-            code, _ = _code(lambda: list(stub.Evaluate(codec.to_chunks(evaluate), timeout=30)))
+            code, _ = _code(lambda: list(stub.Evaluate(iter(evaluate), timeout=30)))
             assert code == grpc.StatusCode.UNAUTHENTICATED
-            code, _ = _code(
-                lambda: list(stub.Evaluate(codec.to_chunks(evaluate), timeout=30, metadata=[(SECRET_KEY, "0" * 64)]))
-            )
+            code, _ = _code(lambda: list(stub.Evaluate(iter(evaluate), timeout=30, metadata=[(SECRET_KEY, "0" * 64)])))
             assert code == grpc.StatusCode.PERMISSION_DENIED and len(second.sessions) == 0
 
             service.use_session(sid, secret)

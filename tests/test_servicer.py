@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+import wire
 
 from conftest import running_server
 from sap_common import codec
@@ -32,7 +33,9 @@ def served(tiny_llama):
     provider = _provider(tiny_llama)
     with running_server(provider) as address, grpc.insecure_channel(address) as channel:
         grpc.channel_ready_future(channel).result(timeout=10)
-        yield provider, sap_pb2_grpc.SplitLearningStub(channel)
+        stub = sap_pb2_grpc.SplitLearningStub(channel)
+        stub.channel = channel  # for the raw-bytes calls
+        yield provider, stub
     provider.close()
 
 
@@ -66,30 +69,16 @@ def _inputs(batch: int = 2, length: int = 5, hidden: int = HIDDEN, seed: int = 0
     return h, mask
 
 
-def _forward_request(session_id: str, step: int, hidden: torch.Tensor, mask: torch.Tensor) -> sap_pb2.ForwardRequest:
-    return sap_pb2.ForwardRequest(
-        session_id=session_id,
-        step=step,
-        hidden_states=codec.encode_tensor(hidden),
-        attention_mask=codec.encode_tensor(mask),
-    )
-
-
-def _call(method, message, reply_type):
-    """A chunked RPC through the raw stub: message -> Chunks -> server -> Chunks -> reply_type."""
-    replies = list(method(codec.to_chunks(message, 1024), timeout=30, metadata=_md(message.session_id)))
-    return codec.from_chunks(replies, reply_type)
-
-
 def _forward(stub, session_id, step, hidden, mask) -> torch.Tensor:
-    reply = _call(stub.Forward, _forward_request(session_id, step, hidden, mask), sap_pb2.ForwardReply)
-    assert reply.step == step
-    return codec.decode_tensor(reply.logits)
+    reply_step, logits = wire.logits_of(
+        stub.Forward, wire.forward_frames(session_id, step, hidden, mask), _md(session_id)
+    )
+    assert reply_step == step
+    return logits
 
 
-def _backward(stub, session_id, step, grad) -> sap_pb2.BackwardReply:
-    request = sap_pb2.BackwardRequest(session_id=session_id, step=step, grad_logits=codec.encode_tensor(grad))
-    return _call(stub.Backward, request, sap_pb2.BackwardReply)
+def _backward(stub, session_id, step, grad) -> sap_pb2.BackwardReplyHeader:
+    return wire.call(stub.Backward, wire.backward_frames(session_id, step, grad), _md(session_id))[0]
 
 
 def _expect_error(code: grpc.StatusCode, call, *words: str) -> str:
@@ -200,17 +189,17 @@ def test_forward_input_errors_are_invalid_argument_and_server_keeps_serving(serv
 
     # wrong hidden size
     wide, _ = _inputs(hidden=HIDDEN + 1)
-    _expect_error(bad, lambda: _forward(stub, sid, 1, wide, mask), "hidden_states", str(HIDDEN + 1), str(HIDDEN))
+    _expect_error(bad, lambda: _forward(stub, sid, 1, wide, mask), "hidden", str(HIDDEN + 1), str(HIDDEN))
     # a dtype that is not a float
-    _expect_error(bad, lambda: _forward(stub, sid, 1, h.long(), mask), "hidden_states", "int64")
+    _expect_error(bad, lambda: _forward(stub, sid, 1, h.long(), mask), "hidden", "int64")
     # byte length not matching the shape
-    request = _forward_request(sid, 1, h, mask)
-    request.hidden_states.data = request.hidden_states.data[:-4]
-    _expect_error(bad, lambda: _call(stub.Forward, request, sap_pb2.ForwardReply), "hidden_states", "bytes")
+    frames = wire.forward_frames(sid, 1, h, mask)
+    frames[-1].data = frames[-1].data[:-4]
+    _expect_error(bad, lambda: wire.call(stub.Forward, frames, _md(sid)), "bytes", "announces")
     # an unknown dtype name
-    request = _forward_request(sid, 1, h, mask)
-    request.hidden_states.dtype = "float128"
-    _expect_error(bad, lambda: _call(stub.Forward, request, sap_pb2.ForwardReply), "float128")
+    frames = wire.forward_frames(sid, 1, h, mask)
+    frames[0].header.hidden.dtype = "float128"
+    _expect_error(bad, lambda: wire.call(stub.Forward, frames, _md(sid)), "float128")
     # NaN / Inf
     nan = h.clone()
     nan[1, 2, 3] = math.nan
@@ -218,21 +207,28 @@ def test_forward_input_errors_are_invalid_argument_and_server_keeps_serving(serv
     inf = h.clone()
     inf[0, 0, 0] = math.inf
     _expect_error(bad, lambda: _forward(stub, sid, 1, inf, mask), "hidden_states", "Inf")
-    # mask and hidden disagree on the batch size
-    _expect_error(bad, lambda: _forward(stub, sid, 1, h, mask[:1]), "attention_mask", "(1, 5)", "(2, 5)")
-    # mask values other than 0/1, and a row with no real token
-    _expect_error(bad, lambda: _forward(stub, sid, 1, h, mask * 2), "attention_mask", "0 and 1")
-    empty_row = mask.clone()
-    empty_row[1] = 0
-    _expect_error(bad, lambda: _forward(stub, sid, 1, h, empty_row), "attention_mask", "no real token")
+    # lengths that do not fit the packed tokens, an example with no real token, no lengths at all
+    packed, lengths = codec.pack_hidden(h, mask)
+    assert lengths == [3, 5]
+    for wrong, words in (([4, 5], ("sum to 9", "8 rows")), ([3, 0, 5], ("lengths[1]=0",)), ([], ("empty",))):
+        frames = wire.forward_frames(sid, 1, packed, lengths=wrong)
+        _expect_error(bad, lambda: wire.call(stub.Forward, frames, _md(sid)), *words)
+    # an output this server does not serve
+    frames = wire.forward_frames(sid, 1, h, mask, output=sap_pb2.OUTPUT_POOLED)
+    _expect_error(bad, lambda: wire.call(stub.Forward, frames, _md(sid)), "OUTPUT_POOLED", "OUTPUT_LOGITS")
 
-    # bytes that are not a ForwardRequest at all
+    # bytes that are not a ForwardFrame at all
     def garbage():
-        return list(stub.Forward(iter([sap_pb2.Chunk(data=b"\xff" * 16)]), timeout=10, metadata=_md(sid)))
+        return list(stub.Forward(iter([sap_pb2.ForwardFrame(data=b"\xff" * 16)]), timeout=10, metadata=_md(sid)))
 
-    _expect_error(bad, garbage, "ForwardRequest")
-    # an empty stream
-    _expect_error(bad, lambda: list(stub.Forward(iter([]), timeout=10, metadata=_md(sid))), "0 chunks")
+    def scrambled():
+        forward = stub.channel.stream_stream("/sap.v2.SplitLearning/Forward")  # raw bytes, no serializer
+        return list(forward(iter([b"\xff" * 16]), timeout=10, metadata=_md(sid)))
+
+    _expect_error(bad, scrambled, "ForwardFrame")
+    # a stream of data without a header, and an empty stream
+    _expect_error(bad, garbage, "header comes first")
+    _expect_error(bad, lambda: list(stub.Forward(iter([]), timeout=10, metadata=_md(sid))), "0 frames")
 
     # none of that touched the session: step 1 is still the next one and trains normally
     before = _top_state(provider, sid)
@@ -304,7 +300,7 @@ def test_backward_with_wrong_grad_shape_is_invalid_argument(served):
     _expect_error(
         grpc.StatusCode.INVALID_ARGUMENT,
         lambda: _backward(stub, sid, 1, torch.ones(2, NUM_LABELS).long()),
-        "grad_logits",
+        "grad.dtype",
         "int64",
     )
     assert all(torch.equal(before[n], v) for n, v in _top_state(provider, sid).items())
@@ -318,12 +314,8 @@ def test_evaluate_changes_nothing_and_matches_training_forward(served):
     sid = _open(stub)
     h, mask = _inputs(seed=3)
     before = _top_state(provider, sid)
-    request = sap_pb2.EvaluateRequest(
-        session_id=sid, hidden_states=codec.encode_tensor(h), attention_mask=codec.encode_tensor(mask)
-    )
-    reply = _call(stub.Evaluate, request, sap_pb2.ForwardReply)
-    evaluated = codec.decode_tensor(reply.logits)
-    assert reply.step == 0
+    step, evaluated = wire.logits_of(stub.Evaluate, wire.forward_frames(sid, 0, h, mask), _md(sid))
+    assert step == 0
     assert all(torch.equal(before[n], v) for n, v in _top_state(provider, sid).items())
     assert provider.sessions.get(sid).steps_applied == 0
     # tiny models have no dropout: the training forward of step 1 gives the same logits
@@ -343,7 +335,7 @@ def test_tensor_larger_than_message_cap_streams_in_chunks(tiny_llama):
     hidden = torch.randn(16, 60, HIDDEN, generator=g)  # (B, T, H): ~123 KB of float32
     mask = torch.ones(16, 60, dtype=torch.long)
     mask[::2, 40:] = 0
-    assert _forward_request("x" * 32, 1, hidden, mask).ByteSize() > cap  # would not fit one message
+    assert hidden[mask.bool()].numel() * 4 > cap  # would not fit one message
     try:
         with running_server(provider, chunk_bytes=chunk, max_message_bytes=cap) as address:
             with RemoteTopService(address, chunk_bytes=chunk, max_message_bytes=cap) as service:
@@ -359,14 +351,12 @@ def test_tensor_larger_than_message_cap_streams_in_chunks(tiny_llama):
                 result = service.backward(sid, 1, torch.ones_like(logits))
                 assert (result.applied_step, result.replayed) == (1, False)
 
-            # a client without chunking hits the cap: the chunking above is what made it work
+            # a client sending the tensor in one data frame hits the cap: the framing above is what made it work
             with grpc.insecure_channel(address) as channel:
                 stub = sap_pb2_grpc.SplitLearningStub(channel)
-                whole = _forward_request(sid, 2, hidden, mask).SerializeToString()
-                _expect_error(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    lambda: list(stub.Forward(iter([sap_pb2.Chunk(data=whole)]), timeout=10, metadata=_md(sid))),
-                )
+                whole = wire.forward_frames(sid, 2, hidden, mask, chunk_bytes=10**9)
+                assert len(whole) == 2
+                _expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: wire.call(stub.Forward, whole, _md(sid), 10))
     finally:
         provider.close()
 

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,21 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+class Output(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTPUT_LOGITS: _ClassVar[Output]
+    OUTPUT_POOLED: _ClassVar[Output]
+    OUTPUT_HIDDEN: _ClassVar[Output]
+OUTPUT_LOGITS: Output
+OUTPUT_POOLED: Output
+OUTPUT_HIDDEN: Output
+
+class TensorHeader(_message.Message):
+    __slots__ = ("dtype", "shape")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
-    data: bytes
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
-
-class Chunk(_message.Message):
-    __slots__ = ("data",)
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    data: bytes
-    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ServerInfoRequest(_message.Message):
     __slots__ = ()
@@ -114,65 +116,83 @@ class CloseSessionReply(_message.Message):
     adapter_id: str
     def __init__(self, steps_applied: _Optional[int] = ..., adapter_id: _Optional[str] = ...) -> None: ...
 
-class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "step", "hidden_states", "attention_mask", "packed_hidden", "lengths")
+class ForwardHeader(_message.Message):
+    __slots__ = ("session_id", "step", "hidden", "lengths", "output")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
-    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
-    PACKED_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
-    hidden_states: Tensor
-    attention_mask: Tensor
-    packed_hidden: Tensor
+    hidden: TensorHeader
     lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., packed_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    output: Output
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[TensorHeader, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[Output, str]] = ...) -> None: ...
 
-class ForwardReply(_message.Message):
-    __slots__ = ("step", "logits")
+class ForwardFrame(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ForwardHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ForwardHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ForwardReplyHeader(_message.Message):
+    __slots__ = ("step", "output", "tensor")
     STEP_FIELD_NUMBER: _ClassVar[int]
-    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
     step: int
-    logits: Tensor
-    def __init__(self, step: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    output: Output
+    tensor: TensorHeader
+    def __init__(self, step: _Optional[int] = ..., output: _Optional[_Union[Output, str]] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ...) -> None: ...
 
-class BackwardRequest(_message.Message):
-    __slots__ = ("session_id", "step", "grad_logits")
+class ForwardReplyFrame(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ForwardReplyHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ForwardReplyHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class BackwardHeader(_message.Message):
+    __slots__ = ("session_id", "step", "grad")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    GRAD_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
-    grad_logits: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    grad: TensorHeader
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., grad: _Optional[_Union[TensorHeader, _Mapping]] = ...) -> None: ...
 
-class BackwardReply(_message.Message):
-    __slots__ = ("applied_step", "replayed", "grad_hidden", "checkpointed")
+class BackwardFrame(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: BackwardHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[BackwardHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class BackwardReplyHeader(_message.Message):
+    __slots__ = ("applied_step", "replayed", "checkpointed", "grad_hidden")
     APPLIED_STEP_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
-    GRAD_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTED_FIELD_NUMBER: _ClassVar[int]
+    GRAD_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     applied_step: int
     replayed: bool
-    grad_hidden: Tensor
     checkpointed: bool
-    def __init__(self, applied_step: _Optional[int] = ..., replayed: _Optional[bool] = ..., grad_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., checkpointed: _Optional[bool] = ...) -> None: ...
+    grad_hidden: TensorHeader
+    def __init__(self, applied_step: _Optional[int] = ..., replayed: _Optional[bool] = ..., checkpointed: _Optional[bool] = ..., grad_hidden: _Optional[_Union[TensorHeader, _Mapping]] = ...) -> None: ...
 
-class EvaluateRequest(_message.Message):
-    __slots__ = ("session_id", "hidden_states", "attention_mask", "packed_hidden", "lengths")
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
-    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
-    PACKED_HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    LENGTHS_FIELD_NUMBER: _ClassVar[int]
-    session_id: str
-    hidden_states: Tensor
-    attention_mask: Tensor
-    packed_hidden: Tensor
-    lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., packed_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+class BackwardReplyFrame(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: BackwardReplyHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[BackwardReplyHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ResumeSessionRequest(_message.Message):
     __slots__ = ("session_id", "step")

@@ -35,42 +35,42 @@ class SplitLearningStub:
             channel: A grpc.Channel.
         """
         self.GetServerInfo = channel.unary_unary(
-                '/sap.v1.SplitLearning/GetServerInfo',
+                '/sap.v2.SplitLearning/GetServerInfo',
                 request_serializer=sap__common_dot_proto_dot_sap__pb2.ServerInfoRequest.SerializeToString,
                 response_deserializer=sap__common_dot_proto_dot_sap__pb2.ServerInfo.FromString,
                 _registered_method=True)
         self.DownloadBottom = channel.unary_stream(
-                '/sap.v1.SplitLearning/DownloadBottom',
+                '/sap.v2.SplitLearning/DownloadBottom',
                 request_serializer=sap__common_dot_proto_dot_sap__pb2.DownloadBottomRequest.SerializeToString,
                 response_deserializer=sap__common_dot_proto_dot_sap__pb2.FileChunk.FromString,
                 _registered_method=True)
         self.OpenSession = channel.unary_unary(
-                '/sap.v1.SplitLearning/OpenSession',
+                '/sap.v2.SplitLearning/OpenSession',
                 request_serializer=sap__common_dot_proto_dot_sap__pb2.OpenSessionRequest.SerializeToString,
                 response_deserializer=sap__common_dot_proto_dot_sap__pb2.OpenSessionReply.FromString,
                 _registered_method=True)
         self.CloseSession = channel.unary_unary(
-                '/sap.v1.SplitLearning/CloseSession',
+                '/sap.v2.SplitLearning/CloseSession',
                 request_serializer=sap__common_dot_proto_dot_sap__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=sap__common_dot_proto_dot_sap__pb2.CloseSessionReply.FromString,
                 _registered_method=True)
         self.Forward = channel.stream_stream(
-                '/sap.v1.SplitLearning/Forward',
-                request_serializer=sap__common_dot_proto_dot_sap__pb2.Chunk.SerializeToString,
-                response_deserializer=sap__common_dot_proto_dot_sap__pb2.Chunk.FromString,
+                '/sap.v2.SplitLearning/Forward',
+                request_serializer=sap__common_dot_proto_dot_sap__pb2.ForwardFrame.SerializeToString,
+                response_deserializer=sap__common_dot_proto_dot_sap__pb2.ForwardReplyFrame.FromString,
                 _registered_method=True)
         self.Backward = channel.stream_stream(
-                '/sap.v1.SplitLearning/Backward',
-                request_serializer=sap__common_dot_proto_dot_sap__pb2.Chunk.SerializeToString,
-                response_deserializer=sap__common_dot_proto_dot_sap__pb2.Chunk.FromString,
+                '/sap.v2.SplitLearning/Backward',
+                request_serializer=sap__common_dot_proto_dot_sap__pb2.BackwardFrame.SerializeToString,
+                response_deserializer=sap__common_dot_proto_dot_sap__pb2.BackwardReplyFrame.FromString,
                 _registered_method=True)
         self.Evaluate = channel.stream_stream(
-                '/sap.v1.SplitLearning/Evaluate',
-                request_serializer=sap__common_dot_proto_dot_sap__pb2.Chunk.SerializeToString,
-                response_deserializer=sap__common_dot_proto_dot_sap__pb2.Chunk.FromString,
+                '/sap.v2.SplitLearning/Evaluate',
+                request_serializer=sap__common_dot_proto_dot_sap__pb2.ForwardFrame.SerializeToString,
+                response_deserializer=sap__common_dot_proto_dot_sap__pb2.ForwardReplyFrame.FromString,
                 _registered_method=True)
         self.ResumeSession = channel.unary_unary(
-                '/sap.v1.SplitLearning/ResumeSession',
+                '/sap.v2.SplitLearning/ResumeSession',
                 request_serializer=sap__common_dot_proto_dot_sap__pb2.ResumeSessionRequest.SerializeToString,
                 response_deserializer=sap__common_dot_proto_dot_sap__pb2.ResumeSessionReply.FromString,
                 _registered_method=True)
@@ -104,22 +104,19 @@ class SplitLearningServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request_iterator, context):
-        """Chunked ForwardRequest -> chunked ForwardReply.
-        """
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Backward(self, request_iterator, context):
-        """Chunked BackwardRequest -> chunked BackwardReply.
-        """
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Evaluate(self, request_iterator, context):
-        """Chunked EvaluateRequest -> chunked ForwardReply (step = 0).
-        """
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -155,18 +152,18 @@ def add_SplitLearningServicer_to_server(servicer, server):
             ),
             'Forward': grpc.stream_stream_rpc_method_handler(
                     servicer.Forward,
-                    request_deserializer=sap__common_dot_proto_dot_sap__pb2.Chunk.FromString,
-                    response_serializer=sap__common_dot_proto_dot_sap__pb2.Chunk.SerializeToString,
+                    request_deserializer=sap__common_dot_proto_dot_sap__pb2.ForwardFrame.FromString,
+                    response_serializer=sap__common_dot_proto_dot_sap__pb2.ForwardReplyFrame.SerializeToString,
             ),
             'Backward': grpc.stream_stream_rpc_method_handler(
                     servicer.Backward,
-                    request_deserializer=sap__common_dot_proto_dot_sap__pb2.Chunk.FromString,
-                    response_serializer=sap__common_dot_proto_dot_sap__pb2.Chunk.SerializeToString,
+                    request_deserializer=sap__common_dot_proto_dot_sap__pb2.BackwardFrame.FromString,
+                    response_serializer=sap__common_dot_proto_dot_sap__pb2.BackwardReplyFrame.SerializeToString,
             ),
             'Evaluate': grpc.stream_stream_rpc_method_handler(
                     servicer.Evaluate,
-                    request_deserializer=sap__common_dot_proto_dot_sap__pb2.Chunk.FromString,
-                    response_serializer=sap__common_dot_proto_dot_sap__pb2.Chunk.SerializeToString,
+                    request_deserializer=sap__common_dot_proto_dot_sap__pb2.ForwardFrame.FromString,
+                    response_serializer=sap__common_dot_proto_dot_sap__pb2.ForwardReplyFrame.SerializeToString,
             ),
             'ResumeSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeSession,
@@ -175,9 +172,9 @@ def add_SplitLearningServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'sap.v1.SplitLearning', rpc_method_handlers)
+            'sap.v2.SplitLearning', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('sap.v1.SplitLearning', rpc_method_handlers)
+    server.add_registered_method_handlers('sap.v2.SplitLearning', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -198,7 +195,7 @@ class SplitLearning:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/sap.v1.SplitLearning/GetServerInfo',
+            '/sap.v2.SplitLearning/GetServerInfo',
             sap__common_dot_proto_dot_sap__pb2.ServerInfoRequest.SerializeToString,
             sap__common_dot_proto_dot_sap__pb2.ServerInfo.FromString,
             options,
@@ -225,7 +222,7 @@ class SplitLearning:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/sap.v1.SplitLearning/DownloadBottom',
+            '/sap.v2.SplitLearning/DownloadBottom',
             sap__common_dot_proto_dot_sap__pb2.DownloadBottomRequest.SerializeToString,
             sap__common_dot_proto_dot_sap__pb2.FileChunk.FromString,
             options,
@@ -252,7 +249,7 @@ class SplitLearning:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/sap.v1.SplitLearning/OpenSession',
+            '/sap.v2.SplitLearning/OpenSession',
             sap__common_dot_proto_dot_sap__pb2.OpenSessionRequest.SerializeToString,
             sap__common_dot_proto_dot_sap__pb2.OpenSessionReply.FromString,
             options,
@@ -279,7 +276,7 @@ class SplitLearning:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/sap.v1.SplitLearning/CloseSession',
+            '/sap.v2.SplitLearning/CloseSession',
             sap__common_dot_proto_dot_sap__pb2.CloseSessionRequest.SerializeToString,
             sap__common_dot_proto_dot_sap__pb2.CloseSessionReply.FromString,
             options,
@@ -306,9 +303,9 @@ class SplitLearning:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/sap.v1.SplitLearning/Forward',
-            sap__common_dot_proto_dot_sap__pb2.Chunk.SerializeToString,
-            sap__common_dot_proto_dot_sap__pb2.Chunk.FromString,
+            '/sap.v2.SplitLearning/Forward',
+            sap__common_dot_proto_dot_sap__pb2.ForwardFrame.SerializeToString,
+            sap__common_dot_proto_dot_sap__pb2.ForwardReplyFrame.FromString,
             options,
             channel_credentials,
             insecure,
@@ -333,9 +330,9 @@ class SplitLearning:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/sap.v1.SplitLearning/Backward',
-            sap__common_dot_proto_dot_sap__pb2.Chunk.SerializeToString,
-            sap__common_dot_proto_dot_sap__pb2.Chunk.FromString,
+            '/sap.v2.SplitLearning/Backward',
+            sap__common_dot_proto_dot_sap__pb2.BackwardFrame.SerializeToString,
+            sap__common_dot_proto_dot_sap__pb2.BackwardReplyFrame.FromString,
             options,
             channel_credentials,
             insecure,
@@ -360,9 +357,9 @@ class SplitLearning:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/sap.v1.SplitLearning/Evaluate',
-            sap__common_dot_proto_dot_sap__pb2.Chunk.SerializeToString,
-            sap__common_dot_proto_dot_sap__pb2.Chunk.FromString,
+            '/sap.v2.SplitLearning/Evaluate',
+            sap__common_dot_proto_dot_sap__pb2.ForwardFrame.SerializeToString,
+            sap__common_dot_proto_dot_sap__pb2.ForwardReplyFrame.FromString,
             options,
             channel_credentials,
             insecure,
@@ -387,7 +384,7 @@ class SplitLearning:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/sap.v1.SplitLearning/ResumeSession',
+            '/sap.v2.SplitLearning/ResumeSession',
             sap__common_dot_proto_dot_sap__pb2.ResumeSessionRequest.SerializeToString,
             sap__common_dot_proto_dot_sap__pb2.ResumeSessionReply.FromString,
             options,
