@@ -228,12 +228,14 @@ class SplitTrainer:
     def bottom_outputs(self, input_ids: torch.Tensor, mask: torch.Tensor, *, train: bool = False) -> torch.Tensor:
         """The bottom's hidden states (B, T, H) for a batch; with a graph only when the bottom trains now."""
         if train and self.config.train_bottom:
-            self.bottom.train()
+            if not self.bottom.training:  # train() walks every submodule: only when the mode changes
+                self.bottom.train()
             # Dropout of a trainable bottom draws from (seed, step) alone (sap_common.checkpoint.seeded_draws), so
             # a resumed run recomputes a step exactly. The bottom trains without prefetch: this is step steps + 1.
             with seeded_draws(self.config.seed, self.steps + 1, self.device, purpose="bottom-dropout"):
                 return self.bottom(input_ids, mask)
-        self.bottom.eval()
+        if self.bottom.training:
+            self.bottom.eval()
         with torch.no_grad():
             return self.bottom(input_ids, mask)
 

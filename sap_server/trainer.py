@@ -11,7 +11,7 @@ import torch
 
 from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors, seeded_draws
 from sap_common.errors import InvalidInputError, ModelLoadError, ResourceLimitError, StepOrderError
-from sap_common.models.split import TopModel
+from sap_common.models.split import TopModel, set_training
 from sap_common.recording import Recorder
 from sap_common.service import BackwardResult, SessionSpec
 
@@ -162,7 +162,7 @@ class TopTrainer:
         if self.recorder is not None:
             self.recorder.record("forward", self.session_id, step, hidden, attention_mask)  # as received
         placed.requires_grad_(self.train_bottom)
-        self.top.train()
+        set_training(self.top, True)
         # Dropout draws of this forward are a function of (session seed, step) only (sap_common.checkpoint.
         # seeded_draws): a forward recomputed after a restart or a resume draws the same masks, and sessions
         # running at once in this process do not disturb each other's draws, so no RNG state is saved.
@@ -218,7 +218,7 @@ class TopTrainer:
         placed, placed_mask = self._check_inputs(hidden, attention_mask)
         if self.recorder is not None:
             self.recorder.record("evaluate", self.session_id, 0, hidden, attention_mask)  # as received
-        self.top.eval()
+        set_training(self.top, False)
         return self.top(placed, placed_mask).float().cpu()
 
     def _check_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
