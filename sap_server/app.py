@@ -14,7 +14,7 @@ from sap_common import codec
 from sap_server.auth import ApiKeys, ServerTls
 from sap_server.compute import ComputeThread
 from sap_server.provider import Provider
-from sap_server.servicer import SplitLearningServicer, add_to_server
+from sap_server.servicer import AuthInterceptor, SplitLearningServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,10 @@ def start_server(
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sap-rpc"),
         options=channel_options(max_message_bytes),
-        interceptors=list(interceptors),
+        interceptors=[*interceptors, AuthInterceptor(api_keys)],  # a simulated network failure comes first
     )
     servicer = SplitLearningServicer(
-        provider, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes, api_keys=api_keys, compute=compute
+        provider, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes, compute=compute
     )
     add_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

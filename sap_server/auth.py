@@ -2,7 +2,7 @@
 
 - Every session has a random secret, returned once by OpenSession; each later call of the session carries
   it and is checked in constant time (hmac.compare_digest of SHA-256 digests). The server keeps only the
-  digest (in the session object, TopTrainer, and in its checkpoints under --state-dir), never the secret.
+  digest (in the session object, Session, and in its checkpoints under --state-dir), never the secret.
 - With `sap-server --api-keys FILE`, opening a session (and fetching the server's info and bottom) needs
   `authorization: Bearer KEY` with one of the file's keys. Keys are kept only as SHA-256 digests and a
   presented key is compared with every one of them, so the time taken says nothing about which key (or

@@ -32,7 +32,7 @@ from pathlib import Path
 from sap_common.checkpoint import TMP_PREFIX, atomic_write, pack, read_meta, unpack
 from sap_common.errors import InvalidInputError, ModelLoadError
 from sap_common.service import BackwardResult, SessionSpec
-from sap_server.trainer import OPTIMIZER_PREFIX, SessionSnapshot
+from sap_server.session import OPTIMIZER_PREFIX, SessionSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,9 @@ class LocalTopService:
             return trainer.forward(step, hidden.detach().clone(), attention_mask.detach().clone())
 
     def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult:
-        with self.provider.sessions.use(session_id, None, check=False) as trainer:
-            return trainer.backward(step, grad_logits.detach().clone())
+        sessions = self.provider.sessions
+        with sessions.use(session_id, None, check=False) as session:
+            return sessions.backward(session, step, grad_logits.detach().clone())
 
     def evaluate(self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with self.provider.sessions.use(session_id, None, check=False) as trainer:

@@ -22,8 +22,8 @@ from sap_common.service import DEFAULT_LEARNING_RATE, ServerInfo, SessionSpec
 from sap_server.adapters import AdapterRecord, AdapterStore
 from sap_server.checkpoints import ClosedSession, SessionStore
 from sap_server.peft import PeftConfig
-from sap_server.sessions import SessionManager
-from sap_server.trainer import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_BATCH_TOKENS, TopTrainer
+from sap_server.registry import SessionRegistry
+from sap_server.session import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_BATCH_TOKENS, Session
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Provider:
     info: ServerInfo
-    sessions: SessionManager
+    sessions: SessionRegistry
     bundle_dir: Path
     adapters: AdapterStore = field(default_factory=AdapterStore)
     _owns_bundle_dir: bool = False
@@ -102,7 +102,7 @@ class Provider:
             if state_dir is not None
             else None
         )
-        sessions = SessionManager(
+        sessions = SessionRegistry(
             top,
             base,
             peft,
@@ -162,7 +162,7 @@ class Provider:
             max_memory=max_memory,
         )
 
-    def keep_adapter(self, trainer: TopTrainer) -> str:
+    def keep_adapter(self, trainer: Session) -> str:
         """Store the session's trained weights under a new random id (disk too, with a state dir); the caller
         holds trainer.lock."""
         record = AdapterRecord(
@@ -180,12 +180,15 @@ class Provider:
         return record.adapter_id
 
     def close_session(self, session_id: str, secret: str | None, *, keep: bool, check: bool = True) -> ClosedSession:
-        """Close a session (authenticated when check), keeping its adapter when keep."""
-        return self.sessions.close(session_id, secret, check=check, keep=self.keep_adapter if keep else None)
+        """Close a session (authenticated when check), keeping its adapter first when keep."""
+        with self.sessions.closing(session_id, secret, check=check) as closing:
+            if keep:
+                closing.adapter_id = self.keep_adapter(closing.session)
+        return closing.record
 
     def attach_adapter(
         self, adapter_id: str, *, learning_rate: float = DEFAULT_LEARNING_RATE, weight_decay: float = 0.0
-    ) -> tuple[str, TopTrainer, str]:
+    ) -> tuple[str, Session, str]:
         """A new session starting from a stored adapter (to predict, or to train on)."""
         record = self.adapters.get(adapter_id)
         expected = (self.info.model_id, self.info.split, asdict(self.sessions.peft))

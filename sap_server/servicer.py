@@ -27,7 +27,7 @@ from sap_common.service import API_KEY_METADATA, DEFAULT_LEARNING_RATE, SESSION_
 from sap_server.auth import ApiKeys, require_secret
 from sap_server.compute import ComputeThread, compute_thread
 from sap_server.provider import Provider
-from sap_server.trainer import check_batch_tokens
+from sap_server.session import check_batch_tokens
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +105,10 @@ def _metadata(context, key: str) -> str | None:
 
 
 class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
-    """Authentication first, then validation, then the session: a refused call changes nothing.
-
-    - GetServerInfo, DownloadBottom, OpenSession: the API key when the server has keys.
-    - Forward, Backward, Evaluate, CloseSession, ResumeSession: the session's secret (metadata
-      sap-session-secret).
-      No secret: UNAUTHENTICATED before the stream is even read; unknown or closed session: NOT_FOUND;
-      a wrong secret: PERMISSION_DENIED.
-    """
+    """Decode, call the provider's sessions, encode. Credentials are checked before a method runs, by AuthInterceptor
+    (the API key; that a session call carries a secret); the session's registry then matches the secret to the
+    session when it looks it up: unknown or closed session: NOT_FOUND; a wrong secret: PERMISSION_DENIED. Validation
+    follows, then the session: a refused call changes nothing."""
 
     def __init__(
         self,
@@ -121,7 +117,6 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES,
         max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
         max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES,
-        api_keys: ApiKeys | None = None,
         compute: ComputeThread | None = None,
     ):
         self.provider = provider
@@ -132,18 +127,15 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
         self.max_request_bytes = max_request_bytes
-        self.api_keys = api_keys
 
     @_rpc
     def GetServerInfo(self, request, context):
-        self._check_api_key(context)
         return codec.info_to_proto(
             self.provider.info, max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes
         )
 
     @_reply_stream
     def DownloadBottom(self, request, context) -> Iterator[sap_pb2.FileChunk]:
-        self._check_api_key(context)
         folder = self.provider.bundle_dir
         for relative in bundle_files(folder):
             data = (folder / relative).read_bytes()
@@ -154,7 +146,6 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     @_rpc
     def OpenSession(self, request, context):
-        self._check_api_key(context)
         return self.compute.run(self._open_session, request)
 
     def _open_session(self, request) -> sap_pb2.OpenSessionReply:
@@ -187,19 +178,19 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     @_rpc
     def ResumeSession(self, request, context):
-        secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
+        secret = _metadata(context, SESSION_SECRET_METADATA)
         trainer = self.compute.run(self.provider.sessions.resume, request.session_id, secret, request.step)
         return sap_pb2.ResumeSessionReply(steps_applied=request.step, num_labels=trainer.num_labels)
 
     @_frames_rpc
     def Forward(self, frames, context):
-        secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))  # before reading the stream
+        secret = _metadata(context, SESSION_SECRET_METADATA)
         header, tensors = codec.from_frames(frames, sap_pb2.ForwardFrame, ("hidden",), max_bytes=self.max_request_bytes)
         return self.compute.run(self._forward, header, tensors.get("hidden"), secret, True)
 
     @_frames_rpc
     def Evaluate(self, frames, context):
-        secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
+        secret = _metadata(context, SESSION_SECRET_METADATA)
         header, tensors = codec.from_frames(frames, sap_pb2.ForwardFrame, ("hidden",), max_bytes=self.max_request_bytes)
         return self.compute.run(self._forward, header, tensors.get("hidden"), secret, False)
 
@@ -218,7 +209,7 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     @_frames_rpc
     def Backward(self, frames, context):
-        secret = require_secret(_metadata(context, SESSION_SECRET_METADATA))
+        secret = _metadata(context, SESSION_SECRET_METADATA)
         header, tensors = codec.from_frames(frames, sap_pb2.BackwardFrame, ("grad",), max_bytes=self.max_request_bytes)
         return self.compute.run(self._backward, header, tensors.get("grad"), secret)
 
@@ -227,7 +218,7 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
             if grad is None:
                 raise InvalidInputError("BackwardHeader.grad is missing: dL/d(what Forward returned)")
             _check_float("grad", header.grad)
-            result = trainer.backward(header.step, grad)  # checkpointed (--state-dir) before this reply
+            result = self.provider.sessions.backward(trainer, header.step, grad)  # checkpointed before this reply
         reply = sap_pb2.BackwardReplyHeader(
             applied_step=result.applied_step, replayed=result.replayed, checkpointed=result.checkpointed
         )
@@ -237,10 +228,6 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
             reply.grad_hidden.CopyFrom(tensor)
             raws.append(raw)
         return codec.to_frames(sap_pb2.BackwardReplyFrame, reply, raws, self.chunk_bytes)
-
-    def _check_api_key(self, context) -> None:
-        if self.api_keys is not None:
-            self.api_keys.check(_metadata(context, API_KEY_METADATA))
 
     def _unpack(self, packed, lengths) -> tuple:
         """(B, T, H) hidden states and the (B, T) mask from the packed real tokens and their lengths.
@@ -264,6 +251,60 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 def _check_float(field: str, header: sap_pb2.TensorHeader) -> None:
     if header.dtype not in _FLOATS:
         raise InvalidTensorError(f"{field}.dtype={header.dtype!r} is not allowed here; expected one of {_FLOATS}")
+
+
+# Which calls need what (sap_common/service.py names the metadata keys).
+KEYED_METHODS = frozenset({"GetServerInfo", "DownloadBottom", "OpenSession"})  # with --api-keys
+SESSION_METHODS = frozenset({"Forward", "Backward", "Evaluate", "CloseSession", "ResumeSession"})  # the secret
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Each call's credentials, checked once, before its handler runs and before a request stream is read: the API
+    key on the calls that need one (when the server has keys), the presence of a session secret on a session's
+    calls. Missing or unknown: UNAUTHENTICATED."""
+
+    def __init__(self, api_keys: ApiKeys | None):
+        self.api_keys = api_keys
+
+    def intercept_service(self, continuation, handler_call_details):
+        name = handler_call_details.method.rsplit("/", 1)[-1]
+        metadata = handler_call_details.invocation_metadata or ()
+        try:
+            if name in KEYED_METHODS and self.api_keys is not None:
+                self.api_keys.check(_first(metadata, API_KEY_METADATA))
+            elif name in SESSION_METHODS:
+                require_secret(_first(metadata, SESSION_SECRET_METADATA))
+        except AuthenticationError as exc:
+            return _refusal(continuation(handler_call_details), str(exc))
+        return continuation(handler_call_details)
+
+
+def _first(metadata, key: str) -> str | None:
+    return next((value for name, value in metadata if name == key and isinstance(value, str)), None)
+
+
+def _refusal(handler, details: str):
+    """A handler of the same kind as handler that answers UNAUTHENTICATED without reading the request."""
+
+    def refuse(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
+
+    def refuse_stream(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
+        yield  # a generator, as a streaming reply must be
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        refuse_stream if handler.response_streaming else refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:

@@ -16,7 +16,7 @@ from sap_common.models.registry import load_model
 from sap_server.compute import ComputeThread, compute_thread
 from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
-from sap_server.trainer import TopTrainer
+from sap_server.session import Session
 from tiny_models import learnable_rows
 
 
@@ -52,13 +52,13 @@ def test_server_steps_run_on_the_compute_thread(tiny_bert, monkeypatch):
     """Forward, Backward and Evaluate of a real loopback server run on the process's compute thread."""
     threads: dict[str, set[str]] = {"forward": set(), "backward": set(), "evaluate": set()}
     for name in threads:
-        original = getattr(TopTrainer, name)
+        original = getattr(Session, name)
 
         def recording(self, *args, _name=name, _original=original, **kwargs):
             threads[_name].add(threading.current_thread().name)
             return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(TopTrainer, name, recording)
+        monkeypatch.setattr(Session, name, recording)
     provider = Provider.from_loaded(load_model(str(tiny_bert)), split=1, peft=PeftConfig())
     rows = learnable_rows(16, seed=3)
     data = TextDataset([t for t, _ in rows], [int(label == "pos") for _, label in rows], ["neg", "pos"])

@@ -1,4 +1,4 @@
-"""What the provider really receives: a real gRPC server whose TopTrainer records every decoded tensor."""
+"""What the provider really receives: a real gRPC server whose Session records every decoded tensor."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from sap_common.models.bundle import load_bottom
 from sap_common.models.registry import load_model
 from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
-from sap_server.trainer import TopTrainer
+from sap_server.session import Session
 from tiny_models import learnable_rows, write_csv
 
 BATCH = 16
@@ -28,9 +28,9 @@ BATCH = 16
 
 @pytest.fixture
 def received(monkeypatch) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Every (hidden, attention_mask) that TopTrainer.forward / .evaluate got, as decoded from the wire."""
+    """Every (hidden, attention_mask) that Session.forward / .evaluate got, as decoded from the wire."""
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"forward": [], "evaluate": []}
-    original_forward, original_evaluate = TopTrainer.forward, TopTrainer.evaluate
+    original_forward, original_evaluate = Session.forward, Session.evaluate
 
     def forward(self, step, hidden, attention_mask):
         calls["forward"].append((hidden.detach().clone(), attention_mask.detach().clone()))
@@ -40,8 +40,8 @@ def received(monkeypatch) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
         calls["evaluate"].append((hidden.detach().clone(), attention_mask.detach().clone()))
         return original_evaluate(self, hidden, attention_mask)
 
-    monkeypatch.setattr(TopTrainer, "forward", forward)
-    monkeypatch.setattr(TopTrainer, "evaluate", evaluate)
+    monkeypatch.setattr(Session, "forward", forward)
+    monkeypatch.setattr(Session, "evaluate", evaluate)
     return calls
 
 

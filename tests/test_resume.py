@@ -46,7 +46,7 @@ from sap_server.checkpoints import SessionStore
 from sap_server.local import LocalTopService
 from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
-from sap_server.trainer import SessionSnapshot
+from sap_server.session import SessionSnapshot
 from session_steps import BATCH, NUM_LABELS
 from session_steps import batch as _batch
 from session_steps import step as _step
@@ -432,7 +432,7 @@ def test_idle_sessions_are_unloaded_and_come_back_the_same(tiny_llama, tmp_path,
         service = LocalTopService(bare)
         sid = service.open_session(_spec(9))
         _step(service, sid, 9, 1)
-        with caplog.at_level("WARNING", logger="sap_server.sessions"):
+        with caplog.at_level("WARNING", logger="sap_server.registry"):
             _wait_until(lambda: sid not in bare.sessions, what="the idle session to be closed")
         assert "closed after 1 steps" in caplog.text
         with pytest.raises(SessionNotFoundError, match="unknown or closed"):

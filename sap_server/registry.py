@@ -14,8 +14,9 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -25,13 +26,13 @@ from sap_common.errors import ResourceLimitError, SessionNotFoundError, StepOrde
 from sap_common.models.families import new_head
 from sap_common.models.split import TopModel
 from sap_common.recording import Recorder
-from sap_common.service import SessionSpec
+from sap_common.service import BackwardResult, SessionSpec
 from sap_server.auth import check_session_secret, new_session_secret, require_secret, secret_digest
 from sap_server.checkpoints import ClosedSession, SessionStore
 from sap_server.compute import compute_thread
 from sap_server.heap import trim_heap
 from sap_server.peft import PeftConfig, apply_peft
-from sap_server.trainer import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_BATCH_TOKENS, TopTrainer
+from sap_server.session import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_BATCH_TOKENS, Session
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,20 @@ def build_session_top(
     return top
 
 
+@dataclass
+class Closing:
+    """A session being closed (SessionRegistry.closing): what the caller keeps of it, and the record afterwards."""
+
+    session: Session | None
+    adapter_id: str = ""
+    record: ClosedSession | None = None
+
+
 def _unknown(session_id: str) -> SessionNotFoundError:
     return SessionNotFoundError(f"session {session_id[:8]!r}… is unknown or closed")
 
 
-class SessionManager:
+class SessionRegistry:
     """Creates, finds, authenticates, checkpoints, unloads, resumes and closes sessions; thread-safe.
 
     Locks, always taken in this order: a session's trainer.lock, then the manager's lock, then the store's.
@@ -102,7 +112,7 @@ class SessionManager:
         self.recorder = recorder
         self.store = store
         self.checkpoint_every = checkpoint_every
-        self._sessions: dict[str, TopTrainer] = {}  # the loaded sessions
+        self._sessions: dict[str, Session] = {}  # the loaded sessions
         self._closed: OrderedDict[str, ClosedSession] = OrderedDict()
         self._lock = threading.Lock()
         self._reaper: threading.Thread | None = None
@@ -112,7 +122,7 @@ class SessionManager:
 
     def open(
         self, spec: SessionSpec, *, state: dict[str, torch.Tensor] | None = None, steps_applied: int = 0
-    ) -> tuple[str, TopTrainer, str]:
+    ) -> tuple[str, Session, str]:
         """A new session: (id, trainer, its random secret, which only the opener learns; the server keeps its
         SHA-256). With `state`, its trainable weights are restored from a stored adapter."""
         secret = new_session_secret()
@@ -134,9 +144,9 @@ class SessionManager:
         )
         return session_id, trainer, secret
 
-    def _new_trainer(self, session_id: str, spec: SessionSpec, digest: bytes) -> TopTrainer:
+    def _new_trainer(self, session_id: str, spec: SessionSpec, digest: bytes) -> Session:
         top = build_session_top(self.template, self.base, self.peft, spec.num_labels, spec.seed)
-        return TopTrainer(
+        return Session(
             top,
             learning_rate=spec.learning_rate,
             weight_decay=spec.weight_decay,
@@ -147,8 +157,6 @@ class SessionManager:
             session_id=session_id,
             secret_digest=digest,
             max_batch_tokens=self.max_batch_tokens,
-            checkpoint_every=self.checkpoint_every,
-            on_checkpoint=self._announced_checkpoint if self.store is not None else None,
         )
 
     def _check_room(self) -> None:
@@ -158,11 +166,11 @@ class SessionManager:
                 f"the server already holds {self.max_sessions} sessions (--max-sessions); close one first"
             )
 
-    def get(self, session_id: str) -> TopTrainer:
+    def get(self, session_id: str) -> Session:
         """The session's trainer, without authentication (in-process callers; the servicer uses `use`)."""
         return self._find(session_id, None, check=False)
 
-    def authenticate(self, session_id: str, secret: str | None) -> TopTrainer:
+    def authenticate(self, session_id: str, secret: str | None) -> Session:
         """The session's trainer when `secret` is its secret (loaded from its checkpoint if need be).
 
         Order: no secret -> AuthenticationError (before any lookup); unknown or closed id ->
@@ -171,7 +179,7 @@ class SessionManager:
         require_secret(secret)
         return self._find(session_id, secret, check=True)
 
-    def _find(self, session_id: str, secret: str | None, check: bool) -> TopTrainer:
+    def _find(self, session_id: str, secret: str | None, check: bool) -> Session:
         with self._lock:
             trainer = self._sessions.get(session_id)
             if trainer is not None:
@@ -192,13 +200,11 @@ class SessionManager:
         return trainer
 
     @contextmanager
-    def use(self, session_id: str, secret: str | None, *, check: bool = True) -> Iterator[TopTrainer]:
+    def use(self, session_id: str, secret: str | None, *, check: bool = True) -> Iterator[Session]:
         """Authenticate (when check), load if need be, and hold the session's lock for the block.
 
         A session the idle reaper unloads while this call waits for its lock is looked up (and loaded) again,
         so no call ever works on a session that has left memory."""
-        if check:
-            require_secret(secret)
         while True:
             trainer = self._find(session_id, secret, check)
             with trainer.lock:
@@ -213,7 +219,7 @@ class SessionManager:
 
     # --- checkpoints --------------------------------------------------------------------------
 
-    def _save(self, trainer: TopTrainer, *, announced: bool) -> bool:
+    def _save(self, trainer: Session, *, announced: bool) -> bool:
         """Checkpoint the session (caller holds trainer.lock); a failure is logged, never raised."""
         try:
             self.store.save(trainer.session_id, trainer.snapshot(announced=announced))
@@ -225,15 +231,20 @@ class SessionManager:
         trainer.saved_step = trainer.steps_applied
         return True
 
-    def _announced_checkpoint(self, trainer: TopTrainer) -> bool:
-        return self._save(trainer, announced=True)
+    def backward(self, session: Session, step: int, grad_logits: torch.Tensor) -> BackwardResult:
+        """The session's Backward of `step` (the caller holds its lock, through `use`); with a store, every
+        checkpoint_every steps the session is checkpointed before the reply goes out, and the reply says whether
+        it was (BackwardReply.checkpointed)."""
+        due = self.store is not None and step % self.checkpoint_every == 0 and step > session.steps_applied
+        result = session.backward(step, grad_logits, checkpointed=due)
+        if due and not result.replayed and not self._save(session, announced=True):
+            return session.checkpoint_failed()
+        return result
 
-    def resume(self, session_id: str, secret: str | None, step: int, *, check: bool = True) -> TopTrainer:
+    def resume(self, session_id: str, secret: str | None, step: int, *, check: bool = True) -> Session:
         """Bring the session to `step`: accepted as it is when it is exactly there (a pending forward is
         dropped), else restored from its checkpoint at `step` (a closed session is reopened; checkpoints after
         `step` are deleted). Otherwise StepOrderError naming the steps it has. Same auth order as every call."""
-        if check:
-            require_secret(secret)
         self._reopen_closed(session_id, secret, step, check)
         with self.use(session_id, secret, check=check) as trainer:
             if trainer.steps_applied == step:
@@ -292,37 +303,36 @@ class SessionManager:
             check_session_secret(closed.secret_digest, secret, session_id)
         return closed
 
-    def close(
-        self,
-        session_id: str,
-        secret: str | None = None,
-        *,
-        check: bool = False,
-        keep: Callable[[TopTrainer], str] | None = None,
-    ) -> ClosedSession:
-        """Close the session; keep(trainer) (e.g. store the adapter) runs first and returns the adapter id.
-        With a store the final state is checkpointed and the close recorded on disk."""
-        if check:
-            require_secret(secret)
-        with self.use(session_id, secret, check=check) as trainer:
-            record = ClosedSession(
-                trainer.secret_digest, trainer.steps_applied, keep(trainer) if keep is not None else ""
-            )
+    @contextmanager
+    def closing(self, session_id: str, secret: str | None = None, *, check: bool = False) -> Iterator[Closing]:
+        """Close the session at the end of the block; inside it the caller holds the session (its lock) and may set
+        closing.adapter_id (e.g. after storing the adapter). With a store the final state is checkpointed and the
+        close recorded on disk. The record is closing.record afterwards."""
+        with self.use(session_id, secret, check=check) as session:
+            closing = Closing(session)
+            yield closing
+            record = ClosedSession(session.secret_digest, session.steps_applied, closing.adapter_id)
             if self.store is not None:
-                if trainer.saved_step != trainer.steps_applied:
-                    self._save(trainer, announced=False)
+                if session.saved_step != session.steps_applied:
+                    self._save(session, announced=False)
                 try:
                     self.store.mark_closed(session_id, record)
                 except OSError as exc:
                     log.error("session %s…: recording the close failed: %s", session_id[:8], exc)
             with self._lock:
                 self._sessions.pop(session_id, None)
-                trainer.unloaded = True
+                session.unloaded = True
                 self._remember_closed(session_id, record)
-        del trainer  # the last reference: the session's tensors are freed here
+            closing.record, closing.session = record, None
+        del session  # the last reference: the session's tensors are freed here
         trim_heap()
         log.info("session %s… closed after %d steps", session_id[:8], record.steps_applied)
-        return record
+
+    def close(self, session_id: str, secret: str | None = None, *, check: bool = False) -> ClosedSession:
+        """Close the session without keeping its adapter."""
+        with self.closing(session_id, secret, check=check) as closing:
+            pass
+        return closing.record
 
     def _remember_closed(self, session_id: str, record: ClosedSession) -> None:
         """Called with self._lock held."""

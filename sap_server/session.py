@@ -1,10 +1,9 @@
-"""TopTrainer: one session's trainable top (PEFT parameters + head + optimizer), step by step."""
+"""Session: one session's trainable top (PEFT parameters + head + optimizer), step by step."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +43,7 @@ class _Pending:
     mask: torch.Tensor  # (B, T) bool: the real tokens
 
 
-class TopTrainer:
+class Session:
     """Runs Forward/Backward for one session and applies each optimizer step exactly once."""
 
     def __init__(
@@ -60,14 +59,12 @@ class TopTrainer:
         session_id: str = "",
         secret_digest: bytes = b"",
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-        checkpoint_every: int = 0,
-        on_checkpoint: Callable[[TopTrainer], bool] | None = None,
     ):
         self.top = top
         self.recorder = recorder  # sap-server --record: keep what arrives, as a curious provider would
         self.session_id = session_id
         # SHA-256 of the secret every call of the session over the wire must carry (checked by
-        # SessionManager); kept here, with the rest of the session's state, so it is saved and restored with it.
+        # SessionRegistry); kept here, with the rest of the session's state, so it is saved and restored with it.
         self.secret_digest = secret_digest
         self.max_batch_tokens = max_batch_tokens
         self.num_labels = num_labels
@@ -78,13 +75,9 @@ class TopTrainer:
         self.parameters = [p for p in top.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, weight_decay=weight_decay)
         self.steps_applied = 0
-        # With sap-server --state-dir: after applying a step that is a multiple of checkpoint_every,
-        # on_checkpoint(self) saves the session before the reply goes out (True when it was written).
-        self.checkpoint_every = checkpoint_every
-        self.on_checkpoint = on_checkpoint
         self.saved_step: int | None = None  # the step of the last checkpoint written or loaded (None: none)
         self.lock = threading.Lock()
-        self.last_used = time.monotonic()  # for the idle reaper (SessionManager.unload_idle)
+        self.last_used = time.monotonic()  # for the idle reaper (SessionRegistry.unload_idle)
         self.unloaded = False  # set (under lock) when the session left memory: callers look it up again
         self._pending: _Pending | None = None
         self._last_reply: BackwardResult | None = None
@@ -174,8 +167,11 @@ class TopTrainer:
         self._pending = _Pending(step=step, hidden=placed, logits=logits, mask=placed_mask.bool())
         return logits.detach().float().cpu()
 
-    def backward(self, step: int, grad_logits: torch.Tensor) -> BackwardResult:
-        """Back-propagate dL/dlogits of `step` and apply the optimizer step; a retry is replayed."""
+    def backward(self, step: int, grad_logits: torch.Tensor, *, checkpointed: bool = False) -> BackwardResult:
+        """Back-propagate dL/dlogits of `step` and apply the optimizer step; a retry is replayed. checkpointed: the
+        caller (SessionRegistry.backward) checkpoints the session now, before the reply, so the reply (and the
+        record of it a replay answers from, which that checkpoint holds) says so; if the checkpoint then fails,
+        the caller calls checkpoint_failed()."""
         if self._last_reply is not None and step == self._last_reply.applied_step:
             return BackwardResult(step, True, self._last_reply.grad_hidden, self._last_reply.checkpointed)
         pending = self._pending
@@ -207,10 +203,14 @@ class TopTrainer:
         self._pending = None
         # dL/dhidden of the real tokens only, packed like the forward's input (N_real, H): padding gets none.
         grad_hidden = pending.hidden.grad[pending.mask].detach().float().cpu() if self.train_bottom else None
-        due = self.on_checkpoint is not None and self.checkpoint_every > 0 and step % self.checkpoint_every == 0
-        self._last_reply = BackwardResult(step, False, grad_hidden, checkpointed=due)
-        if due and not self.on_checkpoint(self):  # written before the reply, or the reply says it was not
-            self._last_reply = BackwardResult(step, False, grad_hidden, checkpointed=False)
+        self._last_reply = BackwardResult(step, False, grad_hidden, checkpointed=checkpointed)
+        return self._last_reply
+
+    def checkpoint_failed(self) -> BackwardResult:
+        """The reply of the step just applied, saying it was not checkpointed after all."""
+        assert self._last_reply is not None
+        reply = self._last_reply
+        self._last_reply = BackwardResult(reply.applied_step, False, reply.grad_hidden, checkpointed=False)
         return self._last_reply
 
     @torch.no_grad()
