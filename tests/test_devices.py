@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from test_two_process import _script, _wait_for_address
+from test_two_process import _script
 
 from sap_client import cli as client_cli
 from sap_client.bottom import load_server_bottom
@@ -23,6 +22,7 @@ from sap_common.devices import DeviceUnavailableError, parse_max_memory, plan_bl
 from sap_common.models.registry import load_model
 from sap_common.recording import read_recording
 from sap_server import cli as server_cli
+from sap_server.launch import ServerProcess
 from sap_server.local import LocalTopService
 from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
@@ -213,16 +213,14 @@ def _two_process_run(
         TQDM_DISABLE="1",
         OMP_NUM_THREADS="1",
     )
-    server = subprocess.Popen(
-        [_script("sap-server"), "--model", str(folder), "--split", "1", "--port", "0", *server_flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    server = ServerProcess(
+        ["--model", str(folder), "--split", "1", "--port", "0", *server_flags],
         env=env,
         cwd=tmp_path,
+        command=[_script("sap-server")],
     )
     try:
-        address, _ = _wait_for_address(server, timeout=120)
+        address = server.wait_listening(timeout=120)
         client = subprocess.run(
             [
                 _script("sap-client"),
@@ -249,15 +247,11 @@ def _two_process_run(
             timeout=300,
         )
         assert client.returncode == 0, client.stderr[-3000:]
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
-        log = server.stderr.read()
+        code = server.stop(timeout=30)
+        log = server.stderr()
+        assert code == 0, log[-3000:]
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(timeout=10)
-        for stream in (server.stdout, server.stderr):
-            stream.close()
+        server.close()
     return json.loads((run / "metrics.json").read_text()), log
 
 

@@ -10,7 +10,7 @@ import torch
 
 from sap_common.models.registry import load_model
 from sap_common.service import SessionSpec
-from sap_server import sessions as sessions_module
+from sap_server import registry as registry_module
 from sap_server.heap import trim_heap
 from sap_server.local import LocalTopService
 from sap_server.peft import PeftConfig
@@ -53,7 +53,7 @@ def test_trim_returns_pages_that_the_heap_keeps():
 
 def test_closing_and_unloading_a_session_trims_the_heap(tiny_llama, monkeypatch):
     calls = []
-    monkeypatch.setattr(sessions_module, "trim_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(registry_module, "trim_heap", lambda: calls.append(1) or True)
     provider = Provider.from_loaded(load_model(str(tiny_llama)), split=1, peft=PeftConfig())
     service = LocalTopService(provider)
     sid = service.open_session(SessionSpec(num_labels=2))

@@ -6,12 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import queue
-import re
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,12 +15,12 @@ import pytest
 from conftest import running_server
 from sap_client.cli import main as client_main
 from sap_common.models.registry import load_model
+from sap_server.launch import ServerProcess
 from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 from tiny_models import learnable_rows, write_csv
 
 BIN = Path(sys.executable).parent
-LISTENING = re.compile(r"^sap-server listening on (\S+):(\d+)$")
 TRAIN_ROWS, EVAL_ROWS = 400, 100
 # Measured on the tiny llama at k = 1 (mean ||h|| about 0.12, d = 32): eta 500 with CTI sends noise about
 # 0.8 times the signal; 4 epochs at lr 3e-3 then reach 0.75-0.91 eval accuracy over 24 random noise keys
@@ -39,54 +35,12 @@ def _script(name: str) -> str:
     return str(path)
 
 
-class Server:
-    """A sap-server subprocess; its stdout is drained by a thread, its stderr goes to a file."""
-
-    def __init__(self, folder: Path, env: dict, cwd: Path, log: Path, state_dir: Path | None):
-        args = [_script("sap-server"), "--model", str(folder), "--split", "1", "--port", "0"]
-        if state_dir is not None:
-            args += ["--state-dir", str(state_dir)]
-        self.log = log
-        self._stderr = log.open("w")
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env, cwd=cwd)
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.process.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def address(self, timeout: float = 60) -> str:
-        seen = []
-        while True:
-            try:
-                line = self._lines.get(timeout=timeout)
-            except queue.Empty:
-                pytest.fail(f"sap-server printed no 'listening' line within {timeout} s; stdout: {seen}")
-            if line is None:
-                pytest.fail(
-                    f"sap-server exited ({self.process.wait()}) before listening; stdout: {seen}; "
-                    f"stderr: {self.log.read_text()[-2000:]}"
-                )
-            seen.append(line)
-            match = LISTENING.match(line)
-            if match:
-                return f"{match.group(1)}:{match.group(2)}"
-
-    def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pytest.fail("sap-server did not exit within 15 s of SIGTERM")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process.stdout.close()
-        self._stderr.close()
+def Server(folder: Path, env: dict, cwd: Path, log: Path, state_dir: Path | None) -> ServerProcess:
+    """A sap-server subprocess (split 1, with the state dir when given); its stderr goes to log."""
+    args = ["--model", str(folder), "--split", "1", "--port", "0"]
+    if state_dir is not None:
+        args += ["--state-dir", str(state_dir)]
+    return ServerProcess(args, env=env, cwd=cwd, log=log, command=[_script("sap-server")])
 
 
 def _client(env: dict, cwd: Path, *args: str) -> subprocess.Popen:
@@ -138,7 +92,7 @@ def test_noisy_cti_run_predicts_and_evaluates_from_new_processes_across_restart(
     servers: list[Server] = []
     try:
         servers.append(Server(tiny_llama, env, tmp_path, tmp_path / "server1.log", state))
-        address = servers[0].address()
+        address = servers[0].wait_listening(60)
         _ok(
             _finish(
                 _client(
@@ -199,11 +153,13 @@ def test_noisy_cti_run_predicts_and_evaluates_from_new_processes_across_restart(
         assert figures["accuracy"] == sum(r["label"] == y for r, y in zip(table, eval_labels)) / EVAL_ROWS
         assert 0.0 < figures["macro_f1"] <= 1.0
 
-        assert servers[0].terminate() == 0, servers[0].log.read_text()[-3000:]
+        assert servers[0].stop() == 0, servers[0].stderr()[-3000:]
 
         # A new server process on the same state dir knows the adapter.
         (run / "evaluation.json").unlink()
-        again = _client(env, tmp_path, "evaluate", str(eval_csv), "--run", str(run), "--server", servers[1].address())
+        again = _client(
+            env, tmp_path, "evaluate", str(eval_csv), "--run", str(run), "--server", servers[1].wait_listening(60)
+        )
 
         # Meanwhile: a server without the state dir (same model and split, in this process) does not.
         provider = Provider.from_loaded(load_model(str(tiny_llama)), split=1, peft=PeftConfig())
@@ -231,7 +187,7 @@ def test_noisy_cti_run_predicts_and_evaluates_from_new_processes_across_restart(
 
         _ok(_finish(again))
         assert json.loads((run / "evaluation.json").read_text())["accuracy"] == metrics["eval_accuracy"]
-        assert servers[1].terminate() == 0, servers[1].log.read_text()[-3000:]
+        assert servers[1].stop() == 0, servers[1].stderr()[-3000:]
     finally:
         for server in servers:
-            server.kill()
+            server.close()

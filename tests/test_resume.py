@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import signal
 import stat
 import subprocess
@@ -43,6 +42,7 @@ from sap_common.proto import sap_pb2, sap_pb2_grpc
 from sap_common.service import BackwardResult, SessionSpec
 from sap_server import cli as server_cli
 from sap_server.checkpoints import SessionStore
+from sap_server.launch import LISTENING
 from sap_server.local import LocalTopService
 from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
@@ -625,7 +625,6 @@ def test_cli_flags_and_help(capsys, monkeypatch):
 
 # --- real processes, SIGKILL ----------------------------------------------------------------------
 
-LISTENING = re.compile(r"^sap-server listening on (\S+):(\d+)$")
 KILL_ROWS, KILL_FLAGS = (
     64,
     [
@@ -695,9 +694,9 @@ class _Process:
                 pytest.fail(f"sap-server did not listen within {timeout} s: {self.log.read_text()[-2000:]}")
             if line is None:
                 pytest.fail(f"sap-server exited ({self.process.wait()}): {self.log.read_text()[-2000:]}")
-            match = LISTENING.match(line)
+            match = LISTENING.match(line)  # the one pattern (sap_server.launch)
             if match:
-                return f"{match.group(1)}:{match.group(2)}"
+                return match.group(1)
 
     def kill(self) -> None:
         """SIGKILL (the process gets no chance to clean up)."""
@@ -773,6 +772,16 @@ def _client_checkpoint_step(run: Path) -> int:
         return read_meta(run / "checkpoint.safetensors")["step"]
     except (OSError, InvalidInputError):
         return -1
+
+
+def _server_checkpointed_past(state: Path, run: Path) -> None:
+    """Wait until the server holds a checkpoint of a later step than the client's latest (it has gone on)."""
+    step = _client_checkpoint_step(run)
+
+    def server_steps() -> list[int]:
+        return [int(p.stem.split("-")[1]) for p in state.glob("sessions/*/step-*.safetensors")]
+
+    _wait_until(lambda: max(server_steps(), default=-1) > step, timeout=90, what=f"a server checkpoint past {step}")
 
 
 def _kill_when_checkpointed(client: _Process, run: Path, then) -> int:
@@ -854,7 +863,8 @@ def test_client_killed_mid_run_resumes_against_the_running_server(tiny_llama, un
     try:
         assert server.address() == address
         client.go()
-        _kill_when_checkpointed(client, run, then=lambda: time.sleep(0.1))  # the server goes on a few steps
+        # the server goes on past the client's checkpoint before the client dies: it resumes back to it
+        _kill_when_checkpointed(client, run, then=lambda: _server_checkpointed_past(state, run))
         assert client_cli.main(["resume", str(run)]) == 0  # the run's own server
     finally:
         client.kill()

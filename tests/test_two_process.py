@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import re
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
+from sap_server.launch import ServerProcess
 from tiny_models import build_tiny_model, learnable_rows, write_csv
 
 BIN = Path(sys.executable).parent
-LISTENING = re.compile(r"^sap-server listening on (\S+):(\d+)$")
 METRIC_KEYS = (
     "eval_accuracy",
     "train_loss",
@@ -41,30 +37,6 @@ def _script(name: str) -> str:
     return str(path)
 
 
-def _wait_for_address(server: subprocess.Popen, timeout: float) -> tuple[str, list[str]]:
-    """Read the server's stdout until its 'listening' line; keep draining it afterwards."""
-    lines: queue.Queue[str | None] = queue.Queue()
-    seen: list[str] = []
-
-    def pump() -> None:
-        for line in server.stdout:
-            lines.put(line.rstrip("\n"))
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    while True:
-        try:
-            line = lines.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"sap-server printed no 'listening' line within {timeout} s; stdout: {seen}")
-        if line is None:
-            pytest.fail(f"sap-server exited ({server.wait()}) before listening; stdout: {seen}")
-        seen.append(line)
-        match = LISTENING.match(line)
-        if match:
-            return f"{match.group(1)}:{match.group(2)}", seen
-
-
 @pytest.mark.parametrize("family", ["bert", "llama", "qwen2", "qwen3", "mistral"])
 def test_train_through_two_processes(family, tiny_bert, tiny_llama, tmp_path):
     """Every family the README lists learns a separable task through the CLIs (a tiny Qwen2 folder once stayed at
@@ -80,16 +52,11 @@ def test_train_through_two_processes(family, tiny_bert, tiny_llama, tmp_path):
         TQDM_DISABLE="1",
         OMP_NUM_THREADS="1",
     )  # one thread each: the two processes share the cores
-    server = subprocess.Popen(
-        [_script("sap-server"), "--model", str(folder), "--split", "1", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=tmp_path,
+    server = ServerProcess(
+        ["--model", str(folder), "--split", "1", "--port", "0"], env=env, cwd=tmp_path, command=[_script("sap-server")]
     )
     try:
-        address, _ = _wait_for_address(server, timeout=60)
+        address = server.wait_listening(timeout=60)
         assert address.startswith("127.0.0.1:") and not address.endswith(":0")
         client = subprocess.run(
             [
@@ -134,16 +101,7 @@ def test_train_through_two_processes(family, tiny_bert, tiny_llama, tmp_path):
         assert json.loads((run / "metrics.json").read_text())["privacy"]["mechanism"] == "none"
         assert any((tmp_path / "cache" / "bottoms").iterdir()), "the bottom was not cached under SAP_CACHE_DIR"
 
-        server.send_signal(signal.SIGTERM)
-        try:
-            code = server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pytest.fail("sap-server did not exit within 15 s of SIGTERM")
-        assert code == 0, server.stderr.read()[-3000:]
+        code = server.stop()
+        assert code == 0, server.stderr()[-3000:]
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(timeout=10)
-        for stream in (server.stdout, server.stderr):
-            if stream is not None:
-                stream.close()
+        server.close()
