@@ -293,7 +293,7 @@ def test_a_restarted_server_loads_sessions_lazily_and_replays_exactly(tiny_llama
 
 def test_a_graceful_stop_checkpoints_every_session_where_it_stands(tiny_llama, tmp_path):
     """sap-server on SIGTERM (with --state-dir) checkpoints each loaded session: a client that retries across the
-    restart goes on with its next step, no --resume needed."""
+    restart goes on with its next step, no resume needed."""
     state = tmp_path / "state"
     first = _provider(tiny_llama, state, checkpoint_every=2)
     try:
@@ -441,7 +441,7 @@ def test_idle_sessions_are_unloaded_and_come_back_the_same(tiny_llama, tmp_path,
         bare.close()
 
 
-# --- the client: --resume ------------------------------------------------------------------------
+# --- the client: resume -----------------------------------------------------------------------------
 
 TRAIN_FLAGS = ["--batch-size", "4", "--epochs", "2", "--eval-fraction", "0.25", "--lr", "1e-2", "--seed", "3"]
 NOISE_KEY = "5a" * 32 + "\n"

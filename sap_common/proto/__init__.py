@@ -1,1 +1,1 @@
-"""Generated gRPC/protobuf code for the sap.v1 contract (do not edit; see proto/)."""
+"""Generated gRPC/protobuf code for the sap.v2 contract (do not edit; see proto/)."""
