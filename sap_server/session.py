@@ -143,6 +143,16 @@ class Session:
         self._pending = None
         self.saved_step = snapshot.steps_applied
 
+    @property
+    def pending_step(self) -> int | None:
+        """The step whose forward is pending (its graph kept until its Backward), or None."""
+        return self._pending.step if self._pending is not None else None
+
+    @property
+    def pending_logits(self) -> torch.Tensor | None:
+        """The pending forward's logits (B, C), detached, or None."""
+        return self._pending.logits.detach() if self._pending is not None else None
+
     def drop_pending(self) -> None:
         self._pending = None
 

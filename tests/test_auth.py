@@ -85,7 +85,7 @@ def test_a_session_is_refused_to_anyone_without_its_secret(tiny_llama):
             hidden, mask, labels = _batch(3, 3)
             logits = owner.forward(sid, 3, hidden, mask).requires_grad_(True)
             trainer = provider.sessions.get(sid)
-            before, pending = _weights(provider, sid), trainer._pending
+            before, pending = _weights(provider, sid), (trainer.pending_step, trainer.pending_logits)
 
             stub = sap_pb2_grpc.SplitLearningStub(channel)
             forward = wire.forward_frames(sid, 3, hidden, mask)
@@ -121,7 +121,7 @@ def test_a_session_is_refused_to_anyone_without_its_secret(tiny_llama):
                     intruder.close_session(sid)
 
             # nothing changed: same weights, same pending forward, no step applied, session still open
-            assert trainer.steps_applied == 2 and trainer._pending is pending
+            assert trainer.steps_applied == 2 and _same_pending(trainer, pending)
             assert all(torch.equal(before[n], v) for n, v in _weights(provider, sid).items())
             # the owner goes on: its pending backward is applied (not replayed), then one more step
             (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels), logits)
@@ -298,3 +298,11 @@ def test_cli_api_keys(tiny_llama, tmp_path, capsys, monkeypatch):
             assert client_cli.main(["evaluate", str(data), "--run", str(tmp_path / "run")]) == 0
     finally:
         provider.close()
+
+
+def _same_pending(session, pending) -> bool:
+    """The session's pending forward is still the one recorded: its step, and its very logits (the same storage, not
+    a recomputation)."""
+    step, logits = pending
+    now = session.pending_logits
+    return session.pending_step == step and logits is not None and now.data_ptr() == logits.data_ptr()

@@ -164,7 +164,8 @@ def test_session_weights_are_created_in_the_top_dtype(method, dtype, tiny_llama,
         assert any(name.startswith("head.") for name in trainable) and len(trainable) > 1
         assert {p.dtype for p in top.parameters()} == {dtype}, "frozen, PEFT and head weights share the dtype"
         texts, labels = [t for t, _ in learnable_rows(4)], torch.tensor([0, 1, 0, 1])
-        _, sent, mask = trainer._outgoing(texts, labels, train=True)
+        ids, mask = trainer.encode(texts)
+        sent = trainer.to_send(trainer.bottom_outputs(ids, mask), mask, ids, labels, trainer.noise_keys(texts))
         logits = service.forward(trainer.session_id, 1, sent, mask)
         assert logits.dtype == torch.float32 and logits.device.type == "cpu" and torch.isfinite(logits).all()
         result = service.backward(trainer.session_id, 1, torch.full_like(logits, 0.1))

@@ -73,13 +73,13 @@ def _train(served, tmp_path, *, prefetch: bool) -> tuple[list[float], dict[str, 
     data = _dataset()
     with _trainer(served, tmp_path, prefetch=prefetch) as trainer:
         threads: set[str] = set()
-        outgoing = trainer._outgoing
+        send = trainer.to_send
 
         def recording(*args, **kwargs):
             threads.add(threading.current_thread().name)
-            return outgoing(*args, **kwargs)
+            return send(*args, **kwargs)
 
-        trainer._outgoing = recording
+        trainer.to_send = recording  # the send function: called where each batch is prepared
         generator = torch.Generator().manual_seed(0)
         losses = [trainer.train_epoch(data, generator, epoch=epoch) for epoch in (1, 2)]
         weights = _session_weights(provider, trainer.session_id)

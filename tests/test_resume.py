@@ -333,7 +333,7 @@ def test_resume_session_auth_rollback_and_refusals(tiny_llama, tmp_path):
             hidden, mask, _ = _batch(3, 6)
             owner.forward(sid, 6, hidden, mask)  # step 6 pending
             trainer = provider.sessions.get(sid)
-            before, pending = trainer.trainable_state(), trainer._pending
+            before, pending = trainer.trainable_state(), (trainer.pending_step, trainer.pending_logits)
 
             def resume(session_id: str, step: int, md=()):
                 return stub.ResumeSession(
@@ -355,11 +355,11 @@ def test_resume_session_auth_rollback_and_refusals(tiny_llama, tmp_path):
             assert code == grpc.StatusCode.FAILED_PRECONDITION
             assert "step 3" in details and "at step 5" in details and "[2, 4]" in details
             # nothing changed
-            assert trainer.steps_applied == 5 and trainer._pending is pending
+            assert trainer.steps_applied == 5 and _same_pending(trainer, pending)
             _assert_close(trainer.trainable_state(), before, "after refusals")
 
             # the live session exactly at the step: accepted, the pending forward dropped
-            assert owner.resume_session(sid, 5) == 5 and trainer._pending is None
+            assert owner.resume_session(sid, 5) == 5 and trainer.pending_step is None
             # ahead of the step: restored from the checkpoint at 4 (the one at 6 will be written again)
             _step(owner, sid, 3, 6)
             assert provider.sessions.store.steps(sid) == [4, 6]
@@ -871,3 +871,11 @@ def test_client_killed_mid_run_resumes_against_the_running_server(tiny_llama, un
         server.kill()
     _check_against(uninterrupted, run, state, capsys)
     assert "resumed at step" in (tmp_path / "server.log").read_text()
+
+
+def _same_pending(session, pending) -> bool:
+    """The session's pending forward is still the one recorded: its step, and its very logits (the same storage, not
+    a recomputation)."""
+    step, logits = pending
+    now = session.pending_logits
+    return session.pending_step == step and logits is not None and now.data_ptr() == logits.data_ptr()
