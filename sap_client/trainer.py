@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from sap_client.data import TextDataset
 from sap_client.privacy import NoiseTally, Privatizer
 from sap_common.checkpoint import seeded_draws
+from sap_common.models import set_training
 from sap_common.service import DEFAULT_LEARNING_RATE, SessionSpec, TopService
 
 if TYPE_CHECKING:  # the model code loads transformers: not needed to parse a command line
@@ -228,14 +229,12 @@ class SplitTrainer:
     def bottom_outputs(self, input_ids: torch.Tensor, mask: torch.Tensor, *, train: bool = False) -> torch.Tensor:
         """The bottom's hidden states (B, T, H) for a batch; with a graph only when the bottom trains now."""
         if train and self.config.train_bottom:
-            if not self.bottom.training:  # train() walks every submodule: only when the mode changes
-                self.bottom.train()
+            set_training(self.bottom, True)
             # Dropout of a trainable bottom draws from (seed, step) alone (sap_common.checkpoint.seeded_draws), so
             # a resumed run recomputes a step exactly. The bottom trains without prefetch: this is step steps + 1.
             with seeded_draws(self.config.seed, self.steps + 1, self.device, purpose="bottom-dropout"):
                 return self.bottom(input_ids, mask)
-        if self.bottom.training:
-            self.bottom.eval()
+        set_training(self.bottom, False)
         with torch.no_grad():
             return self.bottom(input_ids, mask)
 

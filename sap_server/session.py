@@ -10,7 +10,8 @@ import torch
 
 from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors, seeded_draws
 from sap_common.errors import InvalidInputError, ModelLoadError, ResourceLimitError, StepOrderError
-from sap_common.models.split import TopModel, set_training
+from sap_common.models import set_training
+from sap_common.models.split import TopModel
 from sap_common.recording import Recorder
 from sap_common.service import BackwardResult, SessionSpec
 

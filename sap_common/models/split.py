@@ -22,13 +22,6 @@ from sap_common.models.families import (
 )
 
 
-def set_training(module: nn.Module, mode: bool) -> None:
-    """module.train(mode) only when it is in the other mode: train() walks every submodule, which for a small top
-    at batch 1 cost more than a tenth of a forward, on every call."""
-    if module.training != mode:
-        module.train(mode)
-
-
 class BottomModel(nn.Module):
     """Embeddings + blocks 0..k-1: runs on the user's machine; input ids never leave it."""
 
