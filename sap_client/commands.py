@@ -18,7 +18,7 @@ from sap_client.cti import fit_cti
 from sap_client.data import TextDataset, load_labelled_csv, load_texts, stratified_split
 from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
 from sap_client.remote import ClientCredentials
-from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, METRICS, PRIVACY, RunDir, RunSpec, RunState
+from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, METRICS, PRIVACY, RUN, RunDir, RunSpec, RunState
 from sap_client.statement import audit_summary, median_token_distance, privacy_statement, render_statement
 from sap_client.trainer import SplitTrainer, TrainConfig, TrainProgress
 from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors
@@ -221,6 +221,8 @@ def resume(
     spec = run.read_spec()
     if run.file(METRICS).exists() or spec.finished:
         raise InvalidInputError(f"{run_path} holds a completed run (its metrics.json is written): nothing to resume")
+    if spec.data is None or spec.data_sha256 is None:
+        raise InvalidInputError(f"{run_path}/{RUN} has no resume information (written by an older sap-client)")
     config = spec.config
     data_path = Path(spec.data)
     eval_path = Path(spec.eval) if spec.eval else None
@@ -247,9 +249,8 @@ def resume(
         server, config, run=run, spec=spec, fresh_noise=spec.noise.fresh_noise, credentials=credentials, device=device
     ) as opened:
         trainer, service = opened.trainer, opened.service
-        state = saved[0] if saved is not None else None
-        if saved is not None:
-            state, tensors = saved
+        state, tensors = saved if saved is not None else (None, {})
+        if state is not None:
             if config.train_bottom:
                 trainer.bottom.load_state_dict(
                     {name[len(_BOTTOM) :]: value for name, value in tensors.items() if name.startswith(_BOTTOM)}

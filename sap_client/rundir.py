@@ -54,8 +54,8 @@ class RunSpec:
     label_column: str
     config: TrainConfig
     noise: NoiseConfig
-    data: str
-    data_sha256: str
+    data: str | None = None  # None in runs from before `resume` existed: they predict, but cannot resume
+    data_sha256: str | None = None
     eta: float | None = None
     rescale_norm: float | None = None
     wire_dtype: str = "float32"  # runs from before --wire-dtype sent float32

@@ -879,3 +879,33 @@ def _same_pending(session, pending) -> bool:
     step, logits = pending
     now = session.pending_logits
     return session.pending_step == step and logits is not None and now.data_ptr() == logits.data_ptr()
+
+
+def test_a_run_from_before_resume_existed_is_read_but_not_resumed(tmp_path):
+    """run.json without data/data_sha256 (written before `resume` existed): it still reads as a RunSpec, for predict
+    and evaluate, and `resume` says why it cannot continue it instead of failing on a missing key."""
+    from sap_client.commands import resume
+    from sap_client.rundir import RunDir
+
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "server": "127.0.0.1:1",
+                "model": "tiny",
+                "split": 1,
+                "label_names": ["neg", "pos"],
+                "text_column": "text",
+                "label_column": "label",
+                "config": {"epochs": 1, "batch_size": 4},
+                "noise": {},
+                "eta": None,
+                "finished": None,
+            }
+        )
+    )
+    spec = RunDir(run).read_spec()
+    assert spec.data is None and spec.wire_dtype == "float32" and spec.config.batch_size == 4
+    with pytest.raises(InvalidInputError, match="no resume information"):
+        resume(run)
