@@ -35,9 +35,11 @@ def recorded_audit(
     attacks run on data only."""
     received, digests = _distinct_examples(records)
     matched = _pair_with_texts(trainer, data, received)  # received index -> (text index, ids)
+    order = sorted(matched)
+    if not order:  # before the attacker is built: that runs the public text and may train an inverter
+        raise ValueError("no recorded example matches a text of the data (same tokenizer, split and data?)")
     provider = build_attacker(trainer, config, public)
     kinds = provider.applicable()
-    order = sorted(matched)
     results: dict[str, list[tuple]] = {kind: [] for kind in kinds}
     size = trainer.config.batch_size
     for start in range(0, len(order), size):
@@ -51,8 +53,6 @@ def recorded_audit(
         content = content_mask(truth, mask, trainer.tokenizer)
         for kind in kinds:
             results[kind].append((provider.invert(kind, observed, mask), truth, mask, content))
-    if not order:
-        raise ValueError("no recorded example matches a text of the data (same tokenizer, split and data?)")
     report = eia_report({1: results}, trainer, provider)
     report.update(examples=len(order), recorded_examples=len(received), unmatched_examples=len(received) - len(order))
     label_data = label_data if label_data is not None else data
