@@ -48,6 +48,7 @@ ERROR_OF_STATUS: dict[grpc.StatusCode, type[SapError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: StepOrderError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceLimitError,
     grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
+    grpc.StatusCode.UNIMPLEMENTED: ProtocolError,  # no such method: the server speaks another package version
 }
 
 # Tried again: the server may not have seen the call (UNAVAILABLE) or its answer was lost (DEADLINE_EXCEEDED).
@@ -173,14 +174,12 @@ class RemoteTopService:
         """What the server serves; ProtocolError when it speaks another version of the wire contract."""
         try:
             info = codec.info_from_proto(self._call(self._stub.GetServerInfo, sap_pb2.ServerInfoRequest()))
-        except RemoteError as exc:
-            if "UNIMPLEMENTED" in str(exc):  # no /sap.v2.SplitLearning/GetServerInfo: another package version
-                raise ProtocolError(
-                    f"sap-server at {self.address} does not speak SAP wire protocol {PROTOCOL_VERSION} "
-                    f"(sap.v{PROTOCOL_VERSION}): it is an older or newer sap-server; use a client and server "
-                    f"of the same release"
-                ) from exc
-            raise
+        except ProtocolError as exc:  # no /sap.v2.SplitLearning/GetServerInfo
+            raise ProtocolError(
+                f"sap-server at {self.address} does not speak SAP wire protocol {PROTOCOL_VERSION} "
+                f"(sap.v{PROTOCOL_VERSION}): it is an older or newer sap-server; use a client and server "
+                f"of the same release"
+            ) from exc
         if info.protocol_version != PROTOCOL_VERSION:
             raise ProtocolError(
                 f"sap-server at {self.address} speaks SAP wire protocol {info.protocol_version}, this client "
@@ -310,7 +309,7 @@ class RemoteTopService:
 
         replies = self._retrying(_rpc_name(method), attempt)
         self.bytes_received += sum(frame.ByteSize() for frame in replies)
-        return codec.from_frames(replies, reply_type, tensor_fields, max_bytes=codec.DEFAULT_MAX_REQUEST_BYTES)
+        return codec.from_frames(replies, reply_type, tensor_fields)
 
     def _retrying(self, name: str, attempt: Callable[[], T]) -> T:
         """attempt(), tried again on UNAVAILABLE / DEADLINE_EXCEEDED with bounded exponential backoff and

@@ -98,10 +98,12 @@ def _reply_stream(method: Callable) -> Callable:
 
 def _metadata(context, key: str) -> str | None:
     """The value of a text metadata key the caller sent (the first one), or None."""
-    for name, value in context.invocation_metadata() or ():
-        if name == key and isinstance(value, str):
-            return value
-    return None
+    return _first(context.invocation_metadata() or (), key)
+
+
+def _first(metadata, key: str) -> str | None:
+    """The first text value of key in (name, value) pairs, or None."""
+    return next((value for name, value in metadata if name == key and isinstance(value, str)), None)
 
 
 class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
@@ -201,7 +203,7 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
                     f"output {sap_pb2.Output.Name(header.output)} is not served by this server: its sessions end "
                     f"with the task head and return logits (OUTPUT_LOGITS)"
                 )
-            hidden, mask = self._unpack(packed, header.lengths)
+            hidden, mask = self._unpack(header, packed)
             logits = trainer.forward(header.step, hidden, mask) if train else trainer.evaluate(hidden, mask)
         tensor, raw = codec.wire_tensor(logits)
         reply = sap_pb2.ForwardReplyHeader(step=header.step if train else 0, output=header.output, tensor=tensor)
@@ -229,15 +231,15 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
             raws.append(raw)
         return codec.to_frames(sap_pb2.BackwardReplyFrame, reply, raws, self.chunk_bytes)
 
-    def _unpack(self, packed, lengths) -> tuple:
+    def _unpack(self, header: sap_pb2.ForwardHeader, packed) -> tuple:
         """(B, T, H) hidden states and the (B, T) mask from the packed real tokens and their lengths.
 
         The hidden size and the batch x length limit are checked before unpacking (it allocates the padded batch);
         the trainer checks everything again on the padded form."""
         if packed is None:
             raise InvalidInputError("ForwardHeader.hidden is missing: the packed real token vectors (N_real, H)")
-        if packed.dtype not in DTYPES.values():
-            raise InvalidTensorError(f"hidden.dtype={packed.dtype} is not allowed here; expected one of {_FLOATS}")
+        _check_float("hidden", header.hidden)
+        lengths = header.lengths
         size = self.provider.info.hidden_size
         if packed.dim() == 2 and packed.shape[1] != size:
             raise InvalidInputError(
@@ -277,10 +279,6 @@ class AuthInterceptor(grpc.ServerInterceptor):
         except AuthenticationError as exc:
             return _refusal(continuation(handler_call_details), str(exc))
         return continuation(handler_call_details)
-
-
-def _first(metadata, key: str) -> str | None:
-    return next((value for name, value in metadata if name == key and isinstance(value, str)), None)
 
 
 def _refusal(handler, details: str):

@@ -325,6 +325,35 @@ def test_evaluate_changes_nothing_and_matches_training_forward(served):
 # --- tensors larger than the message cap -------------------------------------------------------
 
 
+def test_the_client_refuses_a_server_of_another_protocol_version(tiny_llama):
+    """A server that says another protocol version, and one without this version's service at all (an older
+    package: UNIMPLEMENTED), are both refused when the client connects, naming the versions."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sap_client.remote import RemoteTopService
+    from sap_common import PROTOCOL_VERSION
+    from sap_common.errors import ProtocolError
+
+    provider = _provider(tiny_llama)
+    provider.info = dataclasses.replace(provider.info, protocol_version=PROTOCOL_VERSION - 1)
+    try:
+        with running_server(provider) as address, RemoteTopService(address, tries=1) as service:
+            with pytest.raises(ProtocolError, match=f"protocol {PROTOCOL_VERSION - 1}, this client {PROTOCOL_VERSION}"):
+                service.server_info()
+    finally:
+        provider.close()
+    bare = grpc.server(ThreadPoolExecutor(max_workers=1))  # serves no method of sap.v2
+    port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+    try:
+        with RemoteTopService(f"127.0.0.1:{port}", tries=1) as service:
+            with pytest.raises(ProtocolError, match=f"does not speak SAP wire protocol {PROTOCOL_VERSION}"):
+                service.server_info()
+    finally:
+        bare.stop(None)
+
+
 def test_tensor_larger_than_message_cap_streams_in_chunks(tiny_llama):
     from sap_client.remote import RemoteTopService
     from sap_common.service import SessionSpec
