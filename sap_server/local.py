@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from sap_common import codec
 from sap_common.models.bundle import bundle_files
 from sap_common.service import BackwardResult, ServerInfo, SessionSpec
 from sap_server.provider import Provider
@@ -35,8 +36,8 @@ class LocalTopService:
 
     def forward(self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with self.provider.sessions.use(session_id, None, check=False) as trainer:
-            # detach+clone: the provider must never share a graph or storage with the user's tensors
-            return trainer.forward(step, hidden.detach().clone(), attention_mask.detach().clone())
+            # packed as on the wire; the boolean index copies, so no graph or storage is shared with the user's
+            return trainer.forward(step, *codec.pack_hidden(hidden, attention_mask))
 
     def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult:
         sessions = self.provider.sessions
@@ -45,7 +46,7 @@ class LocalTopService:
 
     def evaluate(self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with self.provider.sessions.use(session_id, None, check=False) as trainer:
-            return trainer.evaluate(hidden.detach().clone(), attention_mask.detach().clone())
+            return trainer.evaluate(*codec.pack_hidden(hidden, attention_mask))
 
     def close_session(self, session_id: str) -> int:
         return self.provider.close_session(session_id, None, keep=False, check=False).steps_applied

@@ -9,11 +9,9 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from sap_common import codec
-from sap_common.devices import DTYPES
 from sap_common.errors import (
     AuthenticationError,
     InvalidInputError,
-    InvalidTensorError,
     ModelLoadError,
     PermissionDeniedError,
     ResourceLimitError,
@@ -27,7 +25,6 @@ from sap_common.service import API_KEY_METADATA, DEFAULT_LEARNING_RATE, SESSION_
 from sap_server.auth import ApiKeys, require_secret
 from sap_server.compute import ComputeThread, compute_thread
 from sap_server.provider import Provider
-from sap_server.session import check_batch_tokens
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +106,9 @@ def _first(metadata, key: str) -> str | None:
 class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     """Decode, call the provider's sessions, encode. Credentials are checked before a method runs, by AuthInterceptor
     (the API key; that a session call carries a secret); the session's registry then matches the secret to the
-    session when it looks it up: unknown or closed session: NOT_FOUND; a wrong secret: PERMISSION_DENIED. Validation
-    follows, then the session: a refused call changes nothing."""
+    session when it looks it up: unknown or closed session: NOT_FOUND; a wrong secret: PERMISSION_DENIED. What a
+    request carries is validated by the session (Session._inputs, Session.backward) before it changes anything: a
+    refused call changes nothing."""
 
     def __init__(
         self,
@@ -203,8 +201,10 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
                     f"output {sap_pb2.Output.Name(header.output)} is not served by this server: its sessions end "
                     f"with the task head and return logits (OUTPUT_LOGITS)"
                 )
-            hidden, mask = self._unpack(header, packed)
-            logits = trainer.forward(header.step, hidden, mask) if train else trainer.evaluate(hidden, mask)
+            if packed is None:
+                raise InvalidInputError("ForwardHeader.hidden is missing: the packed real token vectors (N_real, H)")
+            lengths = header.lengths
+            logits = trainer.forward(header.step, packed, lengths) if train else trainer.evaluate(packed, lengths)
         tensor, raw = codec.wire_tensor(logits)
         reply = sap_pb2.ForwardReplyHeader(step=header.step if train else 0, output=header.output, tensor=tensor)
         return codec.to_frames(sap_pb2.ForwardReplyFrame, reply, [raw], self.chunk_bytes)
@@ -219,7 +219,6 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         with self.provider.sessions.use(header.session_id, secret) as trainer:
             if grad is None:
                 raise InvalidInputError("BackwardHeader.grad is missing: dL/d(what Forward returned)")
-            _check_float("grad", header.grad)
             result = self.provider.sessions.backward(trainer, header.step, grad)  # checkpointed before this reply
         reply = sap_pb2.BackwardReplyHeader(
             applied_step=result.applied_step, replayed=result.replayed, checkpointed=result.checkpointed
@@ -230,29 +229,6 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
             reply.grad_hidden.CopyFrom(tensor)
             raws.append(raw)
         return codec.to_frames(sap_pb2.BackwardReplyFrame, reply, raws, self.chunk_bytes)
-
-    def _unpack(self, header: sap_pb2.ForwardHeader, packed) -> tuple:
-        """(B, T, H) hidden states and the (B, T) mask from the packed real tokens and their lengths.
-
-        The hidden size and the batch x length limit are checked before unpacking (it allocates the padded batch);
-        the trainer checks everything again on the padded form."""
-        if packed is None:
-            raise InvalidInputError("ForwardHeader.hidden is missing: the packed real token vectors (N_real, H)")
-        _check_float("hidden", header.hidden)
-        lengths = header.lengths
-        size = self.provider.info.hidden_size
-        if packed.dim() == 2 and packed.shape[1] != size:
-            raise InvalidInputError(
-                f"hidden has shape {list(packed.shape)}, expected (N_real, {size}): this server's hidden size is {size}"
-            )
-        if lengths:
-            check_batch_tokens(len(lengths), max(lengths), self.provider.sessions.max_batch_tokens)
-        return codec.unpack_hidden(packed, lengths, field="hidden", max_bytes=self.max_request_bytes)
-
-
-def _check_float(field: str, header: sap_pb2.TensorHeader) -> None:
-    if header.dtype not in _FLOATS:
-        raise InvalidTensorError(f"{field}.dtype={header.dtype!r} is not allowed here; expected one of {_FLOATS}")
 
 
 # Which calls need what (sap_common/service.py names the metadata keys).
@@ -353,6 +329,3 @@ def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
         raise RuntimeError(f"add_to_server: no handler for {sorted(missing)}")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
-
-
-_FLOATS = tuple(DTYPES)  # the float dtypes a tensor may arrive in

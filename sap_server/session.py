@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from sap_common import codec
 from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors, seeded_draws
+from sap_common.devices import DTYPES
 from sap_common.errors import InvalidInputError, ModelLoadError, ResourceLimitError, StepOrderError
 from sap_common.models import set_training
 from sap_common.models.split import TopModel
@@ -157,14 +160,16 @@ class Session:
     def drop_pending(self) -> None:
         self._pending = None
 
-    def forward(self, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Training forward of `step` (must be the next step); keeps the graph until backward."""
+    def forward(self, step: int, packed: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """Training forward of `step` (must be the next step) on the packed real token vectors (N_real, H) of
+        examples of the given lengths, as they come off the wire; keeps the graph until backward."""
         expected = self.steps_applied + 1
         if step != expected:
             raise StepOrderError(f"forward for step {step} but the next step is {expected}")
-        placed, placed_mask = self._check_inputs(hidden, attention_mask)
+        hidden, mask = self._inputs(packed, lengths)
+        placed, placed_mask = self._place(hidden, mask)
         if self.recorder is not None:
-            self.recorder.record("forward", self.session_id, step, hidden, attention_mask)  # as received
+            self.recorder.record("forward", self.session_id, step, hidden, mask)  # as received (padded)
         placed.requires_grad_(self.train_bottom)
         set_training(self.top, True)
         # Dropout draws of this forward are a function of (session seed, step) only (sap_common.checkpoint.
@@ -194,6 +199,7 @@ class Session:
                 f"grad_logits has shape {tuple(grad_logits.shape)}, "
                 f"expected {tuple(pending.logits.shape)} (the logits of step {step})"
             )
+        _check_float("grad", grad_logits)  # the wire field
         _check_finite("grad_logits", grad_logits)
         self.optimizer.zero_grad(set_to_none=True)
         pending.hidden.grad = None  # a refused earlier try of this step must not accumulate into dL/dhidden
@@ -213,7 +219,8 @@ class Session:
         self.steps_applied = step
         self._pending = None
         # dL/dhidden of the real tokens only, packed like the forward's input (N_real, H): padding gets none.
-        grad_hidden = pending.hidden.grad[pending.mask].detach().float().cpu() if self.train_bottom else None
+        grad = pending.hidden.grad
+        grad_hidden = grad[pending.mask].detach().float().cpu() if self.train_bottom and grad is not None else None
         self._last_reply = BackwardResult(step, False, grad_hidden, checkpointed=checkpointed)
         return self._last_reply
 
@@ -225,38 +232,38 @@ class Session:
         return self._last_reply
 
     @torch.no_grad()
-    def evaluate(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        placed, placed_mask = self._check_inputs(hidden, attention_mask)
+    def evaluate(self, packed: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+        """Logits (B, C) of packed real token vectors, without a graph and without a step."""
+        hidden, mask = self._inputs(packed, lengths)
+        placed, placed_mask = self._place(hidden, mask)
         if self.recorder is not None:
-            self.recorder.record("evaluate", self.session_id, 0, hidden, attention_mask)  # as received
+            self.recorder.record("evaluate", self.session_id, 0, hidden, mask)  # as received (padded)
         set_training(self.top, False)
         return self.top(placed, placed_mask).float().cpu()
 
-    def _check_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate what arrived (CPU tensors from the codec); return it on the top's device and dtype."""
+    def _inputs(self, packed: torch.Tensor, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every check of what a Forward or Evaluate carries, in one place (the servicer only decodes frames):
+        shape, dtype, lengths, the batch size limit, finite values. Returns the padded (B, T, H) batch as received
+        (dtype, device) and its (B, T) mask."""
         size = self.top.config.hidden_size
-        if hidden.dim() != 3 or hidden.shape[-1] != size:
-            raise InvalidInputError(f"hidden_states has shape {tuple(hidden.shape)}, expected (B, T, {size})")
-        check_batch_tokens(hidden.shape[0], hidden.shape[1], self.max_batch_tokens)
-        if not hidden.is_floating_point():
-            raise InvalidInputError(f"hidden_states has dtype {hidden.dtype}, expected a float dtype")
-        if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
+        if packed.dim() != 2 or packed.shape[1] != size:
             raise InvalidInputError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                f"expected {tuple(hidden.shape[:2])} to match hidden_states"
+                f"hidden has shape {list(packed.shape)}, expected (N_real, {size}): this server's hidden size is {size}"
             )
-        if hidden.shape[0] == 0 or hidden.shape[1] == 0:
-            raise InvalidInputError(f"hidden_states is empty: shape {tuple(hidden.shape)}")
-        if ((attention_mask != 0) & (attention_mask != 1)).any():
-            raise InvalidInputError("attention_mask must hold only 0 and 1")
-        if (attention_mask.sum(-1) == 0).any():
-            raise InvalidInputError("attention_mask has a row with no real token")
-        _check_finite("hidden_states", hidden)
+        _check_float("hidden", packed)
+        if lengths:
+            check_batch_tokens(len(lengths), max(lengths), self.max_batch_tokens)  # before unpacking allocates
+        hidden, mask = codec.unpack_hidden(packed, lengths, field="hidden")  # checks the lengths against the rows
+        _check_finite("hidden", packed)
+        return hidden, mask
+
+    def _place(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch on the top's device and in its dtype, refused if it does not fit that dtype."""
         narrowed = hidden.dtype != self._param.dtype  # e.g. float32 values too large for a float16 top
         hidden = hidden.to(device=self._param.device, dtype=self._param.dtype)
         if narrowed:
-            _check_finite(f"hidden_states in the server's dtype {str(hidden.dtype).removeprefix('torch.')}", hidden)
-        return hidden, attention_mask.to(device=self._param.device, dtype=torch.long)
+            _check_finite(f"hidden in the server's dtype {str(hidden.dtype).removeprefix('torch.')}", hidden)
+        return hidden, mask.to(device=self._param.device)
 
 
 def check_batch_tokens(batch: int, length: int, limit: int) -> None:
@@ -267,6 +274,16 @@ def check_batch_tokens(batch: int, length: int, limit: int) -> None:
             f"this server takes at most {limit} per request (--max-batch-tokens): send "
             f"smaller batches or shorter texts"
         )
+
+
+def _check_float(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in _FLOATS:
+        names = tuple(DTYPES)
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raise InvalidInputError(f"{name}.dtype={dtype!r} is not allowed here; expected one of {names}")
+
+
+_FLOATS = frozenset(DTYPES.values())
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:

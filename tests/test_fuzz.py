@@ -346,7 +346,7 @@ class Fuzzer:
             flat = tensor.view(-1)
             flat[self.rng.randrange(flat.numel())] = self.rng.choice([math.nan, math.inf, -math.inf])
             tensor = tensor.to(self.rng.choice([torch.float32, torch.float16]))
-            words = ("hidden_states", "NaN or Inf")  # named as the padded batch the server checks
+            words = ("hidden", "NaN or Inf")  # named as the wire field the session checks
         elif breakage == "dims":
             shape = self.rng.choice([[HIDDEN], [2, 2, 2, HIDDEN], [1] * 9 + [HIDDEN], [-1, HIDDEN], [0, 3, HIDDEN]])
             header.hidden.CopyFrom(sap_pb2.TensorHeader(dtype="float32", shape=shape))

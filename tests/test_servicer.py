@@ -203,10 +203,10 @@ def test_forward_input_errors_are_invalid_argument_and_server_keeps_serving(serv
     # NaN / Inf
     nan = h.clone()
     nan[1, 2, 3] = math.nan
-    _expect_error(bad, lambda: _forward(stub, sid, 1, nan, mask), "hidden_states", "NaN")
+    _expect_error(bad, lambda: _forward(stub, sid, 1, nan, mask), "hidden", "NaN")
     inf = h.clone()
     inf[0, 0, 0] = math.inf
-    _expect_error(bad, lambda: _forward(stub, sid, 1, inf, mask), "hidden_states", "Inf")
+    _expect_error(bad, lambda: _forward(stub, sid, 1, inf, mask), "hidden", "Inf")
     # lengths that do not fit the packed tokens, an example with no real token, no lengths at all
     packed, lengths = codec.pack_hidden(h, mask)
     assert lengths == [3, 5]
@@ -372,7 +372,7 @@ def test_tensor_larger_than_message_cap_streams_in_chunks(tiny_llama):
                 SECRETS[sid] = service.session_secret(sid)
                 evaluated = service.evaluate(sid, hidden, mask)
                 trainer = provider.sessions.get(sid)
-                expected = trainer.evaluate(hidden.clone(), mask.clone())
+                expected = trainer.evaluate(*codec.pack_hidden(hidden, mask))
                 torch.testing.assert_close(evaluated, expected, rtol=0, atol=0)
                 logits = service.forward(sid, 1, hidden, mask)
                 torch.testing.assert_close(logits, expected)
