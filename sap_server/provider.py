@@ -183,8 +183,8 @@ class Provider:
         """Close a session (authenticated when check), keeping its adapter first when keep."""
         with self.sessions.closing(session_id, secret, check=check) as closing:
             if keep:
-                closing.adapter_id = self.keep_adapter(closing.session)
-        return closing.record
+                closing.adapter_id = self.keep_adapter(closing.held)
+        return closing.closed
 
     def attach_adapter(
         self, adapter_id: str, *, learning_rate: float = DEFAULT_LEARNING_RATE, weight_decay: float = 0.0

@@ -48,7 +48,7 @@ def build_session_top(
     """
     # Parameters that stay frozen are shared (memory per session is the adapter's, not the model's);
     # BitFit trains existing biases, so those must be copied.
-    shared = {
+    shared: dict[int, object] = {
         id(p): p for name, p in template.named_parameters() if not (peft.method == "bitfit" and name.endswith("bias"))
     }
     shared.update({id(b): b for b in template.buffers()})
@@ -61,7 +61,7 @@ def build_session_top(
     )
     with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):  # the lock: training forwards seed it too
         torch.manual_seed(seed)
-        apply_peft(top.blocks, top.family, peft)  # new PEFT weights take each wrapped layer's device/dtype
+        apply_peft(list(top.blocks), top.family, peft)  # new PEFT weights take each wrapped layer's device/dtype
     return top
 
 
@@ -69,9 +69,23 @@ def build_session_top(
 class Closing:
     """A session being closed (SessionRegistry.closing): what the caller keeps of it, and the record afterwards."""
 
-    session: Session | None
+    session: Session | None  # inside the block; None once closed, so the session's memory can go
     adapter_id: str = ""
     record: ClosedSession | None = None
+
+    @property
+    def held(self) -> Session:
+        """The session being closed (inside the block)."""
+        if self.session is None:
+            raise RuntimeError("the session is closed already: use it inside the closing() block")
+        return self.session
+
+    @property
+    def closed(self) -> ClosedSession:
+        """The record of the close (after the block)."""
+        if self.record is None:
+            raise RuntimeError("the session is not closed yet: read the record after the closing() block")
+        return self.record
 
 
 def _unknown(session_id: str) -> SessionNotFoundError:
@@ -192,6 +206,7 @@ class SessionRegistry:
             if check:  # before loading: a refused caller costs no load
                 check_session_secret(stored.secret_digest, secret, session_id)
             self._check_room()
+            assert self.store is not None  # it gave `stored`
             snapshot = self.store.load(session_id)
             trainer = self._new_trainer(session_id, snapshot.spec, snapshot.secret_digest)
             trainer.restore(snapshot)
@@ -221,6 +236,7 @@ class SessionRegistry:
 
     def _save(self, trainer: Session, *, announced: bool) -> bool:
         """Checkpoint the session (caller holds trainer.lock); a failure is logged, never raised."""
+        assert self.store is not None, "checkpoints need a store (sap-server --state-dir)"
         try:
             self.store.save(trainer.session_id, trainer.snapshot(announced=announced))
         except Exception as exc:  # noqa: BLE001 - a full disk must not fail the step; the reply says so
@@ -263,6 +279,7 @@ class SessionRegistry:
                     f"{trainer.steps_applied} and has {have}"
                 )
             was = trainer.steps_applied
+            assert self.store is not None  # the step is one of its checkpoints
             trainer.restore(self.store.load(session_id, step))
             self.store.discard_after(session_id, step)
         log.info("session %s… resumed at step %d (it was at step %d)", session_id[:8], step, was)
@@ -286,6 +303,7 @@ class SessionRegistry:
                     f"it has checkpoints at steps {sorted(stored.steps)}"
                 )
             self._closed.pop(session_id, None)
+            assert self.store is not None  # it gave `stored`
             self.store.reopen(session_id)
         log.info("closed session %s… reopened to resume at step %d", session_id[:8], step)
 
@@ -307,7 +325,7 @@ class SessionRegistry:
     def closing(self, session_id: str, secret: str | None = None, *, check: bool = False) -> Iterator[Closing]:
         """Close the session at the end of the block; inside it the caller holds the session (its lock) and may set
         closing.adapter_id (e.g. after storing the adapter). With a store the final state is checkpointed and the
-        close recorded on disk. The record is closing.record afterwards."""
+        close recorded on disk. The record is closing.closed afterwards."""
         with self.use(session_id, secret, check=check) as session:
             closing = Closing(session)
             yield closing
@@ -332,7 +350,7 @@ class SessionRegistry:
         """Close the session without keeping its adapter."""
         with self.closing(session_id, secret, check=check) as closing:
             pass
-        return closing.record
+        return closing.closed
 
     def _remember_closed(self, session_id: str, record: ClosedSession) -> None:
         """Called with self._lock held."""

@@ -15,7 +15,7 @@ def apply_lora(blocks: Sequence[nn.Module], family: Family, config: PeftConfig) 
     """Inject rank-r LoRA into each block's attention projections; only the LoRA matrices train."""
     lora_config = LoraConfig(
         r=config.lora_r,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; the scale alpha / r takes floats
         lora_dropout=config.lora_dropout,
         target_modules=list(family.lora_targets),
         bias="none",
