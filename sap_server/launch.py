@@ -2,10 +2,14 @@
 
 The one way the tests, the benchmarks and anyone scripting a provider start a server and wait for it: the server
 prints `sap-server listening on HOST:PORT` on stdout when it accepts calls (with `--port 0`, the port it got).
+A shell script that starts `sap-server ... > FILE &` itself waits with `python -m sap_server.launch wait FILE --pid
+PID`, which prints the address (scripts/demo.sh).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import queue
 import re
 import signal
@@ -13,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import IO
 
@@ -153,3 +158,56 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def wait_for_address(stdout: Path, pid: int | None = None, *, timeout: float = 120.0, poll: float = 0.2) -> str:
+    """The address a server started elsewhere printed into the file its stdout goes to (ServerStartError when the
+    process `pid` exits first, or nothing is printed within timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = stdout.read_text() if stdout.exists() else ""
+        found = next((m.group(1) for m in map(LISTENING.match, text.splitlines()) if m), None)
+        if found:
+            return found
+        if pid is not None and not _alive(pid):
+            raise ServerStartError(f"sap-server (pid {pid}) exited before listening; stdout: {text[-2000:]!r}")
+        if time.monotonic() > deadline:
+            raise ServerStartError(f"sap-server printed no 'listening' line into {stdout} within {timeout} s")
+        time.sleep(poll)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    # a child that exited but was not reaped yet is a zombie: it will never listen
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sap_server.launch",
+        description="Wait for a sap-server started by a script: print its address once it listens.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    wait = commands.add_parser("wait", help="wait for the 'listening' line in FILE (the server's stdout)")
+    wait.add_argument("stdout", type=Path, metavar="FILE", help="the file the server's stdout is written to")
+    wait.add_argument("--pid", type=int, help="the server's process id: stop waiting when it exits")
+    wait.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    args = parser.parse_args(argv)
+    try:
+        print(wait_for_address(args.stdout, args.pid, timeout=args.timeout))
+    except ServerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

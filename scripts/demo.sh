@@ -28,13 +28,9 @@ stop_server() {
 }
 trap stop_server EXIT
 
-for _ in $(seq 240); do
-    grep -q "listening on" "$RUN/server.out" 2>/dev/null && break
-    kill -0 "$server_pid" 2>/dev/null || { echo "sap-server failed to start:"; cat "$RUN/server.log"; exit 1; }
-    sleep 0.5
-done
-address=$(sed -n 's/^sap-server listening on //p' "$RUN/server.out")
-[ -n "$address" ] || { echo "sap-server did not report its address"; exit 1; }
+address=$(python -m sap_server.launch wait "$RUN/server.out" --pid "$server_pid" --timeout 120) || {
+    echo "sap-server failed to start:"; cat "$RUN/server.log"; exit 1
+}
 echo "== sap-server listening on $address"
 
 echo "== sap-client train: $TRAIN real snippets, noise ratio $NOISE_RATIO, $EPOCHS epoch(s), lr $LR"

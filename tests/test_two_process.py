@@ -105,3 +105,48 @@ def test_train_through_two_processes(family, tiny_bert, tiny_llama, tmp_path):
         assert code == 0, server.stderr()[-3000:]
     finally:
         server.close()
+
+
+def test_a_script_waits_for_its_server_with_the_launch_helper(tiny_llama, tmp_path):
+    """What scripts/demo.sh does: `sap-server ... > FILE &`, then `python -m sap_server.launch wait FILE --pid PID`
+    prints the address once the server listens, and says so when the server dies first."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SAP_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    out = tmp_path / "server.out"
+    with out.open("w") as stdout:
+        server = subprocess.Popen(
+            [_script("sap-server"), "--model", str(tiny_llama), "--split", "1", "--port", "0"],
+            stdout=stdout,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+    try:
+        waited = subprocess.run(
+            [sys.executable, "-m", "sap_server.launch", "wait", str(out), "--pid", str(server.pid), "--timeout", "60"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert waited.returncode == 0, waited.stderr
+        address = waited.stdout.strip()
+        assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+        assert f"sap-server listening on {address}" in out.read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    dead = tmp_path / "dead.out"
+    with dead.open("w") as stdout:
+        failing = subprocess.Popen(
+            [_script("sap-server"), "--model", str(tmp_path / "no-such-model"), "--split", "1", "--port", "0"],
+            stdout=stdout,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+    failing.wait(timeout=60)
+    waited = subprocess.run(
+        [sys.executable, "-m", "sap_server.launch", "wait", str(dead), "--pid", str(failing.pid), "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert waited.returncode == 1 and "exited before listening" in waited.stderr, waited.stderr
