@@ -723,7 +723,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     axes = axes[0]
     for ax, kind in zip(axes, kinds):
         for model, split in sorted({(r["model"], r["split"]) for r in rows}):
-            line = _frontier(rows, model, split, kind)
+            line = frontier(rows, model, split, kind)
             ax.plot(
                 [r["eia_privacy"] for r in line], [r["accuracy"] for r in line], marker="o", label=f"{model} k={split}"
             )
@@ -778,7 +778,7 @@ def _noise(row: dict) -> str:
     return "none" if row["noise_ratio"] is None else f"R {row['noise_ratio']:g}"
 
 
-def _frontier(rows: list[dict], model: str, split: int, kind: str) -> list[dict]:
+def frontier(rows: list[dict], model: str, split: int, kind: str) -> list[dict]:
     """The frozen-bottom LoRA cells of one split with one CTI kind (no noise first), ordered by noise."""
     line = [
         r
@@ -789,7 +789,7 @@ def _frontier(rows: list[dict], model: str, split: int, kind: str) -> list[dict]
     return sorted(line, key=lambda r: r["noise_ratio"] or 0.0)
 
 
-def _interpolate(line: list[dict], privacy: float) -> float | None:
+def accuracy_at_privacy(line: list[dict], privacy: float) -> float | None:
     """Accuracy of a CTI-off curve at a given EIA privacy (linear between its points; None outside it)."""
     points = sorted((r["eia_privacy"], r["accuracy"]) for r in line)
     for (p0, a0), (p1, a1) in zip(points, points[1:]):
@@ -827,7 +827,7 @@ def findings(rows: list[dict]) -> list[str]:
     # 2. privacy against noise (smaller eta = larger R), per split
     lines.append("- **Privacy against noise** (CTI off; EIA privacy as R grows, i.e. as eta falls):")
     for model, split in splits:
-        line = _frontier(rows, model, split, "off")
+        line = frontier(rows, model, split, "off")
         lines.append(f"  - {model} k = {split}: " + ", ".join(f"{_noise(r)} {r['eia_privacy']:.2f}" for r in line))
     # 3. CTI: accuracy at similar privacy
     lines.append(
@@ -835,11 +835,11 @@ def findings(rows: list[dict]) -> list[str]:
         "interpolated at the same EIA privacy):"
     )
     for model, split in splits:
-        off = _frontier(rows, model, split, "off")
-        for r in _frontier(rows, model, split, "label") + _frontier(rows, model, split, "max"):
+        off = frontier(rows, model, split, "off")
+        for r in frontier(rows, model, split, "label") + frontier(rows, model, split, "max"):
             if r["noise_ratio"] is None:
                 continue
-            reference = _interpolate(off, r["eia_privacy"])
+            reference = accuracy_at_privacy(off, r["eia_privacy"])
             versus = (
                 "outside the CTI-off curve"
                 if reference is None
@@ -941,10 +941,10 @@ def study_findings(study: CtiStudy, cells: list[dict]) -> list[str]:
                 if k == "off" and (k, r, s) in by
             ]
             mine = by.get((*c, s))
-            reference = _interpolate(off, mine["eia_privacy"]) if mine else None
+            reference = accuracy_at_privacy(off, mine["eia_privacy"]) if mine else None
             per_seed.append(None if reference is None else mine["accuracy"] - reference)
         mean_off = [{"eia_privacy": p, "accuracy": a} for (k, _), (p, a) in means.items() if k == "off"]
-        reference = _interpolate(mean_off, means[c][0])
+        reference = accuracy_at_privacy(mean_off, means[c][0])
         shown = ", ".join("outside" if d is None else f"{d:+.3f}" for d in per_seed)
         inside = [d for d in per_seed if d is not None]
         lines.append(

@@ -59,10 +59,10 @@ ROWS = [
 
 
 def test_interpolation_reads_the_cti_off_curve_at_equal_privacy():
-    off = privacy_table._frontier(ROWS, "m", 0, "off")
+    off = privacy_table.frontier(ROWS, "m", 0, "off")
     assert [r["noise_ratio"] for r in off] == [None, 1, 4]
-    assert privacy_table._interpolate(off, 0.45) == pytest.approx(0.79 + (0.60 - 0.79) * 0.5)
-    assert privacy_table._interpolate(off, 0.99) is None  # beyond the curve: no comparison invented
+    assert privacy_table.accuracy_at_privacy(off, 0.45) == pytest.approx(0.79 + (0.60 - 0.79) * 0.5)
+    assert privacy_table.accuracy_at_privacy(off, 0.99) is None  # beyond the curve: no comparison invented
 
 
 def test_findings_name_the_nearest_operating_point_and_compare_cti():

@@ -792,10 +792,13 @@ def _kill_when_checkpointed(client: _Process, run: Path, then) -> int:
         timeout=90,
         what="the client's first checkpoint",
     )
+    exited = client.process.poll()
     then()
     client.kill()
     assert not (run / "metrics.json").exists(), f"the run finished before it was killed: {client.log.read_text()}"
-    return _client_checkpoint_step(run)
+    step = _client_checkpoint_step(run)
+    assert step >= 2 or exited is None, f"the client exited ({exited}) before its checkpoint: {client.log.read_text()}"
+    return step
 
 
 def _check_against(uninterrupted, run: Path, state: Path, capsys) -> None:
