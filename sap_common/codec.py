@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError, Message
 
 from sap_common.devices import DTYPES
 from sap_common.errors import InvalidInputError, InvalidTensorError
+from sap_common.packing import MAX_PACKED_ROWS, is_right_padded, pack_hidden, unpack_hidden
 from sap_common.proto import sap_pb2
 from sap_common.service import ServerInfo, SessionSpec
 
@@ -41,7 +42,6 @@ DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024  # the most tensor bytes one data frame ca
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC per-message cap, set on both ends
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024 * 1024  # most a whole reassembled message may be
 MAX_DIMS = 8
-MAX_PACKED_ROWS = 65536  # most examples one packed request may carry (lengths entries)
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     **DTYPES,  # the float dtypes, named once in sap_common.devices
@@ -214,80 +214,6 @@ def from_frames(
     return header, tensors
 
 
-# --- packed hidden states: only the real (non-padding) token vectors cross the wire -------------
-
-
-def is_right_padded(attention_mask: torch.Tensor) -> bool:
-    """True when every row of a (B, T) 0/1 mask is ones then zeros, with at least one one."""
-    if attention_mask.dim() != 2 or attention_mask.shape[0] == 0 or attention_mask.shape[1] == 0:
-        return False
-    mask = attention_mask.detach().cpu()
-    if ((mask != 0) & (mask != 1)).any():
-        return False
-    lengths = (mask != 0).sum(-1)
-    prefix = torch.arange(mask.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-    return bool((lengths >= 1).all()) and bool(torch.equal(prefix, mask != 0))
-
-
-def pack_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """(B, T, H) + right-padded (B, T) mask -> (N_real, H) real token vectors, per-example lengths.
-
-    Padding vectors are dropped: unpack_hidden restores them as zeros (what the client sends anyway)."""
-    if hidden.dim() != 3 or tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(
-            f"pack_hidden: hidden (B, T, H) and mask (B, T) expected, got {tuple(hidden.shape)} "
-            f"and {tuple(attention_mask.shape)}"
-        )
-    if not is_right_padded(attention_mask):
-        raise ValueError(
-            "pack_hidden: the attention mask must be right-padded (ones, then zeros) with at "
-            "least one real token per row"
-        )
-    mask = attention_mask.detach().to(device=hidden.device, dtype=torch.bool)
-    lengths = [int(n) for n in mask.sum(-1).tolist()]
-    return hidden.detach()[mask], lengths  # boolean indexing keeps row-major order: example by example
-
-
-def unpack_hidden(
-    packed: torch.Tensor,
-    lengths: Collection[int],
-    *,
-    field: str = "packed_hidden",
-    max_rows: int = MAX_PACKED_ROWS,
-    max_bytes: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N_real, H) + lengths -> (B, T_max, H) with zero padding and the (B, T_max) int64 mask (right
-    padding). Validating: a malformed request raises InvalidInputError naming the field."""
-    lengths = [int(n) for n in lengths]
-    lengths_field = "lengths"
-    if packed.dim() != 2:
-        raise InvalidInputError(f"{field} has shape {list(packed.shape)}; expected (N_real, H)")
-    if not lengths:
-        raise InvalidInputError(f"{lengths_field} is empty; a packed request needs one length per example")
-    if len(lengths) > max_rows:
-        raise InvalidInputError(f"{lengths_field} has {len(lengths)} entries; at most {max_rows} allowed")
-    bad = next((i for i, n in enumerate(lengths) if n < 1), None)
-    if bad is not None:
-        raise InvalidInputError(f"{lengths_field}[{bad}]={lengths[bad]}; every example needs >= 1 real token")
-    total = sum(lengths)
-    if total != packed.shape[0]:
-        raise InvalidInputError(
-            f"{lengths_field} sum to {total} but {field} has {packed.shape[0]} rows; they must be equal"
-        )
-    batch, longest = len(lengths), max(lengths)
-    padded_bytes = batch * longest * packed.shape[1] * packed.element_size()
-    if max_bytes is not None and padded_bytes > max_bytes:
-        raise InvalidInputError(
-            f"{field} unpacks to ({batch}, {longest}, {packed.shape[1]}), {padded_bytes} "
-            f"bytes; at most {max_bytes} allowed"
-        )
-    lengths_t = torch.tensor(lengths)
-    mask = (torch.arange(longest).unsqueeze(0) < lengths_t.unsqueeze(1)).long()  # (B, T)
-    hidden = packed.new_zeros(batch, longest, packed.shape[1])  # (B, T, H)
-    hidden[mask.bool()] = packed
-    return hidden, mask
-
-
 # --- domain <-> message mappings -------------------------------------------------------------
 
 
@@ -300,6 +226,18 @@ def info_from_proto(msg: sap_pb2.ServerInfo) -> ServerInfo:
     return ServerInfo(**{f.name: getattr(msg, f.name) for f in fields(ServerInfo)})
 
 
+# sap.proto's Output values by the names SessionSpec.output uses
+OUTPUT_OF_NAME = {"logits": sap_pb2.OUTPUT_LOGITS, "pooled": sap_pb2.OUTPUT_POOLED, "hidden": sap_pb2.OUTPUT_HIDDEN}
+NAME_OF_OUTPUT: dict[int, str] = {int(value): name for name, value in OUTPUT_OF_NAME.items()}
+
+
+def output_name(value: int) -> str:
+    """The SessionSpec name of a wire Output value (InvalidInputError for a value this release does not know)."""
+    if value not in NAME_OF_OUTPUT:
+        raise InvalidInputError(f"output={value} is not a known Output value (known: {sorted(NAME_OF_OUTPUT)})")
+    return NAME_OF_OUTPUT[value]
+
+
 def spec_to_proto(spec: SessionSpec) -> sap_pb2.OpenSessionRequest:
     return sap_pb2.OpenSessionRequest(
         num_labels=spec.num_labels,
@@ -307,6 +245,7 @@ def spec_to_proto(spec: SessionSpec) -> sap_pb2.OpenSessionRequest:
         seed=spec.seed,
         train_bottom=spec.train_bottom,
         weight_decay=spec.weight_decay,
+        output=OUTPUT_OF_NAME[spec.output],
     )
 
 
@@ -319,6 +258,7 @@ def spec_from_proto(msg: sap_pb2.OpenSessionRequest) -> SessionSpec:
             seed=msg.seed,
             train_bottom=msg.train_bottom,
             weight_decay=msg.weight_decay,
+            output=output_name(msg.output),
         )
     except ValueError as exc:
         raise InvalidInputError(f"OpenSessionRequest: {exc}") from exc
