@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 class Recorder:
     """Writes DIR/NNNNNNNN-<kind>.safetensors: `hidden_states` (B, T, H) and `attention_mask` (B, T) for forward and
-    evaluate, `grad_logits` (B, C) for backward; the metadata names the session (its first 8 characters) and step."""
+    evaluate, `grad_logits` (B, C) or `grad_pooled` (B, H)
+    for backward; the metadata names the session (its first 8 characters) and step."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -36,11 +37,10 @@ class Recorder:
             },
         )
 
-    def record_gradient(self, session_id: str, step: int, grad_logits: torch.Tensor) -> None:
-        """What a Backward of `step` carried: dL/dlogits (B, C)."""
-        self._write(
-            "backward", session_id, step, {"grad_logits": grad_logits.detach().to("cpu", torch.float32).contiguous()}
-        )
+    def record_gradient(self, session_id: str, step: int, gradient: torch.Tensor, *, name: str = "grad_logits") -> None:
+        """What a Backward of `step` carried: dL/dlogits (B, C) as `grad_logits`, or, for a session whose user keeps
+        the head, dL/dpooled (B, H) as `grad_pooled`."""
+        self._write("backward", session_id, step, {name: gradient.detach().to("cpu", torch.float32).contiguous()})
 
     def _write(self, kind: str, session_id: str, step: int, tensors: dict[str, torch.Tensor]) -> None:
         with self._lock:

@@ -19,6 +19,9 @@ API_KEY_METADATA = "authorization"
 API_KEY_SCHEME = "Bearer"
 
 DEFAULT_LEARNING_RATE = 5e-4  # AdamW, top and bottom: the client's --lr default and the server's when none is sent
+# What a session's Forward can return (sap.proto's Output): the task head's logits, or the pooled representation the
+# head would read (last real token for decoders, first token for encoders, after the final norm).
+OUTPUTS = ("logits", "pooled")
 MAX_NUM_LABELS = 4096  # a session's classification head is (hidden, num_labels): keep a request from asking for GBs
 
 
@@ -44,9 +47,16 @@ class SessionSpec:
     seed: int = 0
     train_bottom: bool = False
     weight_decay: float = 0.0
+    output: str = "logits"  # what Forward returns: "logits" (B, C), or "pooled" (B, H) for a user-kept head
 
     def __post_init__(self) -> None:
-        if not 2 <= self.num_labels <= MAX_NUM_LABELS:
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+        if self.output == "pooled" and self.num_labels != 0:
+            raise ValueError(
+                f"a pooled session has no head on the provider: num_labels must be 0, got {self.num_labels}"
+            )
+        if self.output == "logits" and not 2 <= self.num_labels <= MAX_NUM_LABELS:
             raise ValueError(f"num_labels must be in 2..{MAX_NUM_LABELS}, got {self.num_labels}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):  # NaN fails both
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
@@ -79,12 +89,18 @@ class TopService(Protocol):
 
     def open_session(self, spec: SessionSpec) -> str: ...
 
-    def forward(self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Training forward of step: hidden (B, T, H), mask (B, T) -> logits (B, C)."""
+    def forward(
+        self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor, *, output: str = "logits"
+    ) -> torch.Tensor:
+        """Training forward of step: hidden (B, T, H), mask (B, T) -> logits (B, C), or pooled (B, H) for a session
+        opened with output "pooled" (output must name the session's)."""
 
-    def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult: ...
+    def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult:
+        """dL/d(what forward returned) of step; the step is applied once."""
 
-    def evaluate(self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def evaluate(
+        self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor, *, output: str = "logits"
+    ) -> torch.Tensor:
         """Inference forward: no graph kept, nothing changes."""
 
     def close_session(self, session_id: str) -> int:

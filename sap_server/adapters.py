@@ -32,6 +32,7 @@ class AdapterRecord:
     seed: int
     steps_applied: int
     state: dict[str, torch.Tensor] = field(repr=False)
+    output: str = "logits"  # SessionSpec.output of the session it was kept from (adapters from before: logits)
 
     def meta(self) -> dict:
         raw = asdict(self)

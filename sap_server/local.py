@@ -34,19 +34,23 @@ class LocalTopService:
         session_id, _, _ = self.provider.sessions.open(spec)
         return session_id
 
-    def forward(self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor, *, output: str = "logits"
+    ) -> torch.Tensor:
         with self.provider.sessions.use(session_id, None, check=False) as trainer:
             # packed as on the wire; the boolean index copies, so no graph or storage is shared with the user's
-            return trainer.forward(step, *codec.pack_hidden(hidden, attention_mask))
+            return trainer.forward(step, *codec.pack_hidden(hidden, attention_mask), output)
 
     def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult:
         sessions = self.provider.sessions
         with sessions.use(session_id, None, check=False) as session:
             return sessions.backward(session, step, grad_logits.detach().clone())
 
-    def evaluate(self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def evaluate(
+        self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor, *, output: str = "logits"
+    ) -> torch.Tensor:
         with self.provider.sessions.use(session_id, None, check=False) as trainer:
-            return trainer.evaluate(*codec.pack_hidden(hidden, attention_mask))
+            return trainer.evaluate(*codec.pack_hidden(hidden, attention_mask), output)
 
     def close_session(self, session_id: str) -> int:
         return self.provider.close_session(session_id, None, keep=False, check=False).steps_applied

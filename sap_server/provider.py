@@ -174,6 +174,7 @@ class Provider:
             seed=trainer.seed,
             steps_applied=trainer.steps_applied,
             state=trainer.trainable_state(),
+            output=trainer.output,
         )
         self.adapters.put(record)
         log.info("adapter %s… kept (%d steps)", record.adapter_id[:8], record.steps_applied)
@@ -200,7 +201,11 @@ class Provider:
             )
         try:
             spec = SessionSpec(
-                num_labels=record.num_labels, learning_rate=learning_rate, seed=record.seed, weight_decay=weight_decay
+                num_labels=record.num_labels,
+                learning_rate=learning_rate,
+                seed=record.seed,
+                weight_decay=weight_decay,
+                output=record.output,
             )
         except ValueError as exc:
             raise InvalidInputError(f"OpenSessionRequest: {exc}") from exc

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from sap_common.checkpoint import GLOBAL_RNG_LOCK
 from sap_common.errors import ResourceLimitError, SessionNotFoundError, StepOrderError
-from sap_common.models.families import new_head
+from sap_common.models.families import new_head, pooled_output
 from sap_common.models.split import TopModel
 from sap_common.recording import Recorder
 from sap_common.service import BackwardResult, SessionSpec
@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 
 
 def build_session_top(
-    template: TopModel, base: PreTrainedModel, peft: PeftConfig, num_labels: int, seed: int
+    template: TopModel, base: PreTrainedModel, peft: PeftConfig, num_labels: int, seed: int, output: str = "logits"
 ) -> TopModel:
-    """A session's top: frozen weights shared with template, fresh head (seeded) and PEFT parameters.
+    """A session's top: frozen weights shared with template, fresh head (seeded) and PEFT parameters. With output
+    "pooled" the top ends in PooledOutput instead of a head: the user keeps its head (and its labels' number).
 
     Random draws: the head from its own generator seeded with `seed`; the PEFT parameters from
     the global generator re-seeded with `seed` inside fork_rng, so other threads are unaffected
@@ -56,9 +57,12 @@ def build_session_top(
     top = copy.deepcopy(template, memo=shared)
     # The head is drawn on the CPU in float32 (the same start on any device), then placed with the blocks.
     frozen = next(template.blocks[-1].parameters())  # the head follows the last block (--device-map)
-    top.head = new_head(template.config, base, num_labels, torch.Generator().manual_seed(seed)).to(
-        device=frozen.device, dtype=frozen.dtype
+    end = (
+        pooled_output(template.config, base)
+        if output == "pooled"
+        else new_head(template.config, base, num_labels, torch.Generator().manual_seed(seed))
     )
+    top.head = end.to(device=frozen.device, dtype=frozen.dtype)
     with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):  # the lock: training forwards seed it too
         torch.manual_seed(seed)
         apply_peft(list(top.blocks), top.family, peft)  # new PEFT weights take each wrapped layer's device/dtype
@@ -159,13 +163,14 @@ class SessionRegistry:
         return session_id, trainer, secret
 
     def _new_trainer(self, session_id: str, spec: SessionSpec, digest: bytes) -> Session:
-        top = build_session_top(self.template, self.base, self.peft, spec.num_labels, spec.seed)
+        top = build_session_top(self.template, self.base, self.peft, spec.num_labels, spec.seed, spec.output)
         return Session(
             top,
             learning_rate=spec.learning_rate,
             weight_decay=spec.weight_decay,
             train_bottom=spec.train_bottom,
             num_labels=spec.num_labels,
+            output=spec.output,
             seed=spec.seed,
             recorder=self.recorder,
             session_id=session_id,

@@ -150,6 +150,8 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     def _open_session(self, request) -> sap_pb2.OpenSessionReply:
         if request.adapter_id:
+            if request.output != sap_pb2.OUTPUT_LOGITS:
+                raise InvalidInputError("OpenSessionRequest: output comes from the stored adapter; leave it unset")
             session_id, trainer, secret = self.provider.attach_adapter(
                 request.adapter_id,
                 learning_rate=request.learning_rate or DEFAULT_LEARNING_RATE,
@@ -196,16 +198,14 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     def _forward(self, header: sap_pb2.ForwardHeader, packed, secret: str, train: bool) -> list:
         with self.provider.sessions.use(header.session_id, secret) as trainer:
-            if header.output != sap_pb2.OUTPUT_LOGITS:
-                raise InvalidInputError(
-                    f"output {sap_pb2.Output.Name(header.output)} is not served by this server: its sessions end "
-                    f"with the task head and return logits (OUTPUT_LOGITS)"
-                )
             if packed is None:
                 raise InvalidInputError("ForwardHeader.hidden is missing: the packed real token vectors (N_real, H)")
-            lengths = header.lengths
-            logits = trainer.forward(header.step, packed, lengths) if train else trainer.evaluate(packed, lengths)
-        tensor, raw = codec.wire_tensor(logits)
+            output, lengths = codec.output_name(header.output), header.lengths
+            if train:
+                result = trainer.forward(header.step, packed, lengths, output)
+            else:
+                result = trainer.evaluate(packed, lengths, output)
+        tensor, raw = codec.wire_tensor(result)
         reply = sap_pb2.ForwardReplyHeader(step=header.step if train else 0, output=header.output, tensor=tensor)
         return codec.to_frames(sap_pb2.ForwardReplyFrame, reply, [raw], self.chunk_bytes)
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sap_common import codec
 from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors, seeded_draws
 from sap_common.devices import DTYPES
 from sap_common.errors import InvalidInputError, ModelLoadError, ResourceLimitError, StepOrderError
 from sap_common.models import set_training
 from sap_common.models.split import TopModel
+from sap_common.packing import unpack_hidden
 from sap_common.recording import Recorder
 from sap_common.service import BackwardResult, SessionSpec
 
@@ -43,7 +43,7 @@ OPTIMIZER_PREFIX = "optimizer/"
 class _Pending:
     step: int
     hidden: torch.Tensor  # leaf; its .grad is dL/dhidden when the bottom trains
-    logits: torch.Tensor
+    output: torch.Tensor  # what Forward returned: logits (B, C) or pooled (B, H), with its graph
     mask: torch.Tensor  # (B, T) bool: the real tokens
 
 
@@ -58,6 +58,7 @@ class Session:
         weight_decay: float,
         train_bottom: bool,
         num_labels: int = 0,
+        output: str = "logits",
         seed: int = 0,
         recorder: Recorder | None = None,
         session_id: str = "",
@@ -72,6 +73,7 @@ class Session:
         self.secret_digest = secret_digest
         self.max_batch_tokens = max_batch_tokens
         self.num_labels = num_labels
+        self.output = output  # SessionSpec.output: what forward and evaluate return
         self.seed = seed
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -122,6 +124,7 @@ class Session:
             seed=self.seed,
             train_bottom=self.train_bottom,
             weight_decay=self.weight_decay,
+            output=self.output,
         )
 
     def snapshot(self, *, announced: bool = False) -> SessionSnapshot:
@@ -153,16 +156,20 @@ class Session:
         return self._pending.step if self._pending is not None else None
 
     @property
-    def pending_logits(self) -> torch.Tensor | None:
-        """The pending forward's logits (B, C), detached, or None."""
-        return self._pending.logits.detach() if self._pending is not None else None
+    def pending_output(self) -> torch.Tensor | None:
+        """What the pending forward returned (logits (B, C) or pooled (B, H)), detached, or None."""
+        return self._pending.output.detach() if self._pending is not None else None
 
     def drop_pending(self) -> None:
         self._pending = None
 
-    def forward(self, step: int, packed: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    def forward(
+        self, step: int, packed: torch.Tensor, lengths: Sequence[int], output: str | None = None
+    ) -> torch.Tensor:
         """Training forward of `step` (must be the next step) on the packed real token vectors (N_real, H) of
-        examples of the given lengths, as they come off the wire; keeps the graph until backward."""
+        examples of the given lengths, as they come off the wire; keeps the graph until backward. output: what the
+        caller expects back (refused unless it is the session's)."""
+        self._check_output(output)
         expected = self.steps_applied + 1
         if step != expected:
             raise StepOrderError(f"forward for step {step} but the next step is {expected}")
@@ -176,15 +183,16 @@ class Session:
         # seeded_draws): a forward recomputed after a restart or a resume draws the same masks, and sessions
         # running at once in this process do not disturb each other's draws, so no RNG state is saved.
         with seeded_draws(self.seed, step, self._devices):
-            logits = self.top(placed, placed_mask)  # (B, C), in the top's dtype, on its device
+            out = self.top(placed, placed_mask)  # (B, C) or (B, H), in the top's dtype, on its device
         # Finite but huge inputs can overflow inside the top; refuse before keeping a graph whose backward
         # would write NaN into this session's weights (the pending forward of this step, if any, is kept).
-        _check_finite("logits computed from hidden_states (values too large?)", logits)
-        self._pending = _Pending(step=step, hidden=placed, logits=logits, mask=placed_mask.bool())
-        return logits.detach().float().cpu()
+        _check_finite(f"{self.output} computed from hidden (values too large?)", out)
+        self._pending = _Pending(step=step, hidden=placed, output=out, mask=placed_mask.bool())
+        return out.detach().float().cpu()
 
     def backward(self, step: int, grad_logits: torch.Tensor, *, checkpointed: bool = False) -> BackwardResult:
-        """Back-propagate dL/dlogits of `step` and apply the optimizer step; a retry is replayed. checkpointed: the
+        """Back-propagate dL/d(what Forward returned: logits, or pooled) of `step` and apply the optimizer step; a
+        retry is replayed. checkpointed: the
         caller (SessionRegistry.backward) checkpoints the session now, before the reply, so the reply (and the
         record of it a replay answers from, which that checkpoint holds) says so; if the checkpoint then fails,
         the caller calls checkpoint_failed()."""
@@ -194,28 +202,30 @@ class Session:
         if pending is None or pending.step != step:
             have = "no forward is pending" if pending is None else f"the pending forward is step {pending.step}"
             raise StepOrderError(f"backward for step {step} but {have}; the next step is {self.steps_applied + 1}")
-        if tuple(grad_logits.shape) != tuple(pending.logits.shape):
+        name = f"grad_{self.output}"
+        if tuple(grad_logits.shape) != tuple(pending.output.shape):
             raise InvalidInputError(
-                f"grad_logits has shape {tuple(grad_logits.shape)}, "
-                f"expected {tuple(pending.logits.shape)} (the logits of step {step})"
+                f"{name} has shape {tuple(grad_logits.shape)}, "
+                f"expected {tuple(pending.output.shape)} (the {self.output} of step {step})"
             )
         _check_float("grad", grad_logits)  # the wire field
-        _check_finite("grad_logits", grad_logits)
+        _check_finite(name, grad_logits)
         self.optimizer.zero_grad(set_to_none=True)
         pending.hidden.grad = None  # a refused earlier try of this step must not accumulate into dL/dhidden
-        pending.logits.backward(
-            grad_logits.to(device=pending.logits.device, dtype=pending.logits.dtype), retain_graph=True
+        pending.output.backward(
+            grad_logits.to(device=pending.output.device, dtype=pending.output.dtype), retain_graph=True
         )  # kept until the step is applied, so a refusal can be retried
         grads = [p.grad for p in self.parameters if p.grad is not None]
         first = self._param.device  # the top may span devices (--device-map): gather the flags on one
         if grads and not bool(torch.stack([torch.isfinite(g).all().to(first) for g in grads]).all()):  # one sync
             self.optimizer.zero_grad(set_to_none=True)
             raise InvalidInputError(
-                f"grad_logits of step {step} give a non-finite weight gradient (values too large?); nothing was applied"
+                f"{name} of step {step} give a non-finite weight gradient (values too large?); nothing was applied"
             )
         self.optimizer.step()
         if self.recorder is not None:
-            self.recorder.record_gradient(self.session_id, step, grad_logits)  # as received, once per applied step
+            # as received, once per applied step
+            self.recorder.record_gradient(self.session_id, step, grad_logits, name=name)
         self.steps_applied = step
         self._pending = None
         # dL/dhidden of the real tokens only, packed like the forward's input (N_real, H): padding gets none.
@@ -232,14 +242,20 @@ class Session:
         return self._last_reply
 
     @torch.no_grad()
-    def evaluate(self, packed: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
-        """Logits (B, C) of packed real token vectors, without a graph and without a step."""
+    def evaluate(self, packed: torch.Tensor, lengths: Sequence[int], output: str | None = None) -> torch.Tensor:
+        """Logits (B, C), or pooled (B, H), of packed real token vectors, without a graph and without a step."""
+        self._check_output(output)
         hidden, mask = self._inputs(packed, lengths)
         placed, placed_mask = self._place(hidden, mask)
         if self.recorder is not None:
             self.recorder.record("evaluate", self.session_id, 0, hidden, mask)  # as received (padded)
         set_training(self.top, False)
         return self.top(placed, placed_mask).float().cpu()
+
+    def _check_output(self, output: str | None) -> None:
+        if output is not None and output != self.output:
+            served = "pooled (the user keeps the head)" if self.output == "pooled" else "logits (its head)"
+            raise InvalidInputError(f"output {output!r} was asked of a session that returns {served}")
 
     def _inputs(self, packed: torch.Tensor, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Every check of what a Forward or Evaluate carries, in one place (the servicer only decodes frames):
@@ -253,7 +269,7 @@ class Session:
         _check_float("hidden", packed)
         if lengths:
             check_batch_tokens(len(lengths), max(lengths), self.max_batch_tokens)  # before unpacking allocates
-        hidden, mask = codec.unpack_hidden(packed, lengths, field="hidden")  # checks the lengths against the rows
+        hidden, mask = unpack_hidden(packed, lengths, field="hidden")  # checks the lengths against the rows
         _check_finite("hidden", packed)
         return hidden, mask
 

@@ -85,7 +85,7 @@ def test_a_session_is_refused_to_anyone_without_its_secret(tiny_llama):
             hidden, mask, labels = _batch(3, 3)
             logits = owner.forward(sid, 3, hidden, mask).requires_grad_(True)
             trainer = provider.sessions.get(sid)
-            before, pending = _weights(provider, sid), (trainer.pending_step, trainer.pending_logits)
+            before, pending = _weights(provider, sid), (trainer.pending_step, trainer.pending_output)
 
             stub = sap_pb2_grpc.SplitLearningStub(channel)
             forward = wire.forward_frames(sid, 3, hidden, mask)
@@ -304,5 +304,5 @@ def _same_pending(session, pending) -> bool:
     """The session's pending forward is still the one recorded: its step, and its very logits (the same storage, not
     a recomputation)."""
     step, logits = pending
-    now = session.pending_logits
+    now = session.pending_output
     return session.pending_step == step and logits is not None and now.data_ptr() == logits.data_ptr()

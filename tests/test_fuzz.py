@@ -526,7 +526,7 @@ def test_fuzz_every_rpc_then_train_to_the_exact_weights(tiny_llama):
             service.close_session(closed_id)
             trainers = [provider.sessions.get(sid) for sid in (fresh_id, pending_id)]
             before = [trainer.trainable_state() for trainer in trainers]
-            pending = trainers[1].pending_step, trainers[1].pending_logits
+            pending = trainers[1].pending_step, trainers[1].pending_output
 
             fuzzer = Fuzzer(channel, random.Random(6), *sessions, pending_batch=3)
             failures, per_rpc, codes = [], Counter(), Counter()
@@ -554,7 +554,7 @@ def test_fuzz_every_rpc_then_train_to_the_exact_weights(tiny_llama):
                 assert trainer.steps_applied == 0
                 assert all(torch.equal(weights[name], value) for name, value in trainer.trainable_state().items())
             assert trainers[0].pending_step is None and trainers[1].pending_step == pending[0]
-            assert trainers[1].pending_logits.data_ptr() == pending[1].data_ptr()  # the very forward, kept
+            assert trainers[1].pending_output.data_ptr() == pending[1].data_ptr()  # the very forward, kept
             result = service.backward(pending_id, 1, torch.full_like(logits, 0.1))
             assert (result.applied_step, result.replayed) == (1, False)
 

@@ -333,7 +333,7 @@ def test_resume_session_auth_rollback_and_refusals(tiny_llama, tmp_path):
             hidden, mask, _ = _batch(3, 6)
             owner.forward(sid, 6, hidden, mask)  # step 6 pending
             trainer = provider.sessions.get(sid)
-            before, pending = trainer.trainable_state(), (trainer.pending_step, trainer.pending_logits)
+            before, pending = trainer.trainable_state(), (trainer.pending_step, trainer.pending_output)
 
             def resume(session_id: str, step: int, md=()):
                 return stub.ResumeSession(
@@ -880,7 +880,7 @@ def _same_pending(session, pending) -> bool:
     """The session's pending forward is still the one recorded: its step, and its very logits (the same storage, not
     a recomputation)."""
     step, logits = pending
-    now = session.pending_logits
+    now = session.pending_output
     return session.pending_step == step and logits is not None and now.data_ptr() == logits.data_ptr()
 
 

@@ -213,9 +213,13 @@ def test_forward_input_errors_are_invalid_argument_and_server_keeps_serving(serv
     for wrong, words in (([4, 5], ("sum to 9", "8 rows")), ([3, 0, 5], ("lengths[1]=0",)), ([], ("empty",))):
         frames = wire.forward_frames(sid, 1, packed, lengths=wrong)
         _expect_error(bad, lambda: wire.call(stub.Forward, frames, _md(sid)), *words)
-    # an output this server does not serve
+    # an output other than the session's (it was opened with its head: logits), and one no session returns
     frames = wire.forward_frames(sid, 1, h, mask, output=sap_pb2.OUTPUT_POOLED)
-    _expect_error(bad, lambda: wire.call(stub.Forward, frames, _md(sid)), "OUTPUT_POOLED", "OUTPUT_LOGITS")
+    _expect_error(bad, lambda: wire.call(stub.Forward, frames, _md(sid)), "'pooled'", "returns logits")
+    frames = wire.forward_frames(sid, 1, h, mask, output=sap_pb2.OUTPUT_HIDDEN)
+    _expect_error(bad, lambda: wire.call(stub.Forward, frames, _md(sid)), "'hidden'", "returns logits")
+    frames = wire.forward_frames(sid, 1, h, mask, output=7)
+    _expect_error(bad, lambda: wire.call(stub.Forward, frames, _md(sid)), "output=7", "not a known Output")
 
     # bytes that are not a ForwardFrame at all
     def garbage():
@@ -414,3 +418,35 @@ def test_training_round_trip_for_each_family(tiny_model):
             _expect_error(grpc.StatusCode.NOT_FOUND, lambda: _forward(stub, sid, 4, h, mask), "unknown")
     finally:
         provider.close()
+
+
+def test_a_pooled_session_returns_the_pooled_representation_and_takes_its_gradient(served):
+    """OpenSession(output=OUTPUT_POOLED): no head on the provider (num_labels must be 0), Forward returns (B, H) and
+    Backward takes dL/dpooled (B, H); a (B, C) gradient is refused, and so is asking it for logits."""
+    provider, stub = served
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    asked_labels = sap_pb2.OpenSessionRequest(num_labels=2, learning_rate=1e-2, output=sap_pb2.OUTPUT_POOLED)
+    _expect_error(bad, lambda: stub.OpenSession(asked_labels, timeout=10), "num_labels must be 0")
+    reply = stub.OpenSession(
+        sap_pb2.OpenSessionRequest(num_labels=0, learning_rate=1e-2, output=sap_pb2.OUTPUT_POOLED), timeout=10
+    )
+    sid = reply.session_id
+    SECRETS[sid] = reply.session_secret
+    assert reply.num_labels == 0 and reply.trainable_parameters > 0  # LoRA only: no head
+    h, mask = _inputs()
+    frames = wire.forward_frames(sid, 1, h, mask)  # asks for logits
+    _expect_error(bad, lambda: wire.call(stub.Forward, frames, _md(sid)), "'logits'", "pooled")
+    header, tensors = wire.call(
+        stub.Forward, wire.forward_frames(sid, 1, h, mask, output=sap_pb2.OUTPUT_POOLED), _md(sid)
+    )
+    assert header.output == sap_pb2.OUTPUT_POOLED and tuple(tensors["tensor"].shape) == (2, HIDDEN)
+    pooled = tensors["tensor"]
+    session = provider.sessions.get(sid)
+    torch.testing.assert_close(session.pending_output, pooled)
+    before = _top_state(provider, sid)
+    _expect_error(bad, lambda: _backward(stub, sid, 1, torch.ones(2, 2)), "grad_pooled", f"(2, {HIDDEN})")
+    assert _backward(stub, sid, 1, torch.ones_like(pooled)).applied_step == 1
+    assert any(not torch.equal(before[n], v) for n, v in _top_state(provider, sid).items())
+    evaluated = wire.call(stub.Evaluate, wire.forward_frames(sid, 0, h, mask, output=sap_pb2.OUTPUT_POOLED), _md(sid))
+    assert tuple(evaluated[1]["tensor"].shape) == (2, HIDDEN)
+    assert _close(stub, sid) == 1

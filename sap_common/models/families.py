@@ -194,6 +194,13 @@ class RobertaHead(nn.Module):
         return self.out_proj(x)  # (B, C)
 
 
+def last_real_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) -> (B, H): each example's rightmost real token (right and left padding alike)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    last = (positions * attention_mask.to(device=hidden.device, dtype=positions.dtype)).argmax(-1)  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 class LastTokenHead(nn.Module):
     """Decoder-style: final norm, then a linear score of the last non-padding token."""
 
@@ -203,11 +210,27 @@ class LastTokenHead(nn.Module):
         self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.norm(hidden)
-        positions = torch.arange(hidden.shape[1], device=hidden.device)
-        # Rightmost real token: works for right and left padding alike.
-        last = (positions * attention_mask.to(positions.dtype)).argmax(-1)  # (B,)
-        return self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # (B, C)
+        return self.score(last_real_token(self.norm(hidden), attention_mask))  # (B, C)
+
+
+class PooledOutput(nn.Module):
+    """The top of a session whose user keeps the task head (--private-head): the representation a head reads, (B, H).
+    Decoders: the final norm, then the last real token; encoders: the first token of the last block's output (which
+    ends in its own LayerNorm). Nothing here trains, and nothing here depends on the number of classes."""
+
+    def __init__(self, config: PretrainedConfig, final_norm: nn.Module | None):
+        super().__init__()
+        self.norm = final_norm
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.norm is None:  # an encoder
+            return hidden[:, 0]
+        return last_real_token(self.norm(hidden), attention_mask)
+
+
+def pooled_output(config: PretrainedConfig, base: Any) -> PooledOutput:
+    """The pooling end of a headless session's top, over the base's frozen final norm (decoders)."""
+    return PooledOutput(config, base.norm if family_of(config) is DECODER else None)
 
 
 def new_head(config: PretrainedConfig, base: Any, num_labels: int, generator: torch.Generator) -> nn.Module:

@@ -71,20 +71,22 @@ class FileChunk(_message.Message):
     def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("num_labels", "learning_rate", "seed", "train_bottom", "weight_decay", "adapter_id")
+    __slots__ = ("num_labels", "learning_rate", "seed", "train_bottom", "weight_decay", "adapter_id", "output")
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TRAIN_BOTTOM_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     num_labels: int
     learning_rate: float
     seed: int
     train_bottom: bool
     weight_decay: float
     adapter_id: str
-    def __init__(self, num_labels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., train_bottom: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., adapter_id: _Optional[str] = ...) -> None: ...
+    output: Output
+    def __init__(self, num_labels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., train_bottom: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., adapter_id: _Optional[str] = ..., output: _Optional[_Union[Output, str]] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
     __slots__ = ("session_id", "trainable_parameters", "num_labels", "steps_applied", "session_secret")
