@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also fine-tune the bottom blocks here (the server returns dL/dhidden)",
     )
     train.add_argument(
+        "--private-head",
+        action="store_true",
+        help="keep the task head here: the server returns the pooled representation (B, H) and receives "
+        "dL/dpooled, never logits, dL/dlogits or the number of classes. The labels are still readable from "
+        "dL/dpooled (see privacy.md and the README's label table)",
+    )
+    train.add_argument(
         "--out", type=Path, help="run folder for metrics.json and run.json (default runs/YYYYmmdd-HHMMSS)"
     )
     _add_device_flag(train)
@@ -552,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_length=args.max_length,
                 seed=args.seed,
                 train_bottom=args.train_bottom,
+                private_head=args.private_head,
             )
         except ValueError as exc:
             parser.error(str(exc))

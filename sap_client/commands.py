@@ -16,9 +16,10 @@ from safetensors.torch import save_file
 from sap_client.connection import OpenSplit, file_sha256, make_privatizer, open_split
 from sap_client.cti import fit_cti
 from sap_client.data import TextDataset, load_labelled_csv, load_texts, stratified_split
+from sap_client.head import UserHead
 from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
 from sap_client.remote import ClientCredentials
-from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, METRICS, PRIVACY, RUN, RunDir, RunSpec, RunState
+from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, HEAD, METRICS, PRIVACY, RUN, RunDir, RunSpec, RunState
 from sap_client.statement import audit_summary, median_token_distance, privacy_statement, render_statement
 from sap_client.trainer import SplitTrainer, TrainConfig, TrainProgress
 from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors
@@ -108,6 +109,10 @@ class _Checkpointer:
                 trainer.bottom_optimizer, _BOTTOM_OPTIMIZER
             )
             tensors.update(optimizer_tensors)
+        if trainer.head is not None and trainer.head_optimizer is not None:
+            tensors.update({_HEAD + name: value for name, value in trainer.head.state_dict().items()})
+            optimizer_tensors, state.head_optimizer = optimizer_to_tensors(trainer.head_optimizer, _HEAD_OPTIMIZER)
+            tensors.update(optimizer_tensors)
         self.run.write_state(state, tensors)
         self.step = progress.step
         log.debug("client checkpoint at step %d", progress.step)
@@ -122,6 +127,7 @@ class _Checkpointer:
 
 
 _BOTTOM, _BOTTOM_OPTIMIZER = "bottom/", "bottom_optimizer/"
+_HEAD, _HEAD_OPTIMIZER = "head/", "head_optimizer/"
 
 
 def _fit(opened: OpenSplit, run: RunDir, checkpoint: _Checkpointer, train_data, held, progress=None) -> tuple:
@@ -165,7 +171,13 @@ def train(
             f"{out} holds an unfinished run: continue it with `sap-client resume {out}`, or choose another --out"
         )
     with open_split(
-        server, config, wire_dtype=wire_dtype, fresh_noise=noise.fresh_noise, credentials=credentials, device=device
+        server,
+        config,
+        run=run,  # its secret keys the noise and a --private-head's first weights
+        wire_dtype=wire_dtype,
+        fresh_noise=noise.fresh_noise,
+        credentials=credentials,
+        device=device,
     ) as opened:
         info, trainer = opened.info, opened.trainer
         log.info(
@@ -259,6 +271,8 @@ def resume(
                     {name[len(_BOTTOM) :]: value for name, value in tensors.items() if name.startswith(_BOTTOM)}
                 )
                 optimizer_from_tensors(trainer.bottom_optimizer, tensors, state.bottom_optimizer, _BOTTOM_OPTIMIZER)
+            if config.private_head:
+                _restore_head(trainer, tensors, state.head_optimizer, len(label_names))
             service.use_session(state.session_id, state.session_secret)
             try:
                 service.resume_session(state.session_id, state.step)
@@ -297,6 +311,18 @@ def resume(
     return _complete(run, spec, metrics, trainer, opened.info, adapter_id, opened.download_bytes)
 
 
+def _restore_head(trainer: SplitTrainer, tensors: dict, layout: dict | None, num_labels: int) -> None:
+    """Put the checkpoint's head and its optimizer state back (a --private-head run)."""
+    state = {name[len(_HEAD) :]: value for name, value in tensors.items() if name.startswith(_HEAD)}
+    if not state or layout is None:
+        raise InvalidInputError("the run's checkpoint holds no head, although the run keeps its head (--private-head)")
+    head = UserHead(trainer.bottom.config.hidden_size, num_labels)
+    head.load_state_dict(state)
+    trainer.attach_head(head)
+    assert trainer.head_optimizer is not None
+    optimizer_from_tensors(trainer.head_optimizer, tensors, layout, _HEAD_OPTIMIZER)
+
+
 def _complete(
     run: RunDir,
     spec: RunSpec,
@@ -312,6 +338,8 @@ def _complete(
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in trainer.bottom.state_dict().items()}, str(run.file(BOTTOM))
         )
+    if trainer.head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainer.head.state_dict().items()}, str(run.file(HEAD)))
     privatizer = trainer.privatizer
     eta = privatizer.eta if privatizer else None
     metrics.update(
@@ -349,6 +377,7 @@ def _complete(
         noise_observations=metrics["noise_observations"],
         epochs=config.epochs,
         median_distance=median_token_distance(trainer.bottom),
+        private_head=config.private_head,
     )
     run.write_json(METRICS, metrics)
     run.file(PRIVACY).write_text(render_statement(metrics["privacy"]))
@@ -408,6 +437,8 @@ def _probabilities(
     ) as opened:
         trainer = opened.trainer
         trainer.session_id, num_labels = opened.service.attach_adapter(spec.adapter_id)
+        if trainer.head is not None:  # --private-head: the provider's adapter has no head, this side's has the labels
+            num_labels = trainer.head.num_labels
         if num_labels != len(spec.label_names):
             raise ModelLoadError(f"adapter has {num_labels} labels, the run has {len(spec.label_names)}")
         probabilities = trainer.predict(texts)

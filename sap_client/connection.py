@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from sap_client.bottom import load_server_bottom
 from sap_client.cti import CtiStatistics, eta_table
+from sap_client.head import UserHead
 from sap_client.privacy import NoiseConfig, Privatizer
 from sap_client.remote import ClientCredentials, RemoteTopService
-from sap_client.rundir import BOTTOM, CTI, RunDir, RunSpec
+from sap_client.rundir import BOTTOM, CTI, HEAD, RunDir, RunSpec
 from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_common.devices import DTYPES
 from sap_common.errors import InvalidInputError, ModelLoadError
@@ -94,7 +95,8 @@ def open_split(
 ) -> OpenSplit:
     """Connect to server and build the trainer. With a run (spec read from run.json): the server must serve the run's
     model and split, the trainer gets the run's privatizer, the wire dtype is the run's unless wire_dtype overrides
-    it, and trained_bottom loads the run's fine-tuned bottom (bottom.safetensors) when it has one."""
+    it, and trained_bottom loads the run's fine-tuned bottom (bottom.safetensors) when it has one, and its head
+    (head.safetensors, --private-head). A run's secret keys a new head's first weights."""
     wire = wire_dtype or (spec.wire_dtype if spec else "float32")
     service = RemoteTopService(server, wire_dtype=wire_dtype_of(wire), credentials=credentials)
     try:
@@ -109,11 +111,29 @@ def open_split(
         if trained_bottom and run is not None and run.file(BOTTOM).exists():
             bottom.load_state_dict(load_file(str(run.file(BOTTOM))))
         privatizer = run_privatizer(run, spec) if run is not None and spec is not None else None
-        trainer = SplitTrainer(bottom, tokenizer, service, config, privatizer, fresh_noise=fresh_noise, device=device)
+        head_key = run.noise_key() if run is not None else None
+        trainer = SplitTrainer(
+            bottom, tokenizer, service, config, privatizer, fresh_noise=fresh_noise, device=device, head_key=head_key
+        )
+        if trained_bottom and run is not None and config.private_head:
+            trainer.attach_head(load_head(run.file(HEAD)))
     except BaseException:
         service.close()
         raise
     return OpenSplit(service, info, trainer, download_bytes)
+
+
+def load_head(path: Path) -> UserHead:
+    """The head a --private-head run kept (RUN_DIR/head.safetensors)."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: a --private-head run keeps its task head there")
+    state = load_file(str(path))
+    weight = state.get("classifier.weight")
+    if weight is None or weight.dim() != 2:
+        raise ModelLoadError(f"{path} holds no head (classifier.weight)")
+    head = UserHead(weight.shape[1], weight.shape[0])
+    head.load_state_dict(state)
+    return head
 
 
 def file_sha256(path: Path) -> str:

@@ -209,8 +209,10 @@ class RemoteTopService:
     def open_session(self, spec: SessionSpec) -> str:
         return self._opened(self._call(self._stub.OpenSession, codec.spec_to_proto(spec)))[0]
 
-    def forward(self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._forward(self._stub.Forward, session_id, step, hidden, attention_mask)
+    def forward(
+        self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor, *, output: str = "logits"
+    ) -> torch.Tensor:
+        return self._forward(self._stub.Forward, session_id, step, hidden, attention_mask, output)
 
     def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult:
         tensor, raw = codec.wire_tensor(grad_logits)
@@ -221,8 +223,10 @@ class RemoteTopService:
         )
         return BackwardResult(reply.applied_step, reply.replayed, tensors.get("grad_hidden"), reply.checkpointed)
 
-    def evaluate(self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._forward(self._stub.Evaluate, session_id, 0, hidden, attention_mask)
+    def evaluate(
+        self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor, *, output: str = "logits"
+    ) -> torch.Tensor:
+        return self._forward(self._stub.Evaluate, session_id, 0, hidden, attention_mask, output)
 
     def close_session(self, session_id: str) -> int:
         request = sap_pb2.CloseSessionRequest(session_id=session_id)
@@ -272,8 +276,11 @@ class RemoteTopService:
             metadata.append((SESSION_SECRET_METADATA, self._secrets[session_id]))
         return metadata
 
-    def _forward(self, method, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor):
-        """Forward or Evaluate: the real tokens packed (N_real, H) in the wire dtype; the logits (B, C)."""
+    def _forward(
+        self, method, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor, output: str
+    ):
+        """Forward or Evaluate: the real tokens packed (N_real, H) in the wire dtype; the logits (B, C) or the
+        pooled representation (B, H)."""
         if not codec.is_right_padded(attention_mask):
             raise InvalidInputError(
                 "the wire carries right-padded batches only (every row: real tokens, then padding, at least one "
@@ -282,12 +289,16 @@ class RemoteTopService:
         packed, lengths = codec.pack_hidden(hidden, attention_mask)
         tensor, raw = codec.wire_tensor(packed, wire_dtype=self.wire_dtype)
         header = sap_pb2.ForwardHeader(
-            session_id=session_id, step=step, hidden=tensor, lengths=lengths, output=sap_pb2.OUTPUT_LOGITS
+            session_id=session_id, step=step, hidden=tensor, lengths=lengths, output=codec.OUTPUT_OF_NAME[output]
         )
         frames = codec.to_frames(sap_pb2.ForwardFrame, header, [raw], self.chunk_bytes)
         reply, tensors = self._streamed(method, frames, sap_pb2.ForwardReplyFrame, ("tensor",), session_id)
         if "tensor" not in tensors:
             raise RemoteError("the server's Forward reply carries no tensor")
+        if reply.output != header.output:
+            raise RemoteError(
+                f"asked for {output} but the server's reply carries {codec.NAME_OF_OUTPUT.get(reply.output)}"
+            )
         return tensors["tensor"]
 
     def _call(self, method, request, session_id: str | None = None):

@@ -9,9 +9,11 @@ privacy.md              the privacy statement in words: the guarantee, the label
 noise.key               the secret that keys the noise (never sent anywhere)
 cti_counts.safetensors  CTI token statistics (training split only; never sent anywhere)
 bottom.safetensors      the fine-tuned bottom, with --train-bottom
+head.safetensors        the task head, with --private-head (it never leaves this machine)
 checkpoint.safetensors  while the run is unfinished: where it stands (step, epoch, position, losses,
                         history, noise/signal sums), the session id and secret (file mode 0600), and
-                        with --train-bottom the bottom and its optimizer (RunState); `sap-client
+                        with --train-bottom the bottom and its optimizer, with --private-head the head
+                        and its optimizer (RunState); `sap-client
                         resume RUN_DIR` continues from it. Removed when the run completes.
 """
 
@@ -37,6 +39,7 @@ PRIVACY = "privacy.md"
 KEY = "noise.key"
 CTI = "cti_counts.safetensors"
 BOTTOM = "bottom.safetensors"
+HEAD = "head.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
 STATE_FORMAT = 1  # of checkpoint.safetensors's metadata (RunState)
 
@@ -93,6 +96,7 @@ class RunState:
     bytes_received: int = 0
     saved_at: str | None = None
     bottom_optimizer: dict | None = None  # the optimizer's layout, with --train-bottom (its tensors are alongside)
+    head_optimizer: dict | None = None  # the same for the head, with --private-head
     format: int = STATE_FORMAT
 
     @property
@@ -115,6 +119,7 @@ class RunState:
                 bytes_received=meta["bytes_received"],
                 saved_at=meta.get("saved_at"),
                 bottom_optimizer=meta.get("bottom_optimizer"),
+                head_optimizer=meta.get("head_optimizer"),
             )
         except (KeyError, TypeError) as exc:
             raise InvalidInputError(f"{where} is not a checkpoint of this sap-client ({exc})") from exc

@@ -21,6 +21,13 @@ LABELS_EXPOSED = (
     "dL/dlogits = (softmax - onehot(label)) / B, has exactly one negative entry, the label's "
     "(measured: `sap-client audit --recorded` reads 100% of them)"
 )
+LABELS_EXPOSED_PRIVATE_HEAD = (
+    "every training label of a two-class task is readable by the provider, although the head stays here "
+    "(--private-head): the gradient the client returns, dL/dpooled = (p - y)(w_1 - w_0) / B, lies on one line "
+    "per step and its side is the label (Li et al., ICLR 2022); tracking that line from step to step and "
+    "resolving the one flip with the class prior reads them all (measured: `sap-client audit --recorded` "
+    "reads 100% on the tiny test models). What it does hide: the logits, dL/dlogits and the number of classes"
+)
 NOT_COVERED = (
     "the number of tokens of every text (what is sent has one vector per real token), the number of "
     "examples, classes and steps, batch composition, and the timing of every request"
@@ -70,6 +77,7 @@ def privacy_statement(
     epochs: int,
     median_distance: float,
     audit: dict | None = None,
+    private_head: bool = False,
 ) -> dict:
     """The statement as data (metrics.json["privacy"]); render_statement turns it into privacy.md."""
     statement: dict = {
@@ -80,7 +88,8 @@ def privacy_statement(
         "eta_max": eta_max,
         "cti": cti,
         "rescale_norm": rescale_norm,
-        "label_exposure": LABELS_EXPOSED,
+        "label_exposure": LABELS_EXPOSED_PRIVATE_HEAD if private_head else LABELS_EXPOSED,
+        "private_head": private_head,
         "not_covered": NOT_COVERED,
         "median_token_distance": median_distance,
         "predict_queries": "the same text always gets the same noise (keyed by RUN_DIR/noise.key), so "
@@ -150,6 +159,7 @@ def audit_summary(report: dict) -> dict:
         "aia_baseline",
         "label_inference_accuracy",
         "label_inference_baseline",
+        "label_attack",
     )
     summary = {key: report[key] for key in keys if key in report}
     summary["eia_attacks"] = {kind: figures["recovery"] for kind, figures in report.get("eia_attacks", {}).items()}
@@ -197,7 +207,9 @@ def render_statement(statement: dict) -> str:
         if "label_inference_accuracy" in audit:
             lines.append(
                 f"Labels read from the recorded gradients: {audit['label_inference_accuracy']:.1%} "
-                f"(majority baseline {audit['label_inference_baseline']:.1%})."
+                f"(majority baseline {audit['label_inference_baseline']:.1%}"
+                + (f"; attack: {audit['label_attack']}" if audit.get("label_attack") else "")
+                + ")."
             )
         if "aia_accuracy" in audit:
             lines.append(f"Attribute inference: {audit['aia_accuracy']:.3f} (baseline {audit['aia_baseline']:.3f}).")

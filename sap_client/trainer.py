@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -16,6 +17,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from sap_client.data import TextDataset
+from sap_client.head import UserHead, new_user_head
 from sap_client.privacy import NoiseTally, Privatizer
 from sap_common.checkpoint import seeded_draws
 from sap_common.models import set_training
@@ -44,6 +46,13 @@ class TrainConfig:
     max_length: int = field(default=64, metadata={"help": "tokens per example after truncation"})
     seed: int = field(default=0, metadata={"help": "seeds data order and the server's initial weights"})
     train_bottom: bool = field(default=False, metadata={"help": "also fine-tune the user's bottom blocks"})
+    private_head: bool = field(
+        default=False,
+        metadata={
+            "help": "keep the task head on this machine: the provider returns the pooled representation and never "
+            "sees logits, dL/dlogits or the number of classes (dL/dpooled still carries the labels: privacy.md)"
+        },
+    )
     prefetch: bool = field(
         default=True,
         metadata={"help": "with a frozen bottom, prepare batch i+1 while batch i is on the server (results unchanged)"},
@@ -179,6 +188,7 @@ class SplitTrainer:
         *,
         fresh_noise: bool = False,
         device: torch.device | str = "cpu",
+        head_key: bytes | None = None,
     ):
         self.device = torch.device(device)
         self.bottom = _place_bottom(bottom, self.device)
@@ -205,14 +215,30 @@ class SplitTrainer:
         # and privatized while batch i's RPCs are in flight. Noise is keyed per example and the order
         # comes from the seeded generator, so the results are the same with and without it.
         self.prefetch = config.prefetch and not config.train_bottom
+        # --private-head: the head lives here; the provider's session returns the pooled representation.
+        self.output = "pooled" if config.private_head else "logits"
+        self.head_key = head_key if head_key is not None else secrets.token_bytes(32)  # the run's secret, if any
+        self.head: UserHead | None = None
+        self.head_optimizer: torch.optim.Optimizer | None = None
+
+    def attach_head(self, head: UserHead) -> None:
+        """Use head as the run's task head (a new one, or the one a run kept) with a fresh optimizer."""
+        self.head = head.to(self.device)
+        self.head_optimizer = torch.optim.AdamW(
+            self.head.parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay
+        )
 
     def open(self, num_labels: int) -> str:
+        """Open the provider's session; with --private-head also draw this side's head (unless one is attached)."""
+        if self.config.private_head and self.head is None:
+            self.attach_head(new_user_head(self.bottom.config.hidden_size, num_labels, self.head_key))
         spec = SessionSpec(
-            num_labels=num_labels,
+            num_labels=0 if self.config.private_head else num_labels,
             learning_rate=self.config.learning_rate,
             seed=self.config.seed,
             train_bottom=self.config.train_bottom,
             weight_decay=self.config.weight_decay,
+            output=self.output,
         )
         self.session_id = self.service.open_session(spec)
         return self.session_id
@@ -305,10 +331,21 @@ class SplitTrainer:
         self.last_checkpointed says whether the provider checkpointed the session at this step."""
         hidden, sent, mask, tally = outgoing
         step = self.steps + 1
-        logits = self.service.forward(self._session, step, sent, mask).requires_grad_(True)  # (B, C)
-        loss = F.cross_entropy(logits, labels)
-        (grad_logits,) = torch.autograd.grad(loss, logits)
-        result = self.service.backward(self._session, step, grad_logits)
+        out = self.service.forward(self._session, step, sent, mask, output=self.output)  # (B, C) or (B, H)
+        returned = out.to(self.device).requires_grad_(True)
+        if self.head is None:
+            loss = F.cross_entropy(returned, labels.to(self.device))
+            (grad_out,) = torch.autograd.grad(loss, returned)
+        else:  # dL/dpooled goes back; the head's own gradient stays here
+            assert self.head_optimizer is not None
+            self.head_optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.head(returned), labels.to(self.device))
+            loss.backward()
+            assert returned.grad is not None
+            grad_out = returned.grad
+        result = self.service.backward(self._session, step, grad_out.cpu())
+        if self.head_optimizer is not None:  # once the provider applied the step: both sides move together
+            self.head_optimizer.step()
         if self.bottom_optimizer is not None:
             if result.grad_hidden is None:
                 raise RuntimeError("the server returned no dL/dhidden although the bottom is trainable")
@@ -378,7 +415,13 @@ class SplitTrainer:
         out = []
         for start in tqdm(range(0, len(texts), size), desc="predict", unit="batch", disable=None, leave=False):
             _, sent, mask = self._outgoing(texts[start : start + size], None, train=False)
-            out.append(torch.softmax(self.service.evaluate(self._session, sent, mask).float(), dim=-1))
+            returned = self.service.evaluate(self._session, sent, mask, output=self.output).float()
+            if self.head is not None:
+                with torch.no_grad():
+                    returned = self.head(returned.to(self.device)).cpu()
+            elif self.config.private_head:
+                raise RuntimeError("--private-head: no head attached (the run's head.safetensors)")
+            out.append(torch.softmax(returned, dim=-1))
         return torch.cat(out)
 
     def evaluate(self, data: TextDataset) -> EvalResult:

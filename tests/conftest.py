@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 # sap-client as processes of their own. Mixed modules are filed under their highest level.
 LEVELS = {
     "unit": (
-        "test_attacks test_bench test_cli test_codec test_cti test_data test_labels test_privacy test_privacy_table "
+        "test_attacks test_bench test_cli test_codec test_cti test_data test_labeldp test_labels test_privacy "
+        "test_privacy_table "
         "test_split test_statement test_strong_attacks test_heap test_layering test_openmp "
         "test_proto_fresh"
     ).split(),
@@ -32,7 +33,8 @@ LEVELS = {
         "test_noise_on_the_wire test_prefetch test_servicer"
     ).split(),
     "two_process": (
-        "test_audit test_compose test_devices test_private_inference test_resume test_tls test_two_process"
+        "test_audit test_compose test_devices test_label_privacy test_private_inference test_resume test_tls "
+        "test_two_process"
     ).split(),
 }
 LEVEL_OF = {module: level for level, modules in LEVELS.items() for module in modules}

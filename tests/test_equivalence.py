@@ -267,7 +267,14 @@ def test_local_service_gives_the_weights_of_grpc(tiny_model, tmp_path, train_bot
     assert_same_params(local.initial_top, over_grpc.initial_top, "initial top, local vs gRPC", tol=0.0)
     assert_all_moved(local.initial_top, local.final_top, "local top")
     assert_same_params(local.final_top, over_grpc.final_top, "top, local vs gRPC", tol=1e-6)
-    assert_same_params(local.final_bottom, over_grpc.final_bottom, "bottom, local vs gRPC", tol=1e-6)
+    # The inert key bias (see INERT) has a gradient of rounding noise only, which AdamW scales up to about LR: its
+    # value depends on the last bits of sums whose order follows memory alignment (a tensor decoded from the wire
+    # is a view at an offset), so it is held to the suite's TOL; every other tensor to 1e-6.
+    inert = {n for n in local.final_bottom if n.endswith(INERT)}
+    strict = {n: t for n, t in local.final_bottom.items() if n not in inert}
+    assert_same_params(strict, {n: over_grpc.final_bottom[n] for n in strict}, "bottom, local vs gRPC", tol=1e-6)
+    for name in inert:
+        assert _max_diff(local.final_bottom[name], over_grpc.final_bottom[name]) <= TOL, name
     assert local.losses == pytest.approx(over_grpc.losses, abs=1e-6)
 
 
@@ -293,3 +300,105 @@ def test_split_training_equals_unsplit_training_for_every_decoder_family(family,
     split = _split_run(folder, "lora", train_bottom=False, cache=tmp_path / "bottoms", transport="local")
     reference = _reference_run(folder, "lora", train_bottom=False, initial_top=split.initial_top)
     _check(split, reference, "lora", train_bottom=False)
+
+
+# --- the user keeps the head (--private-head) -------------------------------------------------------
+
+
+def _private_head_split_run(folder: Path, method: str, cache: Path) -> tuple[Run, Params, Params]:
+    """Split training with the head on the user's side; (the run, the head's initial and final weights)."""
+    provider = Provider.from_loaded(load_model(str(folder)), split=K, peft=PeftConfig(method=method))
+    try:
+        with running_server(provider) as address, RemoteTopService(address) as service:
+            bottom, tokenizer, _ = load_server_bottom(service, service.server_info(), cache_root=cache)
+            config = TrainConfig(
+                batch_size=BATCH, learning_rate=LR, max_length=MAX_LENGTH, seed=SEED, private_head=True
+            )
+            trainer = SplitTrainer(bottom, tokenizer, service, config, head_key=b"the user's own secret")
+            trainer.open(NUM_LABELS)
+            session = provider.sessions.get(trainer.session_id)
+            assert session.output == "pooled" and session.num_labels == 0  # the provider does not learn C
+            top = session.top
+            trainable = lambda: ((n, p) for n, p in top.named_parameters() if p.requires_grad)  # noqa: E731
+            assert not any(n.startswith("head.") for n, _ in trainable()), "a pooled top has no trainable head"
+            assert trainer.head is not None
+            initial_top, initial_head = _snapshot(trainable()), _snapshot(trainer.head.named_parameters())
+            initial_bottom = _snapshot(trainer.bottom.named_parameters())
+            losses = [trainer.step(texts, labels) for texts, labels in BATCHES]
+            assert service.close_session(trainer.session_id) == STEPS
+            run = Run(
+                initial_top,
+                _snapshot(trainable()),
+                initial_bottom,
+                _snapshot(trainer.bottom.named_parameters()),
+                losses,
+            )
+            return run, initial_head, _snapshot(trainer.head.named_parameters())
+    finally:
+        provider.close()
+
+
+def _private_head_reference(folder: Path, method: str, initial_head: Params) -> tuple[Params, Params, list[float]]:
+    """The unsplit base model + the same linear head on its pooled output (a decoder's last real token after the
+    final norm, an encoder's first token), trained together in one process; (top PEFT weights, head, losses)."""
+    from sap_client.head import UserHead
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=NUM_LABELS)
+    family = family_of(model.config)
+    base = model.base_model
+    blocks = base_blocks(base, family)
+    model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        apply_peft(blocks[K:], family, PeftConfig(method=method))
+    head = UserHead(model.config.hidden_size, NUM_LABELS)
+    head.load_state_dict(initial_head)
+
+    def top_named() -> list[tuple[str, torch.nn.Parameter]]:
+        return [
+            (f"blocks.{i}.{n}", p)
+            for i, block in enumerate(blocks[K:])
+            for n, p in block.named_parameters()
+            if p.requires_grad
+        ]
+
+    trainable = [p for _, p in top_named()] + list(head.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
+    tokenizer = load_tokenizer(folder)
+    tokenizer.padding_side = "right"
+    base.train()
+    losses = []
+    for texts, labels in BATCHES:
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        if family is ENCODER:
+            pooled = hidden[:, 0]
+        else:
+            pooled = hidden[torch.arange(len(texts)), batch["attention_mask"].sum(-1) - 1]
+        loss = F.cross_entropy(head(pooled), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return _snapshot(top_named()), _snapshot(head.named_parameters()), losses
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_private_head_split_training_equals_unsplit_training(tiny_model, tmp_path, method):
+    split, initial_head, final_head = _private_head_split_run(tiny_model, method, tmp_path / "bottoms")
+    top, head, losses = _private_head_reference(tiny_model, method, initial_head)
+    assert_all_moved(split.initial_top, split.final_top, "split top")
+    assert_all_moved(initial_head, final_head, "user head")
+    assert_same_params(split.final_top, top, f"top after {STEPS} steps")
+    assert_same_params(final_head, head, f"user head after {STEPS} steps")
+    assert max(abs(a - b) for a, b in zip(split.losses, losses, strict=True)) <= TOL, (split.losses, losses)
+    assert_same_params(split.final_bottom, split.initial_bottom, "frozen bottom", tol=0.0)
+
+
+def test_the_private_head_is_drawn_from_the_users_secret_not_the_seed_the_provider_knows(tiny_bert, tmp_path):
+    from sap_client.head import new_user_head
+
+    one, same, other = (new_user_head(32, 2, key) for key in (b"a", b"a", b"b"))
+    assert torch.equal(one.classifier.weight, same.classifier.weight)
+    assert not torch.allclose(one.classifier.weight, other.classifier.weight)
+    assert torch.count_nonzero(one.classifier.bias) == 0

@@ -7,7 +7,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from sap_client.audit.labels import direction_scoring, label_inference, norm_scoring, sign_rule
+from sap_client.audit.labels import (
+    direction_scoring,
+    label_inference,
+    name_sides,
+    norm_scoring,
+    sign_rule,
+    tracked_sides,
+)
 
 
 def test_sign_rule_reads_every_label_from_cross_entropy_gradients():
@@ -38,3 +45,31 @@ def test_norm_scoring_names_the_largest_norms_the_minority():
     assert norm_scoring(gradients, 0.5, majority_class=0).tolist() == [1, 0, 1, 0]
     with pytest.raises(ValueError, match="minority_fraction"):
         norm_scoring(gradients, 1.0)
+
+
+def test_tracked_sides_follow_a_moving_head_through_a_run():
+    """A head trained step by step on balanced batches: each step's dL/dpooled lie on that step's w_1 - w_0, which
+    turns as the head learns. Per-step sides agree from step to step, so one flip for the whole run (named by one
+    known label) reads every label; naming each step's sides by its own majority does not."""
+    generator = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(16, 2)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+    centre = torch.randn(2, 16, generator=generator)
+    steps, truth = [], []
+    for _ in range(40):
+        labels = torch.randperm(8, generator=generator) % 2  # 4 of each class: no prior names a side
+        pooled = (centre[labels] + torch.randn(8, 16, generator=generator)).requires_grad_(True)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(pooled), labels)
+        loss.backward()
+        optimizer.step()
+        steps.append(pooled.grad.clone())
+        truth.append(labels)
+    truth_all = torch.cat(truth)
+    sides = torch.cat(tracked_sides(steps))
+    guesses = name_sides(sides, known=(0, int(truth_all[0])))
+    assert label_inference(guesses, truth_all)["label_inference_accuracy"] == 1.0
+    untracked = torch.cat([direction_scoring(g, majority_class=0) for g in steps])  # each step flips at random
+    assert label_inference(untracked, truth_all)["label_inference_accuracy"] < 0.8
+    with pytest.raises(ValueError, match="exactly one"):
+        name_sides(sides)

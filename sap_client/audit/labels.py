@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-LABEL_ATTACKS = ("sign", "direction", "norm")
+LABEL_ATTACKS = ("sign", "direction", "norm", "tracked")
 
 
 def sign_rule(grad_logits: torch.Tensor) -> torch.Tensor:
@@ -45,6 +45,39 @@ def norm_scoring(gradients: torch.Tensor, minority_fraction: float, majority_cla
     labels = torch.full((len(norms),), majority_class, dtype=torch.long)
     labels[norms.topk(count).indices] = 1 - majority_class
     return labels
+
+
+def tracked_sides(steps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per training step, (B_t, D) gradients of a binary task -> (B_t,) sides in {0, 1} that mean the same in every
+    step. Within a step every gradient lies on the line of w_1 - w_0 (Li et al.); the head moves between steps, so
+    each step's principal direction is oriented to agree with the previous step's, which names the sides alike all
+    through the run, up to one flip for the whole run (resolve it with name_sides)."""
+    sides, previous = [], None
+    for gradients in steps:
+        if gradients.dim() != 2 or gradients.shape[0] < 1:
+            raise ValueError(f"each step's gradients must be (B, D) with B >= 1, got {tuple(gradients.shape)}")
+        rows = gradients.double()
+        direction = torch.linalg.svd(rows, full_matrices=False).Vh[0]  # (D,)
+        if previous is not None and float(direction @ previous) < 0:
+            direction = -direction
+        previous = direction
+        sides.append((rows @ direction > 0).long())
+    return sides
+
+
+def name_sides(side: torch.Tensor, *, majority_class: int | None = None, known: tuple[int, int] | None = None):
+    """Sides (N,) in {0, 1} -> labels: by the class prior (the side with more examples is majority_class), or by one
+    example whose label the provider knows (known = (its index, its label))."""
+    if (majority_class is None) == (known is None):
+        raise ValueError("name the sides by exactly one of majority_class and known")
+    if known is not None:
+        index, label = known
+        if label not in (0, 1):
+            raise ValueError(f"the known label must be 0 or 1, got {label!r}")
+        return torch.where(side == side[index], label, 1 - label).long()
+    if majority_class not in (0, 1):
+        raise ValueError(f"majority_class must be 0 or 1, got {majority_class!r}")
+    return _name_sides(side, majority_class)
 
 
 def _check_binary_input(gradients: torch.Tensor, majority_class: int) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from sap_client.audit.attacks import AttackConfig, undo_rescaling
 from sap_client.audit.content import content_mask
-from sap_client.audit.labels import label_inference, sign_rule
+from sap_client.audit.labels import label_inference, name_sides, norm_scoring, sign_rule, tracked_sides
 from sap_client.audit.runner import build_attacker, clean_batches, eia_report
 from sap_client.data import TextDataset
 from sap_client.trainer import SplitTrainer
@@ -64,32 +64,84 @@ def recorded_audit(
 
 
 def recorded_label_inference(records: list[Record], text_of: dict[str, int], labels: list[int]) -> dict:
-    """The sign rule on every recorded Backward gradient of the logits whose forward example was paired with a data
-    text: its accuracy on those texts' true labels, beside the majority-class baseline. Each (step, example) is one
-    observation; examples seen in several epochs count once per epoch."""
+    """Read the labels back from every recorded Backward gradient whose forward example was paired with a data text;
+    the accuracy on those texts' true labels, beside the majority-class baseline. Each (step, example) is one
+    observation; examples seen in several epochs count once per epoch.
+
+    dL/dlogits (the provider holds the head): the sign rule. dL/dpooled (--private-head): on a binary task, tracked
+    direction scoring (each step's gradients lie on one line; sides kept consistent from step to step), with the one
+    flip for the whole run resolved by the class prior, or by one example whose label the provider knows; and norm
+    scoring. The figure is the strongest of them (each one's is reported too)."""
     forwards = {(r.session, r.step): r for r in records if r.kind == "forward"}  # a retried forward: the same tensors
-    guesses, truth, unmatched = [], [], 0
+    steps: dict[str, list[tuple[torch.Tensor, list[int | None]]]] = {"grad_logits": [], "grad_pooled": []}
+    unmatched = 0
     for record in records:
-        if record.kind != "backward" or "grad_logits" not in record.tensors:
+        name = next((n for n in steps if n in record.tensors), None)
+        forward = forwards.get((record.session, record.step)) if record.kind == "backward" else None
+        if name is None or forward is None:
             continue
-        forward = forwards.get((record.session, record.step))
-        if forward is None:
-            continue
-        grads = record.tensors["grad_logits"]  # (B, C)
-        predicted = sign_rule(grads)
-        for b, digest in enumerate(_row_digests(forward.tensors["hidden_states"], forward.tensors["attention_mask"])):
-            if digest in text_of:
-                guesses.append(int(predicted[b]))
-                truth.append(labels[text_of[digest]])
-            else:
-                unmatched += 1
-    if not truth:
+        rows = [
+            text_of.get(digest)
+            for digest in _row_digests(forward.tensors["hidden_states"], forward.tensors["attention_mask"])
+        ]
+        unmatched += sum(row is None for row in rows)
+        steps[name].append((record.tensors[name], rows))
+    if steps["grad_logits"]:
+        guesses, truth = [], []
+        for grads, rows in steps["grad_logits"]:
+            predicted = sign_rule(grads)  # (B,)
+            for b, row in enumerate(rows):
+                if row is not None:
+                    guesses.append(int(predicted[b]))
+                    truth.append(labels[row])
+        if truth:
+            figures = label_inference(torch.tensor(guesses), torch.tensor(truth))
+            return {**figures, "label_attack": "sign", "label_inference_unmatched": unmatched}
+    if steps["grad_pooled"]:
+        return _pooled_label_inference(steps["grad_pooled"], labels, unmatched)
+    return {
+        "label_inference": "no recorded Backward gradient of a paired example (a recording from before "
+        "gradients were recorded, or no training steps)"
+    }
+
+
+def _pooled_label_inference(
+    steps: list[tuple[torch.Tensor, list[int | None]]], labels: list[int], unmatched: int
+) -> dict:
+    """The attacks on dL/dpooled (B, H) of a user-kept head (see recorded_label_inference)."""
+    truth_rows = [row for _, rows in steps for row in rows if row is not None]
+    if not truth_rows:
+        return {"label_inference": "no recorded Backward gradient of a paired example"}
+    truth = torch.tensor([labels[row] for row in truth_rows])
+    if len(set(labels)) != 2:
         return {
-            "label_inference": "no recorded Backward gradient of a paired example (a recording from before "
-            "gradients were recorded, or no training steps)"
+            "label_inference": f"dL/dpooled of a task with {len(set(labels))} classes: not measured (the attacks "
+            "here read binary labels)",
+            "label_inference_examples": len(truth_rows),
         }
-    figures = label_inference(torch.tensor(guesses), torch.tensor(truth))
-    return {**figures, "label_attack": "sign", "label_inference_unmatched": unmatched}
+    sides = torch.cat(
+        [
+            side[[b for b, row in enumerate(rows) if row is not None]]
+            for side, (_, rows) in zip(tracked_sides([g for g, _ in steps]), steps)
+        ]
+    )
+    gradients = torch.cat([grads[[b for b, row in enumerate(rows) if row is not None]] for grads, rows in steps])
+    counts = torch.bincount(truth, minlength=2)
+    majority = int(counts.argmax())
+    guesses = {
+        "tracked direction, prior": name_sides(sides, majority_class=majority),
+        "tracked direction, one known label": name_sides(sides, known=(0, int(truth[0]))),
+    }
+    if len(truth) >= 2 and 0 < int(counts.min()):
+        guesses["norm"] = norm_scoring(gradients, float(counts.min()) / len(truth), majority)
+    figures = {attack: label_inference(guess, truth) for attack, guess in guesses.items()}
+    strongest = max(figures, key=lambda attack: figures[attack]["label_inference_accuracy"])
+    return {
+        **figures[strongest],
+        "label_attack": strongest,
+        "label_attacks": {attack: f["label_inference_accuracy"] for attack, f in figures.items()},
+        "label_inference_unmatched": unmatched,
+    }
 
 
 def _pair_with_texts(

@@ -1,0 +1,128 @@
+"""Label privacy through the CLIs with two real processes: the user-kept head (--private-head) trains, its Backward
+traffic carries dL/dpooled (B, H) and nothing of shape (B, num_labels), predict reads the run's own head, and the
+audit's label inference still reads the labels from the recorded gradients (which the run's privacy.md says)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sap_client import cli as client_cli
+from sap_common.recording import read_records
+from sap_server.launch import ServerProcess
+from tiny_models import learnable_rows, write_csv
+
+SCRIPTS = Path(sys.executable).parent
+HIDDEN = 32  # tests/tiny_models.py's hidden size
+ROWS, EVAL_FRACTION, BATCH = 800, 0.25, 32
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "SAP_CACHE_DIR": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+    }
+
+
+def _client(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(SCRIPTS / "sap-client"), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_bert"])
+def test_private_head_trains_and_hides_the_logits_but_not_the_labels(model, request, tmp_path, env, capsys):
+    folder = request.getfixturevalue(model)
+    data = write_csv(tmp_path / "data.csv", learnable_rows(ROWS, seed=0))
+    record, run = tmp_path / "recording", tmp_path / "run"
+    server = ServerProcess.start(
+        ["--model", str(folder), "--split", "1", "--port", "0", "--record", str(record)], env=env
+    )
+    try:
+        address = server.address
+        _client(
+            [
+                "train",
+                str(data),
+                "--server",
+                address,
+                "--out",
+                str(run),
+                "--private-head",
+                "--epochs",
+                "10",
+                "--lr",
+                "3e-3",
+                "--batch-size",
+                str(BATCH),
+                "--eval-fraction",
+                str(EVAL_FRACTION),
+            ],
+            env,
+        )
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["eval_accuracy"] >= 0.9, metrics
+        assert (run / "head.safetensors").is_file() and json.loads((run / "run.json").read_text())["config"][
+            "private_head"
+        ]
+
+        # What the provider received in Backward: dL/dpooled (B, H) only; no tensor of shape (B, num_labels)
+        backward = [r for r in read_records(record) if r.kind == "backward"]
+        train_rows = ROWS - round(ROWS * EVAL_FRACTION)
+        assert len(backward) == metrics["steps"] == 10 * -(-train_rows // BATCH)
+        for r in backward:
+            assert set(r.tensors) == {"grad_pooled"}, r.tensors.keys()
+            assert r.tensors["grad_pooled"].shape[1] == HIDDEN
+            assert all(t.dim() != 2 or t.shape[1] != 2 for t in r.tensors.values())
+
+        # predict in a new process reads the run's head (the provider's adapter has none)
+        out = tmp_path / "predictions.csv"
+        _client(["predict", str(data), "--run", str(run), "--server", address, "--out", str(out)], env)
+        with out.open() as handle:
+            rows = list(csv.DictReader(handle))
+        assert len(rows) == ROWS
+        truth = [label for _, label in learnable_rows(ROWS, seed=0)]
+        predicted = [row["label"] for row in rows]  # the predicted label
+        assert sum(p == t for p, t in zip(predicted, truth)) / ROWS >= 0.9
+
+        # the audit reads the labels back from the recorded dL/dpooled anyway
+        audit = tmp_path / "audit"
+        code = client_cli.main(
+            [
+                "audit",
+                str(data),
+                "--server",
+                address,
+                "--run",
+                str(run),
+                "--recorded",
+                str(record),
+                "--out",
+                str(audit),
+                "--max-examples",
+                "16",
+                "--attack",
+                "nn",
+            ]
+        )
+        assert code == 0, capsys.readouterr().err
+    finally:
+        assert server.stop() == 0
+    report = json.loads((audit / "report.json").read_text())
+    assert report["label_attack"].startswith("tracked direction"), report
+    assert report["label_inference_accuracy"] >= 0.95, report
+    assert report["label_inference_examples"] == 10 * train_rows
+    assert 0.4 <= report["label_inference_baseline"] <= 0.6
+    statement = (run / "privacy.md").read_text()
+    assert "--private-head" in statement and "every training label of a two-class task is readable" in statement
+    assert "Labels read from the recorded gradients" in statement and "tracked direction" in statement
