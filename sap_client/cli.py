@@ -96,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
         "dL/dpooled (see privacy.md and the README's label table)",
     )
     train.add_argument(
+        "--label-epsilon",
+        type=float,
+        metavar="EPS",
+        help="label differential privacy: train on each label replaced once by randomized response with this "
+        "epsilon (kept with probability e^EPS / (e^EPS + K - 1)); evaluation uses the true labels",
+    )
+    train.add_argument(
+        "--label-mechanism",
+        choices=("rr", "rr-prior"),
+        default="rr",
+        help="with --label-epsilon: plain randomized response, or RR-with-prior (Ghazi et al. 2021), which "
+        "randomizes within the most likely classes of the training prior (default %(default)s)",
+    )
+    train.add_argument(
         "--out", type=Path, help="run folder for metrics.json and run.json (default runs/YYYYmmdd-HHMMSS)"
     )
     _add_device_flag(train)
@@ -560,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 train_bottom=args.train_bottom,
                 private_head=args.private_head,
+                label_epsilon=args.label_epsilon,
+                label_mechanism=args.label_mechanism,
             )
         except ValueError as exc:
             parser.error(str(exc))

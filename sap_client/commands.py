@@ -17,6 +17,7 @@ from sap_client.connection import OpenSplit, file_sha256, make_privatizer, open_
 from sap_client.cti import fit_cti
 from sap_client.data import TextDataset, load_labelled_csv, load_texts, stratified_split
 from sap_client.head import UserHead
+from sap_client.labeldp import randomize_labels
 from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
 from sap_client.remote import ClientCredentials
 from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, HEAD, METRICS, PRIVACY, RUN, RunDir, RunSpec, RunState
@@ -78,6 +79,37 @@ def _training_data(
     else:
         train_data, held = stratified_split(data, eval_fraction, seed)
     return data.label_names, train_data, held
+
+
+def _training_labels(train: TextDataset, config: TrainConfig, run: RunDir) -> tuple[TextDataset, dict | None]:
+    """The training split with the labels training uses: with --label-epsilon, each replaced once by its randomized
+    response (keyed by the run's secret, so a resume gets the same); and what metrics.json says of it."""
+    if config.label_epsilon is None:
+        return train, None
+    randomized = randomize_labels(
+        train.labels,
+        train.texts,
+        len(train.label_names),
+        config.label_epsilon,
+        run.noise_key(),
+        config.label_mechanism,
+    )
+    log.info(
+        "label DP: %d of %d training labels randomized away (epsilon %g, %s)",
+        randomized.flipped,
+        len(train),
+        config.label_epsilon,
+        config.label_mechanism,
+    )
+    info = {
+        "epsilon": config.label_epsilon,
+        "mechanism": config.label_mechanism,
+        "keep_probability": randomized.keep_probability,
+        "candidates": [train.label_names[c] for c in randomized.candidates],
+        "flipped": randomized.flipped,
+        "examples": len(train),
+    }
+    return TextDataset(train.texts, randomized.labels, train.label_names), info
 
 
 class _Checkpointer:
@@ -170,6 +202,7 @@ def train(
         raise InvalidInputError(
             f"{out} holds an unfinished run: continue it with `sap-client resume {out}`, or choose another --out"
         )
+    train_data, label_dp = _training_labels(train_data, config, run)
     with open_split(
         server,
         config,
@@ -220,7 +253,7 @@ def train(
         checkpoint = _Checkpointer(run, opened)
         checkpoint(TrainProgress())  # the session id and secret, so even a run cut short at once can resume
         metrics, adapter_id = _fit(opened, run, checkpoint, train_data, held)
-    return _complete(run, spec, metrics, trainer, info, adapter_id, opened.download_bytes)
+    return _complete(run, spec, metrics, trainer, info, adapter_id, opened.download_bytes, label_dp)
 
 
 def resume(
@@ -257,6 +290,7 @@ def resume(
     )
     if label_names != spec.label_names:
         raise InvalidInputError(f"{data_path} now has the labels {label_names}, the run {spec.label_names}")
+    train_data, label_dp = _training_labels(train_data, config, run)  # keyed: the same labels as before
     saved = run.read_state()
     server = server or spec.server
     with open_split(
@@ -308,7 +342,7 @@ def resume(
                 progress.position + 1,
             )
         metrics, adapter_id = _fit(opened, run, checkpoint, train_data, held, progress)
-    return _complete(run, spec, metrics, trainer, opened.info, adapter_id, opened.download_bytes)
+    return _complete(run, spec, metrics, trainer, opened.info, adapter_id, opened.download_bytes, label_dp)
 
 
 def _restore_head(trainer: SplitTrainer, tensors: dict, layout: dict | None, num_labels: int) -> None:
@@ -331,6 +365,7 @@ def _complete(
     info,
     adapter_id: str,
     download_bytes: int,
+    label_dp: dict | None = None,
 ) -> dict:
     """Write the finished run: the bottom (when it trained), metrics.json, run.json; drop the checkpoint."""
     config, noise = trainer.config, spec.noise
@@ -378,7 +413,9 @@ def _complete(
         epochs=config.epochs,
         median_distance=median_token_distance(trainer.bottom),
         private_head=config.private_head,
+        label_dp=label_dp,
     )
+    metrics["label_dp"] = label_dp
     run.write_json(METRICS, metrics)
     run.file(PRIVACY).write_text(render_statement(metrics["privacy"]))
     spec.adapter_id, spec.finished = adapter_id, time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -78,6 +78,7 @@ def privacy_statement(
     median_distance: float,
     audit: dict | None = None,
     private_head: bool = False,
+    label_dp: dict | None = None,
 ) -> dict:
     """The statement as data (metrics.json["privacy"]); render_statement turns it into privacy.md."""
     statement: dict = {
@@ -88,8 +89,9 @@ def privacy_statement(
         "eta_max": eta_max,
         "cti": cti,
         "rescale_norm": rescale_norm,
-        "label_exposure": LABELS_EXPOSED_PRIVATE_HEAD if private_head else LABELS_EXPOSED,
+        "label_exposure": _label_exposure(private_head, label_dp),
         "private_head": private_head,
+        "label_dp": label_dp,
         "not_covered": NOT_COVERED,
         "median_token_distance": median_distance,
         "predict_queries": "the same text always gets the same noise (keyed by RUN_DIR/noise.key), so "
@@ -129,6 +131,28 @@ def privacy_statement(
     if audit:
         statement["audit"] = audit
     return statement
+
+
+def _label_exposure(private_head: bool, label_dp: dict | None) -> str:
+    exposed = LABELS_EXPOSED_PRIVATE_HEAD if private_head else LABELS_EXPOSED
+    if not label_dp:
+        return exposed
+    keep = label_dp["keep_probability"]
+    return (
+        f"label differential privacy, epsilon = {label_dp['epsilon']:g} ({label_dp['mechanism']}): every training "
+        f"label was replaced once, before training, by its randomized response (kept with probability {keep:.3f}; "
+        f"{label_dp['flipped']} of {label_dp['examples']} changed), so for any two labels the chance of anything "
+        f"the provider sees changes by at most a factor e^{label_dp['epsilon']:g}"
+        + (
+            " (for a prior treated as public: RR-with-prior's prior is the training split's class frequencies)"
+            if label_dp["mechanism"] == "rr-prior"
+            else ""
+        )
+        + ". The provider can still read the label training used from the gradients "
+        + ("(tracked direction scoring on dL/dpooled)" if private_head else "(the sign rule on dL/dlogits)")
+        + f", but that is the randomized label: the true one with probability {keep:.3f}, which the audit's label "
+        "inference measures against the true labels"
+    )
 
 
 def _epsilon_words(epsilon: float) -> str:

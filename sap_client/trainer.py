@@ -53,6 +53,13 @@ class TrainConfig:
             "sees logits, dL/dlogits or the number of classes (dL/dpooled still carries the labels: privacy.md)"
         },
     )
+    label_epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": "train on labels randomized once per example with this epsilon (label DP); None: true labels"
+        },
+    )
+    label_mechanism: str = field(default="rr", metadata={"help": "rr or rr-prior (sap_client/labeldp.py)"})
     prefetch: bool = field(
         default=True,
         metadata={"help": "with a frozen bottom, prepare batch i+1 while batch i is on the server (results unchanged)"},
@@ -66,6 +73,10 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.label_epsilon is not None and not (0 < self.label_epsilon < float("inf")):
+            raise ValueError(f"label_epsilon must be a finite number > 0, got {self.label_epsilon}")
+        if self.label_mechanism not in ("rr", "rr-prior"):
+            raise ValueError(f"label_mechanism must be rr or rr-prior, got {self.label_mechanism!r}")
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -126,3 +127,55 @@ def test_private_head_trains_and_hides_the_logits_but_not_the_labels(model, requ
     statement = (run / "privacy.md").read_text()
     assert "--private-head" in statement and "every training label of a two-class task is readable" in statement
     assert "Labels read from the recorded gradients" in statement and "tracked direction" in statement
+
+
+@pytest.mark.parametrize("private_head", [False, True], ids=["logits", "private-head"])
+def test_label_epsilon_bounds_what_the_gradients_tell(private_head, tiny_llama, tmp_path, env, capsys):
+    """--label-epsilon 1: the provider reads the label training used (exactly), but that is randomized response's,
+    so on the true labels its accuracy is what RR allows, e/(e + 1) = 0.731, within sampling noise."""
+    rows, epsilon = 600, 1.0
+    data = write_csv(tmp_path / "data.csv", learnable_rows(rows, seed=5))
+    record, run = tmp_path / "recording", tmp_path / "run"
+    server = ServerProcess.start(
+        ["--model", str(tiny_llama), "--split", "1", "--port", "0", "--record", str(record)], env=env
+    )
+    try:
+        _client(
+            [
+                "train",
+                str(data),
+                "--server",
+                server.address,
+                "--out",
+                str(run),
+                "--label-epsilon",
+                str(epsilon),
+                "--eval-fraction",
+                str(EVAL_FRACTION),
+                "--lr",
+                "3e-3",
+                *(["--private-head"] if private_head else []),
+            ],
+            env,
+        )
+        audit = tmp_path / "audit"
+        args = ["audit", str(data), "--server", server.address, "--run", str(run), "--recorded", str(record)]
+        code = client_cli.main([*args, "--out", str(audit), "--max-examples", "8", "--attack", "nn"])
+        assert code == 0, capsys.readouterr().err
+    finally:
+        assert server.stop() == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    train_rows = rows - round(rows * EVAL_FRACTION)
+    keep = math.e / (math.e + 1)
+    assert metrics["label_dp"]["keep_probability"] == pytest.approx(keep)
+    assert metrics["label_dp"]["examples"] == train_rows
+    flipped = metrics["label_dp"]["flipped"] / train_rows
+    sigma = math.sqrt(keep * (1 - keep) / train_rows)
+    assert abs((1 - flipped) - keep) < 4 * sigma, flipped
+    report = json.loads((audit / "report.json").read_text())
+    assert report["label_inference_examples"] == train_rows  # one epoch
+    # the attack reads the randomized labels: on the true ones it gets what was kept, never more than RR allows
+    assert report["label_inference_accuracy"] == pytest.approx(1 - flipped, abs=0.02), report
+    assert report["label_inference_accuracy"] <= keep + 4 * sigma
+    statement = (run / "privacy.md").read_text()
+    assert "label differential privacy, epsilon = 1" in statement and "0.731" in statement
