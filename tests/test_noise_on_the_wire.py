@@ -18,6 +18,7 @@ from sap_client.remote import RemoteTopService
 from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_common.models.bundle import load_bottom
 from sap_common.models.registry import load_model
+from sap_common.packing import unpack_hidden
 from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 from sap_server.session import Session
@@ -28,17 +29,18 @@ BATCH = 16
 
 @pytest.fixture
 def received(monkeypatch) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Every (hidden, attention_mask) that Session.forward / .evaluate got, as decoded from the wire."""
+    """Every batch that Session.forward / .evaluate got, as decoded from the wire (packed real rows + lengths),
+    unpacked to (hidden (B, T, H) with zero padding, attention_mask (B, T))."""
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"forward": [], "evaluate": []}
     original_forward, original_evaluate = Session.forward, Session.evaluate
 
-    def forward(self, step, hidden, attention_mask):
-        calls["forward"].append((hidden.detach().clone(), attention_mask.detach().clone()))
-        return original_forward(self, step, hidden, attention_mask)
+    def forward(self, step, packed, lengths, output=None):
+        calls["forward"].append(unpack_hidden(packed.detach().clone(), list(lengths)))
+        return original_forward(self, step, packed, lengths, output)
 
-    def evaluate(self, hidden, attention_mask):
-        calls["evaluate"].append((hidden.detach().clone(), attention_mask.detach().clone()))
-        return original_evaluate(self, hidden, attention_mask)
+    def evaluate(self, packed, lengths, output=None):
+        calls["evaluate"].append(unpack_hidden(packed.detach().clone(), list(lengths)))
+        return original_evaluate(self, packed, lengths, output)
 
     monkeypatch.setattr(Session, "forward", forward)
     monkeypatch.setattr(Session, "evaluate", evaluate)

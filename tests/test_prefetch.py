@@ -134,11 +134,11 @@ def test_a_failing_rpc_stops_the_worker(served, tmp_path):
         forward = trainer.service.forward
         calls = []
 
-        def failing_forward(*args):
+        def failing_forward(*args, **options):
             calls.append(1)
             if len(calls) == 2:
                 raise ConnectionError("link dropped")
-            return forward(*args)
+            return forward(*args, **options)
 
         trainer.service.forward = failing_forward
         with pytest.raises(ConnectionError, match="link dropped"):
