@@ -16,6 +16,7 @@ help:
 	@echo "make data       build data/movie_snippets.csv and data/convention_paragraphs.csv"
 	@echo "make proto      regenerate sap_common/proto/ from proto/"
 	@echo "make privacy-table  the utility/privacy grid on real data (benchmarks/results/privacy_table.md)"
+	@echo "make label-table  label leakage per mode on recorded real traffic (benchmarks/results/label_table.md)"
 	@echo "make bench      split vs single-process benchmarks, memory, slow link (benchmarks/README.md)"
 	@echo "make bench-quick  the reduced benchmark (MiniLM split 2, < 2 min): one JSON line"
 
@@ -81,3 +82,9 @@ compose-demo:
 .PHONY: privacy-table
 privacy-table: install models data
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/privacy_table.py
+
+# Label leakage per mode (benchmarks/label_table.py): two processes per cell, the audit on the recording; about
+# 35 min on 2 cores. Finished cells are kept in benchmarks/results/label_cells/: a stopped run resumes.
+.PHONY: label-table
+label-table: install models data
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/label_table.py --models minilm-l6:4 smollm2-135m:6
