@@ -80,8 +80,8 @@ from sap_common.codec import WIRE_DTYPES  # noqa: E402
 from sap_common.devices import DTYPES  # noqa: E402
 from sap_common.models.families import ENCODER, base_blocks, family_of  # noqa: E402
 from sap_common.models.registry import resolve_model  # noqa: E402
+from sap_common.peft import PeftConfig, apply_peft  # noqa: E402
 from sap_server.launch import ServerProcess  # noqa: E402
-from sap_server.peft import PeftConfig, apply_peft  # noqa: E402
 
 DATA = REPO / "data" / "movie_snippets.csv"
 RESULTS = REPO / "benchmarks" / "results"

@@ -49,8 +49,8 @@ from sap_client.data import TextDataset, load_labelled_csv
 from sap_client.privacy import NoiseConfig
 from sap_client.rundir import KEY, RunDir
 from sap_client.trainer import SplitTrainer, TrainConfig
+from sap_common.peft.config import PeftConfig
 from sap_server.local import LocalTopService
-from sap_server.peft.config import PeftConfig
 from sap_server.provider import Provider
 
 log = logging.getLogger("privacy_table")

@@ -24,7 +24,7 @@ from sap_common.devices import (
 )
 from sap_common.errors import SapError
 from sap_common.models.registry import ALIASES, DEFAULT_MODEL
-from sap_server.peft import PEFT_METHODS, PeftConfig
+from sap_common.peft import PEFT_METHODS, PeftConfig
 from sap_server.session import DEFAULT_CHECKPOINT_EVERY, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BATCH_TOKENS
 
 log = logging.getLogger("sap_server")

@@ -17,11 +17,11 @@ from sap_common.errors import InvalidInputError, ModelLoadError
 from sap_common.models.bundle import bundle_sha256, export_bottom
 from sap_common.models.registry import LoadedModel, load_model
 from sap_common.models.split import TopModel, split_base
+from sap_common.peft import PeftConfig
 from sap_common.recording import Recorder
 from sap_common.service import DEFAULT_LEARNING_RATE, ServerInfo, SessionSpec
 from sap_server.adapters import AdapterRecord, AdapterStore
 from sap_server.checkpoints import ClosedSession, SessionStore
-from sap_server.peft import PeftConfig
 from sap_server.registry import SessionRegistry
 from sap_server.session import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_BATCH_TOKENS, Session
 

@@ -25,13 +25,13 @@ from sap_common.checkpoint import GLOBAL_RNG_LOCK
 from sap_common.errors import ResourceLimitError, SessionNotFoundError, StepOrderError
 from sap_common.models.families import new_head, pooled_output
 from sap_common.models.split import TopModel
+from sap_common.peft import PeftConfig, apply_peft
 from sap_common.recording import Recorder
 from sap_common.service import BackwardResult, SessionSpec
 from sap_server.auth import check_session_secret, new_session_secret, require_secret, secret_digest
 from sap_server.checkpoints import ClosedSession, SessionStore
 from sap_server.compute import compute_thread
 from sap_server.heap import trim_heap
-from sap_server.peft import PeftConfig, apply_peft
 from sap_server.session import DEFAULT_CHECKPOINT_EVERY, DEFAULT_MAX_BATCH_TOKENS, Session
 
 log = logging.getLogger(__name__)

@@ -22,11 +22,11 @@ from sap_client import cli as client_cli
 from sap_client.remote import ClientCredentials, RemoteTopService
 from sap_common.errors import AuthenticationError, InvalidInputError, PermissionDeniedError, SessionNotFoundError
 from sap_common.models.registry import load_model
+from sap_common.peft import PeftConfig
 from sap_common.proto import sap_pb2, sap_pb2_grpc
 from sap_common.service import SessionSpec
 from sap_server import cli as server_cli
 from sap_server.auth import ApiKeys
-from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 from session_steps import BATCH, HIDDEN, NUM_LABELS
 from session_steps import batch as _batch

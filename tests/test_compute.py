@@ -13,8 +13,8 @@ from sap_client.data import TextDataset
 from sap_client.remote import RemoteTopService
 from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_common.models.registry import load_model
+from sap_common.peft import PeftConfig
 from sap_server.compute import ComputeThread, compute_thread
-from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 from sap_server.session import Session
 from tiny_models import learnable_rows

@@ -22,9 +22,9 @@ from conftest import running_server
 from sap_client.remote import RemoteTopService
 from sap_common.errors import InvalidInputError, ServerUnavailableError
 from sap_common.models.registry import load_model
+from sap_common.peft import PeftConfig
 from sap_common.service import SessionSpec
 from sap_server.app import start_server
-from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 
 HIDDEN, NUM_LABELS, STEPS, CLIENTS = 32, 3, 3, 8

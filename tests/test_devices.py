@@ -20,11 +20,11 @@ from sap_client.data import TextDataset
 from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_common.devices import DeviceUnavailableError, parse_max_memory, plan_blocks, resolve_device
 from sap_common.models.registry import load_model
+from sap_common.peft import PeftConfig
 from sap_common.recording import read_recording
 from sap_server import cli as server_cli
 from sap_server.launch import ServerProcess
 from sap_server.local import LocalTopService
-from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 from tiny_models import learnable_rows, write_csv
 

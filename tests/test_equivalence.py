@@ -22,9 +22,9 @@ from sap_client.remote import RemoteTopService
 from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_common.models.families import ENCODER, base_blocks, family_of
 from sap_common.models.registry import load_model, load_tokenizer
+from sap_common.peft import PEFT_METHODS, PeftConfig, apply_peft
 from sap_common.service import SessionSpec
 from sap_server.local import LocalTopService
-from sap_server.peft import PEFT_METHODS, PeftConfig, apply_peft
 from sap_server.provider import Provider
 from tiny_models import build_tiny_model, learnable_rows
 

@@ -28,10 +28,10 @@ from sap_client.remote import ClientCredentials, RemoteTopService
 from sap_common import codec
 from sap_common.errors import InvalidInputError
 from sap_common.models.registry import load_model
+from sap_common.peft import PeftConfig
 from sap_common.proto import sap_pb2
 from sap_common.service import SessionSpec
 from sap_server.auth import ApiKeys
-from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 
 HIDDEN, NUM_LABELS, MAX_BATCH_TOKENS, REQUESTS = 32, 3, 256, 600

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from sap_common.models.registry import load_model
+from sap_common.peft import PeftConfig
 from sap_common.service import SessionSpec
 from sap_server import registry as registry_module
 from sap_server.heap import trim_heap
 from sap_server.local import LocalTopService
-from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not trim_heap(), reason="needs glibc's malloc_trim")

@@ -18,7 +18,7 @@ ALLOWED_DIRS = ("sap_common/proto/",)
 MUST_BE_DOMAIN = (
     "sap_server/session.py",
     "sap_server/registry.py",
-    "sap_server/peft/",
+    "sap_common/peft/",
     "sap_common/models/",
     "sap_client/trainer.py",
 )

@@ -15,9 +15,9 @@ from sap_client.remote import RemoteTopService
 from sap_common import codec
 from sap_common.errors import InvalidInputError
 from sap_common.models.registry import load_model
+from sap_common.peft import PeftConfig
 from sap_common.proto import sap_pb2, sap_pb2_grpc
 from sap_common.service import SessionSpec
-from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 from tiny_models import learnable_rows, write_csv
 

@@ -19,7 +19,7 @@ from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_common.models.bundle import load_bottom
 from sap_common.models.registry import load_model
 from sap_common.packing import unpack_hidden
-from sap_server.peft import PeftConfig
+from sap_common.peft import PeftConfig
 from sap_server.provider import Provider
 from sap_server.session import Session
 from tiny_models import learnable_rows, write_csv

@@ -17,7 +17,7 @@ from sap_client.privacy import Privatizer, eta_for_noise_ratio
 from sap_client.remote import RemoteTopService
 from sap_client.trainer import Prefetcher, SplitTrainer, TrainConfig
 from sap_common.models.registry import load_model
-from sap_server.peft import PeftConfig
+from sap_common.peft import PeftConfig
 from sap_server.provider import Provider
 from tiny_models import learnable_rows
 

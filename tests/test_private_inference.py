@@ -15,8 +15,8 @@ import pytest
 from conftest import running_server
 from sap_client.cli import main as client_main
 from sap_common.models.registry import load_model
+from sap_common.peft import PeftConfig
 from sap_server.launch import ServerProcess
-from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 from tiny_models import learnable_rows, write_csv
 

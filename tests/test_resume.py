@@ -38,13 +38,13 @@ from sap_client.remote import RemoteTopService
 from sap_common.checkpoint import TMP_PREFIX, atomic_write, pack, read_meta, seeded_draws, step_seed, unpack
 from sap_common.errors import InvalidInputError, ResourceLimitError, SessionNotFoundError, StepOrderError
 from sap_common.models.registry import load_model
+from sap_common.peft import PeftConfig
 from sap_common.proto import sap_pb2, sap_pb2_grpc
 from sap_common.service import BackwardResult, SessionSpec
 from sap_server import cli as server_cli
 from sap_server.checkpoints import SessionStore
 from sap_server.launch import LISTENING
 from sap_server.local import LocalTopService
-from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 from sap_server.session import SessionSnapshot
 from session_steps import BATCH, NUM_LABELS

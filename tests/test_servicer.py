@@ -14,8 +14,8 @@ from conftest import running_server
 from sap_common import codec
 from sap_common.models.bundle import bundle_sha256
 from sap_common.models.registry import load_model
+from sap_common.peft import PeftConfig
 from sap_common.proto import sap_pb2, sap_pb2_grpc
-from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 
 HIDDEN = 32  # tiny models' hidden size

@@ -20,10 +20,10 @@ from sap_client import cli as client_cli
 from sap_client.remote import ClientCredentials, RemoteTopService
 from sap_common.errors import InvalidInputError, ServerUnavailableError
 from sap_common.models.registry import load_model
+from sap_common.peft import PeftConfig
 from sap_common.service import SessionSpec
 from sap_server import cli as server_cli
 from sap_server.auth import ServerTls
-from sap_server.peft import PeftConfig
 from sap_server.provider import Provider
 from tiny_models import learnable_rows, write_csv
 

@@ -8,7 +8,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from sap_common.models.families import Family
-from sap_server.peft.config import PeftConfig
+from sap_common.peft.config import PeftConfig
 
 
 def apply_lora(blocks: Sequence[nn.Module], family: Family, config: PeftConfig) -> None:

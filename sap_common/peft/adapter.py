@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sap_common.models.families import Family
-from sap_server.peft.config import PeftConfig
+from sap_common.peft.config import PeftConfig
 
 
 class BottleneckAdapter(nn.Module):

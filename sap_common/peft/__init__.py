@@ -1,4 +1,5 @@
-"""Parameter-efficient fine-tuning methods for the provider's top blocks: LoRA, BitFit, Adapter."""
+"""Parameter-efficient fine-tuning methods (LoRA, BitFit, Adapter): the provider's top blocks, and with
+`sap-client train --user-tail M` the user's own tail blocks (LoRA)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from collections.abc import Sequence
 from torch import nn
 
 from sap_common.models.families import Family
-from sap_server.peft.adapter import apply_adapters
-from sap_server.peft.bitfit import apply_bitfit
-from sap_server.peft.config import PEFT_METHODS, PeftConfig
-from sap_server.peft.lora import apply_lora
+from sap_common.peft.adapter import apply_adapters
+from sap_common.peft.bitfit import apply_bitfit
+from sap_common.peft.config import PEFT_METHODS, PeftConfig
+from sap_common.peft.lora import apply_lora
 
 __all__ = ["PEFT_METHODS", "PeftConfig", "apply_peft"]
 
