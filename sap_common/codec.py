@@ -246,6 +246,7 @@ def spec_to_proto(spec: SessionSpec) -> sap_pb2.OpenSessionRequest:
         train_bottom=spec.train_bottom,
         weight_decay=spec.weight_decay,
         output=OUTPUT_OF_NAME[spec.output],
+        user_tail=spec.user_tail,
     )
 
 
@@ -259,6 +260,7 @@ def spec_from_proto(msg: sap_pb2.OpenSessionRequest) -> SessionSpec:
             train_bottom=msg.train_bottom,
             weight_decay=msg.weight_decay,
             output=output_name(msg.output),
+            user_tail=msg.user_tail,
         )
     except ValueError as exc:
         raise InvalidInputError(f"OpenSessionRequest: {exc}") from exc

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 class Recorder:
     """Writes DIR/NNNNNNNN-<kind>.safetensors: `hidden_states` (B, T, H) and `attention_mask` (B, T) for forward and
-    evaluate, `grad_logits` (B, C) or `grad_pooled` (B, H)
+    evaluate, `grad_logits` (B, C), `grad_pooled` (B, H) or `grad_hidden` (N_real, H)
     for backward; the metadata names the session (its first 8 characters) and step."""
 
     def __init__(self, folder: Path):
@@ -39,7 +39,8 @@ class Recorder:
 
     def record_gradient(self, session_id: str, step: int, gradient: torch.Tensor, *, name: str = "grad_logits") -> None:
         """What a Backward of `step` carried: dL/dlogits (B, C) as `grad_logits`, or, for a session whose user keeps
-        the head, dL/dpooled (B, H) as `grad_pooled`."""
+        the head, dL/dpooled (B, H) as `grad_pooled`, or with a user-kept tail the packed dL/dhidden (N_real, H) of
+        the top's last block as `grad_hidden` (rows in the order of the forward's real tokens)."""
         self._write("backward", session_id, step, {name: gradient.detach().to("cpu", torch.float32).contiguous()})
 
     def _write(self, kind: str, session_id: str, step: int, tensors: dict[str, torch.Tensor]) -> None:

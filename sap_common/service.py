@@ -19,9 +19,10 @@ API_KEY_METADATA = "authorization"
 API_KEY_SCHEME = "Bearer"
 
 DEFAULT_LEARNING_RATE = 5e-4  # AdamW, top and bottom: the client's --lr default and the server's when none is sent
-# What a session's Forward can return (sap.proto's Output): the task head's logits, or the pooled representation the
-# head would read (last real token for decoders, first token for encoders, after the final norm).
-OUTPUTS = ("logits", "pooled")
+# What a session's Forward can return (sap.proto's Output): the task head's logits; the pooled representation the
+# head would read (last real token for decoders, first token for encoders, after the final norm); or the packed
+# output (N_real, H) of the top's last block, which the user's own tail blocks continue from (--user-tail).
+OUTPUTS = ("logits", "pooled", "hidden")
 MAX_NUM_LABELS = 4096  # a session's classification head is (hidden, num_labels): keep a request from asking for GBs
 
 
@@ -47,15 +48,18 @@ class SessionSpec:
     seed: int = 0
     train_bottom: bool = False
     weight_decay: float = 0.0
-    output: str = "logits"  # what Forward returns: "logits" (B, C), or "pooled" (B, H) for a user-kept head
+    output: str = "logits"  # what Forward returns: "logits" (B, C), "pooled" (B, H) or "hidden" (N_real, H)
+    user_tail: int = 0  # output "hidden": the model's last user_tail blocks run on the user's side, not here
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
-        if self.output == "pooled" and self.num_labels != 0:
+        if self.output != "logits" and self.num_labels != 0:
             raise ValueError(
-                f"a pooled session has no head on the provider: num_labels must be 0, got {self.num_labels}"
+                f"a {self.output} session has no head on the provider: num_labels must be 0, got {self.num_labels}"
             )
+        if self.user_tail < 0 or (self.user_tail and self.output != "hidden"):
+            raise ValueError(f"user_tail must be 0, or >= 1 with output 'hidden'; got {self.user_tail}")
         if self.output == "logits" and not 2 <= self.num_labels <= MAX_NUM_LABELS:
             raise ValueError(f"num_labels must be in 2..{MAX_NUM_LABELS}, got {self.num_labels}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):  # NaN fails both
@@ -84,16 +88,17 @@ class TopService(Protocol):
 
     def server_info(self) -> ServerInfo: ...
 
-    def download_bottom(self, destination: Path) -> None:
-        """Write the bottom bundle's files into the (empty) folder destination."""
+    def download_bottom(self, destination: Path, tail_blocks: int = 0) -> None:
+        """Write the bottom bundle's files into the (empty) folder destination; with tail_blocks M > 0, the tail
+        bundle's instead (the model's last M blocks and final norm, for a --user-tail session)."""
 
     def open_session(self, spec: SessionSpec) -> str: ...
 
     def forward(
         self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor, *, output: str = "logits"
     ) -> torch.Tensor:
-        """Training forward of step: hidden (B, T, H), mask (B, T) -> logits (B, C), or pooled (B, H) for a session
-        opened with output "pooled" (output must name the session's)."""
+        """Training forward of step: hidden (B, T, H), mask (B, T) -> logits (B, C), or pooled (B, H) or packed
+        hidden states (N_real, H) for a session opened with that output (output must name the session's)."""
 
     def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult:
         """dL/d(what forward returned) of step; the step is applied once."""

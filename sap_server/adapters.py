@@ -33,6 +33,7 @@ class AdapterRecord:
     steps_applied: int
     state: dict[str, torch.Tensor] = field(repr=False)
     output: str = "logits"  # SessionSpec.output of the session it was kept from (adapters from before: logits)
+    user_tail: int = 0  # SessionSpec.user_tail of that session
 
     def meta(self) -> dict:
         raw = asdict(self)

@@ -24,11 +24,12 @@ class LocalTopService:
     def server_info(self) -> ServerInfo:
         return self.provider.info
 
-    def download_bottom(self, destination: Path) -> None:
-        for relative in bundle_files(self.provider.bundle_dir):
+    def download_bottom(self, destination: Path, tail_blocks: int = 0) -> None:
+        folder = self.provider.tail_bundle(tail_blocks) if tail_blocks else self.provider.bundle_dir
+        for relative in bundle_files(folder):
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.provider.bundle_dir / relative, target)
+            shutil.copyfile(folder / relative, target)
 
     def open_session(self, spec: SessionSpec) -> str:
         session_id, _, _ = self.provider.sessions.open(spec)

@@ -6,15 +6,18 @@ import logging
 import secrets
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sap_common import PROTOCOL_VERSION
 from sap_common.devices import plan_blocks
 from sap_common.errors import InvalidInputError, ModelLoadError
-from sap_common.models.bundle import bundle_sha256, export_bottom
+from sap_common.models.bundle import bundle_sha256, export_bottom, export_tail
+from sap_common.models.families import DECODER, family_of
 from sap_common.models.registry import LoadedModel, load_model
 from sap_common.models.split import TopModel, split_base
 from sap_common.peft import PeftConfig
@@ -35,6 +38,8 @@ class Provider:
     bundle_dir: Path
     adapters: AdapterStore = field(default_factory=AdapterStore)
     _owns_bundle_dir: bool = False
+    _tail_dirs: dict[int, Path] = field(default_factory=dict)  # tail bundles written so far, by block count
+    _tail_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def from_loaded(
@@ -162,6 +167,25 @@ class Provider:
             max_memory=max_memory,
         )
 
+    def tail_bundle(self, blocks: int) -> Path:
+        """The folder of the tail bundle of the model's last `blocks` blocks (written on first request): what a
+        --user-tail session's user runs itself. The server keeps at least one block."""
+        served = self.info.total_blocks - self.info.split
+        if not 1 <= blocks < served:
+            raise InvalidInputError(
+                f"tail_blocks must be in 1..{served - 1}: this server runs blocks {self.info.split}.."
+                f"{self.info.total_blocks - 1} and keeps at least one; got {blocks}"
+            )
+        with self._tail_lock:
+            folder = self._tail_dirs.get(blocks)
+            if folder is None:
+                template, base = self.sessions.template, self.sessions.base
+                norm: Any = base.norm if family_of(base.config) is DECODER else None  # a transformers submodule
+                folder = Path(tempfile.mkdtemp(prefix=f"sap-tail{blocks}-"))
+                export_tail(base.config, list(template.blocks)[-blocks:], norm, self.info.model_id, folder)
+                self._tail_dirs[blocks] = folder
+            return folder
+
     def keep_adapter(self, trainer: Session) -> str:
         """Store the session's trained weights under a new random id (disk too, with a state dir); the caller
         holds trainer.lock."""
@@ -175,6 +199,7 @@ class Provider:
             steps_applied=trainer.steps_applied,
             state=trainer.trainable_state(),
             output=trainer.output,
+            user_tail=trainer.user_tail,
         )
         self.adapters.put(record)
         log.info("adapter %s… kept (%d steps)", record.adapter_id[:8], record.steps_applied)
@@ -206,6 +231,7 @@ class Provider:
                 seed=record.seed,
                 weight_decay=weight_decay,
                 output=record.output,
+                user_tail=record.user_tail,
             )
         except ValueError as exc:
             raise InvalidInputError(f"OpenSessionRequest: {exc}") from exc
@@ -215,6 +241,8 @@ class Provider:
         self.sessions.stop_reaper()
         if self._owns_bundle_dir:
             shutil.rmtree(self.bundle_dir, ignore_errors=True)
+        for folder in self._tail_dirs.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def place_top(

@@ -19,11 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from sap_common.checkpoint import GLOBAL_RNG_LOCK
-from sap_common.errors import ResourceLimitError, SessionNotFoundError, StepOrderError
-from sap_common.models.families import new_head, pooled_output
+from sap_common.errors import InvalidInputError, ResourceLimitError, SessionNotFoundError, StepOrderError
+from sap_common.models.families import PackedOutput, new_head, pooled_output
 from sap_common.models.split import TopModel
 from sap_common.peft import PeftConfig, apply_peft
 from sap_common.recording import Recorder
@@ -38,10 +39,17 @@ log = logging.getLogger(__name__)
 
 
 def build_session_top(
-    template: TopModel, base: PreTrainedModel, peft: PeftConfig, num_labels: int, seed: int, output: str = "logits"
+    template: TopModel,
+    base: PreTrainedModel,
+    peft: PeftConfig,
+    num_labels: int,
+    seed: int,
+    output: str = "logits",
+    user_tail: int = 0,
 ) -> TopModel:
     """A session's top: frozen weights shared with template, fresh head (seeded) and PEFT parameters. With output
-    "pooled" the top ends in PooledOutput instead of a head: the user keeps its head (and its labels' number).
+    "pooled" the top ends in PooledOutput instead of a head: the user keeps its head (and its labels' number). With
+    output "hidden" it ends user_tail blocks early, in PackedOutput: the user runs those blocks and the head.
 
     Random draws: the head from its own generator seeded with `seed`; the PEFT parameters from
     the global generator re-seeded with `seed` inside fork_rng, so other threads are unaffected
@@ -54,14 +62,24 @@ def build_session_top(
     }
     shared.update({id(b): b for b in template.buffers()})
     shared[id(template.config)] = template.config
+    served = len(template.blocks)
+    if output == "hidden" and not 0 <= user_tail < served:
+        raise InvalidInputError(
+            f"user_tail {user_tail} leaves this server no block: it serves blocks {template.first_index}.."
+            f"{template.first_index + served - 1}, so user_tail must be at most {served - 1}"
+        )
     top = copy.deepcopy(template, memo=shared)
+    if user_tail:
+        top.blocks = nn.ModuleList(list(top.blocks)[: len(top.blocks) - user_tail])
     # The head is drawn on the CPU in float32 (the same start on any device), then placed with the blocks.
     frozen = next(template.blocks[-1].parameters())  # the head follows the last block (--device-map)
-    end = (
-        pooled_output(template.config, base)
-        if output == "pooled"
-        else new_head(template.config, base, num_labels, torch.Generator().manual_seed(seed))
-    )
+    end: nn.Module
+    if output == "pooled":
+        end = pooled_output(template.config, base)
+    elif output == "hidden":
+        end = PackedOutput()
+    else:
+        end = new_head(template.config, base, num_labels, torch.Generator().manual_seed(seed))
     top.head = end.to(device=frozen.device, dtype=frozen.dtype)
     with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):  # the lock: training forwards seed it too
         torch.manual_seed(seed)
@@ -163,7 +181,9 @@ class SessionRegistry:
         return session_id, trainer, secret
 
     def _new_trainer(self, session_id: str, spec: SessionSpec, digest: bytes) -> Session:
-        top = build_session_top(self.template, self.base, self.peft, spec.num_labels, spec.seed, spec.output)
+        top = build_session_top(
+            self.template, self.base, self.peft, spec.num_labels, spec.seed, spec.output, spec.user_tail
+        )
         return Session(
             top,
             learning_rate=spec.learning_rate,
@@ -171,6 +191,7 @@ class SessionRegistry:
             train_bottom=spec.train_bottom,
             num_labels=spec.num_labels,
             output=spec.output,
+            user_tail=spec.user_tail,
             seed=spec.seed,
             recorder=self.recorder,
             session_id=session_id,

@@ -136,7 +136,10 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     @_reply_stream
     def DownloadBottom(self, request, context) -> Iterator[sap_pb2.FileChunk]:
-        folder = self.provider.bundle_dir
+        if request.tail_blocks:
+            folder = self.compute.run(self.provider.tail_bundle, request.tail_blocks)  # reads the model's weights
+        else:
+            folder = self.provider.bundle_dir
         for relative in bundle_files(folder):
             data = (folder / relative).read_bytes()
             for offset in range(0, max(len(data), 1), self.chunk_bytes):

@@ -43,7 +43,7 @@ OPTIMIZER_PREFIX = "optimizer/"
 class _Pending:
     step: int
     hidden: torch.Tensor  # leaf; its .grad is dL/dhidden when the bottom trains
-    output: torch.Tensor  # what Forward returned: logits (B, C) or pooled (B, H), with its graph
+    output: torch.Tensor  # what Forward returned: logits (B, C), pooled (B, H) or hidden (N_real, H), with its graph
     mask: torch.Tensor  # (B, T) bool: the real tokens
 
 
@@ -59,6 +59,7 @@ class Session:
         train_bottom: bool,
         num_labels: int = 0,
         output: str = "logits",
+        user_tail: int = 0,
         seed: int = 0,
         recorder: Recorder | None = None,
         session_id: str = "",
@@ -74,6 +75,7 @@ class Session:
         self.max_batch_tokens = max_batch_tokens
         self.num_labels = num_labels
         self.output = output  # SessionSpec.output: what forward and evaluate return
+        self.user_tail = user_tail  # SessionSpec.user_tail: blocks at the model's end the user runs, not this top
         self.seed = seed
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -125,6 +127,7 @@ class Session:
             train_bottom=self.train_bottom,
             weight_decay=self.weight_decay,
             output=self.output,
+            user_tail=self.user_tail,
         )
 
     def snapshot(self, *, announced: bool = False) -> SessionSnapshot:
@@ -157,7 +160,7 @@ class Session:
 
     @property
     def pending_output(self) -> torch.Tensor | None:
-        """What the pending forward returned (logits (B, C) or pooled (B, H)), detached, or None."""
+        """What the pending forward returned (logits (B, C), pooled (B, H) or hidden (N_real, H)), detached, or None."""
         return self._pending.output.detach() if self._pending is not None else None
 
     def drop_pending(self) -> None:
@@ -243,7 +246,8 @@ class Session:
 
     @torch.no_grad()
     def evaluate(self, packed: torch.Tensor, lengths: Sequence[int], output: str | None = None) -> torch.Tensor:
-        """Logits (B, C), or pooled (B, H), of packed real token vectors, without a graph and without a step."""
+        """Logits (B, C), pooled (B, H) or hidden (N_real, H) of packed real token vectors, without a graph and
+        without a step."""
         self._check_output(output)
         hidden, mask = self._inputs(packed, lengths)
         placed, placed_mask = self._place(hidden, mask)
@@ -254,7 +258,11 @@ class Session:
 
     def _check_output(self, output: str | None) -> None:
         if output is not None and output != self.output:
-            served = "pooled (the user keeps the head)" if self.output == "pooled" else "logits (its head)"
+            served = {
+                "logits": "logits (its head)",
+                "pooled": "pooled (the user keeps the head)",
+                "hidden": f"packed hidden states (the user runs the last {self.user_tail} blocks and the head)",
+            }[self.output]
             raise InvalidInputError(f"output {output!r} was asked of a session that returns {served}")
 
     def _inputs(self, packed: torch.Tensor, lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -228,6 +228,14 @@ class PooledOutput(nn.Module):
         return last_real_token(self.norm(hidden), attention_mask)
 
 
+class PackedOutput(nn.Module):
+    """The end of a session whose user runs the model's last blocks itself (--user-tail): the last block's output
+    at the real tokens, packed (N_real, H) in the order the client sent them; no norm, nothing trains."""
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return hidden[attention_mask.to(hidden.device).bool()]
+
+
 def pooled_output(config: PretrainedConfig, base: Any) -> PooledOutput:
     """The pooling end of a headless session's top, over the base's frozen final norm (decoders)."""
     return PooledOutput(config, base.norm if family_of(config) is DECODER else None)
@@ -263,4 +271,17 @@ def truncated_config(config: PretrainedConfig, num_blocks: int) -> PretrainedCon
     config.num_hidden_layers = num_blocks
     if getattr(config, "layer_types", None):
         config.layer_types = list(config.layer_types[:num_blocks])
+    return config
+
+
+def tail_config(config: PretrainedConfig, first: int) -> PretrainedConfig:
+    """A copy of config that builds only blocks first..L-1 (the user's tail), each with the layer type it has in
+    the whole model, and a two-row vocabulary: the tail never embeds a token, so the table would be dead weight."""
+    config = copy.deepcopy(config)
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types[first:])
+    config.num_hidden_layers = config.num_hidden_layers - first
+    config.vocab_size = 2
+    if getattr(config, "pad_token_id", None) is not None:
+        config.pad_token_id = 0
     return config

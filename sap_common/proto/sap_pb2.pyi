@@ -55,8 +55,10 @@ class ServerInfo(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., model_id: _Optional[str] = ..., family: _Optional[str] = ..., model_type: _Optional[str] = ..., split: _Optional[int] = ..., total_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., peft: _Optional[str] = ..., bottom_sha256: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class DownloadBottomRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("tail_blocks",)
+    TAIL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    tail_blocks: int
+    def __init__(self, tail_blocks: _Optional[int] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("path", "offset", "total_size", "data")
@@ -71,7 +73,7 @@ class FileChunk(_message.Message):
     def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("num_labels", "learning_rate", "seed", "train_bottom", "weight_decay", "adapter_id", "output")
+    __slots__ = ("num_labels", "learning_rate", "seed", "train_bottom", "weight_decay", "adapter_id", "output", "user_tail")
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +81,7 @@ class OpenSessionRequest(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    USER_TAIL_FIELD_NUMBER: _ClassVar[int]
     num_labels: int
     learning_rate: float
     seed: int
@@ -86,7 +89,8 @@ class OpenSessionRequest(_message.Message):
     weight_decay: float
     adapter_id: str
     output: Output
-    def __init__(self, num_labels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., train_bottom: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., adapter_id: _Optional[str] = ..., output: _Optional[_Union[Output, str]] = ...) -> None: ...
+    user_tail: int
+    def __init__(self, num_labels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., train_bottom: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., adapter_id: _Optional[str] = ..., output: _Optional[_Union[Output, str]] = ..., user_tail: _Optional[int] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
     __slots__ = ("session_id", "trainable_parameters", "num_labels", "steps_applied", "session_secret")
