@@ -1,4 +1,5 @@
-"""Fetch the provider's bottom bundle once, verify it, cache it by content hash, and load it."""
+"""Fetch the provider's bottom bundle once, verify it, cache it by content hash, and load it; and a --user-tail run's
+tail bundle, kept in the run's folder."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from sap_common.errors import ModelLoadError
-from sap_common.models.bundle import BottomMeta, bundle_sha256, load_bottom
+from sap_common.models.bundle import BottomMeta, bundle_sha256, load_bottom, load_tail
 from sap_common.models.registry import cache_dir
-from sap_common.models.split import BottomModel
+from sap_common.models.split import BottomModel, TopModel
 from sap_common.service import ServerInfo, TopService
 
 log = logging.getLogger(__name__)
@@ -56,3 +57,26 @@ def load_server_bottom(
             f"{info.split}); delete it and retry"
         )
     return bottom, tokenizer, meta
+
+
+def load_server_tail(service: TopService, info: ServerInfo, blocks: int, folder: Path) -> TopModel:
+    """The model's last `blocks` blocks (pretrained, ending in the pooled representation) from folder, downloading
+    the tail bundle into it first when it is not there (a run keeps it, so resume and predict do not fetch it
+    again). A tail that is not the one the server serves for this run is refused."""
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tail-"))
+        try:
+            log.info("downloading the tail (the last %d blocks of %s)", blocks, info.model_id)
+            service.download_bottom(staging, tail_blocks=blocks)
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    tail, meta = load_tail(folder)
+    expected = (info.model_id, info.total_blocks - blocks, info.total_blocks, info.hidden_size)
+    if (meta.model_id, meta.first_block, meta.total_blocks, meta.hidden_size) != expected:
+        raise ModelLoadError(
+            f"the tail in {folder} is blocks {meta.first_block}..{meta.total_blocks - 1} of {meta.model_id}; the run "
+            f"needs blocks {expected[1]}..{info.total_blocks - 1} of {info.model_id}"
+        )
+    return tail

@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         "dL/dpooled (see privacy.md and the README's label table)",
     )
     train.add_argument(
+        "--user-tail",
+        type=int,
+        default=0,
+        metavar="M",
+        help="with the head here (implies --private-head), also run the model's last M blocks here with this "
+        "side's own LoRA: the server stops M blocks early and returns packed hidden states; the tail's "
+        "pretrained weights are downloaded once into RUN_DIR/tail (default %(default)s)",
+    )
+    train.add_argument(
         "--label-epsilon",
         type=float,
         metavar="EPS",
@@ -573,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
                 max_length=args.max_length,
                 seed=args.seed,
                 train_bottom=args.train_bottom,
-                private_head=args.private_head,
+                private_head=args.private_head or args.user_tail > 0,
+                user_tail=args.user_tail,
                 label_epsilon=args.label_epsilon,
                 label_mechanism=args.label_mechanism,
             )

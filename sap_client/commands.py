@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from sap_client.connection import OpenSplit, file_sha256, make_privatizer, open_split
 from sap_client.cti import fit_cti
 from sap_client.data import TextDataset, load_labelled_csv, load_texts, stratified_split
-from sap_client.head import UserHead
 from sap_client.labeldp import randomize_labels
 from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
 from sap_client.remote import ClientCredentials
@@ -142,7 +141,7 @@ class _Checkpointer:
             )
             tensors.update(optimizer_tensors)
         if trainer.head is not None and trainer.head_optimizer is not None:
-            tensors.update({_HEAD + name: value for name, value in trainer.head.state_dict().items()})
+            tensors.update({_HEAD + name: value for name, value in trainer.head.trainable_state().items()})
             optimizer_tensors, state.head_optimizer = optimizer_to_tensors(trainer.head_optimizer, _HEAD_OPTIMIZER)
             tensors.update(optimizer_tensors)
         self.run.write_state(state, tensors)
@@ -350,8 +349,8 @@ def _restore_head(trainer: SplitTrainer, tensors: dict, layout: dict | None, num
     state = {name[len(_HEAD) :]: value for name, value in tensors.items() if name.startswith(_HEAD)}
     if not state or layout is None:
         raise InvalidInputError("the run's checkpoint holds no head, although the run keeps its head (--private-head)")
-    head = UserHead(trainer.bottom.config.hidden_size, num_labels)
-    head.load_state_dict(state)
+    head = trainer.new_head(num_labels)  # its structure (and the tail's LoRA); the weights come from the checkpoint
+    head.load_trainable_state(state)
     trainer.attach_head(head)
     assert trainer.head_optimizer is not None
     optimizer_from_tensors(trainer.head_optimizer, tensors, layout, _HEAD_OPTIMIZER)
@@ -374,7 +373,7 @@ def _complete(
             {k: v.detach().cpu().contiguous() for k, v in trainer.bottom.state_dict().items()}, str(run.file(BOTTOM))
         )
     if trainer.head is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainer.head.state_dict().items()}, str(run.file(HEAD)))
+        save_file({k: v.contiguous() for k, v in trainer.head.trainable_state().items()}, str(run.file(HEAD)))
     privatizer = trainer.privatizer
     eta = privatizer.eta if privatizer else None
     metrics.update(
@@ -414,6 +413,7 @@ def _complete(
         median_distance=median_token_distance(trainer.bottom),
         private_head=config.private_head,
         label_dp=label_dp,
+        user_tail=config.user_tail,
     )
     metrics["label_dp"] = label_dp
     run.write_json(METRICS, metrics)

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from sap_client.bottom import load_server_bottom
+from sap_client.bottom import load_server_bottom, load_server_tail
 from sap_client.cti import CtiStatistics, eta_table
 from sap_client.head import UserHead
 from sap_client.privacy import NoiseConfig, Privatizer
 from sap_client.remote import ClientCredentials, RemoteTopService
-from sap_client.rundir import BOTTOM, CTI, HEAD, RunDir, RunSpec
+from sap_client.rundir import BOTTOM, CTI, HEAD, TAIL, RunDir, RunSpec
 from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_common.devices import DTYPES
 from sap_common.errors import InvalidInputError, ModelLoadError
@@ -110,29 +111,46 @@ def open_split(
         download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
         if trained_bottom and run is not None and run.file(BOTTOM).exists():
             bottom.load_state_dict(load_file(str(run.file(BOTTOM))))
+        tail = None
+        if config.user_tail:  # the model's last blocks run here: kept in the run (a temporary folder without one)
+            where = run.file(TAIL) if run is not None else Path(tempfile.mkdtemp(prefix="sap-tail-")) / TAIL
+            tail = load_server_tail(service, info, config.user_tail, where)
+            download_bytes += service.bytes_received
+            service.bytes_received = 0
         privatizer = run_privatizer(run, spec) if run is not None and spec is not None else None
         head_key = run.noise_key() if run is not None else None
         trainer = SplitTrainer(
-            bottom, tokenizer, service, config, privatizer, fresh_noise=fresh_noise, device=device, head_key=head_key
+            bottom,
+            tokenizer,
+            service,
+            config,
+            privatizer,
+            fresh_noise=fresh_noise,
+            device=device,
+            head_key=head_key,
+            tail=tail,
         )
         if trained_bottom and run is not None and config.private_head:
-            trainer.attach_head(load_head(run.file(HEAD)))
+            trainer.attach_head(load_head(run.file(HEAD), trainer))
     except BaseException:
         service.close()
         raise
     return OpenSplit(service, info, trainer, download_bytes)
 
 
-def load_head(path: Path) -> UserHead:
-    """The head a --private-head run kept (RUN_DIR/head.safetensors)."""
+def load_head(path: Path, trainer: SplitTrainer) -> UserHead:
+    """The head a --private-head run kept (RUN_DIR/head.safetensors), over the trainer's tail when it has one."""
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing: a --private-head run keeps its task head there")
     state = load_file(str(path))
     weight = state.get("classifier.weight")
     if weight is None or weight.dim() != 2:
         raise ModelLoadError(f"{path} holds no head (classifier.weight)")
-    head = UserHead(weight.shape[1], weight.shape[0])
-    head.load_state_dict(state)
+    head = trainer.new_head(weight.shape[0])
+    try:
+        head.load_trainable_state(state)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
     return head
 
 

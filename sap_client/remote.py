@@ -187,12 +187,14 @@ class RemoteTopService:
             )
         return info
 
-    def download_bottom(self, destination: Path) -> None:
+    def download_bottom(self, destination: Path, tail_blocks: int = 0) -> None:
         def attempt() -> None:  # a retry starts the download over: every file is rewritten from offset 0
             handles: dict[str, BinaryIO] = {}
             try:
                 for chunk in self._stub.DownloadBottom(
-                    sap_pb2.DownloadBottomRequest(), timeout=self.call_timeout, metadata=self._metadata()
+                    sap_pb2.DownloadBottomRequest(tail_blocks=tail_blocks),
+                    timeout=self.call_timeout,
+                    metadata=self._metadata(),
                 ):
                     self.bytes_received += chunk.ByteSize()
                     handle = handles.get(chunk.path)

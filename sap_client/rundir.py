@@ -9,7 +9,9 @@ privacy.md              the privacy statement in words: the guarantee, the label
 noise.key               the secret that keys the noise (never sent anywhere)
 cti_counts.safetensors  CTI token statistics (training split only; never sent anywhere)
 bottom.safetensors      the fine-tuned bottom, with --train-bottom
-head.safetensors        the task head, with --private-head (it never leaves this machine)
+head.safetensors        the task head, with --private-head (it never leaves this machine), with --user-tail
+                        the tail's LoRA too
+tail/                   with --user-tail M: the model's last M blocks (the tail bundle the server sent)
 checkpoint.safetensors  while the run is unfinished: where it stands (step, epoch, position, losses,
                         history, noise/signal sums), the session id and secret (file mode 0600), and
                         with --train-bottom the bottom and its optimizer, with --private-head the head
@@ -40,6 +42,7 @@ KEY = "noise.key"
 CTI = "cti_counts.safetensors"
 BOTTOM = "bottom.safetensors"
 HEAD = "head.safetensors"
+TAIL = "tail"
 CHECKPOINT = "checkpoint.safetensors"
 STATE_FORMAT = 1  # of checkpoint.safetensors's metadata (RunState)
 

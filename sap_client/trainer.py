@@ -17,10 +17,11 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from sap_client.data import TextDataset
-from sap_client.head import UserHead, new_user_head
+from sap_client.head import UserHead, new_user_head, tail_dropout_seed
 from sap_client.privacy import NoiseTally, Privatizer
 from sap_common.checkpoint import seeded_draws
 from sap_common.models import set_training
+from sap_common.models.split import TopModel
 from sap_common.service import DEFAULT_LEARNING_RATE, SessionSpec, TopService
 
 if TYPE_CHECKING:  # the model code loads transformers: not needed to parse a command line
@@ -53,6 +54,13 @@ class TrainConfig:
             "sees logits, dL/dlogits or the number of classes (dL/dpooled still carries the labels: privacy.md)"
         },
     )
+    user_tail: int = field(
+        default=0,
+        metadata={
+            "help": "with private_head, also run the model's last M blocks here with this side's own LoRA: the "
+            "provider returns the packed hidden states of block L-M-1 and receives their gradient"
+        },
+    )
     label_epsilon: float | None = field(
         default=None,
         metadata={
@@ -77,6 +85,10 @@ class TrainConfig:
             raise ValueError(f"label_epsilon must be a finite number > 0, got {self.label_epsilon}")
         if self.label_mechanism not in ("rr", "rr-prior"):
             raise ValueError(f"label_mechanism must be rr or rr-prior, got {self.label_mechanism!r}")
+        if self.user_tail < 0 or (self.user_tail and not self.private_head):
+            raise ValueError(
+                f"user_tail must be 0, or >= 1 with private_head (the tail ends in the head); got {self.user_tail}"
+            )
 
 
 @dataclass
@@ -200,6 +212,7 @@ class SplitTrainer:
         fresh_noise: bool = False,
         device: torch.device | str = "cpu",
         head_key: bytes | None = None,
+        tail: TopModel | None = None,
     ):
         self.device = torch.device(device)
         self.bottom = _place_bottom(bottom, self.device)
@@ -226,23 +239,37 @@ class SplitTrainer:
         # and privatized while batch i's RPCs are in flight. Noise is keyed per example and the order
         # comes from the seeded generator, so the results are the same with and without it.
         self.prefetch = config.prefetch and not config.train_bottom
-        # --private-head: the head lives here; the provider's session returns the pooled representation.
-        self.output = "pooled" if config.private_head else "logits"
+        # --private-head: the head lives here; the provider's session returns the pooled representation, or with
+        # --user-tail M the packed hidden states of block L-M-1, which the tail (the pretrained last M blocks, given
+        # here without LoRA) continues from.
+        self.output = "hidden" if config.user_tail else "pooled" if config.private_head else "logits"
+        if config.user_tail and (tail is None or len(tail.blocks) != config.user_tail):
+            raise ValueError(f"user_tail {config.user_tail} needs the model's last {config.user_tail} blocks (tail)")
+        self.tail = tail
         self.head_key = head_key if head_key is not None else secrets.token_bytes(32)  # the run's secret, if any
+        self.tail_seed = tail_dropout_seed(self.head_key)
         self.head: UserHead | None = None
         self.head_optimizer: torch.optim.Optimizer | None = None
 
     def attach_head(self, head: UserHead) -> None:
         """Use head as the run's task head (a new one, or the one a run kept) with a fresh optimizer."""
+        if head.tail_blocks != self.config.user_tail:
+            raise ValueError(f"the head runs {head.tail_blocks} tail blocks, the run {self.config.user_tail}")
         self.head = head.to(self.device)
         self.head_optimizer = torch.optim.AdamW(
-            self.head.parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay
+            [p for p in self.head.parameters() if p.requires_grad],
+            lr=self.config.learning_rate,
+            weight_decay=self.config.weight_decay,
         )
+
+    def new_head(self, num_labels: int) -> UserHead:
+        """This run's head as training starts: keyed by the run's secret, over the tail when there is one."""
+        return new_user_head(self.bottom.config.hidden_size, num_labels, self.head_key, tail=self.tail)
 
     def open(self, num_labels: int) -> str:
         """Open the provider's session; with --private-head also draw this side's head (unless one is attached)."""
         if self.config.private_head and self.head is None:
-            self.attach_head(new_user_head(self.bottom.config.hidden_size, num_labels, self.head_key))
+            self.attach_head(self.new_head(num_labels))
         spec = SessionSpec(
             num_labels=0 if self.config.private_head else num_labels,
             learning_rate=self.config.learning_rate,
@@ -250,6 +277,7 @@ class SplitTrainer:
             train_bottom=self.config.train_bottom,
             weight_decay=self.config.weight_decay,
             output=self.output,
+            user_tail=self.config.user_tail,
         )
         self.session_id = self.service.open_session(spec)
         return self.session_id
@@ -342,15 +370,19 @@ class SplitTrainer:
         self.last_checkpointed says whether the provider checkpointed the session at this step."""
         hidden, sent, mask, tally = outgoing
         step = self.steps + 1
-        out = self.service.forward(self._session, step, sent, mask, output=self.output)  # (B, C) or (B, H)
+        out = self.service.forward(self._session, step, sent, mask, output=self.output)  # (B, C), (B, H), (N, H)
         returned = out.to(self.device).requires_grad_(True)
         if self.head is None:
             loss = F.cross_entropy(returned, labels.to(self.device))
             (grad_out,) = torch.autograd.grad(loss, returned)
-        else:  # dL/dpooled goes back; the head's own gradient stays here
+        else:  # dL/d(what came back) goes back; the head's (and the tail's) own gradients stay here
             assert self.head_optimizer is not None
             self.head_optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.head(returned), labels.to(self.device))
+            set_training(self.head, True)
+            # The tail's dropout draws come from (the run's secret, step) alone: a resumed step draws the same.
+            with seeded_draws(self.tail_seed, step, self.device, purpose="tail-dropout"):
+                logits = self.head(returned, mask.to(self.device))
+            loss = F.cross_entropy(logits, labels.to(self.device))
             loss.backward()
             assert returned.grad is not None
             grad_out = returned.grad
@@ -428,8 +460,9 @@ class SplitTrainer:
             _, sent, mask = self._outgoing(texts[start : start + size], None, train=False)
             returned = self.service.evaluate(self._session, sent, mask, output=self.output).float()
             if self.head is not None:
+                set_training(self.head, False)
                 with torch.no_grad():
-                    returned = self.head(returned.to(self.device)).cpu()
+                    returned = self.head(returned.to(self.device), mask.to(self.device)).cpu()
             elif self.config.private_head:
                 raise RuntimeError("--private-head: no head attached (the run's head.safetensors)")
             out.append(torch.softmax(returned, dim=-1))

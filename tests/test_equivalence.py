@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
 
 from conftest import running_server
-from sap_client.bottom import load_server_bottom
+from sap_client.bottom import load_server_bottom, load_server_tail
 from sap_client.remote import RemoteTopService
 from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_common.models.families import ENCODER, base_blocks, family_of
@@ -305,24 +305,35 @@ def test_split_training_equals_unsplit_training_for_every_decoder_family(family,
 # --- the user keeps the head (--private-head) -------------------------------------------------------
 
 
-def _private_head_split_run(folder: Path, method: str, cache: Path) -> tuple[Run, Params, Params]:
-    """Split training with the head on the user's side; (the run, the head's initial and final weights)."""
+def _private_head_split_run(folder: Path, method: str, cache: Path, user_tail: int = 0) -> tuple[Run, Params, Params]:
+    """Split training with the head (and user_tail last blocks) on the user's side; (the run, what trains on the
+    user's side (head and tail LoRA) before and after)."""
     provider = Provider.from_loaded(load_model(str(folder)), split=K, peft=PeftConfig(method=method))
     try:
         with running_server(provider) as address, RemoteTopService(address) as service:
-            bottom, tokenizer, _ = load_server_bottom(service, service.server_info(), cache_root=cache)
+            info = service.server_info()
+            bottom, tokenizer, _ = load_server_bottom(service, info, cache_root=cache)
+            tail = load_server_tail(service, info, user_tail, cache.parent / "tail") if user_tail else None
             config = TrainConfig(
-                batch_size=BATCH, learning_rate=LR, max_length=MAX_LENGTH, seed=SEED, private_head=True
+                batch_size=BATCH,
+                learning_rate=LR,
+                max_length=MAX_LENGTH,
+                seed=SEED,
+                private_head=True,
+                user_tail=user_tail,
             )
-            trainer = SplitTrainer(bottom, tokenizer, service, config, head_key=b"the user's own secret")
+            trainer = SplitTrainer(bottom, tokenizer, service, config, head_key=b"the user's own secret", tail=tail)
             trainer.open(NUM_LABELS)
             session = provider.sessions.get(trainer.session_id)
-            assert session.output == "pooled" and session.num_labels == 0  # the provider does not learn C
+            assert session.num_labels == 0  # the provider does not learn C
+            assert session.output == ("hidden" if user_tail else "pooled")
             top = session.top
+            assert len(top.blocks) == info.total_blocks - K - user_tail, "the tail's blocks do not run on the server"
             trainable = lambda: ((n, p) for n, p in top.named_parameters() if p.requires_grad)  # noqa: E731
             assert not any(n.startswith("head.") for n, _ in trainable()), "a pooled top has no trainable head"
             assert trainer.head is not None
-            initial_top, initial_head = _snapshot(trainable()), _snapshot(trainer.head.named_parameters())
+            user_side = lambda: ((n, p) for n, p in trainer.head.named_parameters() if p.requires_grad)  # noqa: E731
+            initial_top, initial_head = _snapshot(trainable()), _snapshot(user_side())
             initial_bottom = _snapshot(trainer.bottom.named_parameters())
             losses = [trainer.step(texts, labels) for texts, labels in BATCHES]
             assert service.close_session(trainer.session_id) == STEPS
@@ -333,36 +344,51 @@ def _private_head_split_run(folder: Path, method: str, cache: Path) -> tuple[Run
                 _snapshot(trainer.bottom.named_parameters()),
                 losses,
             )
-            return run, initial_head, _snapshot(trainer.head.named_parameters())
+            return run, initial_head, _snapshot(user_side())
     finally:
         provider.close()
 
 
-def _private_head_reference(folder: Path, method: str, initial_head: Params) -> tuple[Params, Params, list[float]]:
+def _private_head_reference(
+    folder: Path, method: str, initial_head: Params, user_tail: int = 0
+) -> tuple[Params, Params, list[float]]:
     """The unsplit base model + the same linear head on its pooled output (a decoder's last real token after the
-    final norm, an encoder's first token), trained together in one process; (top PEFT weights, head, losses)."""
+    final norm, an encoder's first token), trained together in one process; (top PEFT weights, head, losses). With
+    user_tail the last user_tail blocks carry LoRA (from the split run's initial values) instead of the provider's
+    PEFT method, as on the user's side."""
     from sap_client.head import UserHead
 
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=NUM_LABELS)
     family = family_of(model.config)
     base = model.base_model
     blocks = base_blocks(base, family)
+    served = blocks[K : len(blocks) - user_tail]
     model.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        apply_peft(blocks[K:], family, PeftConfig(method=method))
+        apply_peft(served, family, PeftConfig(method=method))
+    tail_blocks = blocks[len(blocks) - user_tail :]
+    apply_peft(tail_blocks, family, PeftConfig(method="lora"))  # its initial values come from the split run
     head = UserHead(model.config.hidden_size, NUM_LABELS)
-    head.load_state_dict(initial_head)
+
+    def user_named() -> list[tuple[str, torch.nn.Parameter]]:
+        tail = [(f"tail.blocks.{i}.{n}", p) for i, block in enumerate(tail_blocks) for n, p in block.named_parameters()]
+        return [(n, p) for n, p in tail if p.requires_grad] + list(head.named_parameters())
+
+    with torch.no_grad():
+        for name, param in user_named():
+            param.copy_(initial_head[name])
+    assert {n for n, _ in user_named()} == set(initial_head)
 
     def top_named() -> list[tuple[str, torch.nn.Parameter]]:
         return [
             (f"blocks.{i}.{n}", p)
-            for i, block in enumerate(blocks[K:])
+            for i, block in enumerate(served)
             for n, p in block.named_parameters()
             if p.requires_grad
         ]
 
-    trainable = [p for _, p in top_named()] + list(head.parameters())
+    trainable = [p for _, p in top_named()] + [p for _, p in user_named()]
     optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
     tokenizer = load_tokenizer(folder)
     tokenizer.padding_side = "right"
@@ -380,7 +406,7 @@ def _private_head_reference(folder: Path, method: str, initial_head: Params) -> 
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return _snapshot(top_named()), _snapshot(head.named_parameters()), losses
+    return _snapshot(top_named()), _snapshot(user_named()), losses
 
 
 @pytest.mark.parametrize("method", PEFT_METHODS)
@@ -393,6 +419,20 @@ def test_private_head_split_training_equals_unsplit_training(tiny_model, tmp_pat
     assert_same_params(final_head, head, f"user head after {STEPS} steps")
     assert max(abs(a - b) for a, b in zip(split.losses, losses, strict=True)) <= TOL, (split.losses, losses)
     assert_same_params(split.final_bottom, split.initial_bottom, "frozen bottom", tol=0.0)
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_user_tail_split_training_equals_unsplit_training(tiny_model, tmp_path, method):
+    """--user-tail 1: the server runs blocks K..L-2 and returns packed hidden states; the user runs block L-1 with
+    its own LoRA, the final norm and the head. Together: the unsplit model's training, weight for weight."""
+    split, initial_user, final_user = _private_head_split_run(tiny_model, method, tmp_path / "bottoms", user_tail=1)
+    assert any(n.startswith("tail.") and "lora_" in n for n in initial_user), "the tail carries the user's LoRA"
+    top, user, losses = _private_head_reference(tiny_model, method, initial_user, user_tail=1)
+    assert_all_moved(split.initial_top, split.final_top, "split top")
+    assert_all_moved(initial_user, final_user, "user head and tail LoRA")
+    assert_same_params(split.final_top, top, f"top after {STEPS} steps")
+    assert_same_params(final_user, user, f"user head and tail after {STEPS} steps")
+    assert max(abs(a - b) for a, b in zip(split.losses, losses, strict=True)) <= TOL, (split.losses, losses)
 
 
 def test_the_private_head_is_drawn_from_the_users_secret_not_the_seed_the_provider_knows(tiny_bert, tmp_path):

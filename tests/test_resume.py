@@ -485,12 +485,14 @@ class _Killed(BaseException):
         (["--noise-ratio", "0.5", "--cti", "--rescale-noised"], 15, True),
         (["--train-bottom", "--eta", "600"], 10, True),
         (["--private-head", "--label-epsilon", "2", "--noise-ratio", "0.5"], 15, True),
+        (["--user-tail", "1", "--noise-ratio", "0.5"], 11, True),
     ],
     ids=[
         "plain-forward-pending",
         "noise-cti-rescaled-epoch2",
         "train-bottom-server-checkpoint-ahead",
         "private-head-label-dp-epoch2",
+        "user-tail-epoch2",
     ],
 )
 def test_a_run_cut_short_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path, monkeypatch, flags, cut_at, applied):
@@ -551,11 +553,12 @@ def test_a_run_cut_short_resumes_to_the_uninterrupted_result(tiny_llama, tmp_pat
             load_file(str(tmp_path / "ref" / "bottom.safetensors")),
             "trained bottom",
         )
-    if "--private-head" in flags:  # the head and its optimizer came back from the client's checkpoint
+    if "--private-head" in flags or "--user-tail" in flags:
+        # the head (and the tail's LoRA) and its optimizer came back from the client's checkpoint
         _assert_close(
             load_file(str(run / "head.safetensors")), load_file(str(tmp_path / "ref" / "head.safetensors")), "head"
         )
-        assert metrics["label_dp"] == reference_metrics["label_dp"]  # the same randomized labels
+        assert metrics["label_dp"] == reference_metrics["label_dp"]  # the same randomized labels (or none)
     assert not (run / "checkpoint.safetensors").exists(), "the completed run keeps no session secret"
     settings = json.loads((run / "run.json").read_text())
     assert settings["finished"] and settings["adapter_id"]
