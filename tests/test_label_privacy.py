@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import running_server
 from sap_client import cli as client_cli
+from sap_common.models.registry import load_model
+from sap_common.peft import PeftConfig
 from sap_common.recording import read_records
 from sap_server.launch import ServerProcess
+from sap_server.provider import Provider
 from tiny_models import learnable_rows, write_csv
 
 SCRIPTS = Path(sys.executable).parent
@@ -41,9 +45,13 @@ def _client(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.parametrize("tail", [0, 1], ids=["head", "head+tail1"])
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_bert"])
-def test_private_head_trains_and_hides_the_logits_but_not_the_labels(model, request, tmp_path, env, capsys):
+def test_private_head_trains_and_hides_the_logits_but_not_the_labels(model, tail, request, tmp_path, env, capsys):
+    """tail 1 (--user-tail 1): the user also runs the model's last block; the provider returns, and receives the
+    gradient of, packed hidden states (N_real, H)."""
     folder = request.getfixturevalue(model)
+    mode = ["--private-head"] if not tail else ["--user-tail", str(tail)]
     data = write_csv(tmp_path / "data.csv", learnable_rows(ROWS, seed=0))
     record, run = tmp_path / "recording", tmp_path / "run"
     server = ServerProcess.start(
@@ -59,7 +67,7 @@ def test_private_head_trains_and_hides_the_logits_but_not_the_labels(model, requ
                 address,
                 "--out",
                 str(run),
-                "--private-head",
+                *mode,
                 "--epochs",
                 "10",
                 "--lr",
@@ -77,13 +85,21 @@ def test_private_head_trains_and_hides_the_logits_but_not_the_labels(model, requ
             "private_head"
         ]
 
-        # What the provider received in Backward: dL/dpooled (B, H) only; no tensor of shape (B, num_labels)
-        backward = [r for r in read_records(record) if r.kind == "backward"]
+        assert (run / "tail").is_dir() == bool(tail)
+
+        # What the provider received in Backward: dL/dpooled (B, H), or with a tail dL/dhidden (N_real, H), only;
+        # no tensor of shape (B, num_labels)
+        records = read_records(record)
+        forwards = {(r.session, r.step): r for r in records if r.kind == "forward"}
+        backward = [r for r in records if r.kind == "backward"]
         train_rows = ROWS - round(ROWS * EVAL_FRACTION)
         assert len(backward) == metrics["steps"] == 10 * -(-train_rows // BATCH)
+        name = "grad_hidden" if tail else "grad_pooled"
         for r in backward:
-            assert set(r.tensors) == {"grad_pooled"}, r.tensors.keys()
-            assert r.tensors["grad_pooled"].shape[1] == HIDDEN
+            assert set(r.tensors) == {name}, r.tensors.keys()
+            mask = forwards[(r.session, r.step)].tensors["attention_mask"]
+            rows = int(mask.sum()) if tail else mask.shape[0]  # every real token, or one row per example
+            assert tuple(r.tensors[name].shape) == (rows, HIDDEN)
             assert all(t.dim() != 2 or t.shape[1] != 2 for t in r.tensors.values())
 
         # predict in a new process reads the run's head (the provider's adapter has none)
@@ -120,13 +136,18 @@ def test_private_head_trains_and_hides_the_logits_but_not_the_labels(model, requ
     finally:
         assert server.stop() == 0
     report = json.loads((audit / "report.json").read_text())
-    assert report["label_attack"].startswith("tracked direction"), report
+    # the head's gradients lie on one line per step; a tail bends each example's, and clustering reads them
+    assert report["label_attack"].startswith("clustering" if tail else "tracked direction"), report
     assert report["label_inference_accuracy"] >= 0.95, report
     assert report["label_inference_examples"] == 10 * train_rows
     assert 0.4 <= report["label_inference_baseline"] <= 0.6
     statement = (run / "privacy.md").read_text()
-    assert "--private-head" in statement and "every training label of a two-class task is readable" in statement
-    assert "Labels read from the recorded gradients" in statement and "tracked direction" in statement
+    if tail:
+        assert "--user-tail 1" in statement and "the training labels are readable" in statement
+        assert "Labels read from the recorded gradients" in statement and "attack: clustering" in statement
+    else:
+        assert "--private-head" in statement and "every training label of a two-class task is readable" in statement
+        assert "Labels read from the recorded gradients" in statement and "tracked direction" in statement
 
 
 @pytest.mark.parametrize("private_head", [False, True], ids=["logits", "private-head"])
@@ -179,3 +200,20 @@ def test_label_epsilon_bounds_what_the_gradients_tell(private_head, tiny_llama, 
     assert report["label_inference_accuracy"] <= keep + 4 * sigma
     statement = (run / "privacy.md").read_text()
     assert "label differential privacy, epsilon = 1" in statement and "0.731" in statement
+
+
+@pytest.mark.parametrize("tail", [2, 5])
+def test_a_user_tail_that_leaves_the_server_no_block_is_refused(tail, tiny_llama, tmp_path, capsys):
+    """tiny_llama has 3 blocks; at split 1 the server runs two and keeps at least one: --user-tail 2 or more is
+    refused with the range it can serve, before anything is trained."""
+    data = write_csv(tmp_path / "data.csv", learnable_rows(40, seed=2))
+    provider = Provider.from_loaded(load_model(str(tiny_llama)), split=1, peft=PeftConfig())
+    try:
+        with running_server(provider) as address:
+            args = ["train", str(data), "--server", address, "--out", str(tmp_path / "run"), "--user-tail", str(tail)]
+            assert client_cli.main(args) != 0
+    finally:
+        provider.close()
+    err = capsys.readouterr().err
+    assert "tail_blocks must be in 1..1" in err and "runs blocks 1..2" in err and f"got {tail}" in err, err
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -1,5 +1,6 @@
 """Label inference from the gradients a provider receives (no gRPC): the sign rule on logits gradients, and
-direction and norm scoring on the gradients of a user-kept linear head's input."""
+direction and norm scoring on the gradients of a user-kept linear head's input, and clustering on those gradients
+(any number of classes, and through a user-kept tail)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 from torch.nn import functional as F
 
 from sap_client.audit.labels import (
+    cluster_labels,
     direction_scoring,
+    gradient_clusters,
     label_inference,
     name_sides,
     norm_scoring,
@@ -73,3 +76,38 @@ def test_tracked_sides_follow_a_moving_head_through_a_run():
     assert label_inference(untracked, truth_all)["label_inference_accuracy"] < 0.8
     with pytest.raises(ValueError, match="exactly one"):
         name_sides(sides)
+
+
+def test_clustering_reads_the_labels_of_a_many_class_head_by_the_prior():
+    """dL/dh = W^T (p - onehot(y)) / B: the gradients of one label point alike, for any number of classes; with an
+    uneven prior the cluster sizes name the classes."""
+    generator = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(16, 4)
+    prior = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    labels = torch.multinomial(prior, 400, replacement=True, generator=generator)
+    pooled = torch.randn(400, 16, generator=generator, requires_grad=True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(head(pooled), labels), pooled)
+    counts = torch.bincount(labels, minlength=4).double()
+    guesses = cluster_labels(grad, (counts / counts.sum()).tolist())
+    assert label_inference(guesses, labels)["label_inference_accuracy"] >= 0.99
+    with pytest.raises(ValueError, match="N >= 4"):
+        gradient_clusters(grad[:3], 4)
+
+
+def test_clustering_reads_labels_through_a_user_kept_tail():
+    """With a user-kept tail the provider receives dL/dh below a nonlinear block: each example's gradient is bent by
+    its own Jacobian, so no longer on one line, but the residual path keeps the two labels' gradients apart. One
+    known label names the two clusters of a balanced task (the prior cannot)."""
+    generator = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    block = torch.nn.Sequential(
+        torch.nn.LayerNorm(16), torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)
+    )
+    head = torch.nn.Linear(16, 2)
+    labels = torch.randperm(200, generator=generator) % 2
+    hidden = torch.randn(200, 16, generator=generator, requires_grad=True)
+    logits = head(hidden + block(hidden))  # a residual block, then the head
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels), hidden)
+    clusters = gradient_clusters(grad, 2)
+    guesses = name_sides(clusters, known=(0, int(labels[0])))
+    assert label_inference(guesses, labels)["label_inference_accuracy"] >= 0.95

@@ -8,13 +8,19 @@
   their projection on the principal direction; norm scoring ranks them by norm (the rarer class, predicted with
   less confidence, has the larger gradients). The flip is resolved with the class prior the provider knows or
   guesses: the side holding the prior's majority share is the majority class.
+- Clustering (any number of classes): the gradients of one label point alike; spherical k-means with one cluster
+  per class, the clusters named by the class prior (largest cluster, most frequent class) or, for two classes, by
+  one example whose label the provider knows.
+- With a user-kept tail (--user-tail M) the provider receives dL/dh at block L-M for every token: the row at the
+  position the head reads (the last real token for decoders, the first for encoders) carries dL/dpooled through
+  the tail's residual path, and the attacks above are run on it.
 """
 
 from __future__ import annotations
 
 import torch
 
-LABEL_ATTACKS = ("sign", "direction", "norm", "tracked")
+LABEL_ATTACKS = ("sign", "direction", "norm", "tracked", "clustering")
 
 
 def sign_rule(grad_logits: torch.Tensor) -> torch.Tensor:
@@ -63,6 +69,53 @@ def tracked_sides(steps: list[torch.Tensor]) -> list[torch.Tensor]:
         previous = direction
         sides.append((rows @ direction > 0).long())
     return sides
+
+
+def cluster_labels(gradients: torch.Tensor, prior: list[float], *, restarts: int = 8, iterations: int = 50):
+    """(N, D) gradients of a hidden state -> (N,) labels: gradient_clusters with K = len(prior), the clusters named
+    by the prior: the largest is the most frequent class, and so on. Works for any number of classes."""
+    return name_clusters(gradient_clusters(gradients, len(prior), restarts=restarts, iterations=iterations), prior)
+
+
+def name_clusters(clusters: torch.Tensor, prior: list[float]) -> torch.Tensor:
+    """(N,) cluster indices in [0, len(prior)) -> labels: the largest cluster is the most frequent class, and so on."""
+    by_size = torch.bincount(clusters, minlength=len(prior)).argsort(descending=True).tolist()
+    by_prior = sorted(range(len(prior)), key=lambda c: -prior[c])
+    name = torch.empty(len(prior), dtype=torch.long)
+    for cluster, label in zip(by_size, by_prior):
+        name[cluster] = label
+    return name[clusters]
+
+
+def gradient_clusters(gradients: torch.Tensor, classes: int, *, restarts: int = 8, iterations: int = 50):
+    """(N, D) gradients -> (N,) cluster indices in [0, classes): spherical k-means on the gradients' directions (for
+    a linear head dL/dh = W^T (p - onehot(y)) / B, so the examples of one label point alike, even through a
+    user-kept tail that bends each example's gradient differently). Seeded restarts, the tightest kept. Name the
+    clusters with cluster_labels (the prior) or, for two classes, name_sides (the prior or one known label)."""
+    if gradients.dim() != 2 or classes < 2 or gradients.shape[0] < classes:
+        raise ValueError(
+            f"gradients must be (N, D) with N >= {max(classes, 2)} for {classes} classes, got {tuple(gradients.shape)}"
+        )
+    rows = torch.nn.functional.normalize(gradients.double(), dim=1)
+    generator = torch.Generator().manual_seed(0)
+    best, best_score = None, -float("inf")
+    for _ in range(restarts):
+        centres = rows[torch.randperm(len(rows), generator=generator)[:classes]].clone()
+        assign = torch.zeros(len(rows), dtype=torch.long)
+        for _ in range(iterations):
+            assign = (rows @ centres.T).argmax(1)
+            updated = torch.stack(
+                [rows[assign == c].sum(0) if bool((assign == c).any()) else centres[c] for c in range(classes)]
+            )
+            updated = torch.nn.functional.normalize(updated, dim=1)
+            if torch.allclose(updated, centres):
+                break
+            centres = updated
+        score = float((rows @ centres.T).max(1).values.sum())
+        if score > best_score:
+            best, best_score = assign, score
+    assert best is not None
+    return best
 
 
 def name_sides(side: torch.Tensor, *, majority_class: int | None = None, known: tuple[int, int] | None = None):

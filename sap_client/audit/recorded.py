@@ -9,10 +9,19 @@ import torch
 
 from sap_client.audit.attacks import AttackConfig, undo_rescaling
 from sap_client.audit.content import content_mask
-from sap_client.audit.labels import label_inference, name_sides, norm_scoring, sign_rule, tracked_sides
+from sap_client.audit.labels import (
+    gradient_clusters,
+    label_inference,
+    name_clusters,
+    name_sides,
+    norm_scoring,
+    sign_rule,
+    tracked_sides,
+)
 from sap_client.audit.runner import build_attacker, clean_batches, eia_report
 from sap_client.data import TextDataset
 from sap_client.trainer import SplitTrainer
+from sap_common.models.families import ENCODER
 from sap_common.recording import Record
 
 
@@ -59,11 +68,14 @@ def recorded_audit(
     if label_data.labels:
         paired = matched if label_data is data else _pair_with_texts(trainer, label_data, received)
         text_of = {digests[i]: text for i, (text, _) in paired.items()}
-        report.update(recorded_label_inference(records, text_of, label_data.labels))
+        position = "first" if trainer.bottom.family is ENCODER else "last"  # where a pooled head reads
+        report.update(recorded_label_inference(records, text_of, label_data.labels, position))
     return report
 
 
-def recorded_label_inference(records: list[Record], text_of: dict[str, int], labels: list[int]) -> dict:
+def recorded_label_inference(
+    records: list[Record], text_of: dict[str, int], labels: list[int], pooled_position: str = "last"
+) -> dict:
     """Read the labels back from every recorded Backward gradient whose forward example was paired with a data text;
     the accuracy on those texts' true labels, beside the majority-class baseline. Each (step, example) is one
     observation; examples seen in several epochs count once per epoch.
@@ -71,9 +83,15 @@ def recorded_label_inference(records: list[Record], text_of: dict[str, int], lab
     dL/dlogits (the provider holds the head): the sign rule. dL/dpooled (--private-head): on a binary task, tracked
     direction scoring (each step's gradients lie on one line; sides kept consistent from step to step), with the one
     flip for the whole run resolved by the class prior, or by one example whose label the provider knows; and norm
-    scoring. The figure is the strongest of them (each one's is reported too)."""
+    scoring; and clustering, for any number of classes. dL/dhidden (N_real, H) (--user-tail): the same attacks on
+    each example's row at pooled_position ("last" real token for decoders, "first" for encoders). The figure is the
+    strongest of them (each one's is reported too)."""
     forwards = {(r.session, r.step): r for r in records if r.kind == "forward"}  # a retried forward: the same tensors
-    steps: dict[str, list[tuple[torch.Tensor, list[int | None]]]] = {"grad_logits": [], "grad_pooled": []}
+    steps: dict[str, list[tuple[torch.Tensor, list[int | None]]]] = {
+        "grad_logits": [],
+        "grad_pooled": [],
+        "grad_hidden": [],
+    }
     unmatched = 0
     for record in records:
         name = next((n for n in steps if n in record.tensors), None)
@@ -85,7 +103,11 @@ def recorded_label_inference(records: list[Record], text_of: dict[str, int], lab
             for digest in _row_digests(forward.tensors["hidden_states"], forward.tensors["attention_mask"])
         ]
         unmatched += sum(row is None for row in rows)
-        steps[name].append((record.tensors[name], rows))
+        gradient = record.tensors[name]
+        if name == "grad_hidden":  # packed (N_real, H): each example's row at the position its head reads
+            gradient = _rows_at(gradient, forward.tensors["attention_mask"], pooled_position)
+            name = "grad_pooled"
+        steps[name].append((gradient, rows))
     if steps["grad_logits"]:
         guesses, truth = [], []
         for grads, rows in steps["grad_logits"]:
@@ -113,27 +135,18 @@ def _pooled_label_inference(
     if not truth_rows:
         return {"label_inference": "no recorded Backward gradient of a paired example"}
     truth = torch.tensor([labels[row] for row in truth_rows])
-    if len(set(labels)) != 2:
-        return {
-            "label_inference": f"dL/dpooled of a task with {len(set(labels))} classes: not measured (the attacks "
-            "here read binary labels)",
-            "label_inference_examples": len(truth_rows),
-        }
-    sides = torch.cat(
-        [
-            side[[b for b, row in enumerate(rows) if row is not None]]
-            for side, (_, rows) in zip(tracked_sides([g for g, _ in steps]), steps)
-        ]
-    )
     gradients = torch.cat([grads[[b for b, row in enumerate(rows) if row is not None]] for grads, rows in steps])
-    counts = torch.bincount(truth, minlength=2)
-    majority = int(counts.argmax())
-    guesses = {
-        "tracked direction, prior": name_sides(sides, majority_class=majority),
-        "tracked direction, one known label": name_sides(sides, known=(0, int(truth[0]))),
-    }
-    if len(truth) >= 2 and 0 < int(counts.min()):
-        guesses["norm"] = norm_scoring(gradients, float(counts.min()) / len(truth), majority)
+    classes = max(len(set(labels)), 2)
+    counts = torch.bincount(truth, minlength=classes)
+    prior = (counts.double() / len(truth)).tolist()
+    guesses = _binary_attacks(steps, truth, gradients, counts) if classes == 2 else {}
+    if len(truth) >= classes:  # after the binary attacks: a tie names theirs
+        clusters = gradient_clusters(gradients, classes)
+        guesses["clustering, prior"] = name_clusters(clusters, prior)
+        if classes == 2:
+            guesses["clustering, one known label"] = name_sides(clusters, known=(0, int(truth[0])))
+    if not guesses:
+        return {"label_inference": "too few recorded gradients to attack", "label_inference_examples": len(truth)}
     figures = {attack: label_inference(guess, truth) for attack, guess in guesses.items()}
     strongest = max(figures, key=lambda attack: figures[attack]["label_inference_accuracy"])
     return {
@@ -142,6 +155,32 @@ def _pooled_label_inference(
         "label_attacks": {attack: f["label_inference_accuracy"] for attack, f in figures.items()},
         "label_inference_unmatched": unmatched,
     }
+
+
+def _binary_attacks(steps, truth: torch.Tensor, gradients: torch.Tensor, counts: torch.Tensor) -> dict:
+    """Tracked direction scoring (named by the prior, or by one known label) and norm scoring: two classes."""
+    sides = torch.cat(
+        [
+            side[[b for b, row in enumerate(rows) if row is not None]]
+            for side, (_, rows) in zip(tracked_sides([g for g, _ in steps]), steps)
+        ]
+    )
+    majority = int(counts.argmax())
+    guesses = {
+        "tracked direction, prior": name_sides(sides, majority_class=majority),
+        "tracked direction, one known label": name_sides(sides, known=(0, int(truth[0]))),
+    }
+    if len(truth) >= 2 and 0 < int(counts.min()):
+        guesses["norm"] = norm_scoring(gradients, float(counts.min()) / len(truth), majority)
+    return guesses
+
+
+def _rows_at(packed: torch.Tensor, mask: torch.Tensor, position: str) -> torch.Tensor:
+    """(N_real, H) packed rows of a right-padded (B, T) mask -> (B, H): each example's first or last real row."""
+    lengths = mask.long().sum(1)
+    starts = torch.cumsum(lengths, 0) - lengths
+    index = starts if position == "first" else starts + lengths - 1
+    return packed[index]
 
 
 def _pair_with_texts(
