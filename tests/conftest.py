@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 LEVELS = {
     "unit": (
         "test_attacks test_bench test_cli test_codec test_cti test_data test_labeldp test_labels test_privacy "
-        "test_privacy_table "
+        "test_privacy_table test_sft_data "
         "test_split test_statement test_strong_attacks test_heap test_layering test_openmp "
         "test_proto_fresh"
     ).split(),
