@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from sap_common.errors import ModelLoadError
@@ -59,20 +60,23 @@ def load_server_bottom(
     return bottom, tokenizer, meta
 
 
-def load_server_tail(service: TopService, info: ServerInfo, blocks: int, folder: Path) -> TopModel:
+def load_server_tail(
+    service: TopService, info: ServerInfo, blocks: int, folder: Path, lm_embedding: nn.Embedding | None = None
+) -> TopModel:
     """The model's last `blocks` blocks (pretrained, ending in the pooled representation) from folder, downloading
     the tail bundle into it first when it is not there (a run keeps it, so resume and predict do not fetch it
-    again). A tail that is not the one the server serves for this run is refused."""
+    again). A tail that is not the one the server serves for this run is refused. With lm_embedding (the bottom's
+    input embedding table), the tail ends in next-token logits (generative fine-tuning; blocks may be 0)."""
     if not folder.is_dir():
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tail-"))
         try:
             log.info("downloading the tail (the last %d blocks of %s)", blocks, info.model_id)
-            service.download_bottom(staging, tail_blocks=blocks)
+            service.download_bottom(staging, tail_blocks=blocks, lm_head=lm_embedding is not None)
             staging.rename(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    tail, meta = load_tail(folder)
+    tail, meta = load_tail(folder, lm_embedding)
     expected = (info.model_id, info.total_blocks - blocks, info.total_blocks, info.hidden_size)
     if (meta.model_id, meta.first_block, meta.total_blocks, meta.hidden_size) != expected:
         raise ModelLoadError(

@@ -79,16 +79,22 @@ def new_user_head(
     """A head whose weights are N(0, std^2) drawn from a generator keyed by the run's secret, bias zero; with a tail
     (pretrained, frozen), the user's own LoRA on its attention projections, drawn from the same secret."""
     if tail is not None:
-        tail.requires_grad_(False)
-        with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):  # LoRA draws from the global generator
-            torch.manual_seed(_keyed_seed(key, b"sap-user-tail"))
-            apply_peft(list(tail.blocks), tail.family, PeftConfig(method="lora"))
+        apply_user_lora(tail, key)
     head = UserHead(hidden_size, num_labels, tail)
     generator = torch.Generator().manual_seed(_keyed_seed(key, b"sap-user-head"))
     with torch.no_grad():
         head.classifier.weight.copy_(torch.randn(head.classifier.weight.shape, generator=generator) * std)
         head.classifier.bias.zero_()
     return head
+
+
+def apply_user_lora(tail: TopModel, key: bytes) -> None:
+    """Freeze the tail's pretrained weights and put the user's own LoRA on its blocks' attention projections, its
+    first weights drawn from the run's secret (the provider never learns them)."""
+    tail.requires_grad_(False)
+    with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):  # LoRA draws from the global generator
+        torch.manual_seed(_keyed_seed(key, b"sap-user-tail"))
+        apply_peft(list(tail.blocks), tail.family, PeftConfig(method="lora"))
 
 
 def tail_dropout_seed(key: bytes) -> int:

@@ -187,12 +187,12 @@ class RemoteTopService:
             )
         return info
 
-    def download_bottom(self, destination: Path, tail_blocks: int = 0) -> None:
+    def download_bottom(self, destination: Path, tail_blocks: int = 0, lm_head: bool = False) -> None:
         def attempt() -> None:  # a retry starts the download over: every file is rewritten from offset 0
             handles: dict[str, BinaryIO] = {}
             try:
                 for chunk in self._stub.DownloadBottom(
-                    sap_pb2.DownloadBottomRequest(tail_blocks=tail_blocks),
+                    sap_pb2.DownloadBottomRequest(tail_blocks=tail_blocks, lm_head=lm_head),
                     timeout=self.call_timeout,
                     metadata=self._metadata(),
                 ):

@@ -88,9 +88,10 @@ class TopService(Protocol):
 
     def server_info(self) -> ServerInfo: ...
 
-    def download_bottom(self, destination: Path, tail_blocks: int = 0) -> None:
+    def download_bottom(self, destination: Path, tail_blocks: int = 0, lm_head: bool = False) -> None:
         """Write the bottom bundle's files into the (empty) folder destination; with tail_blocks M > 0, the tail
-        bundle's instead (the model's last M blocks and final norm, for a --user-tail session)."""
+        bundle's instead (the model's last M blocks and final norm, for a --user-tail session); with lm_head, the
+        tail bundle with what makes next-token logits too (a decoder's final norm and untied LM head; M may be 0)."""
 
     def open_session(self, spec: SessionSpec) -> str: ...
 

@@ -24,8 +24,11 @@ class LocalTopService:
     def server_info(self) -> ServerInfo:
         return self.provider.info
 
-    def download_bottom(self, destination: Path, tail_blocks: int = 0) -> None:
-        folder = self.provider.tail_bundle(tail_blocks) if tail_blocks else self.provider.bundle_dir
+    def download_bottom(self, destination: Path, tail_blocks: int = 0, lm_head: bool = False) -> None:
+        if tail_blocks or lm_head:
+            folder = self.provider.tail_bundle(tail_blocks, lm_head)
+        else:
+            folder = self.provider.bundle_dir
         for relative in bundle_files(folder):
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)

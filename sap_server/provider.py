@@ -167,22 +167,40 @@ class Provider:
             max_memory=max_memory,
         )
 
-    def tail_bundle(self, blocks: int) -> Path:
+    def tail_bundle(self, blocks: int, lm_head: bool = False) -> Path:
         """The folder of the tail bundle of the model's last `blocks` blocks (written on first request): what a
-        --user-tail session's user runs itself. The server keeps at least one block."""
+        --user-tail session's user runs itself. The server keeps at least one block. lm_head: the user makes
+        next-token logits from it too (generative fine-tuning of a decoder): blocks may be 0 (the final norm only);
+        the output layer must be tied to the input embeddings, which the user's bottom has."""
         served = self.info.total_blocks - self.info.split
-        if not 1 <= blocks < served:
+        least = 0 if lm_head else 1
+        if not least <= blocks < served:
             raise InvalidInputError(
-                f"tail_blocks must be in 1..{served - 1}: this server runs blocks {self.info.split}.."
+                f"tail_blocks must be in {least}..{served - 1}: this server runs blocks {self.info.split}.."
                 f"{self.info.total_blocks - 1} and keeps at least one; got {blocks}"
             )
+        if lm_head:
+            config = self.sessions.base.config
+            if family_of(config) is not DECODER:
+                raise InvalidInputError(f"next-token logits need a decoder; this server's model is {config.model_type}")
+            if not getattr(config, "tie_word_embeddings", False):
+                raise InvalidInputError(
+                    f"{self.info.model_id} has an output layer of its own (tie_word_embeddings is false): generative "
+                    "fine-tuning supports tied models only (SmolLM2 and other small decoders are)"
+                )
         with self._tail_lock:
             folder = self._tail_dirs.get(blocks)
             if folder is None:
                 template, base = self.sessions.template, self.sessions.base
                 norm: Any = base.norm if family_of(base.config) is DECODER else None  # a transformers submodule
                 folder = Path(tempfile.mkdtemp(prefix=f"sap-tail{blocks}-"))
-                export_tail(base.config, list(template.blocks)[-blocks:], norm, self.info.model_id, folder)
+                export_tail(
+                    base.config,
+                    list(template.blocks)[len(template.blocks) - blocks :],
+                    norm,
+                    self.info.model_id,
+                    folder,
+                )
                 self._tail_dirs[blocks] = folder
             return folder
 

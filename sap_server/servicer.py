@@ -136,8 +136,8 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     @_reply_stream
     def DownloadBottom(self, request, context) -> Iterator[sap_pb2.FileChunk]:
-        if request.tail_blocks:
-            folder = self.compute.run(self.provider.tail_bundle, request.tail_blocks)  # reads the model's weights
+        if request.tail_blocks or request.lm_head:  # reads the model's weights: on the compute thread
+            folder = self.compute.run(self.provider.tail_bundle, request.tail_blocks, request.lm_head)
         else:
             folder = self.provider.bundle_dir
         for relative in bundle_files(folder):

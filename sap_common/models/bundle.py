@@ -28,7 +28,15 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedTokenizerBase
 
 from sap_common.errors import ModelLoadError
-from sap_common.models.families import DECODER, base_blocks, family_of, pooled_output, tail_config, truncated_config
+from sap_common.models.families import (
+    DECODER,
+    LMHead,
+    base_blocks,
+    family_of,
+    pooled_output,
+    tail_config,
+    truncated_config,
+)
 from sap_common.models.registry import load_tokenizer
 from sap_common.models.split import BottomModel, TopModel, whole_base_as_bottom
 
@@ -178,9 +186,11 @@ def read_tail_meta(folder: Path) -> TailMeta:
         raise ModelLoadError(f"{folder} is not a valid tail bundle ({TAIL_META}: {exc})") from exc
 
 
-def load_tail(folder: Path) -> tuple[TopModel, TailMeta]:
+def load_tail(folder: Path, lm_embedding: nn.Embedding | None = None) -> tuple[TopModel, TailMeta]:
     """The tail as a TopModel over blocks L-M..L-1 that ends in the pooled representation (B, H) (decoders: the
-    final norm, then the last real token; encoders: the first token), frozen and in eval mode."""
+    final norm, then the last real token; encoders: the first token), frozen and in eval mode. With lm_embedding
+    (a decoder's input embedding table, tied to its output layer) it ends in next-token logits (B, T, V) instead
+    (LMHead), and M may be 0: the final norm alone."""
     meta = read_tail_meta(folder)
     if meta.format != BUNDLE_FORMAT:
         raise ModelLoadError(f"tail bundle format {meta.format} is not supported (expected {BUNDLE_FORMAT})")
@@ -189,8 +199,11 @@ def load_tail(folder: Path) -> tuple[TopModel, TailMeta]:
         state = load_file(str(folder / TAIL_WEIGHTS))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read tail bundle {folder}: {exc}") from exc
-    if config.num_hidden_layers != meta.total_blocks or not 1 <= meta.blocks <= meta.total_blocks:
+    least = 0 if lm_embedding is not None else 1
+    if config.num_hidden_layers != meta.total_blocks or not least <= meta.blocks <= meta.total_blocks:
         raise ModelLoadError(f"tail bundle {folder}: {TAIL_META} does not match its config")
+    if lm_embedding is not None and family_of(config) is not DECODER:
+        raise ModelLoadError(f"tail bundle {folder}: next-token logits need a decoder, not {config.model_type}")
     base = AutoModel.from_config(tail_config(config, meta.first_block), dtype=torch.float32)
     # The masks are built from the TopModel's config: it must name the attention the blocks were built with (a config
     # read from disk names none, and an encoder's padding keys then went unmasked).
@@ -203,6 +216,10 @@ def load_tail(folder: Path) -> tuple[TopModel, TailMeta]:
         raise ModelLoadError(
             f"tail bundle {folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    if lm_embedding is not None:
+        norm = tail.head.norm if isinstance(tail.head, nn.Module) else None
+        assert isinstance(norm, nn.Module)  # a decoder's PooledOutput holds its final norm
+        tail.head = LMHead(norm, lm_embedding)
     tail.eval()
     tail.requires_grad_(False)
     return tail, meta

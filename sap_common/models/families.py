@@ -236,6 +236,20 @@ class PackedOutput(nn.Module):
         return hidden[attention_mask.to(hidden.device).bool()]
 
 
+class LMHead(nn.Module):
+    """The end of a decoder on the user's side in generative fine-tuning: the final norm, then next-token logits
+    (B, T, V) from the input embedding table, which a tied model's output layer is (the user's bottom holds it).
+    Nothing here trains."""
+
+    def __init__(self, final_norm: nn.Module, embedding: nn.Embedding):
+        super().__init__()
+        self.norm = final_norm
+        self.embedding = embedding  # the bottom's own module: shared, not copied
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.norm(hidden), self.embedding.weight)
+
+
 def pooled_output(config: PretrainedConfig, base: Any) -> PooledOutput:
     """The pooling end of a headless session's top, over the base's frozen final norm (decoders)."""
     return PooledOutput(config, base.norm if family_of(config) is DECODER else None)

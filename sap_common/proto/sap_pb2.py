@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asap_common/proto/sap.proto\x12\x06sap.v2\",\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\x13\n\x11ServerInfoRequest\"\xeb\x01\n\nServerInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\r\n\x05split\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x0c\n\x04peft\x18\x08 \x01(\t\x12\x15\n\rbottom_sha256\x18\t \x01(\t\x12\x19\n\x11max_message_bytes\x18\n \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x0b \x01(\x04\",\n\x15\x44ownloadBottomRequest\x12\x13\n\x0btail_blocks\x18\x01 \x01(\r\"K\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xc0\x01\n\x12OpenSessionRequest\x12\x12\n\nnum_labels\x18\x01 \x01(\r\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x14\n\x0ctrain_bottom\x18\x04 \x01(\x08\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x1e\n\x06output\x18\x07 \x01(\x0e\x32\x0e.sap.v2.Output\x12\x11\n\tuser_tail\x18\x08 \x01(\r\"\x87\x01\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14trainable_parameters\x18\x02 \x01(\x04\x12\x12\n\nnum_labels\x18\x03 \x01(\r\x12\x15\n\rsteps_applied\x18\x04 \x01(\x04\x12\x16\n\x0esession_secret\x18\x05 \x01(\t\"7\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\x08\">\n\x11\x43loseSessionReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\x12\x12\n\nadapter_id\x18\x02 \x01(\t\"\x88\x01\n\rForwardHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.sap.v2.TensorHeader\x12\x0f\n\x07lengths\x18\x04 \x03(\r\x12\x1e\n\x06output\x18\x05 \x01(\x0e\x32\x0e.sap.v2.Output\"P\n\x0c\x46orwardFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.sap.v2.ForwardHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"h\n\x12\x46orwardReplyHeader\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06output\x18\x02 \x01(\x0e\x32\x0e.sap.v2.Output\x12$\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"Z\n\x11\x46orwardReplyFrame\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.sap.v2.ForwardReplyHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"V\n\x0e\x42\x61\x63kwardHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\"\n\x04grad\x18\x03 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"R\n\rBackwardFrame\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.sap.v2.BackwardHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"~\n\x13\x42\x61\x63kwardReplyHeader\x12\x14\n\x0c\x61pplied_step\x18\x01 \x01(\x04\x12\x10\n\x08replayed\x18\x02 \x01(\x08\x12\x14\n\x0c\x63heckpointed\x18\x03 \x01(\x08\x12)\n\x0bgrad_hidden\x18\x04 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"\\\n\x12\x42\x61\x63kwardReplyFrame\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.sap.v2.BackwardReplyHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"8\n\x14ResumeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\"?\n\x12ResumeSessionReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\x12\x12\n\nnum_labels\x18\x02 \x01(\r*A\n\x06Output\x12\x11\n\rOUTPUT_LOGITS\x10\x00\x12\x11\n\rOUTPUT_POOLED\x10\x01\x12\x11\n\rOUTPUT_HIDDEN\x10\x02\x32\xb1\x04\n\rSplitLearning\x12>\n\rGetServerInfo\x12\x19.sap.v2.ServerInfoRequest\x1a\x12.sap.v2.ServerInfo\x12\x44\n\x0e\x44ownloadBottom\x12\x1d.sap.v2.DownloadBottomRequest\x1a\x11.sap.v2.FileChunk0\x01\x12\x43\n\x0bOpenSession\x12\x1a.sap.v2.OpenSessionRequest\x1a\x18.sap.v2.OpenSessionReply\x12\x46\n\x0c\x43loseSession\x12\x1b.sap.v2.CloseSessionRequest\x1a\x19.sap.v2.CloseSessionReply\x12>\n\x07\x46orward\x12\x14.sap.v2.ForwardFrame\x1a\x19.sap.v2.ForwardReplyFrame(\x01\x30\x01\x12\x41\n\x08\x42\x61\x63kward\x12\x15.sap.v2.BackwardFrame\x1a\x1a.sap.v2.BackwardReplyFrame(\x01\x30\x01\x12?\n\x08\x45valuate\x12\x14.sap.v2.ForwardFrame\x1a\x19.sap.v2.ForwardReplyFrame(\x01\x30\x01\x12I\n\rResumeSession\x12\x1c.sap.v2.ResumeSessionRequest\x1a\x1a.sap.v2.ResumeSessionReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asap_common/proto/sap.proto\x12\x06sap.v2\",\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\x13\n\x11ServerInfoRequest\"\xeb\x01\n\nServerInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\r\n\x05split\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x0c\n\x04peft\x18\x08 \x01(\t\x12\x15\n\rbottom_sha256\x18\t \x01(\t\x12\x19\n\x11max_message_bytes\x18\n \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x0b \x01(\x04\"=\n\x15\x44ownloadBottomRequest\x12\x13\n\x0btail_blocks\x18\x01 \x01(\r\x12\x0f\n\x07lm_head\x18\x02 \x01(\x08\"K\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xc0\x01\n\x12OpenSessionRequest\x12\x12\n\nnum_labels\x18\x01 \x01(\r\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x14\n\x0ctrain_bottom\x18\x04 \x01(\x08\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x1e\n\x06output\x18\x07 \x01(\x0e\x32\x0e.sap.v2.Output\x12\x11\n\tuser_tail\x18\x08 \x01(\r\"\x87\x01\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14trainable_parameters\x18\x02 \x01(\x04\x12\x12\n\nnum_labels\x18\x03 \x01(\r\x12\x15\n\rsteps_applied\x18\x04 \x01(\x04\x12\x16\n\x0esession_secret\x18\x05 \x01(\t\"7\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\x08\">\n\x11\x43loseSessionReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\x12\x12\n\nadapter_id\x18\x02 \x01(\t\"\x88\x01\n\rForwardHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.sap.v2.TensorHeader\x12\x0f\n\x07lengths\x18\x04 \x03(\r\x12\x1e\n\x06output\x18\x05 \x01(\x0e\x32\x0e.sap.v2.Output\"P\n\x0c\x46orwardFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.sap.v2.ForwardHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"h\n\x12\x46orwardReplyHeader\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06output\x18\x02 \x01(\x0e\x32\x0e.sap.v2.Output\x12$\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"Z\n\x11\x46orwardReplyFrame\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.sap.v2.ForwardReplyHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"V\n\x0e\x42\x61\x63kwardHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\"\n\x04grad\x18\x03 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"R\n\rBackwardFrame\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.sap.v2.BackwardHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"~\n\x13\x42\x61\x63kwardReplyHeader\x12\x14\n\x0c\x61pplied_step\x18\x01 \x01(\x04\x12\x10\n\x08replayed\x18\x02 \x01(\x08\x12\x14\n\x0c\x63heckpointed\x18\x03 \x01(\x08\x12)\n\x0bgrad_hidden\x18\x04 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"\\\n\x12\x42\x61\x63kwardReplyFrame\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.sap.v2.BackwardReplyHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"8\n\x14ResumeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\"?\n\x12ResumeSessionReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\x12\x12\n\nnum_labels\x18\x02 \x01(\r*A\n\x06Output\x12\x11\n\rOUTPUT_LOGITS\x10\x00\x12\x11\n\rOUTPUT_POOLED\x10\x01\x12\x11\n\rOUTPUT_HIDDEN\x10\x02\x32\xb1\x04\n\rSplitLearning\x12>\n\rGetServerInfo\x12\x19.sap.v2.ServerInfoRequest\x1a\x12.sap.v2.ServerInfo\x12\x44\n\x0e\x44ownloadBottom\x12\x1d.sap.v2.DownloadBottomRequest\x1a\x11.sap.v2.FileChunk0\x01\x12\x43\n\x0bOpenSession\x12\x1a.sap.v2.OpenSessionRequest\x1a\x18.sap.v2.OpenSessionReply\x12\x46\n\x0c\x43loseSession\x12\x1b.sap.v2.CloseSessionRequest\x1a\x19.sap.v2.CloseSessionReply\x12>\n\x07\x46orward\x12\x14.sap.v2.ForwardFrame\x1a\x19.sap.v2.ForwardReplyFrame(\x01\x30\x01\x12\x41\n\x08\x42\x61\x63kward\x12\x15.sap.v2.BackwardFrame\x1a\x1a.sap.v2.BackwardReplyFrame(\x01\x30\x01\x12?\n\x08\x45valuate\x12\x14.sap.v2.ForwardFrame\x1a\x19.sap.v2.ForwardReplyFrame(\x01\x30\x01\x12I\n\rResumeSession\x12\x1c.sap.v2.ResumeSessionRequest\x1a\x1a.sap.v2.ResumeSessionReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sap_common.proto.sap_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUT']._serialized_start=1856
-  _globals['_OUTPUT']._serialized_end=1921
+  _globals['_OUTPUT']._serialized_start=1873
+  _globals['_OUTPUT']._serialized_end=1938
   _globals['_TENSORHEADER']._serialized_start=38
   _globals['_TENSORHEADER']._serialized_end=82
   _globals['_SERVERINFOREQUEST']._serialized_start=84
@@ -40,37 +40,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVERINFO']._serialized_start=106
   _globals['_SERVERINFO']._serialized_end=341
   _globals['_DOWNLOADBOTTOMREQUEST']._serialized_start=343
-  _globals['_DOWNLOADBOTTOMREQUEST']._serialized_end=387
-  _globals['_FILECHUNK']._serialized_start=389
-  _globals['_FILECHUNK']._serialized_end=464
-  _globals['_OPENSESSIONREQUEST']._serialized_start=467
-  _globals['_OPENSESSIONREQUEST']._serialized_end=659
-  _globals['_OPENSESSIONREPLY']._serialized_start=662
-  _globals['_OPENSESSIONREPLY']._serialized_end=797
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=799
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=854
-  _globals['_CLOSESESSIONREPLY']._serialized_start=856
-  _globals['_CLOSESESSIONREPLY']._serialized_end=918
-  _globals['_FORWARDHEADER']._serialized_start=921
-  _globals['_FORWARDHEADER']._serialized_end=1057
-  _globals['_FORWARDFRAME']._serialized_start=1059
-  _globals['_FORWARDFRAME']._serialized_end=1139
-  _globals['_FORWARDREPLYHEADER']._serialized_start=1141
-  _globals['_FORWARDREPLYHEADER']._serialized_end=1245
-  _globals['_FORWARDREPLYFRAME']._serialized_start=1247
-  _globals['_FORWARDREPLYFRAME']._serialized_end=1337
-  _globals['_BACKWARDHEADER']._serialized_start=1339
-  _globals['_BACKWARDHEADER']._serialized_end=1425
-  _globals['_BACKWARDFRAME']._serialized_start=1427
-  _globals['_BACKWARDFRAME']._serialized_end=1509
-  _globals['_BACKWARDREPLYHEADER']._serialized_start=1511
-  _globals['_BACKWARDREPLYHEADER']._serialized_end=1637
-  _globals['_BACKWARDREPLYFRAME']._serialized_start=1639
-  _globals['_BACKWARDREPLYFRAME']._serialized_end=1731
-  _globals['_RESUMESESSIONREQUEST']._serialized_start=1733
-  _globals['_RESUMESESSIONREQUEST']._serialized_end=1789
-  _globals['_RESUMESESSIONREPLY']._serialized_start=1791
-  _globals['_RESUMESESSIONREPLY']._serialized_end=1854
-  _globals['_SPLITLEARNING']._serialized_start=1924
-  _globals['_SPLITLEARNING']._serialized_end=2485
+  _globals['_DOWNLOADBOTTOMREQUEST']._serialized_end=404
+  _globals['_FILECHUNK']._serialized_start=406
+  _globals['_FILECHUNK']._serialized_end=481
+  _globals['_OPENSESSIONREQUEST']._serialized_start=484
+  _globals['_OPENSESSIONREQUEST']._serialized_end=676
+  _globals['_OPENSESSIONREPLY']._serialized_start=679
+  _globals['_OPENSESSIONREPLY']._serialized_end=814
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=816
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=871
+  _globals['_CLOSESESSIONREPLY']._serialized_start=873
+  _globals['_CLOSESESSIONREPLY']._serialized_end=935
+  _globals['_FORWARDHEADER']._serialized_start=938
+  _globals['_FORWARDHEADER']._serialized_end=1074
+  _globals['_FORWARDFRAME']._serialized_start=1076
+  _globals['_FORWARDFRAME']._serialized_end=1156
+  _globals['_FORWARDREPLYHEADER']._serialized_start=1158
+  _globals['_FORWARDREPLYHEADER']._serialized_end=1262
+  _globals['_FORWARDREPLYFRAME']._serialized_start=1264
+  _globals['_FORWARDREPLYFRAME']._serialized_end=1354
+  _globals['_BACKWARDHEADER']._serialized_start=1356
+  _globals['_BACKWARDHEADER']._serialized_end=1442
+  _globals['_BACKWARDFRAME']._serialized_start=1444
+  _globals['_BACKWARDFRAME']._serialized_end=1526
+  _globals['_BACKWARDREPLYHEADER']._serialized_start=1528
+  _globals['_BACKWARDREPLYHEADER']._serialized_end=1654
+  _globals['_BACKWARDREPLYFRAME']._serialized_start=1656
+  _globals['_BACKWARDREPLYFRAME']._serialized_end=1748
+  _globals['_RESUMESESSIONREQUEST']._serialized_start=1750
+  _globals['_RESUMESESSIONREQUEST']._serialized_end=1806
+  _globals['_RESUMESESSIONREPLY']._serialized_start=1808
+  _globals['_RESUMESESSIONREPLY']._serialized_end=1871
+  _globals['_SPLITLEARNING']._serialized_start=1941
+  _globals['_SPLITLEARNING']._serialized_end=2502
 # @@protoc_insertion_point(module_scope)

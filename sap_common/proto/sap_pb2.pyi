@@ -55,10 +55,12 @@ class ServerInfo(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., model_id: _Optional[str] = ..., family: _Optional[str] = ..., model_type: _Optional[str] = ..., split: _Optional[int] = ..., total_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., peft: _Optional[str] = ..., bottom_sha256: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class DownloadBottomRequest(_message.Message):
-    __slots__ = ("tail_blocks",)
+    __slots__ = ("tail_blocks", "lm_head")
     TAIL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LM_HEAD_FIELD_NUMBER: _ClassVar[int]
     tail_blocks: int
-    def __init__(self, tail_blocks: _Optional[int] = ...) -> None: ...
+    lm_head: bool
+    def __init__(self, tail_blocks: _Optional[int] = ..., lm_head: _Optional[bool] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("path", "offset", "total_size", "data")
