@@ -35,15 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser(
         "train",
-        help="fine-tune through a sap-server on a labelled CSV",
+        help="fine-tune through a sap-server on a labelled CSV, or a decoder on a JSONL of completions",
         description="Fine-tune through a sap-server on a labelled CSV "
-        "(a header row; one text column and one label column). While it "
+        "(a header row; one text column and one label column), or, with a DATA.jsonl, fine-tune the server's "
+        "decoder to write completions (one example per line: messages, prompt/completion or text; see --format; "
+        "held-out perplexity before and after in metrics.json; not resumable yet). While it "
         "runs, RUN_DIR holds a checkpoint (written whenever the server, run "
         "with --state-dir, checkpoints the session): a run cut short, by a "
         "server restart or this process being killed, continues with "
         "`sap-client resume RUN_DIR`.",
     )
-    train.add_argument("data", type=Path, metavar="DATA.csv", nargs="?", help="training data")
+    train.add_argument(
+        "data", type=Path, metavar="DATA.csv|DATA.jsonl", nargs="?", help="training data (.jsonl: generative)"
+    )
+    train.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "messages", "prompt-completion", "text"],
+        help="DATA.jsonl's format (default: detected from its first example)",
+    )
+    train.add_argument(
+        "--loss-on",
+        default="completion",
+        choices=["completion", "all"],
+        help="DATA.jsonl: learn the completions / assistant turns only (default), or every token",
+    )
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help=argparse.SUPPRESS)  # now `sap-client resume`
     train.add_argument(
         "--server",
@@ -422,6 +438,33 @@ def run_train(args: argparse.Namespace, config, noise, device) -> int:
     return 0
 
 
+def run_train_generative(args: argparse.Namespace, config, noise, device) -> int:
+    from sap_client.commands import train_generative
+
+    out = args.run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    metrics = train_generative(
+        args.data,
+        server=args.server,
+        out=out,
+        config=config,
+        noise=noise,
+        data_format=args.format,
+        loss_on=args.loss_on,
+        eval_path=args.eval,
+        eval_fraction=args.eval_fraction,
+        max_examples=args.max_examples,
+        device=device,
+        wire_dtype=args.wire_dtype,
+        credentials=_credentials(args),
+    )
+    noise_note = f"noise eta {metrics['eta']:.4g}" if metrics["eta"] else "no noise"
+    print(
+        f"eval perplexity {metrics['eval_perplexity_before']:.3f} -> {metrics['eval_perplexity']:.3f} after "
+        f"{metrics['steps']} steps ({metrics['seconds']:.1f} s, {noise_note}); run in {out}"
+    )
+    return 0
+
+
 def run_resume(args: argparse.Namespace, device) -> int:
     from sap_client.commands import resume
 
@@ -573,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"train --resume is now its own command: sap-client resume {args.resume}")
     if args.command == "train" and args.data is None:
         parser.error("train: the DATA.csv argument is required")
+    generative = args.command == "train" and args.data.suffix == ".jsonl"
     if args.command == "train":
         try:
             config = TrainConfig(
@@ -582,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_length=args.max_length,
                 seed=args.seed,
                 train_bottom=args.train_bottom,
-                private_head=args.private_head or args.user_tail > 0,
+                private_head=args.private_head or args.user_tail > 0 or generative,
                 user_tail=args.user_tail,
                 label_epsilon=args.label_epsilon,
                 label_mechanism=args.label_mechanism,
@@ -598,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         device = resolve_device(args.device)
+        if generative:
+            return run_train_generative(args, config, noise, device)
         if args.command == "train":
             return run_train(args, config, noise, device)
         if args.command == "resume":

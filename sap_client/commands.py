@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sap_client.connection import OpenSplit, file_sha256, make_privatizer, open_split
+from sap_client.connection import OpenSplit, file_sha256, make_privatizer, open_generative, open_split
 from sap_client.cti import fit_cti
 from sap_client.data import TextDataset, load_labelled_csv, load_texts, stratified_split
 from sap_client.labeldp import randomize_labels
@@ -255,6 +255,159 @@ def train(
     return _complete(run, spec, metrics, trainer, info, adapter_id, opened.download_bytes, label_dp)
 
 
+def train_generative(
+    data_path: Path,
+    *,
+    server: str,
+    out: Path,
+    config: TrainConfig,
+    noise: NoiseConfig,
+    data_format: str,
+    loss_on: str,
+    eval_path: Path | None,
+    eval_fraction: float,
+    max_examples: int | None,
+    device: torch.device | str = "cpu",
+    wire_dtype: str = "float32",
+    credentials: ClientCredentials | None = None,
+) -> dict:
+    """sap-client train DATA.jsonl: generative fine-tuning of the server's decoder (sap_client/sft.py); held-out
+    perplexity before and after in metrics.json. Not resumable yet: a run cut short starts over."""
+    from sap_client.sft import SFTTrainer
+    from sap_client.sft_data import load_sft_jsonl
+
+    if noise.cti:
+        raise InvalidInputError("--cti needs labelled classes; generative fine-tuning does not support it yet")
+    if config.label_epsilon is not None:
+        raise InvalidInputError("--label-epsilon randomizes class labels: a generative run has none")
+    run = RunDir(out).create()
+    if run.file(CHECKPOINT).exists() and not run.file(METRICS).exists():
+        raise InvalidInputError(f"{out} holds an unfinished run: choose another --out")
+    with open_generative(server, config, run=run, wire_dtype=wire_dtype, credentials=credentials, device=device) as (
+        opened
+    ):
+        info, trainer = opened.info, opened.trainer
+        assert isinstance(trainer, SFTTrainer)
+        data = load_sft_jsonl(
+            data_path, trainer.tokenizer, format=data_format, loss_on=loss_on, max_length=config.max_length
+        )
+        examples = data.examples[:max_examples] if max_examples else data.examples
+        if eval_path is not None:
+            held = load_sft_jsonl(
+                eval_path, trainer.tokenizer, format=data_format, loss_on=loss_on, max_length=config.max_length
+            ).examples
+            train_examples = examples
+        else:
+            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
+            count = max(1, round(len(examples) * eval_fraction))
+            if count >= len(examples):
+                raise InvalidInputError(f"{data_path}: {len(examples)} examples leave none to train on")
+            held = [examples[i] for i in order[:count]]
+            train_examples = [examples[i] for i in order[count:]]
+        log.info(
+            "server %s: %s, split %d/%d, %s; generative (%s, loss on %s), %d train / %d eval examples%s",
+            server,
+            info.model_id,
+            info.split,
+            info.total_blocks,
+            info.peft,
+            data.format,
+            loss_on,
+            len(train_examples),
+            len(held),
+            f", {data.truncated} cut at {config.max_length} tokens" if data.truncated else "",
+        )
+        trainer.privatizer = _generative_noise(noise, trainer, train_examples, run)
+        spec = RunSpec(
+            server=server,
+            model=info.model_id,
+            split=info.split,
+            label_names=[],
+            text_column="",
+            label_column="",
+            config=config,
+            noise=noise,
+            eta=trainer.privatizer.eta if trainer.privatizer else None,
+            rescale_norm=trainer.privatizer.rescale_norm if trainer.privatizer else None,
+            wire_dtype=wire_dtype,
+            data=str(Path(data_path).resolve()),
+            data_sha256=file_sha256(data_path),
+            eval=str(Path(eval_path).resolve()) if eval_path else None,
+            eval_sha256=file_sha256(eval_path) if eval_path else None,
+            eval_fraction=None if eval_path else eval_fraction,
+            max_examples=max_examples,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            task="generative",
+            data_format=data.format,
+            loss_on=loss_on,
+        )
+        run.file(METRICS).unlink(missing_ok=True)
+        run.write_spec(spec)
+        metrics = trainer.fit_generative(train_examples, held)
+        assert trainer.session_id is not None
+        adapter_id = opened.service.finish_session(trainer.session_id)
+        metrics.update(
+            bytes_sent=opened.service.bytes_sent,
+            bytes_received=opened.service.bytes_received,
+            bytes_per_train_token=(opened.service.bytes_sent + opened.service.bytes_received) / metrics["train_tokens"],
+            bottom_download_bytes=opened.download_bytes,
+            model=info.model_id,
+            split=info.split,
+            total_blocks=info.total_blocks,
+            peft=info.peft,
+            user_tail=config.user_tail,
+            data_format=data.format,
+            loss_on=loss_on,
+            truncated=data.truncated,
+            dropped=data.dropped,
+            wire_dtype=wire_dtype,
+            eta=spec.eta,
+            noise_ratio=noise.noise_ratio,
+            noise_to_signal=trainer.privatizer.noise_to_signal if trainer.privatizer else 0.0,
+            rescale_norm=spec.rescale_norm,
+            adapter_id=adapter_id,
+        )
+        if config.user_tail:
+            save_file({k: v.contiguous() for k, v in trainer.user_state().items()}, str(run.file(HEAD)))
+        if config.train_bottom:
+            state = {k: v.detach().cpu().contiguous() for k, v in trainer.bottom.state_dict().items()}
+            save_file(state, str(run.file(BOTTOM)))
+        metrics["privacy"] = privacy_statement(
+            model=info.model_id,
+            split=info.split,
+            eta=spec.eta,
+            eta_max=None,
+            cti=None,
+            rescale_norm=spec.rescale_norm,
+            noise_observations="one per example" if spec.eta else "no noise",
+            epochs=config.epochs,
+            median_distance=median_token_distance(trainer.bottom),
+            user_tail=config.user_tail,
+            generative=True,
+        )
+    run.write_json(METRICS, metrics)
+    run.file(PRIVACY).write_text(render_statement(metrics["privacy"]))
+    spec.adapter_id, spec.finished = adapter_id, time.strftime("%Y-%m-%dT%H:%M:%S")
+    run.write_spec(spec)
+    return metrics
+
+
+def _generative_noise(noise: NoiseConfig, trainer, examples, run: RunDir) -> Privatizer | None:
+    """eta from --eta or --noise-ratio (the mean hidden-state norm over training examples) and the rescaling norm."""
+    if not noise.enabled:
+        log.warning("noise is off: hidden states leave this machine without privacy noise (use --eta or --noise-ratio)")
+        return None
+    eta, norm = noise.eta, None
+    if eta is None or noise.rescale_noised:
+        norm = trainer.mean_hidden_norm_of(examples[:NORM_SAMPLE])
+        log.info("mean hidden-state norm %.3f on %d training examples", norm, min(len(examples), NORM_SAMPLE))
+    if eta is None:
+        assert noise.noise_ratio is not None and norm is not None
+        eta = eta_for_noise_ratio(noise.noise_ratio, norm, trainer.bottom.config.hidden_size)
+        log.info("eta %.4g for noise ratio %g", eta, noise.noise_ratio)
+    return make_privatizer(noise, eta, run, None, norm if noise.rescale_noised else None)
+
+
 def resume(
     run_path: Path,
     *,
@@ -264,7 +417,7 @@ def resume(
 ) -> dict:
     """Continue an unfinished `train` run from RUN_DIR's latest checkpoint, with the run's own settings."""
     run = RunDir(run_path)
-    spec = run.read_spec()
+    spec = run.read_classification_spec("resume")
     if run.file(METRICS).exists() or spec.finished:
         raise InvalidInputError(f"{run_path} holds a completed run (its metrics.json is written): nothing to resume")
     if spec.data is None or spec.data_sha256 is None:
@@ -496,7 +649,7 @@ def predict(
 ) -> int:
     """Write one row per input row: row number, predicted label, class probabilities. Returns rows."""
     run = RunDir(run_path)
-    spec = run.read_spec()
+    spec = run.read_classification_spec("predict")
     texts = load_texts(data_path, text_column or spec.text_column)
     probabilities = _probabilities(run, spec, texts, server, device, wire_dtype, credentials)
     names = spec.label_names
@@ -522,7 +675,7 @@ def evaluate(
 ) -> dict:
     """Accuracy and macro-F1 of the run's adapter on labelled data, through the same split and noise."""
     run = RunDir(run_path)
-    spec = run.read_spec()
+    spec = run.read_classification_spec("evaluate")
     data = load_labelled_csv(
         data_path, text_column or spec.text_column, label_column or spec.label_column, spec.label_names
     )
@@ -577,7 +730,7 @@ def audit(
     from sap_common.recording import read_records
 
     run = RunDir(run_path) if run_path else None
-    spec = run.read_spec() if run else None
+    spec = run.read_classification_spec("audit") if run else None
     if spec:
         text_column, label_column, max_length = spec.text_column, spec.label_column, spec.config.max_length
     rows = read_rows(data_path, [text_column] + ([attribute_column] if attribute_column else []))

@@ -1,4 +1,5 @@
-"""open_split: everything a command needs, opened one way for all of them (train, resume, predict, evaluate, audit).
+"""open_split: everything a command needs, opened one way for all of them (train, resume, predict, evaluate, audit);
+open_generative: the same for generative fine-tuning (sap-client train DATA.jsonl).
 
 It connects, checks the server against the run (model and split), downloads and verifies the bottom, puts a run's
 fine-tuned bottom weights in place and builds the SplitTrainer with the run's privatizer, whose send function
@@ -24,6 +25,7 @@ from sap_client.rundir import BOTTOM, CTI, HEAD, TAIL, RunDir, RunSpec
 from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_common.devices import DTYPES
 from sap_common.errors import InvalidInputError, ModelLoadError
+from sap_common.models.families import DECODER_TYPES
 from sap_common.service import ServerInfo
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,43 @@ def open_split(
         )
         if trained_bottom and run is not None and config.private_head:
             trainer.attach_head(load_head(run.file(HEAD), trainer))
+    except BaseException:
+        service.close()
+        raise
+    return OpenSplit(service, info, trainer, download_bytes)
+
+
+def open_generative(
+    server: str,
+    config: TrainConfig,
+    *,
+    run: RunDir,
+    wire_dtype: str = "float32",
+    credentials: ClientCredentials | None = None,
+    device: torch.device | str = "cpu",
+) -> OpenSplit:
+    """Connect to server for generative fine-tuning: the bottom, and the tail bundle with the model's last
+    config.user_tail blocks (possibly none) and final norm, kept in RUN_DIR/tail, ending in the tied output layer;
+    an SFTTrainer over them (no privatizer yet: the caller fits the noise)."""
+    from sap_client.sft import SFTTrainer
+
+    service = RemoteTopService(server, wire_dtype=wire_dtype_of(wire_dtype), credentials=credentials)
+    try:
+        info = service.server_info()
+        if info.model_type not in DECODER_TYPES:
+            raise InvalidInputError(
+                f"generative fine-tuning needs a decoder; the server at {server} serves {info.model_id} "
+                f"({info.model_type})"
+            )
+        bottom, tokenizer, _ = load_server_bottom(service, info)
+        download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
+        embedding = bottom.embeddings  # a decoder's embeddings are its token table itself
+        if not isinstance(embedding, torch.nn.Embedding):
+            raise ModelLoadError(f"{info.model_id}'s bottom has no token embedding table to make logits with")
+        lm_end = load_server_tail(service, info, config.user_tail, run.file(TAIL), lm_embedding=embedding)
+        download_bytes += service.bytes_received
+        service.bytes_received = 0
+        trainer = SFTTrainer(bottom, tokenizer, service, config, lm_end, device=device, head_key=run.noise_key())
     except BaseException:
         service.close()
         raise

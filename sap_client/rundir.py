@@ -72,6 +72,9 @@ class RunSpec:
     started: str | None = None
     finished: str | None = None
     adapter_id: str | None = None
+    task: str = "classification"  # or "generative" (a JSONL of completions: sap_client/sft.py)
+    data_format: str | None = None  # generative: messages, prompt-completion or text
+    loss_on: str | None = None  # generative: completion or all
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +159,16 @@ class RunDir:
 
     def write_spec(self, spec: RunSpec) -> None:
         self.write_json(RUN, spec.to_json())
+
+    def read_classification_spec(self, command: str) -> RunSpec:
+        """run.json of a classification run; a generative run is refused with what it does not support yet."""
+        spec = self.read_spec()
+        if spec.task != "classification":
+            raise InvalidInputError(
+                f"{self.path} is a {spec.task} run: `sap-client {command}` works on classification runs only (a "
+                "generative run's RUN_DIR has its metrics, perplexity before and after, and its privacy statement)"
+            )
+        return spec
 
     def read_spec(self) -> RunSpec:
         path = self.path / RUN

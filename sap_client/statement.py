@@ -39,6 +39,16 @@ LABELS_EXPOSED_USER_TAIL = (
     "reads 98.5% to 100% on the tiny test models; real-data figures in the README, Label privacy). What it does "
     "hide: the logits, dL/dlogits, the number of classes and the last block(s)' output"
 )
+TARGETS_EXPOSED_GENERATIVE = (
+    "generative fine-tuning: the targets are the completion (or assistant) tokens, and they are sent too: the "
+    "hidden state of every real token, prompt and completion, leaves this machine (see what was sent). The "
+    "gradient the client returns, dL/dh of the provider's last block's output at every token, also carries "
+    "them: with no user-kept block the provider knows everything between h and the loss (the pretrained final "
+    "norm and the tied output layer), so it can compute the softmax and read each target from dL/dh = "
+    "J^T (p - onehot(y)); with --user-tail M the user's own LoRA sits in between. The audit does not measure "
+    "this yet (issue 20): treat every target token as exposed. What it does hide: the logits and dL/dlogits "
+    "(vocabulary-sized, never sent)"
+)
 NOT_COVERED = (
     "the number of tokens of every text (what is sent has one vector per real token), the number of "
     "examples, classes and steps, batch composition, and the timing of every request"
@@ -91,6 +101,7 @@ def privacy_statement(
     private_head: bool = False,
     label_dp: dict | None = None,
     user_tail: int = 0,
+    generative: bool = False,
 ) -> dict:
     """The statement as data (metrics.json["privacy"]); render_statement turns it into privacy.md."""
     statement: dict = {
@@ -101,9 +112,12 @@ def privacy_statement(
         "eta_max": eta_max,
         "cti": cti,
         "rescale_norm": rescale_norm,
-        "label_exposure": _label_exposure(private_head, label_dp, user_tail),
+        "label_exposure": TARGETS_EXPOSED_GENERATIVE
+        if generative
+        else _label_exposure(private_head, label_dp, user_tail),
         "private_head": private_head,
         "user_tail": user_tail,
+        "task": "generative" if generative else "classification",
         "label_dp": label_dp,
         "not_covered": NOT_COVERED,
         "median_token_distance": median_distance,
@@ -237,6 +251,17 @@ def render_statement(statement: dict) -> str:
         f"- **Not covered by any of this**: {statement['not_covered']}.",
         "",
     ]
+    if statement.get("task") == "generative":  # no prediction queries (generation is not built yet), no labels
+        lines[5:7] = [f"- **Targets**: {statement['label_exposure']}."]
+        return "\n".join(
+            lines
+            + [
+                "The audit does not cover generative runs yet: `sap-client audit` measures classification runs. On "
+                "the default model at its default split, its strongest attack recovers nearly every token of "
+                "un-noised text (README, Privacy audit).",
+                "",
+            ]
+        )
     audit = statement.get("audit")
     if audit:
         lines += [

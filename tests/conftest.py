@@ -33,8 +33,8 @@ LEVELS = {
         "test_noise_on_the_wire test_prefetch test_servicer test_sft"
     ).split(),
     "two_process": (
-        "test_audit test_compose test_devices test_label_privacy test_private_inference test_resume test_tls "
-        "test_two_process"
+        "test_audit test_compose test_devices test_generative_cli test_label_privacy test_private_inference "
+        "test_resume test_tls test_two_process"
     ).split(),
 }
 LEVEL_OF = {module: level for level, modules in LEVELS.items() for module in modules}
