@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sap-installed
 
-.PHONY: install models data proto lint test test-fast demo clean help
+.PHONY: install models data proto lint test test-fast demo sft-demo clean help
 .PHONY: bench bench-quick
 
 help:
@@ -17,6 +17,8 @@ help:
 	@echo "make proto      regenerate sap_common/proto/ from proto/"
 	@echo "make privacy-table  the utility/privacy grid on real data (benchmarks/results/privacy_table.md)"
 	@echo "make label-table  label leakage per mode on recorded real traffic (benchmarks/results/label_table.md)"
+	@echo "make target-leakage  target tokens read from generative fine-tuning's gradients (benchmarks/results)"
+	@echo "make sft-demo   generative fine-tuning: SmolLM2 learns film-script replies (held-out perplexity)"
 	@echo "make bench      split vs single-process benchmarks, memory, slow link (benchmarks/README.md)"
 	@echo "make bench-quick  the reduced benchmark (MiniLM split 2, < 2 min): one JSON line"
 
@@ -59,6 +61,14 @@ test-fast: install
 
 demo: install models data
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+# Target tokens read from the gradients of generative fine-tuning (benchmarks/target_leakage.py, about 5 min).
+.PHONY: target-leakage
+target-leakage: install models data
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/target_leakage.py
+
+sft-demo: install models data
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/sft_demo.sh
 
 bench: install models data
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py

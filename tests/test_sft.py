@@ -13,9 +13,10 @@ from test_equivalence import assert_all_moved, assert_same_params
 from transformers import AutoModel, AutoModelForCausalLM
 
 from conftest import running_server
+from sap_client.audit.targets import next_token_targets, read_targets
 from sap_client.bottom import load_server_bottom, load_server_tail
 from sap_client.remote import RemoteTopService
-from sap_client.sft import SFTTrainer
+from sap_client.sft import SFTTrainer, batch_tensors
 from sap_client.sft_data import load_sft_jsonl
 from sap_client.trainer import TrainConfig
 from sap_common.errors import InvalidInputError
@@ -206,3 +207,26 @@ def test_generative_fine_tuning_needs_a_decoder_with_tied_embeddings(tiny_bert, 
                 provider.tail_bundle(0, lm_head=True)
         finally:
             provider.close()
+
+
+@pytest.mark.parametrize("user_tail", [0, 1], ids=["tail0", "tail1"])
+def test_the_target_reader_reads_completions_from_the_recorded_gradients(tiny_llama, tmp_path, user_tail):
+    """The provider's view (--record) of a generative run: every gradient row whose loss term has a target names
+    it, with or without a user-kept block, on a tiny decoder (completions of random filler words)."""
+    record = tmp_path / "recording"
+    examples, *_ = _split_run(tiny_llama, tmp_path, user_tail, "lora", record=record)
+    records = read_records(record)
+    forwards = {(r.session, r.step): r for r in records if r.kind == "forward"}
+    model = AutoModel.from_pretrained(tiny_llama)  # the provider's own copy of the pretrained model
+    hits = total = 0
+    for step, backward in enumerate(sorted((r for r in records if r.kind == "backward"), key=lambda r: r.step)):
+        batch = examples[step * BATCH : (step + 1) * BATCH]
+        _, mask, targets = batch_tensors(batch, 0)
+        assert torch.equal(forwards[(backward.session, backward.step)].tensors["attention_mask"].long(), mask)
+        want = next_token_targets(targets, mask)
+        guess = read_targets(backward.tensors["grad_hidden"], model.embed_tokens.weight, model.norm.weight)
+        chosen = want != -100
+        hits += int((guess[chosen] == want[chosen]).sum())
+        total += int(chosen.sum())
+    assert total == sum(sum(e.loss_mask) for e in examples)
+    assert hits / total >= 0.95, (hits, total)
