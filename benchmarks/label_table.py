@@ -3,9 +3,10 @@
 For each model and mode: a real `sap-server --record` and a real `sap-client train` (two processes, loopback), on
 real movie snippets (data/movie_snippets.csv, rows 1..TRAIN for training, the next HELD rows held out), no
 hidden-state noise (the label leakage is the question here); then `sap-client audit --recorded` reads the labels
-back from the recorded Backward gradients (sign rule on dL/dlogits; tracked direction and norm scoring on
-dL/dpooled) and scores them against the true labels. Reported per cell: label-inference accuracy and its
-majority baseline, the attack that got it, eval accuracy (true labels), wire bytes per training example.
+back from the recorded Backward gradients (sign rule on dL/dlogits; tracked direction, norm scoring and clustering
+on dL/dpooled, and on dL/dh below a user-kept tail at the position the head reads) and scores them against the
+true labels. Reported per cell: label-inference accuracy and its majority baseline, the attack that got it, eval
+accuracy (true labels), wire bytes per training example.
 
     python benchmarks/label_table.py [--models smollm2-135m:6 minilm-l6:4] [--train 1000] [--held 500]
                                      [--modes standard private-head ...] [--out benchmarks/results]
@@ -43,6 +44,10 @@ MODES: dict[str, list[str]] = {
     "private-head, label-eps 1": ["--private-head", "--label-epsilon", "1"],
     "private-head, label-eps 2": ["--private-head", "--label-epsilon", "2"],
     "private-head, label-eps 4": ["--private-head", "--label-epsilon", "4"],
+    "user-tail 1": ["--user-tail", "1"],
+    "user-tail 1, label-eps 1": ["--user-tail", "1", "--label-epsilon", "1"],
+    "user-tail 1, label-eps 2": ["--user-tail", "1", "--label-epsilon", "2"],
+    "user-tail 1, label-eps 4": ["--user-tail", "1", "--label-epsilon", "4"],
 }
 DEFAULT_MODELS = ("smollm2-135m:6", "minilm-l6:4")
 SEED, LR, BATCH, EPOCHS = 0, "1e-3", "16", "1"
@@ -222,14 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.train} training / {args.held} held-out movie snippets (data/movie_snippets.csv rows 1..{args.train}, "
         f"then the next {args.held}), 1 epoch, lr {LR}, batch {BATCH}, seed {SEED}, LoRA, no hidden-state noise. "
         f"Labels read: `sap-client audit --recorded` on every recorded Backward gradient of the run, scored against "
-        f"the true labels (sign rule on dL/dlogits; the strongest of tracked direction scoring with the prior or "
-        f"one known label, and norm scoring, on dL/dpooled). RR allows: the probability randomized response keeps "
+        f"the true labels (sign rule on dL/dlogits; the strongest of tracked direction scoring and clustering, each "
+        f"named by the prior or one known label, and norm scoring, on dL/dpooled, or with a user-kept tail on the "
+        f"rows of dL/dh at the position the head reads). RR allows: the probability randomized response keeps "
         f"a label; the gradients carry the randomized label, so an attack that reads it exactly (the sign rule does) "
         f"scores the fraction kept in the run. That is the bound for a provider with no other clue: one who also "
         f"classifies the text it receives (here un-noised hidden states) starts from about the eval accuracy, and "
         f"label DP only bounds how far the gradients move it from there (posterior odds at most e^eps times the "
         f"prior odds). Wire bytes: sent + received per training "
-        f"example, bottom download excluded.",
+        f"example, bottom (and tail) download excluded.",
         "",
         *markdown(rows),
         "",
