@@ -67,6 +67,8 @@ def _client(args: list[str], env: dict, ok: bool = True) -> subprocess.Completed
 def test_train_on_jsonl_fine_tunes_the_decoder_to_write_completions(decoder, tmp_path, env):
     data = _jsonl(tmp_path / "train.jsonl", 250)
     record, run = tmp_path / "recording", tmp_path / "run"
+    run.mkdir()
+    (run / "noise.key").write_text("5a" * 32 + "\n")  # the run's secret keys the tail's LoRA: a repeatable start
     server = ServerProcess.start(
         ["--model", str(decoder), "--split", "1", "--port", "0", "--record", str(record)], env=env
     )
@@ -87,7 +89,7 @@ def test_train_on_jsonl_fine_tunes_the_decoder_to_write_completions(decoder, tmp
     assert json.loads((run / "run.json").read_text())["task"] == "generative"
     assert (run / "head.safetensors").is_file() and (run / "tail").is_dir()  # the user's tail LoRA and blocks
     statement = (run / "privacy.md").read_text()
-    assert "generative fine-tuning" in statement and "treat every target token as exposed" in statement
+    assert "generative fine-tuning" in statement and "Treat every target token as exposed" in statement
     records = read_records(record)
     assert sum(r.kind == "backward" for r in records) == metrics["steps"] == 8 * 13
     for r in records:

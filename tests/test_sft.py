@@ -185,7 +185,7 @@ def test_a_tiny_decoder_learns_a_completion_task_through_the_split(tmp_path):
             lm_end = load_server_tail(service, info, 1, tmp_path / "tail", lm_embedding=bottom.embeddings)
             examples = load_sft_jsonl(path, tokenizer).examples
             config = TrainConfig(epochs=8, batch_size=16, learning_rate=2e-2, seed=SEED, user_tail=1, private_head=True)
-            trainer = SFTTrainer(bottom, tokenizer, service, config, lm_end)
+            trainer = SFTTrainer(bottom, tokenizer, service, config, lm_end, head_key=b"fixed: a repeatable tail LoRA")
             metrics = trainer.fit_generative(examples[:200], examples[200:])
     finally:
         provider.close()
