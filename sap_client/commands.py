@@ -177,6 +177,38 @@ def _fit(opened: OpenSplit, run: RunDir, checkpoint: _Checkpointer, train_data, 
     return metrics, adapter_id
 
 
+def _new_spec(
+    server: str,
+    info,
+    config: TrainConfig,
+    noise: NoiseConfig,
+    privatizer: Privatizer | None,
+    wire_dtype: str,
+    data: tuple[Path, Path | None, float, int | None],
+    **task,
+) -> RunSpec:
+    """run.json of a run starting now: what was asked, the data's digests, eta and the rescaling norm as resolved."""
+    data_path, eval_path, eval_fraction, max_examples = data
+    return RunSpec(
+        server=server,
+        model=info.model_id,
+        split=info.split,
+        config=config,
+        noise=noise,
+        eta=privatizer.eta if privatizer else None,
+        rescale_norm=privatizer.rescale_norm if privatizer else None,
+        wire_dtype=wire_dtype,
+        data=str(Path(data_path).resolve()),
+        data_sha256=file_sha256(data_path),
+        eval=str(Path(eval_path).resolve()) if eval_path else None,
+        eval_sha256=file_sha256(eval_path) if eval_path else None,
+        eval_fraction=None if eval_path else eval_fraction,
+        max_examples=max_examples,
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **task,
+    )
+
+
 def train(
     data_path: Path,
     *,
@@ -225,25 +257,17 @@ def train(
             len(label_names),
         )
         trainer.privatizer = fit_noise(noise, trainer, train_data, run)
-        spec = RunSpec(
-            server=server,
-            model=info.model_id,
-            split=info.split,
+        spec = _new_spec(
+            server,
+            info,
+            config,
+            noise,
+            trainer.privatizer,
+            wire_dtype,
+            (data_path, eval_path, eval_fraction, max_examples),
             label_names=label_names,
             text_column=text_column,
             label_column=label_column,
-            config=config,
-            noise=noise,
-            eta=trainer.privatizer.eta if trainer.privatizer else None,
-            rescale_norm=trainer.privatizer.rescale_norm if trainer.privatizer else None,
-            wire_dtype=wire_dtype,
-            data=str(Path(data_path).resolve()),
-            data_sha256=file_sha256(data_path),
-            eval=str(Path(eval_path).resolve()) if eval_path else None,
-            eval_sha256=file_sha256(eval_path) if eval_path else None,
-            eval_fraction=None if eval_path else eval_fraction,
-            max_examples=max_examples,
-            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
         for stale in (METRICS, CHECKPOINT):
             run.file(stale).unlink(missing_ok=True)
@@ -318,25 +342,17 @@ def train_generative(
             f", {data.truncated} cut at {config.max_length} tokens" if data.truncated else "",
         )
         trainer.privatizer = _generative_noise(noise, trainer, train_examples, run)
-        spec = RunSpec(
-            server=server,
-            model=info.model_id,
-            split=info.split,
+        spec = _new_spec(
+            server,
+            info,
+            config,
+            noise,
+            trainer.privatizer,
+            wire_dtype,
+            (data_path, eval_path, eval_fraction, max_examples),
             label_names=[],
             text_column="",
             label_column="",
-            config=config,
-            noise=noise,
-            eta=trainer.privatizer.eta if trainer.privatizer else None,
-            rescale_norm=trainer.privatizer.rescale_norm if trainer.privatizer else None,
-            wire_dtype=wire_dtype,
-            data=str(Path(data_path).resolve()),
-            data_sha256=file_sha256(data_path),
-            eval=str(Path(eval_path).resolve()) if eval_path else None,
-            eval_sha256=file_sha256(eval_path) if eval_path else None,
-            eval_fraction=None if eval_path else eval_fraction,
-            max_examples=max_examples,
-            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
             task="generative",
             data_format=data.format,
             loss_on=loss_on,

@@ -177,12 +177,7 @@ class SFTTrainer(SplitTrainer):
         result = self.service.backward(self._session, step, returned.grad.cpu())
         if self.lm_optimizer is not None:  # once the provider applied the step: both sides move together
             self.lm_optimizer.step()
-        if self.bottom_optimizer is not None:
-            if result.grad_hidden is None:
-                raise RuntimeError("the server returned no dL/dhidden although the bottom is trainable")
-            self.bottom_optimizer.zero_grad(set_to_none=True)
-            hidden[mask.bool()].backward(result.grad_hidden.to(hidden.dtype))
-            self.bottom_optimizer.step()
+        self._step_bottom(hidden, mask, result)
         self.steps = result.applied_step
         self.last_checkpointed = result.checkpointed
         return loss.item()

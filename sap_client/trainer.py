@@ -22,7 +22,7 @@ from sap_client.privacy import NoiseTally, Privatizer
 from sap_common.checkpoint import seeded_draws
 from sap_common.models import set_training
 from sap_common.models.split import TopModel
-from sap_common.service import DEFAULT_LEARNING_RATE, SessionSpec, TopService
+from sap_common.service import DEFAULT_LEARNING_RATE, BackwardResult, SessionSpec, TopService
 
 if TYPE_CHECKING:  # the model code loads transformers: not needed to parse a command line
     from transformers import PreTrainedTokenizerBase
@@ -389,18 +389,23 @@ class SplitTrainer:
         result = self.service.backward(self._session, step, grad_out.cpu())
         if self.head_optimizer is not None:  # once the provider applied the step: both sides move together
             self.head_optimizer.step()
-        if self.bottom_optimizer is not None:
-            if result.grad_hidden is None:
-                raise RuntimeError("the server returned no dL/dhidden although the bottom is trainable")
-            self.bottom_optimizer.zero_grad(set_to_none=True)
-            assert hidden is not None  # the bottom trains, so _prepare kept its graph
-            hidden[mask.bool()].backward(result.grad_hidden.to(hidden.dtype))  # real tokens, packed
-            self.bottom_optimizer.step()
+        self._step_bottom(hidden, mask, result)
         self.steps = result.applied_step
         self.last_checkpointed = result.checkpointed
         if tally is not None:
             tally.commit()
         return loss.item()
+
+    def _step_bottom(self, hidden: torch.Tensor | None, mask: torch.Tensor, result: BackwardResult) -> None:
+        """A trainable bottom's step from the dL/dhidden the provider returned (real tokens, packed)."""
+        if self.bottom_optimizer is None:
+            return
+        if result.grad_hidden is None:
+            raise RuntimeError("the server returned no dL/dhidden although the bottom is trainable")
+        self.bottom_optimizer.zero_grad(set_to_none=True)
+        assert hidden is not None  # the bottom trains, so its output kept its graph
+        hidden[mask.bool()].backward(result.grad_hidden.to(hidden.dtype))
+        self.bottom_optimizer.step()
 
     def step(self, texts: list[str], labels: torch.Tensor, *, ids: list[int] | None = None, epoch: int = 1) -> float:
         """One optimizer step on both sides; returns the batch loss. ids name the examples (for reuse)."""
