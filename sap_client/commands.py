@@ -8,6 +8,7 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,20 +30,35 @@ log = logging.getLogger(__name__)
 NORM_SAMPLE = 256  # training texts used to measure the mean hidden-state norm for --noise-ratio
 
 
-def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run: RunDir) -> Privatizer | None:
-    """Resolve eta (from --eta or --noise-ratio), the rescaling norm (--rescale-noised) and the CTI
-    statistics, on the training split only."""
-    if not noise.enabled:
-        log.warning("noise is off: hidden states leave this machine without privacy noise (use --eta or --noise-ratio)")
-        return None
+def _resolve_eta(
+    noise: NoiseConfig, trainer: SplitTrainer, mean_norm: Callable[[], float], sampled: int
+) -> tuple[float, float | None]:
+    """(eta from --eta or --noise-ratio, the mean hidden-state norm when it was needed); mean_norm measures it on
+    `sampled` training examples. noise must be enabled."""
     eta, norm = noise.eta, None
     if eta is None or noise.rescale_noised:
-        norm = trainer.mean_hidden_norm(train.texts[:NORM_SAMPLE])
-        log.info("mean hidden-state norm %.3f on %d training texts", norm, min(len(train), NORM_SAMPLE))
+        norm = mean_norm()
+        log.info("mean hidden-state norm %.3f on %d training examples", norm, sampled)
     if eta is None:
         assert noise.noise_ratio is not None and norm is not None  # noise.enabled: --eta or --noise-ratio
         eta = eta_for_noise_ratio(noise.noise_ratio, norm, trainer.bottom.config.hidden_size)
         log.info("eta %.4g for noise ratio %g", eta, noise.noise_ratio)
+    return eta, norm
+
+
+def _noise_is_off(noise: NoiseConfig) -> bool:
+    if not noise.enabled:
+        log.warning("noise is off: hidden states leave this machine without privacy noise (use --eta or --noise-ratio)")
+    return not noise.enabled
+
+
+def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run: RunDir) -> Privatizer | None:
+    """Resolve eta (from --eta or --noise-ratio), the rescaling norm (--rescale-noised) and the CTI
+    statistics, on the training split only."""
+    if _noise_is_off(noise):
+        return None
+    sample = train.texts[:NORM_SAMPLE]
+    eta, norm = _resolve_eta(noise, trainer, lambda: trainer.mean_hidden_norm(sample), len(sample))
     stats = None
     if noise.cti:
         if not train.labels:
@@ -409,18 +425,11 @@ def train_generative(
 
 
 def _generative_noise(noise: NoiseConfig, trainer, examples, run: RunDir) -> Privatizer | None:
-    """eta from --eta or --noise-ratio (the mean hidden-state norm over training examples) and the rescaling norm."""
-    if not noise.enabled:
-        log.warning("noise is off: hidden states leave this machine without privacy noise (use --eta or --noise-ratio)")
+    """fit_noise for generative fine-tuning: eta and the rescaling norm, on token-id examples (no CTI)."""
+    if _noise_is_off(noise):
         return None
-    eta, norm = noise.eta, None
-    if eta is None or noise.rescale_noised:
-        norm = trainer.mean_hidden_norm_of(examples[:NORM_SAMPLE])
-        log.info("mean hidden-state norm %.3f on %d training examples", norm, min(len(examples), NORM_SAMPLE))
-    if eta is None:
-        assert noise.noise_ratio is not None and norm is not None
-        eta = eta_for_noise_ratio(noise.noise_ratio, norm, trainer.bottom.config.hidden_size)
-        log.info("eta %.4g for noise ratio %g", eta, noise.noise_ratio)
+    sample = examples[:NORM_SAMPLE]
+    eta, norm = _resolve_eta(noise, trainer, lambda: trainer.mean_hidden_norm_of(sample), len(sample))
     return make_privatizer(noise, eta, run, None, norm if noise.rescale_noised else None)
 
 

@@ -84,6 +84,12 @@ class OpenSplit:
         self.close()
 
 
+def _take_download_bytes(service: RemoteTopService) -> int:
+    """The bytes received so far (a download), the traffic counters then reset: training traffic starts at 0."""
+    received, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
+    return received
+
+
 def open_split(
     server: str,
     config: TrainConfig,
@@ -110,15 +116,14 @@ def open_split(
                 f"{info.model_id} split {info.split}"
             )
         bottom, tokenizer, _ = load_server_bottom(service, info)
-        download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
+        download_bytes = _take_download_bytes(service)
         if trained_bottom and run is not None and run.file(BOTTOM).exists():
             bottom.load_state_dict(load_file(str(run.file(BOTTOM))))
         tail = None
         if config.user_tail:  # the model's last blocks run here: kept in the run (a temporary folder without one)
             where = run.file(TAIL) if run is not None else Path(tempfile.mkdtemp(prefix="sap-tail-")) / TAIL
             tail = load_server_tail(service, info, config.user_tail, where)
-            download_bytes += service.bytes_received
-            service.bytes_received = 0
+            download_bytes += _take_download_bytes(service)
         privatizer = run_privatizer(run, spec) if run is not None and spec is not None else None
         head_key = run.noise_key() if run is not None else None
         trainer = SplitTrainer(
@@ -163,13 +168,12 @@ def open_generative(
                 f"({info.model_type})"
             )
         bottom, tokenizer, _ = load_server_bottom(service, info)
-        download_bytes, service.bytes_sent, service.bytes_received = service.bytes_received, 0, 0
+        download_bytes = _take_download_bytes(service)
         embedding = bottom.embeddings  # a decoder's embeddings are its token table itself
         if not isinstance(embedding, torch.nn.Embedding):
             raise ModelLoadError(f"{info.model_id}'s bottom has no token embedding table to make logits with")
         lm_end = load_server_tail(service, info, config.user_tail, run.file(TAIL), lm_embedding=embedding)
-        download_bytes += service.bytes_received
-        service.bytes_received = 0
+        download_bytes += _take_download_bytes(service)
         trainer = SFTTrainer(bottom, tokenizer, service, config, lm_end, device=device, head_key=run.noise_key())
     except BaseException:
         service.close()

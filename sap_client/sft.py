@@ -141,17 +141,11 @@ class SFTTrainer(SplitTrainer):
         sent = self.to_send(hidden, mask, input_ids, None, [noise_key(e) for e in examples])
         return hidden, sent, mask, targets
 
-    @torch.no_grad()
     def mean_hidden_norm_of(self, examples: Sequence[SFTExample]) -> float:
         """Mean L2 norm of the bottom's clean output over the real tokens of examples (for --noise-ratio)."""
-        set_training(self.bottom, False)
-        total, count = 0.0, 0
-        for start in range(0, len(examples), self.config.batch_size):
-            ids, mask, _ = batch_tensors(examples[start : start + self.config.batch_size], self.pad_id)
-            norms = self.bottom(ids.to(self.device), mask.to(self.device)).norm(dim=-1)
-            total += float(norms[mask.to(self.device).bool()].sum())
-            count += int(mask.sum())
-        return total / count
+        size = self.config.batch_size
+        batches = (batch_tensors(examples[s : s + size], self.pad_id)[:2] for s in range(0, len(examples), size))
+        return self.mean_norm_of_batches(batches)
 
     def _logits(self, returned: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Packed (N_real, H) from the provider -> logits (B, T, V), through the tail, the norm and the head."""

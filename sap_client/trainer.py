@@ -563,14 +563,21 @@ class SplitTrainer:
             "resumed_at_steps": list(progress.resumed_at),
         }
 
-    @torch.no_grad()
     def mean_hidden_norm(self, texts: list[str]) -> float:
         """Mean L2 norm of the bottom's clean output over the real tokens of texts."""
-        self.bottom.eval()
+        size = self.config.batch_size
+        return self.mean_norm_of_batches(
+            self.encode(texts[start : start + size]) for start in range(0, len(texts), size)
+        )
+
+    @torch.no_grad()
+    def mean_norm_of_batches(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean L2 norm of the bottom's clean output over the real tokens of (input_ids, mask) batches."""
+        set_training(self.bottom, False)
         total, count = 0.0, 0
-        for start in range(0, len(texts), self.config.batch_size):
-            input_ids, mask = self.encode(texts[start : start + self.config.batch_size])
-            norms = self.bottom(input_ids, mask).norm(dim=-1)  # (B, T)
+        for input_ids, mask in batches:
+            mask = mask.to(self.device)
+            norms = self.bottom(input_ids.to(self.device), mask).norm(dim=-1)  # (B, T)
             total += norms[mask.bool()].sum().item()
             count += int(mask.sum())
         return total / count

@@ -9,10 +9,10 @@ import torch
 from torch.nn import functional as F
 
 from sap_client.audit.labels import (
-    cluster_labels,
     direction_scoring,
     gradient_clusters,
     label_inference,
+    name_clusters,
     name_sides,
     norm_scoring,
     sign_rule,
@@ -88,7 +88,7 @@ def test_clustering_reads_the_labels_of_a_many_class_head_by_the_prior():
     pooled = torch.randn(400, 16, generator=generator, requires_grad=True)
     (grad,) = torch.autograd.grad(F.cross_entropy(head(pooled), labels), pooled)
     counts = torch.bincount(labels, minlength=4).double()
-    guesses = cluster_labels(grad, (counts / counts.sum()).tolist())
+    guesses = name_clusters(gradient_clusters(grad, 4), (counts / counts.sum()).tolist())
     assert label_inference(guesses, labels)["label_inference_accuracy"] >= 0.99
     with pytest.raises(ValueError, match="N >= 4"):
         gradient_clusters(grad[:3], 4)

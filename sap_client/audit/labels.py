@@ -71,12 +71,6 @@ def tracked_sides(steps: list[torch.Tensor]) -> list[torch.Tensor]:
     return sides
 
 
-def cluster_labels(gradients: torch.Tensor, prior: list[float], *, restarts: int = 8, iterations: int = 50):
-    """(N, D) gradients of a hidden state -> (N,) labels: gradient_clusters with K = len(prior), the clusters named
-    by the prior: the largest is the most frequent class, and so on. Works for any number of classes."""
-    return name_clusters(gradient_clusters(gradients, len(prior), restarts=restarts, iterations=iterations), prior)
-
-
 def name_clusters(clusters: torch.Tensor, prior: list[float]) -> torch.Tensor:
     """(N,) cluster indices in [0, len(prior)) -> labels: the largest cluster is the most frequent class, and so on."""
     by_size = torch.bincount(clusters, minlength=len(prior)).argsort(descending=True).tolist()
@@ -91,7 +85,7 @@ def gradient_clusters(gradients: torch.Tensor, classes: int, *, restarts: int = 
     """(N, D) gradients -> (N,) cluster indices in [0, classes): spherical k-means on the gradients' directions (for
     a linear head dL/dh = W^T (p - onehot(y)) / B, so the examples of one label point alike, even through a
     user-kept tail that bends each example's gradient differently). Seeded restarts, the tightest kept. Name the
-    clusters with cluster_labels (the prior) or, for two classes, name_sides (the prior or one known label)."""
+    clusters with name_clusters (the prior) or, for two classes, name_sides (the prior or one known label)."""
     if gradients.dim() != 2 or classes < 2 or gradients.shape[0] < classes:
         raise ValueError(
             f"gradients must be (N, D) with N >= {max(classes, 2)} for {classes} classes, got {tuple(gradients.shape)}"
