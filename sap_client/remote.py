@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import time
 from collections.abc import Callable
@@ -230,6 +231,11 @@ class RemoteTopService:
     ) -> torch.Tensor:
         return self._forward(self._stub.Evaluate, session_id, 0, hidden, attention_mask, output)
 
+    def generation(self, session_id: str) -> RemoteGeneration:
+        """A Generate call (sap.proto): one sequence, piece by piece, over one stream. Not retried: a lost stream
+        loses the provider's cache, and the caller starts the sequence again."""
+        return RemoteGeneration(self, session_id)
+
     def close_session(self, session_id: str) -> int:
         request = sap_pb2.CloseSessionRequest(session_id=session_id)
         steps = self._call(self._stub.CloseSession, request, session_id).steps_applied
@@ -348,6 +354,57 @@ class RemoteTopService:
                 time.sleep(pause)
                 delay *= 2
         raise AssertionError("unreachable")  # the loop returns or raises
+
+
+class RemoteGeneration:
+    """The user's end of one Generate call: step() sends a piece's frames down the open request stream and reads
+    that piece's reply; close() ends the request stream, so the provider frees its cache."""
+
+    def __init__(self, service: RemoteTopService, session_id: str):
+        self.service, self.session_id = service, session_id
+        self._requests: queue.Queue = queue.Queue()
+        self._pieces = 0
+        self._call = service._stub.Generate(
+            iter(self._requests.get, None), timeout=service.call_timeout, metadata=service._metadata(session_id)
+        )
+        self._replies = codec.read_messages(self._counted(self._call), sap_pb2.GenerateReplyFrame, ("tensor",))
+
+    def _counted(self, frames):
+        for frame in frames:
+            self.service.bytes_received += frame.ByteSize()
+            yield frame
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (n, H): the privatized vectors of the sequence's next n positions -> the top's output there."""
+        tensor, raw = codec.wire_tensor(hidden, wire_dtype=self.service.wire_dtype)
+        header = sap_pb2.GenerateHeader(session_id=self.session_id if not self._pieces else "", hidden=tensor)
+        for frame in codec.to_frames(sap_pb2.GenerateFrame, header, [raw], self.service.chunk_bytes):
+            self.service.bytes_sent += frame.ByteSize()
+            self._requests.put(frame)
+        self._pieces += 1
+        try:
+            _, tensors = next(self._replies)
+        except grpc.RpcError as exc:
+            raise _as_sap_error(exc, self.service.address, "Generate") from None
+        except StopIteration:
+            raise RemoteError("the server ended the generation before answering its last piece") from None
+        if "tensor" not in tensors:
+            raise RemoteError("the server's Generate reply carries no tensor")
+        return tensors["tensor"]
+
+    def close(self) -> None:
+        self._requests.put(None)  # the request stream ends: the server's call returns, its cache goes
+        try:
+            for _ in self._replies:
+                pass
+        except (grpc.RpcError, InvalidInputError):
+            pass  # the call already failed (its step said so) or ended
+
+    def __enter__(self) -> RemoteGeneration:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _rpc_name(method) -> str:

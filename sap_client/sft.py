@@ -66,7 +66,12 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 def noise_key(example: SFTExample) -> bytes:
     """What an example's noise is drawn from (with the run's secret): its token ids, so the same example is sent
     with the same noise in every epoch."""
-    return b"sft\0" + hashlib.sha256(torch.tensor(example.input_ids, dtype=torch.int64).numpy().tobytes()).digest()
+    return ids_noise_key(example.input_ids)
+
+
+def ids_noise_key(ids: Sequence[int]) -> bytes:
+    """The noise key of a token sequence (a training example, or a generated sequence up to a piece's end)."""
+    return b"sft\0" + hashlib.sha256(torch.tensor(list(ids), dtype=torch.int64).numpy().tobytes()).digest()
 
 
 class SFTTrainer(SplitTrainer):
@@ -134,6 +139,16 @@ class SFTTrainer(SplitTrainer):
     def user_state(self) -> dict[str, torch.Tensor]:
         """Copies of what trains on this side (the tail's LoRA), by name."""
         return {n: p.detach().cpu().clone() for n, p in self.lm_end.named_parameters() if p.requires_grad}
+
+    def load_user_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back what user_state returned (a finished run's tail LoRA, RUN_DIR/head.safetensors)."""
+        params = {n: p for n, p in self.lm_end.named_parameters() if p.requires_grad}
+        if params.keys() != state.keys():
+            missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+            raise ValueError(f"the kept tail does not fit: missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name])
 
     def _sent(self, examples: Sequence[SFTExample], *, train: bool):
         input_ids, mask, targets = batch_tensors(examples, self.pad_id)

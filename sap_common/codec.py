@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, fields
 from typing import TypeVar
 
@@ -30,6 +30,7 @@ __all__ = [
     "is_right_padded",
     "lenient_parser",
     "pack_hidden",
+    "read_messages",
     "to_frames",
     "unpack_hidden",
     "wire_tensor",
@@ -164,21 +165,7 @@ def from_frames(
     if first.WhichOneof("frame") != "header":
         raise InvalidInputError(f"{name} stream: frame 1 is {first.WhichOneof('frame')!r}; the header comes first")
     header = first.header
-    layout = []  # (field, header, offset, nbytes)
-    total = 0
-    for field in tensor_fields:
-        if not header.HasField(field):
-            continue
-        spec = getattr(header, field)
-        if allowed is not None and spec.dtype not in allowed:
-            raise InvalidTensorError(
-                f"{field}.dtype={spec.dtype!r} is not allowed here; expected one of {sorted(allowed)}"
-            )
-        nbytes = header_nbytes(spec, field=field)
-        layout.append((field, spec, total, nbytes))
-        total += nbytes
-    if total > max_bytes:
-        raise InvalidInputError(f"{name} stream announces {total} bytes of tensors; at most {max_bytes} allowed")
+    layout, total = _layout(header, tensor_fields, allowed, max_bytes, name)
     buffer = bytearray(total)
     view = memoryview(buffer)
     filled, count = 0, 1
@@ -195,6 +182,82 @@ def from_frames(
         filled += size
     if filled != total:
         raise InvalidInputError(f"{name} stream: {filled} bytes of tensors; its header announces {total}")
+    return header, _tensors(buffer, layout)
+
+
+def read_messages(
+    frames: Iterable,
+    frame_type: type[F],
+    tensor_fields: Sequence[str],
+    *,
+    max_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    allowed: Collection[str] | None = None,
+) -> Iterator[tuple[Message, dict[str, torch.Tensor]]]:
+    """A stream of several messages (split generation): each a header, then exactly the bytes it announces; yields
+    (header, {field: tensor}) as each one is complete, so a reply can go out before the next arrives. Validating
+    like from_frames, each message on its own against max_bytes."""
+    name = frame_type.DESCRIPTOR.name
+    stream = iter(frames)
+    count = 0
+    for first in stream:
+        count += 1
+        if isinstance(first, Undecodable):
+            raise InvalidInputError(f"{name} stream: frame {count}: {first.error()}")
+        if first.WhichOneof("frame") != "header":
+            raise InvalidInputError(
+                f"{name} stream: frame {count} is {first.WhichOneof('frame')!r}; a header comes before its bytes"
+            )
+        header = first.header
+        layout, total = _layout(header, tensor_fields, allowed, max_bytes, name)
+        buffer = bytearray(total)
+        view = memoryview(buffer)
+        filled = 0
+        while filled < total:
+            frame = next(stream, None)
+            if frame is None:
+                raise InvalidInputError(f"{name} stream ended after {filled} of the {total} bytes its header announces")
+            count += 1
+            if isinstance(frame, Undecodable):
+                raise InvalidInputError(f"{name} stream: frame {count}: {frame.error()}")
+            if frame.WhichOneof("frame") != "data":
+                raise InvalidInputError(
+                    f"{name} stream: frame {count} is {frame.WhichOneof('frame')!r}; "
+                    f"{total - filled} more bytes of data were announced"
+                )
+            size = len(frame.data)
+            if filled + size > total:
+                raise InvalidInputError(f"{name} stream: more bytes than its header announces ({total})")
+            view[filled : filled + size] = frame.data
+            filled += size
+        yield header, _tensors(buffer, layout)
+
+
+def _layout(
+    header: Message, tensor_fields: Sequence[str], allowed: Collection[str] | None, max_bytes: int, name: str
+) -> tuple[list, int]:
+    """Where each tensor the header announces lies in the message's bytes: ([(field, spec, offset, nbytes)], total);
+    refuses a dtype not in allowed and more than max_bytes in all."""
+    layout = []
+    total = 0
+    for field in tensor_fields:
+        if not header.HasField(field):
+            continue
+        spec = getattr(header, field)
+        if allowed is not None and spec.dtype not in allowed:
+            raise InvalidTensorError(
+                f"{field}.dtype={spec.dtype!r} is not allowed here; expected one of {sorted(allowed)}"
+            )
+        nbytes = header_nbytes(spec, field=field)
+        layout.append((field, spec, total, nbytes))
+        total += nbytes
+    if total > max_bytes:
+        raise InvalidInputError(f"{name} stream announces {total} bytes of tensors; at most {max_bytes} allowed")
+    return layout, total
+
+
+def _tensors(buffer: bytearray, layout: list) -> dict[str, torch.Tensor]:
+    """The tensors of one message: views of its bytes (copied only to align or to swap the byte order)."""
+    total = len(buffer)
     raw = torch.frombuffer(buffer, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
     tensors = {}
     for field, spec, offset, nbytes in layout:
@@ -211,7 +274,7 @@ def from_frames(
         elif offset % dtype.itemsize:
             part = part.clone()  # a dtype view needs an aligned start
         tensors[field] = part.view(dtype).reshape(shape)
-    return header, tensors
+    return tensors
 
 
 # --- domain <-> message mappings -------------------------------------------------------------

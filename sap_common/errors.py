@@ -36,6 +36,10 @@ class ResourceLimitError(SapError):
     """A configured limit (sessions, batch x length, message size) would be exceeded."""
 
 
+class IdleTimeoutError(SapError):
+    """A call waited longer than the server allows for the caller's next message (DEADLINE_EXCEEDED)."""
+
+
 class ModelLoadError(SapError):
     """A model folder or alias cannot be loaded or split."""
 

@@ -78,6 +78,20 @@ class BackwardResult:
     checkpointed: bool = False
 
 
+class Generation(Protocol):
+    """One sequence generated through the split (TopService.generation): each piece of privatized vectors (n, H) of
+    the sequence's next positions goes in, the top's last block at those positions (n, H) comes back. The
+    provider keeps a key/value cache of the earlier positions until close (or its --generation-timeout)."""
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Generation: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
 class TopService(Protocol):
     """Remote (gRPC, sap_client.remote) and local (sap_server.local) implementations share this.
 
@@ -108,6 +122,9 @@ class TopService(Protocol):
         self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor, *, output: str = "logits"
     ) -> torch.Tensor:
         """Inference forward: no graph kept, nothing changes."""
+
+    def generation(self, session_id: str) -> Generation:
+        """Start generating one sequence on a session whose top returns packed hidden states (see Generation)."""
 
     def close_session(self, session_id: str) -> int:
         """Close the session; returns the number of optimizer steps it applied."""

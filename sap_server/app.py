@@ -13,6 +13,7 @@ import grpc
 from sap_common import codec
 from sap_server.auth import ApiKeys, ServerTls
 from sap_server.compute import ComputeThread
+from sap_server.generation import Generations
 from sap_server.provider import Provider
 from sap_server.servicer import AuthInterceptor, SplitLearningServicer, add_to_server
 
@@ -43,12 +44,14 @@ def start_server(
     api_keys: ApiKeys | None = None,
     tls: ServerTls | None = None,
     compute: ComputeThread | None = None,
+    generations: Generations | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
     """Start serving; returns the server and the port it really listens on (port 0 picks a free one).
 
     api_keys gate GetServerInfo, DownloadBottom and OpenSession; tls switches the port to TLS (mutual TLS
-    when it has a client CA); interceptors are for tests that simulate a flaky network."""
+    when it has a client CA); generations: the limits of split generation (sap_server/generation.py);
+    interceptors are for tests that simulate a flaky network."""
     if chunk_bytes >= max_message_bytes:
         raise ValueError(f"chunk_bytes ({chunk_bytes}) must be below max_message_bytes ({max_message_bytes})")
     server = grpc.server(
@@ -57,7 +60,7 @@ def start_server(
         interceptors=[*interceptors, AuthInterceptor(api_keys)],  # a simulated network failure comes first
     )
     servicer = SplitLearningServicer(
-        provider, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes, compute=compute
+        provider, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes, compute=compute, generations=generations
     )
     add_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

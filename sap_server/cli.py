@@ -25,6 +25,7 @@ from sap_common.devices import (
 from sap_common.errors import SapError
 from sap_common.models.registry import ALIASES, DEFAULT_MODEL
 from sap_common.peft import PEFT_METHODS, PeftConfig
+from sap_server.generation import DEFAULT_GENERATION_TIMEOUT, DEFAULT_MAX_GENERATIONS
 from sap_server.session import DEFAULT_CHECKPOINT_EVERY, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BATCH_TOKENS
 
 log = logging.getLogger("sap_server")
@@ -154,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="most batch x length one Forward/Evaluate may carry; larger requests get "
         f"RESOURCE_EXHAUSTED (default $SAP_MAX_BATCH_TOKENS or {DEFAULT_MAX_BATCH_TOKENS})",
     )
+    parser.add_argument(
+        "--max-generations",
+        type=int,
+        metavar="N",
+        default=DEFAULT_MAX_GENERATIONS,
+        help="most split generations (sap-client generate) running at once, each with its own key/value cache; "
+        f"more get RESOURCE_EXHAUSTED (default {DEFAULT_MAX_GENERATIONS})",
+    )
+    parser.add_argument(
+        "--generation-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=DEFAULT_GENERATION_TIMEOUT,
+        help="a generation whose next token does not arrive within this long ends and its cache is freed "
+        f"(default {DEFAULT_GENERATION_TIMEOUT:g})",
+    )
     security = parser.add_argument_group(
         "security",
         "Every session is guarded by a random secret that only its opener learns. These add API keys "
@@ -205,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         ("--workers", args.workers),
         ("--max-batch-tokens", args.max_batch_tokens),
         ("--checkpoint-every", args.checkpoint_every),
+        ("--max-generations", args.max_generations),
     ):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
+    if not (args.generation_timeout > 0 and math.isfinite(args.generation_timeout)):
+        parser.error(f"--generation-timeout must be a number of seconds > 0, got {args.generation_timeout}")
     if not (args.idle_timeout >= 0 and math.isfinite(args.idle_timeout)):
         parser.error(f"--idle-timeout must be a number of seconds >= 0 (0 = never), got {args.idle_timeout}")
     if args.max_memory is not None and args.device_map != "balanced":
@@ -238,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     from sap_server.app import serve_until_signal, start_server
     from sap_server.auth import ApiKeys, ServerTls
     from sap_server.compute import compute_thread
+    from sap_server.generation import Generations
     from sap_server.provider import Provider
 
     try:
@@ -267,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             idle_timeout=args.idle_timeout,
             max_memory=max_memory,
         )
-        server, port = start_server(provider, args.host, args.port, workers=args.workers, api_keys=api_keys, tls=tls)
+        generations = Generations(args.max_generations, args.generation_timeout)
+        server, port = start_server(
+            provider, args.host, args.port, workers=args.workers, api_keys=api_keys, tls=tls, generations=generations
+        )
     except (SapError, OSError, RuntimeError, ValueError) as exc:  # RuntimeError: gRPC refusing the TLS files;
         # ValueError: the top does not fit --max-memory
         print(f"sap-server: error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ import torch
 
 from sap_common import codec
 from sap_common.models.bundle import bundle_files
+from sap_common.models.families import KVCache
 from sap_common.service import BackwardResult, ServerInfo, SessionSpec
 from sap_server.provider import Provider
 
@@ -56,6 +57,10 @@ class LocalTopService:
         with self.provider.sessions.use(session_id, None, check=False) as trainer:
             return trainer.evaluate(*codec.pack_hidden(hidden, attention_mask), output)
 
+    def generation(self, session_id: str) -> LocalGeneration:
+        self.provider.sessions.get(session_id)
+        return LocalGeneration(self.provider, session_id)
+
     def close_session(self, session_id: str) -> int:
         return self.provider.close_session(session_id, None, keep=False, check=False).steps_applied
 
@@ -75,3 +80,27 @@ class LocalTopService:
 
     def use_session(self, session_id: str, secret: str | None) -> None:
         self.provider.sessions.get(session_id)  # only checks that it exists: in-process needs no secret
+
+
+class LocalGeneration:
+    """A generation in-process: the session's generate step with a cache of this object's own (as the servicer's
+    Generate call keeps one per call)."""
+
+    def __init__(self, provider: Provider, session_id: str):
+        self.provider, self.session_id = provider, session_id
+        self.cache: KVCache | None = KVCache()
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            raise ValueError("this generation is closed")
+        with self.provider.sessions.use(self.session_id, None, check=False) as session:
+            return session.generate(self.cache, hidden.detach().clone())
+
+    def close(self) -> None:
+        self.cache = None
+
+    def __enter__(self) -> LocalGeneration:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

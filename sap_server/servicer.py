@@ -11,6 +11,7 @@ import grpc
 from sap_common import codec
 from sap_common.errors import (
     AuthenticationError,
+    IdleTimeoutError,
     InvalidInputError,
     ModelLoadError,
     PermissionDeniedError,
@@ -20,10 +21,12 @@ from sap_common.errors import (
     StepOrderError,
 )
 from sap_common.models.bundle import bundle_files
+from sap_common.models.families import KVCache
 from sap_common.proto import sap_pb2, sap_pb2_grpc
 from sap_common.service import API_KEY_METADATA, DEFAULT_LEARNING_RATE, SESSION_SECRET_METADATA
 from sap_server.auth import ApiKeys, require_secret
 from sap_server.compute import ComputeThread, compute_thread
+from sap_server.generation import Generations
 from sap_server.provider import Provider
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ STATUS_OF_ERROR: tuple[tuple[type[SapError], grpc.StatusCode], ...] = (
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (StepOrderError, grpc.StatusCode.FAILED_PRECONDITION),
     (ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (IdleTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
     (SapError, grpc.StatusCode.INTERNAL),
 )
@@ -118,8 +122,10 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES,
         max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES,
         compute: ComputeThread | None = None,
+        generations: Generations | None = None,
     ):
         self.provider = provider
+        self.generations = generations or Generations()
         # Tensor work (decoding, the sessions' steps, checkpoints, encoding) runs on the process's compute
         # thread, not on the gRPC workers (why: sap_server/compute.py); the workers read the request
         # streams, check API keys and send the replies, so a slow upload does not hold up other sessions.
@@ -233,10 +239,40 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
             raws.append(raw)
         return codec.to_frames(sap_pb2.BackwardReplyFrame, reply, raws, self.chunk_bytes)
 
+    @_reply_stream
+    def Generate(self, frames, context) -> Iterator[sap_pb2.GenerateReplyFrame]:
+        """One sequence, piece by piece, with this call's own key/value cache (see sap.proto)."""
+        secret = _metadata(context, SESSION_SECRET_METADATA)
+        with self.generations.slot():
+            cache, session_id = KVCache(), ""
+            pieces = codec.read_messages(
+                self.generations.watched(frames), sap_pb2.GenerateFrame, ("hidden",), max_bytes=self.max_request_bytes
+            )
+            for header, tensors in pieces:
+                if not session_id:
+                    if not header.session_id:
+                        raise InvalidInputError("GenerateHeader.session_id is missing from the first piece")
+                    session_id = header.session_id
+                elif header.session_id not in ("", session_id):
+                    raise InvalidInputError("GenerateHeader.session_id changed within one generation")
+                if "hidden" not in tensors:
+                    raise InvalidInputError("GenerateHeader.hidden is missing: the next positions' vectors (n, H)")
+                position = cache.length
+                result = self.compute.run(self._generate, session_id, secret, cache, tensors["hidden"])
+                tensor, raw = codec.wire_tensor(result)
+                reply = sap_pb2.GenerateReplyHeader(position=position, tensor=tensor)
+                yield from codec.to_frames(sap_pb2.GenerateReplyFrame, reply, [raw], self.chunk_bytes)
+
+    def _generate(self, session_id: str, secret: str | None, cache: KVCache, packed):
+        with self.provider.sessions.use(session_id, secret) as session:
+            return session.generate(cache, packed)
+
 
 # Which calls need what (sap_common/service.py names the metadata keys).
 KEYED_METHODS = frozenset({"GetServerInfo", "DownloadBottom", "OpenSession"})  # with --api-keys
-SESSION_METHODS = frozenset({"Forward", "Backward", "Evaluate", "CloseSession", "ResumeSession"})  # the secret
+SESSION_METHODS = frozenset(
+    {"Forward", "Backward", "Evaluate", "CloseSession", "ResumeSession", "Generate"}
+)  # the secret
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -320,6 +356,7 @@ def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
         ("Forward", pb.ForwardFrame, pb.ForwardReplyFrame),
         ("Evaluate", pb.ForwardFrame, pb.ForwardReplyFrame),
         ("Backward", pb.BackwardFrame, pb.BackwardReplyFrame),
+        ("Generate", pb.GenerateFrame, pb.GenerateReplyFrame),
     ):
         handlers[name] = grpc.stream_stream_rpc_method_handler(
             getattr(servicer, name),

@@ -13,6 +13,7 @@ from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors, 
 from sap_common.devices import DTYPES
 from sap_common.errors import InvalidInputError, ModelLoadError, ResourceLimitError, StepOrderError
 from sap_common.models import set_training
+from sap_common.models.families import KVCache
 from sap_common.models.split import TopModel
 from sap_common.packing import unpack_hidden
 from sap_common.recording import Recorder
@@ -255,6 +256,26 @@ class Session:
             self.recorder.record("evaluate", self.session_id, 0, hidden, mask)  # as received (padded)
         set_training(self.top, False)
         return self.top(placed, placed_mask).float().cpu()
+
+    @torch.no_grad()
+    def generate(self, cache: KVCache, packed: torch.Tensor) -> torch.Tensor:
+        """One piece of a split generation (sap.proto, Generate): the next n positions' vectors (n, H) of the sequence
+        whose cache.length earlier positions cache holds -> the top's last block at those positions (n, H); the cache
+        grows by n. Nothing trains."""
+        if self.output != "hidden":
+            raise InvalidInputError(
+                f"generation needs a session whose top returns packed hidden states (a generative run's adapter); "
+                f"this one returns {self.output}"
+            )
+        if packed.dim() != 2 or packed.shape[0] < 1:
+            raise InvalidInputError(f"hidden has shape {list(packed.shape)}, expected (n, H) with n >= 1 positions")
+        check_batch_tokens(1, cache.length + packed.shape[0], self.max_batch_tokens)
+        hidden, mask = self._inputs(packed, [packed.shape[0]])
+        placed, placed_mask = self._place(hidden, mask)
+        if self.recorder is not None:  # step: the position of the piece's first vector
+            self.recorder.record("generate", self.session_id, cache.length, hidden, mask)
+        set_training(self.top, False)
+        return self.top(placed, placed_mask, cache).float().cpu()
 
     def _check_output(self, output: str | None) -> None:
         if output is not None and output != self.output:

@@ -96,13 +96,19 @@ def run_blocks(
     hidden: torch.Tensor,
     attention_mask: torch.Tensor,
     rotary: nn.Module | None,
+    cache: KVCache | None = None,
 ) -> torch.Tensor:
     """Run blocks first_index.. of the original model on hidden (B, T, H) with a (B, T) padding mask.
+
+    With a cache (decoders, generation): hidden holds the next T positions of sequences whose cache.length earlier
+    positions these blocks have seen; their keys and values are read from the cache and the new ones added.
 
     The blocks may sit on different devices (sap-server --device-map): the hidden states move to each
     block's device, the masks and positions once per device; the result is on the last block's device."""
     if len(blocks) == 0:
         return hidden
+    if cache is not None and family is ENCODER:
+        raise ValueError("an encoder has no key/value cache: it does not generate")
     if family is ENCODER:
         mask_on = _per_device(
             create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
@@ -114,9 +120,13 @@ def run_blocks(
     # Decoder: causal + padding masks, rotary positions 0..T-1 (right padding, as in the unsplit model).
     if rotary is None:
         raise ValueError("a decoder's blocks need the model's rotary position embedding, got None")
-    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
+    start = cache.length if cache is not None else 0
+    position_ids = torch.arange(start, start + hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
+    if start:  # the mask covers the cached positions too (all real: one sequence grows token by token)
+        seen = attention_mask.new_ones(attention_mask.shape[0], start)
+        attention_mask = torch.cat([seen, attention_mask.to(seen.device)], dim=1)
     mask_kwargs = dict(
-        config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids
+        config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids
     )
     positions_on = _per_device((position_ids, rotary(hidden, position_ids)))
     masks_on: dict[str, Callable[[torch.device], object]] = {}
@@ -135,8 +145,50 @@ def run_blocks(
             attention_mask=masks_on[kind](device),
             position_ids=block_positions,
             position_embeddings=position_embeddings,
+            cache=cache,
+            use_cache=cache is not None,
         )
+    if cache is not None:
+        cache.length += hidden.shape[1]
     return hidden
+
+
+class KVCache:
+    """The keys and values one side's decoder blocks computed for the earlier positions of the sequences it
+    generates (split generation: the user's bottom and tail and the provider's top each keep their own), by block.
+
+    It offers what transformers' attention and mask builders ask of a cache (update, get_seq_length,
+    get_query_offset, get_mask_sizes) and nothing else: a slice of blocks numbered from k has no blocks 0..k-1,
+    which transformers' own caches index by position. Keys and values are kept whole, sliding-window layers too
+    (their mask hides what is out of the window)."""
+
+    is_compileable = False
+
+    def __init__(self) -> None:
+        self.length = 0  # positions seen; run_blocks advances it once all its blocks ran
+        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Add a block's new keys and values (B, heads, T, head_dim); return all of that block's so far."""
+        if layer_idx in self._layers:
+            old_keys, old_values = self._layers[layer_idx]
+            keys, values = torch.cat([old_keys, keys], dim=-2), torch.cat([old_values, values], dim=-2)
+        self._layers[layer_idx] = (keys, values)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """(key/value length, offset) the attention of query_length new positions sees."""
+        return self.length + query_length, 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self._layers.values())
 
 
 def _device_of(module: nn.Module, default: torch.device) -> torch.device:

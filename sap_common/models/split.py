@@ -13,6 +13,7 @@ from sap_common.models.families import (
     DECODER,
     ENCODER,
     EncoderHead,
+    KVCache,
     LastTokenHead,
     RobertaHead,
     base_blocks,
@@ -39,9 +40,12 @@ class BottomModel(nn.Module):
     def split(self) -> int:
         return len(self.blocks)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> the last bottom block's output (B, T, H); with a cache, of the next T positions."""
         hidden = embed(self.embeddings, self.family, input_ids)  # (B, T, H)
-        return run_blocks(self.config, self.family, self.blocks, 0, hidden, attention_mask, self.rotary)
+        return run_blocks(self.config, self.family, self.blocks, 0, hidden, attention_mask, self.rotary, cache)
 
     def input_embedding_matrix(self) -> torch.Tensor:
         """The token embedding table (V, H) (what an inversion attacker compares against)."""
@@ -69,12 +73,13 @@ class TopModel(nn.Module):
         self.rotary = rotary
         self.head = head
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """hidden (B, T, H) from the user's bottom, attention_mask (B, T) -> logits (B, C)."""
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """hidden (B, T, H) from the user's bottom, attention_mask (B, T) -> what the head makes of the last block's
+        output (logits (B, C), ...); with a cache (generation), of the next T positions."""
         if self.head is None:
             raise ModelLoadError("this TopModel has no classification head yet (a session attaches one)")
         hidden = run_blocks(
-            self.config, self.family, self.blocks, self.first_index, hidden, attention_mask, self.rotary
+            self.config, self.family, self.blocks, self.first_index, hidden, attention_mask, self.rotary, cache
         )
         return self.head(hidden, attention_mask.to(hidden.device))  # the last block's device (--device-map)
 

@@ -217,3 +217,35 @@ class ResumeSessionReply(_message.Message):
     steps_applied: int
     num_labels: int
     def __init__(self, steps_applied: _Optional[int] = ..., num_labels: _Optional[int] = ...) -> None: ...
+
+class GenerateHeader(_message.Message):
+    __slots__ = ("session_id", "hidden")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    hidden: TensorHeader
+    def __init__(self, session_id: _Optional[str] = ..., hidden: _Optional[_Union[TensorHeader, _Mapping]] = ...) -> None: ...
+
+class GenerateFrame(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: GenerateHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[GenerateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GenerateReplyHeader(_message.Message):
+    __slots__ = ("position", "tensor")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    tensor: TensorHeader
+    def __init__(self, position: _Optional[int] = ..., tensor: _Optional[_Union[TensorHeader, _Mapping]] = ...) -> None: ...
+
+class GenerateReplyFrame(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: GenerateReplyHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[GenerateReplyHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...

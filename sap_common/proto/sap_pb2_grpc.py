@@ -74,6 +74,11 @@ class SplitLearningStub:
                 request_serializer=sap__common_dot_proto_dot_sap__pb2.ResumeSessionRequest.SerializeToString,
                 response_deserializer=sap__common_dot_proto_dot_sap__pb2.ResumeSessionReply.FromString,
                 _registered_method=True)
+        self.Generate = channel.stream_stream(
+                '/sap.v2.SplitLearning/Generate',
+                request_serializer=sap__common_dot_proto_dot_sap__pb2.GenerateFrame.SerializeToString,
+                response_deserializer=sap__common_dot_proto_dot_sap__pb2.GenerateReplyFrame.FromString,
+                _registered_method=True)
 
 
 class SplitLearningServicer:
@@ -127,6 +132,12 @@ class SplitLearningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitLearningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +180,11 @@ def add_SplitLearningServicer_to_server(servicer, server):
                     servicer.ResumeSession,
                     request_deserializer=sap__common_dot_proto_dot_sap__pb2.ResumeSessionRequest.FromString,
                     response_serializer=sap__common_dot_proto_dot_sap__pb2.ResumeSessionReply.SerializeToString,
+            ),
+            'Generate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=sap__common_dot_proto_dot_sap__pb2.GenerateFrame.FromString,
+                    response_serializer=sap__common_dot_proto_dot_sap__pb2.GenerateReplyFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +403,33 @@ class SplitLearning:
             '/sap.v2.SplitLearning/ResumeSession',
             sap__common_dot_proto_dot_sap__pb2.ResumeSessionRequest.SerializeToString,
             sap__common_dot_proto_dot_sap__pb2.ResumeSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sap.v2.SplitLearning/Generate',
+            sap__common_dot_proto_dot_sap__pb2.GenerateFrame.SerializeToString,
+            sap__common_dot_proto_dot_sap__pb2.GenerateReplyFrame.FromString,
             options,
             channel_credentials,
             insecure,
