@@ -193,6 +193,41 @@ def build_parser() -> argparse.ArgumentParser:
                 help="where to write the figures (default RUN_DIR/evaluation.json)",
             )
         _add_connection_flags(cmd)
+    gen = commands.add_parser(
+        "generate",
+        help="write completions with a generatively fine-tuned run, through the split",
+        description="Generate text with the run of `sap-client train DATA.jsonl` in RUN_DIR: the prompt goes "
+        "through your bottom, the run's noise and the provider's kept adapter, and your tail, final norm and "
+        "output layer choose each next token here (no token id or vocabulary-sized tensor is sent). Tokens are "
+        "printed as they come; generation stops at the end-of-sequence token or --max-new-tokens. Each piece's "
+        "noise is keyed by the run's secret and the tokens so far, so the same prompt (and --seed) sends exactly "
+        "the same vectors again. What the provider can read of the prompt and the text: RUN_DIR/privacy.md.",
+    )
+    gen.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="the --out of sap-client train")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="one prompt (a user turn for a run trained on messages)")
+    source.add_argument(
+        "--data",
+        type=Path,
+        metavar="PROMPTS.jsonl",
+        help='one prompt per line: {"prompt": ...}, {"messages": [...]} or {"text": ...}',
+    )
+    gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="most tokens per prompt (128)")
+    gen.add_argument("--temperature", type=float, default=0.7, metavar="T", help="sampling temperature (0.7)")
+    gen.add_argument(
+        "--top-p", type=float, default=0.9, metavar="P", help="sample from the smallest set reaching P (0.9)"
+    )
+    gen.add_argument("--greedy", action="store_true", help="always the most likely token (no sampling)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed, with the prompt and the run's secret (0)")
+    gen.add_argument("--out", type=Path, metavar="OUT.jsonl", help="also write each prompt with its completion here")
+    gen.add_argument(
+        "--server",
+        default=os.environ.get("SAP_SERVER"),
+        help="sap-server HOST:PORT (default $SAP_SERVER, else the run's server)",
+    )
+    _add_device_flag(gen)
+    _add_wire_flag(gen, default=None)
+    _add_connection_flags(gen)
     audit = commands.add_parser(
         "audit",
         help="measure how much your split and noise protect (privacy audit)",
@@ -527,6 +562,49 @@ def run_evaluate(args: argparse.Namespace, device) -> int:
     return 0
 
 
+def run_generate(args: argparse.Namespace, sampling, device) -> int:
+    from sap_client.commands import generate
+    from sap_client.sft_data import read_prompts
+
+    prompts = [{"prompt": args.prompt}] if args.prompt is not None else read_prompts(args.data)
+    many = len(prompts) > 1
+    current = [-1]
+
+    def show(index: int, text: str) -> None:
+        if index != current[0]:
+            if current[0] >= 0:
+                print(flush=True)
+            if many:
+                print(f"[{index + 1}] ", end="")
+            current[0] = index
+        print(text, end="", flush=True)
+
+    result = generate(
+        args.run,
+        prompts,
+        server=args.server,
+        sampling=sampling,
+        device=device,
+        wire_dtype=args.wire_dtype,
+        credentials=_credentials(args),
+        on_text=show,
+    )
+    print(flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("w", encoding="utf-8") as handle:
+            for row in result["completions"]:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(
+        f"{result['generated_tokens']} tokens for {len(prompts)} prompt{'s' if many else ''} in "
+        f"{result['seconds']:.1f} s ({result['tokens_per_second']:.1f} tokens/s, "
+        f"{result['wire_bytes_per_token']:.0f} wire bytes per token)"
+        + (f"; written to {args.out}" if args.out is not None else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def run_audit(args: argparse.Namespace, noise, attack, device) -> int:
     from sap_client.commands import audit
 
@@ -637,6 +715,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--max-examples must be >= 1, got {args.max_examples}")
         if args.eval is None and not 0 < args.eval_fraction < 1:
             parser.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    sampling = None
+    if args.command == "generate":
+        from sap_client.generation import Sampling
+
+        try:
+            sampling = Sampling(
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                greedy=args.greedy,
+                seed=args.seed,
+            )
+        except ValueError as exc:
+            parser.error(f"generate: {exc}")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together (the client certificate and its private key)")
     _configure_logging(args.verbose)
@@ -652,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(args, device)
         if args.command == "evaluate":
             return run_evaluate(args, device)
+        if args.command == "generate":
+            return run_generate(args, sampling, device)
         if args.command == "audit":
             return run_audit(args, noise, attack, device)
     except (SapError, ValueError) as exc:

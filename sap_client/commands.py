@@ -821,3 +821,84 @@ def audit(
     if run is not None:
         record_audit(run, report)
     return report
+
+
+def generate(
+    run_path: Path,
+    prompts: list[dict],
+    *,
+    server: str | None,
+    sampling,
+    device: torch.device | str = "cpu",
+    wire_dtype: str | None = None,
+    credentials: ClientCredentials | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+) -> dict:
+    """sap-client generate: each prompt's completion through the run's split, noise, kept adapter and tail
+    (sap_client/generation.py). on_text(prompt index, new text) is called as the text grows. Returns
+    {"completions": [{prompt, completion, tokens, stopped}], and the traffic and timing figures}."""
+    from sap_client.generation import generate_tokens, stop_ids
+    from sap_client.sft import SFTTrainer
+    from sap_client.sft_data import generation_prompt
+
+    run = RunDir(run_path)
+    spec = run.read_spec()
+    if spec.task != "generative":
+        raise InvalidInputError(
+            f"{run.path} is a {spec.task} run: `sap-client generate` needs a run of `sap-client train DATA.jsonl`"
+        )
+    if not spec.adapter_id:
+        raise InvalidInputError(f"{run.path} holds a run that has not finished training (no adapter yet)")
+    completions, generated = [], 0
+    with open_generative(
+        server or spec.server,
+        spec.config,
+        run=run,
+        spec=spec,
+        wire_dtype=wire_dtype or spec.wire_dtype,
+        credentials=credentials,
+        device=device,
+    ) as opened:
+        trainer = opened.trainer
+        assert isinstance(trainer, SFTTrainer)
+        tokenizer, stops = trainer.tokenizer, stop_ids(trainer.tokenizer)
+        session_id, _ = opened.service.attach_adapter(spec.adapter_id)
+        started = time.perf_counter()
+        try:
+            for index, prompt in enumerate(prompts):
+                ids = generation_prompt(prompt, spec.data_format or "text", tokenizer)
+                tokens: list[int] = []
+                shown = ""
+                for token in generate_tokens(trainer, session_id, ids, sampling):
+                    tokens.append(token)
+                    text = _decoded(tokenizer, tokens, stops)
+                    if on_text is not None and len(text) > len(shown) and text.startswith(shown):
+                        on_text(index, text[len(shown) :])
+                        shown = text
+                text = _decoded(tokenizer, tokens, stops)
+                if on_text is not None and text != shown:
+                    on_text(index, text[len(shown) :] if text.startswith(shown) else "\n" + text)
+                generated += len(tokens)
+                completions.append(
+                    {
+                        **prompt,
+                        "completion": text,
+                        "tokens": len(tokens),
+                        "stopped": bool(tokens) and tokens[-1] in stops,
+                    }
+                )
+        finally:
+            opened.service.close_session(session_id)
+        seconds = time.perf_counter() - started
+        traffic = opened.service.bytes_sent + opened.service.bytes_received
+    return {
+        "completions": completions,
+        "generated_tokens": generated,
+        "seconds": seconds,
+        "tokens_per_second": generated / seconds if seconds > 0 else 0.0,
+        "wire_bytes_per_token": traffic / generated if generated else 0.0,
+    }
+
+
+def _decoded(tokenizer, tokens: list[int], stops: set[int]) -> str:
+    return str(tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True))

@@ -150,18 +150,26 @@ def open_generative(
     config: TrainConfig,
     *,
     run: RunDir,
+    spec: RunSpec | None = None,
     wire_dtype: str = "float32",
     credentials: ClientCredentials | None = None,
     device: torch.device | str = "cpu",
 ) -> OpenSplit:
     """Connect to server for generative fine-tuning: the bottom, and the tail bundle with the model's last
     config.user_tail blocks (possibly none) and final norm, kept in RUN_DIR/tail, ending in the tied output layer;
-    an SFTTrainer over them (no privatizer yet: the caller fits the noise)."""
+    an SFTTrainer over them (no privatizer yet: the caller fits the noise). With the spec of a finished run
+    (sap-client generate): the server must serve its model and split, and the trainer gets the run's fine-tuned
+    bottom and tail LoRA and its privatizer."""
     from sap_client.sft import SFTTrainer
 
     service = RemoteTopService(server, wire_dtype=wire_dtype_of(wire_dtype), credentials=credentials)
     try:
         info = service.server_info()
+        if spec is not None and (info.model_id, info.split) != (spec.model, spec.split):
+            raise ModelLoadError(
+                f"the run was trained on {spec.model} split {spec.split}; the server at {server} serves "
+                f"{info.model_id} split {info.split}"
+            )
         if info.model_type not in DECODER_TYPES:
             raise InvalidInputError(
                 f"generative fine-tuning needs a decoder; the server at {server} serves {info.model_id} "
@@ -174,7 +182,16 @@ def open_generative(
             raise ModelLoadError(f"{info.model_id}'s bottom has no token embedding table to make logits with")
         lm_end = load_server_tail(service, info, config.user_tail, run.file(TAIL), lm_embedding=embedding)
         download_bytes += _take_download_bytes(service)
+        if spec is not None and run.file(BOTTOM).exists():
+            bottom.load_state_dict(load_file(str(run.file(BOTTOM))))
         trainer = SFTTrainer(bottom, tokenizer, service, config, lm_end, device=device, head_key=run.noise_key())
+        if spec is not None:
+            if config.user_tail:
+                try:
+                    trainer.load_user_state(load_file(str(run.file(HEAD))))
+                except (OSError, ValueError) as exc:
+                    raise ModelLoadError(f"{run.file(HEAD)}: the run's tail LoRA cannot be loaded: {exc}") from exc
+            trainer.privatizer = run_privatizer(run, spec)
     except BaseException:
         service.close()
         raise

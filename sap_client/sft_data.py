@@ -217,3 +217,49 @@ def load_sft_jsonl(
             + (f" within --max-length {max_length}: raise it" if max_length else "")
         )
     return SFTDataset(examples, format, truncated, dropped)
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """The prompts of `sap-client generate --data FILE.jsonl`: one JSON object per line with "prompt" (a text),
+    "messages" (a conversation; a final assistant turn, if any, is left out) or "text" (a beginning to continue);
+    other keys (a "completion", say) are ignored. InvalidInputError names the file and the line."""
+    if not Path(path).is_file():
+        raise InvalidInputError(f"prompts file {path} does not exist")
+    prompts = []
+    with Path(path).open(encoding="utf-8-sig") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
+            key = next((k for k in ("messages", "prompt", "text") if isinstance(record, dict) and k in record), None)
+            if key is None:
+                raise InvalidInputError(
+                    f'{path}, line {number}: expected an object with "prompt", "messages" or "text"'
+                )
+            if key == "messages":
+                _check({"messages": record["messages"] + [{"role": "assistant", "content": ""}]}, key, path, number, 0)
+            elif not isinstance(record[key], str) or not record[key]:
+                raise InvalidInputError(f'{path}, line {number}: "{key}" must be a non-empty string')
+            prompts.append({key: record[key]})
+    if not prompts:
+        raise InvalidInputError(f"{path} holds no prompts (one JSON object per line)")
+    return prompts
+
+
+def generation_prompt(prompt: dict, format: str, tokenizer: Any) -> list[int]:
+    """The token ids a generation starts from, rendered as the run's training rendered its prompts: for a run
+    trained on messages, a "prompt" becomes a user turn, and a conversation ends in the chat template's generation
+    prompt (the assistant's header); otherwise the prompt's text with the tokenizer's special tokens."""
+    messages = prompt.get("messages")
+    if messages is None and format == "messages":
+        messages = [{"role": "user", "content": prompt.get("prompt", prompt.get("text", ""))}]
+    if messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidInputError("the model's tokenizer has no chat template, so messages cannot be rendered")
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        return _render(tokenizer, messages, generation_prompt=True)
+    return _ids(tokenizer, prompt.get("prompt", prompt.get("text", "")), special=True)

@@ -80,6 +80,25 @@ def test_train_on_jsonl_fine_tunes_the_decoder_to_write_completions(decoder, tmp
         predict = ["predict", str(data), "--run", str(run), "--server", server.address, "--out", str(tmp_path / "p")]
         refused = _client(predict, env, ok=False)
         assert "is a generative run" in refused.stderr
+        # the learned completion, written through the split (a new process: the run's adapter, tail and noise)
+        generate = ["generate", "--run", str(run), "--server", server.address, "--greedy", "--max-new-tokens", "6"]
+        one = _client([*generate, "--prompt", "w3 great w17 w40"], env)
+        assert one.stdout.strip() == "good movie", one.stdout
+        assert "tokens/s" in one.stderr and "wire bytes per token" in one.stderr
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text(json.dumps({"prompt": "w8 w22 awful"}) + "\n" + json.dumps({"prompt": "great w5"}) + "\n")
+        out = tmp_path / "completions.jsonl"
+        _client([*generate, "--data", str(prompts), "--out", str(out)], env)
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [(r["prompt"], r["completion"], r["stopped"]) for r in rows] == [
+            ("w8 w22 awful", "bad plot", True),
+            ("great w5", "good movie", True),
+        ]
+        sampled = _client([*generate[:-3], "--prompt", "w3 great w17 w40", "--temperature", "0.5"], env)
+        assert (
+            sampled.stdout
+            == _client([*generate[:-3], "--prompt", "w3 great w17 w40", "--temperature", "0.5"], env).stdout
+        )
     finally:
         assert server.stop() == 0
     metrics = json.loads((run / "metrics.json").read_text())
@@ -92,6 +111,7 @@ def test_train_on_jsonl_fine_tunes_the_decoder_to_write_completions(decoder, tmp
     assert "generative fine-tuning" in statement and "Treat every target token as exposed" in statement
     records = read_records(record)
     assert sum(r.kind == "backward" for r in records) == metrics["steps"] == 8 * 13
+    assert sum(r.kind == "generate" for r in records) >= 3 * 3  # a prompt piece and one per token after it
     for r in records:
         for name, tensor in r.tensors.items():
             assert VOCAB not in tensor.shape and (name == "attention_mask" or tensor.shape[-1] == HIDDEN), name
