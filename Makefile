@@ -19,7 +19,7 @@ help:
 	@echo "make label-table  label leakage per mode on recorded real traffic (benchmarks/results/label_table.md)"
 	@echo "make target-leakage  target tokens read from generative fine-tuning's gradients (benchmarks/results)"
 	@echo "make sft-demo   generative fine-tuning: SmolLM2 learns film-script replies (held-out perplexity)"
-	@echo "make bench      split vs single-process benchmarks, memory, slow link (benchmarks/README.md)"
+	@echo "make bench      split vs single-process benchmarks, memory, slow link, SFT and generation (benchmarks/README.md)"
 	@echo "make bench-quick  the reduced benchmark (MiniLM split 2, < 2 min): one JSON line"
 
 install: $(STAMP)
@@ -72,6 +72,7 @@ sft-demo: install models data
 
 bench: install models data
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/generative_bench.py
 
 bench-quick: install models data
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py --quick

@@ -239,7 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         "label inference from the recorded gradients. Writes "
         "REPORT_DIR/report.json and report.md.",
     )
-    audit.add_argument("data", type=Path, metavar="DATA.csv")
+    audit.add_argument(
+        "data",
+        type=Path,
+        metavar="DATA.csv",
+        help="the texts attacked (with --run of a generative run: its DATA.jsonl)",
+    )
     audit.add_argument(
         "--server",
         default=os.environ.get("SAP_SERVER", DEFAULT_SERVER),
@@ -634,6 +639,8 @@ def run_audit(args: argparse.Namespace, noise, attack, device) -> int:
     )
     if "aia_accuracy" in report:
         line += f"; attribute inference {report['aia_accuracy']:.3f} vs baseline {report['aia_baseline']:.3f}"
+    if "targets_read" in report:
+        line += f"; target tokens read from the gradients {report['targets_read']:.1%} of {report['target_tokens']}"
     if "label_inference_accuracy" in report:
         line += (
             f"; labels read {report['label_inference_accuracy']:.1%} vs baseline "

@@ -755,6 +755,20 @@ def audit(
     from sap_common.recording import read_records
 
     run = RunDir(run_path) if run_path else None
+    if run is not None and run.read_spec().task == "generative":
+        return _audit_generative(
+            run,
+            data_path,
+            server=server,
+            out=out,
+            attack=attack,
+            max_examples=max_examples,
+            recorded=recorded,
+            public_path=public_path,
+            public_examples=public_examples,
+            device=device,
+            credentials=credentials,
+        )
     spec = run.read_classification_spec("audit") if run else None
     if spec:
         text_column, label_column, max_length = spec.text_column, spec.label_column, spec.config.max_length
@@ -820,6 +834,68 @@ def audit(
     write_report(report, out)
     if run is not None:
         record_audit(run, report)
+    return report
+
+
+def _audit_generative(
+    run: RunDir,
+    data_path: Path,
+    *,
+    server: str,
+    out: Path,
+    attack,
+    max_examples: int,
+    recorded: Path | None,
+    public_path: Path | None,
+    public_examples: int,
+    device: torch.device | str,
+    credentials: ClientCredentials | None,
+) -> dict:
+    """sap-client audit DATA.jsonl --run RUN_DIR (a generative run): the inversion attacks on the hidden states the
+    provider received (or would receive) and, from a recording, the target tokens read from its gradients
+    (sap_client/audit/generative.py)."""
+    from sap_client.audit.generative import generative_audit
+    from sap_client.audit.runner import write_report
+    from sap_client.sft import SFTTrainer
+    from sap_client.sft_data import load_sft_jsonl
+    from sap_common.recording import read_records
+
+    spec = run.read_spec()
+    with open_generative(
+        server, spec.config, run=run, spec=spec, wire_dtype=spec.wire_dtype, credentials=credentials, device=device
+    ) as opened:
+        info, trainer = opened.info, opened.trainer
+    assert isinstance(trainer, SFTTrainer)
+
+    def examples_of(path: Path):
+        return load_sft_jsonl(
+            path,
+            trainer.tokenizer,
+            format=spec.data_format or "auto",
+            loss_on=spec.loss_on or "completion",
+            max_length=spec.config.max_length,
+        ).examples
+
+    everything = examples_of(data_path)
+    paired = everything[: spec.max_examples] if spec.max_examples else everything  # the run's own examples
+    public = (examples_of(public_path) if public_path else everything[len(paired) :])[:public_examples]
+    records = read_records(recorded) if recorded else None
+    report = generative_audit(trainer, paired, max_examples, records, attack, public)
+    report["source"] = f"recorded traffic in {recorded}" if recorded else "simulated: what this client would send"
+    report.update(
+        model=info.model_id,
+        split=info.split,
+        task="generative",
+        user_tail=spec.config.user_tail,
+        eta=spec.eta,
+        noise_ratio=spec.noise.noise_ratio,
+        cti=False,
+        rescale_norm=spec.rescale_norm,
+        data=str(data_path),
+        public=str(public_path) if public_path else f"examples {len(paired) + 1}.. of {data_path}",
+    )
+    write_report(report, out)
+    record_audit(run, report)
     return report
 
 

@@ -34,6 +34,7 @@ class Sampling:
     top_p: float = 0.9
     greedy: bool = False
     seed: int = 0
+    ignore_eos: bool = False  # write max_new_tokens whatever comes (benchmarks: the same length on both sides)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -87,7 +88,7 @@ def generate_steps(
     set_training(trainer.lm_end, False)
     bottom_cache, tail_cache = KVCache(), KVCache()
     generator = torch.Generator().manual_seed(_sampling_seed(trainer.head_key, prompt, sampling.seed))
-    stops = stop_ids(trainer.tokenizer)
+    stops = set() if sampling.ignore_eos else stop_ids(trainer.tokenizer)
     ids = list(prompt)
     piece = torch.tensor([ids], dtype=torch.long, device=device)
     with trainer.service.generation(session_id) as remote:

@@ -94,13 +94,23 @@ def test_train_on_jsonl_fine_tunes_the_decoder_to_write_completions(decoder, tmp
             ("w8 w22 awful", "bad plot", True),
             ("great w5", "good movie", True),
         ]
-        sampled = _client([*generate[:-3], "--prompt", "w3 great w17 w40", "--temperature", "0.5"], env)
-        assert (
-            sampled.stdout
-            == _client([*generate[:-3], "--prompt", "w3 great w17 w40", "--temperature", "0.5"], env).stdout
-        )
+        sampled = [*generate[:-3], "--prompt", "w3 great w17 w40", "--temperature", "0.5"]
+        assert _client(sampled, env).stdout == _client(sampled, env).stdout  # draws keyed by prompt and --seed
+        # the audit of the recorded run: the chats from the hidden states, the replies from the gradients
+        report_dir = tmp_path / "report"
+        audit = ["audit", str(data), "--run", str(run), "--recorded", str(record), "--server", server.address]
+        done = _client([*audit, "--out", str(report_dir), "--max-examples", "24"], env)
+        assert "target tokens read from the gradients" in done.stdout
     finally:
         assert server.stop() == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["task"] == "generative" and report["examples"] == 24 and report["user_tail"] == 1
+    # every target of every recorded step is paired (two reply tokens and the end of sequence per chat), and read
+    # far above chance (1 in 92) through the user's tail: measured 0.63
+    assert report["target_tokens"] == 8 * 200 * 3 and report["target_steps"] == 8 * 13
+    assert report["targets_read"] >= 0.5, report
+    assert report["eia_token_recovery"] >= 0.9, report  # no noise: the chats, from the hidden states
+    assert "Target tokens" in (report_dir / "report.md").read_text()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["task"] == "generative" and metrics["data_format"] == "prompt-completion"
     assert (metrics["train_examples"], metrics["eval_examples"]) == (200, 50)

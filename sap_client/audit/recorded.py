@@ -186,10 +186,9 @@ def _rows_at(packed: torch.Tensor, mask: torch.Tensor, position: str) -> torch.T
 def _pair_with_texts(
     trainer: SplitTrainer, data: TextDataset, received: list[torch.Tensor]
 ) -> dict[int, tuple[int, torch.Tensor]]:
-    """received index -> (text index, token ids): one to one within each length, nearest pairs first. The distance
-    is the smaller of the distances to the text's clean bottom output and to what this client would send for it
-    (exact for a run's keyed noise and frozen bottom; the clean output serves fresh noise and trained bottoms)."""
-    references: dict[int, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    """received index -> (text index, token ids): one to one within each length, nearest pairs first (see _pair),
+    against each text's clean bottom output and what this client would send for it."""
+    references: dict[int, list[tuple]] = {}
     index = 0
     for texts, labels, input_ids, mask, hidden in clean_batches(trainer, data):
         sent = trainer.to_send(hidden, mask, input_ids, labels, trainer.noise_keys(texts))
@@ -199,6 +198,14 @@ def _pair_with_texts(
                 (index, hidden[b, :length], sent[b, :length], input_ids[b, :length])
             )
             index += 1
+    return _pair(references, received)
+
+
+def _pair(references: dict[int, list[tuple]], received: list[torch.Tensor]) -> dict[int, tuple[int, torch.Tensor]]:
+    """received index -> (reference index, token ids), references being {length: [(index, clean rows, sent rows,
+    ids)]}: one to one within each length, nearest pairs first. The distance is the smaller of the distances to the
+    clean bottom output and to what this client would send (exact for a run's keyed noise and frozen bottom; the
+    clean output serves fresh noise and trained bottoms)."""
     by_length: dict[int, list[int]] = {}
     for i, rows in enumerate(received):
         by_length.setdefault(len(rows), []).append(i)
@@ -214,7 +221,7 @@ def _pair_with_texts(
         )
         width = distances.shape[1]
         used_rows, used_texts = set(), set()
-        for flat in distances.reshape(-1).argsort().tolist():  # (received, text) pairs from the nearest on
+        for flat in distances.reshape(-1).argsort().tolist():  # (received, reference) pairs from the nearest on
             r, t = divmod(flat, width)
             if r not in used_rows and t not in used_texts:  # each side used once
                 used_rows.add(r)

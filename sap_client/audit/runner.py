@@ -260,6 +260,14 @@ def write_report(report: dict, folder: Path) -> None:
             f"victims; empirical privacy {report['aia_privacy']:.3f}.",
             "",
         ]
+    if "targets_read" in report:
+        lines += [
+            f"**Target tokens** (the tokens the model learns to write, read from the recorded Backward gradients: "
+            f"the lowest <E_v, gamma * g> over the vocabulary, a lower bound): {report['targets_read']:.1%} of "
+            f"{report['target_tokens']} target tokens read over {report['target_steps']} steps; empirical privacy "
+            f"{report['targets_privacy']:.3f}.",
+            "",
+        ]
     if "label_inference_accuracy" in report:
         lines += [
             f"**Label inference** ({report['label_attack']} rule on the recorded Backward gradients): "
