@@ -18,6 +18,7 @@ help:
 	@echo "make privacy-table  the utility/privacy grid on real data (benchmarks/results/privacy_table.md)"
 	@echo "make label-table  label leakage per mode on recorded real traffic (benchmarks/results/label_table.md)"
 	@echo "make target-leakage  target tokens read from generative fine-tuning's gradients (benchmarks/results)"
+	@echo "make generative-leakage  what the provider reads of a generative run, per mode, from recorded traffic"
 	@echo "make sft-demo   generative fine-tuning: SmolLM2 learns film-script replies (held-out perplexity)"
 	@echo "make bench      split vs single-process benchmarks, memory, slow link, SFT and generation (benchmarks/README.md)"
 	@echo "make bench-quick  the reduced benchmark (MiniLM split 2, < 2 min): one JSON line"
@@ -66,6 +67,11 @@ demo: install models data
 .PHONY: target-leakage
 target-leakage: install models data
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/target_leakage.py
+
+# What the provider reads of a generative run per mode, on recorded two-process traffic (about 25 min).
+.PHONY: generative-leakage
+generative-leakage: install models data
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/generative_leakage.py
 
 sft-demo: install models data
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/sft_demo.sh

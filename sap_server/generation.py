@@ -54,29 +54,42 @@ class Generations:
 
     def watched(self, frames: Iterable) -> Iterator:
         """frames as they arrive, read on a thread of their own; IdleTimeoutError when the next one takes longer
-        than idle_timeout. (The reading thread ends with the call: once the handler returns, gRPC ends the stream.)"""
-        arrived: queue.Queue = queue.Queue(maxsize=64)
+        than idle_timeout. The reader holds at most a few frames ahead (a client cannot queue unbounded data) and
+        ends with the call: once the handler is done, gRPC ends the request stream."""
+        arrived: queue.Queue = queue.Queue(maxsize=16)
+        done = threading.Event()
+
+        def hand_over(item) -> bool:
+            while not done.is_set():
+                try:
+                    arrived.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def read() -> None:
             try:
                 for frame in frames:
-                    arrived.put(frame)
+                    if not hand_over(frame):
+                        return
             except Exception as exc:  # noqa: BLE001 - the call ended (cancelled, or the handler is done)
-                arrived.put(exc)
+                hand_over(exc)
                 return
-            arrived.put(_END)
+            hand_over(_END)
 
         threading.Thread(target=read, name="sap-generate-reader", daemon=True).start()
-        while True:
-            try:
-                item = arrived.get(timeout=self.idle_timeout)
-            except queue.Empty:
-                raise IdleTimeoutError(
-                    f"no piece of the generation arrived within {self.idle_timeout:g} s (--generation-timeout): "
-                    "its cache is freed"
-                ) from None
-            if item is _END:
-                return
-            if isinstance(item, Exception):
-                return  # the caller went away: nothing to answer
-            yield item
+        try:
+            while True:
+                try:
+                    item = arrived.get(timeout=self.idle_timeout)
+                except queue.Empty:
+                    raise IdleTimeoutError(
+                        f"no piece of the generation arrived within {self.idle_timeout:g} s (--generation-timeout): "
+                        "its cache is freed"
+                    ) from None
+                if item is _END or isinstance(item, Exception):
+                    return  # the user closed its side, or went away: nothing more to answer
+                yield item
+        finally:
+            done.set()

@@ -47,3 +47,13 @@ print(f"== result: held-out perplexity {m['eval_perplexity_before']:.2f} before,
 PY
 echo "== privacy statement of the run: $RUN/run/privacy.md"
 grep -E '^- \*\*(Formal guarantee|Targets)' "$RUN/run/privacy.md" | sed 's/^/   /'
+
+prompt=$(python - "$RUN/heldout.jsonl" <<'PY'
+import json, sys
+print(json.loads(open(sys.argv[1]).readline())["messages"][0]["content"])
+PY
+)
+echo "== sap-client generate (split generation, the run's adapter, tail and noise): a held-out line"
+echo "   user: $prompt"
+echo -n "   model: "
+sap-client generate --run "$RUN/run" --server "$address" --prompt "$prompt" --max-new-tokens 48 --greedy
