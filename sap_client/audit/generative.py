@@ -19,9 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from sap_client.audit.attacks import AttackConfig, Attacker, simulated_mechanism, undo_rescaling
-from sap_client.audit.content import content_mask
-from sap_client.audit.recorded import _distinct_examples, _pair, _row_digests
+from sap_client.audit.attacks import AttackConfig, Attacker, simulated_mechanism
+from sap_client.audit.recorded import _distinct_examples, _pair, _row_digests, invert_received
 from sap_client.audit.runner import eia_report
 from sap_client.audit.targets import read_targets
 from sap_client.sft import SFTTrainer, batch_tensors, noise_key
@@ -82,21 +81,7 @@ def generative_audit(
     provider = Attacker(
         trainer.bottom, config, perturb=simulated_mechanism(trainer.privatizer), public=_public_batches(trainer, public)
     )
-    kinds = provider.applicable()
-    results: dict[str, list[tuple]] = {kind: [] for kind in kinds}
-    size = trainer.config.batch_size
-    for start in range(0, len(order), size):
-        chunk = order[start : start + size]
-        observed = torch.nn.utils.rnn.pad_sequence(
-            [undo_rescaling(received[i], trainer.privatizer) for i in chunk], batch_first=True
-        )
-        truth = torch.nn.utils.rnn.pad_sequence([matched[i][1] for i in chunk], batch_first=True)
-        lengths = torch.tensor([len(received[i]) for i in chunk])
-        mask = (torch.arange(observed.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
-        content = content_mask(truth, mask, trainer.tokenizer)
-        for kind in kinds:
-            results[kind].append((provider.invert(kind, observed, mask), truth, mask, content))
-    report = eia_report({1: results}, trainer, provider)
+    report = eia_report({1: invert_received(provider, trainer, received, matched, order)}, trainer, provider)
     report.update(examples=len(order), recorded_examples=len(received), unmatched_examples=len(received) - len(matched))
     report["public_examples"] = len(public)
     if records is not None:

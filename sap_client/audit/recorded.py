@@ -7,7 +7,7 @@ import hashlib
 
 import torch
 
-from sap_client.audit.attacks import AttackConfig, undo_rescaling
+from sap_client.audit.attacks import AttackConfig, Attacker, undo_rescaling
 from sap_client.audit.content import content_mask
 from sap_client.audit.labels import (
     gradient_clusters,
@@ -48,8 +48,27 @@ def recorded_audit(
     if not order:  # before the attacker is built: that runs the public text and may train an inverter
         raise ValueError("no recorded example matches a text of the data (same tokenizer, split and data?)")
     provider = build_attacker(trainer, config, public)
-    kinds = provider.applicable()
-    results: dict[str, list[tuple]] = {kind: [] for kind in kinds}
+    report = eia_report({1: invert_received(provider, trainer, received, matched, order)}, trainer, provider)
+    report.update(examples=len(order), recorded_examples=len(received), unmatched_examples=len(received) - len(order))
+    label_data = label_data if label_data is not None else data
+    if label_data.labels:
+        paired = matched if label_data is data else _pair_with_texts(trainer, label_data, received)
+        text_of = {digests[i]: text for i, (text, _) in paired.items()}
+        position = "first" if trainer.bottom.family is ENCODER else "last"  # where a pooled head reads
+        report.update(recorded_label_inference(records, text_of, label_data.labels, position))
+    return report
+
+
+def invert_received(
+    provider: Attacker,
+    trainer: SplitTrainer,
+    received: list[torch.Tensor],
+    matched: dict[int, tuple[int, torch.Tensor]],
+    order: list[int],
+) -> dict[str, list[tuple]]:
+    """Every applicable attack on the received examples `order` (indices into received, paired in matched with
+    their true ids), batch by batch: {attack: [(guesses, truth, mask, content)]}, eia_report's input."""
+    results: dict[str, list[tuple]] = {kind: [] for kind in provider.applicable()}
     size = trainer.config.batch_size
     for start in range(0, len(order), size):
         chunk = order[start : start + size]
@@ -60,17 +79,9 @@ def recorded_audit(
         lengths = torch.tensor([len(received[i]) for i in chunk])
         mask = (torch.arange(observed.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
         content = content_mask(truth, mask, trainer.tokenizer)
-        for kind in kinds:
+        for kind in results:
             results[kind].append((provider.invert(kind, observed, mask), truth, mask, content))
-    report = eia_report({1: results}, trainer, provider)
-    report.update(examples=len(order), recorded_examples=len(received), unmatched_examples=len(received) - len(order))
-    label_data = label_data if label_data is not None else data
-    if label_data.labels:
-        paired = matched if label_data is data else _pair_with_texts(trainer, label_data, received)
-        text_of = {digests[i]: text for i, (text, _) in paired.items()}
-        position = "first" if trainer.bottom.family is ENCODER else "last"  # where a pooled head reads
-        report.update(recorded_label_inference(records, text_of, label_data.labels, position))
-    return report
+    return results
 
 
 def recorded_label_inference(
