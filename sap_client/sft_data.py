@@ -17,6 +17,7 @@ predicting token t from tokens < t (token 0 never is: nothing predicts it).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,28 +65,31 @@ def read_jsonl(path: Path, format: str = "auto") -> tuple[str, list[tuple[int, d
         raise InvalidInputError(f"data file {path} does not exist")
     records: list[tuple[int, dict]] = []
     detected_at = 0
+    for number, record in _json_lines(path):
+        if not isinstance(record, dict):
+            raise InvalidInputError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        if format == "auto":
+            format, detected_at = _detect(record, path, number), number
+        _check(record, format, path, number, detected_at)
+        records.append((number, record))
+    if not records:
+        raise InvalidInputError(f"{path} holds no examples (one JSON object per line)")
+    return format, records
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line; InvalidInputError names the line that is not JSON."""
     try:
         with path.open(encoding="utf-8-sig") as handle:
             for number, raw in enumerate(handle, start=1):
                 if not raw.strip():
                     continue
                 try:
-                    record = json.loads(raw)
+                    yield number, json.loads(raw)
                 except json.JSONDecodeError as exc:
                     raise InvalidInputError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(record, dict):
-                    raise InvalidInputError(
-                        f"{path}, line {number}: expected a JSON object, got {type(record).__name__}"
-                    )
-                if format == "auto":
-                    format, detected_at = _detect(record, path, number), number
-                _check(record, format, path, number, detected_at)
-                records.append((number, record))
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"{path} is not UTF-8 text: {exc}") from exc
-    if not records:
-        raise InvalidInputError(f"{path} holds no examples (one JSON object per line)")
-    return format, records
 
 
 def _detect(record: dict, path: Path, number: int) -> str:
@@ -226,24 +230,15 @@ def read_prompts(path: Path) -> list[dict]:
     if not Path(path).is_file():
         raise InvalidInputError(f"prompts file {path} does not exist")
     prompts = []
-    with Path(path).open(encoding="utf-8-sig") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise InvalidInputError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
-            key = next((k for k in ("messages", "prompt", "text") if isinstance(record, dict) and k in record), None)
-            if key is None:
-                raise InvalidInputError(
-                    f'{path}, line {number}: expected an object with "prompt", "messages" or "text"'
-                )
-            if key == "messages":
-                _check({"messages": record["messages"] + [{"role": "assistant", "content": ""}]}, key, path, number, 0)
-            elif not isinstance(record[key], str) or not record[key]:
-                raise InvalidInputError(f'{path}, line {number}: "{key}" must be a non-empty string')
-            prompts.append({key: record[key]})
+    for number, record in _json_lines(Path(path)):
+        key = next((k for k in ("messages", "prompt", "text") if isinstance(record, dict) and k in record), None)
+        if key is None:
+            raise InvalidInputError(f'{path}, line {number}: expected an object with "prompt", "messages" or "text"')
+        if key == "messages":
+            _check({"messages": record["messages"] + [{"role": "assistant", "content": ""}]}, key, path, number, 0)
+        elif not isinstance(record[key], str) or not record[key]:
+            raise InvalidInputError(f'{path}, line {number}: "{key}" must be a non-empty string')
+        prompts.append({key: record[key]})
     if not prompts:
         raise InvalidInputError(f"{path} holds no prompts (one JSON object per line)")
     return prompts
