@@ -35,9 +35,10 @@ LABELS_EXPOSED_USER_TAIL = (
     "(--user-tail {tail}): the gradient the client returns is dL/dh below those blocks, one row per real token; "
     "each example's is bent by its own pass through the tail, so the rows no longer lie on one line, but the "
     "residual path keeps the gradients of one label pointing alike, and clustering them (named by the class prior "
-    "or by one example whose label the provider knows) reads them (measured: `sap-client audit --recorded` "
-    "reads 98.5% to 100% on the tiny test models and 100% on 1,000 real movie snippets with SmolLM2-135M and "
-    "MiniLM at --user-tail 1; README, Label privacy). What it does hide: the logits, dL/dlogits, the number of "
+    "or by one example whose label the provider knows; over several epochs each example's gradients linked by "
+    "the identical vectors it sent) reads them (measured: `sap-client audit --recorded` reads 99.8% to 100% over "
+    "10 epochs on the tiny test models and 100% on 1,000 real movie snippets with SmolLM2-135M and MiniLM at "
+    "--user-tail 1; README, Label privacy). What it does hide: the logits, dL/dlogits, the number of "
     "classes and the last block(s)' output"
 )
 TARGETS_EXPOSED_GENERATIVE = (

@@ -136,15 +136,20 @@ def test_private_head_trains_and_hides_the_logits_but_not_the_labels(model, tail
     finally:
         assert server.stop() == 0
     report = json.loads((audit / "report.json").read_text())
-    # the head's gradients lie on one line per step; a tail bends each example's, and clustering reads them
-    assert report["label_attack"].startswith("clustering" if tail else "tracked direction"), report
-    assert report["label_inference_accuracy"] >= 0.95, report
+    # the head's gradients lie on one line per step; a tail bends each example's, and clustering reads them once
+    # each example's ten epochs are linked by the identical vectors it sent (alone: 90-99.9% over nine runs)
+    assert report["label_attack"].split(", ")[0] in (
+        ("clustering", "linked clustering") if tail else ("tracked direction",)
+    ), report
+    assert report["label_inference_accuracy"] >= (0.99 if tail else 0.95), report
     assert report["label_inference_examples"] == 10 * train_rows
     assert 0.4 <= report["label_inference_baseline"] <= 0.6
     statement = (run / "privacy.md").read_text()
     if tail:
         assert "--user-tail 1" in statement and "the training labels are readable" in statement
-        assert "Labels read from the recorded gradients" in statement and "attack: clustering" in statement
+        assert (
+            "Labels read from the recorded gradients" in statement and f"attack: {report['label_attack']}" in statement
+        )
     else:
         assert "--private-head" in statement and "every training label of a two-class task is readable" in statement
         assert "Labels read from the recorded gradients" in statement and "tracked direction" in statement

@@ -1,6 +1,6 @@
 """Label inference from the gradients a provider receives (no gRPC): the sign rule on logits gradients, and
 direction and norm scoring on the gradients of a user-kept linear head's input, and clustering on those gradients
-(any number of classes, and through a user-kept tail)."""
+(any number of classes, through a user-kept tail, and linked across epochs by the vectors the provider was sent)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sap_client.audit.labels import (
     direction_scoring,
     gradient_clusters,
     label_inference,
+    linked_clusters,
     name_clusters,
     name_sides,
     norm_scoring,
@@ -111,3 +112,53 @@ def test_clustering_reads_labels_through_a_user_kept_tail():
     clusters = gradient_clusters(grad, 2)
     guesses = name_sides(clusters, known=(0, int(labels[0])))
     assert label_inference(guesses, labels)["label_inference_accuracy"] >= 0.95
+
+
+def test_linked_clustering_lets_an_examples_other_epochs_outvote_a_bent_gradient():
+    """Each example is observed once per epoch; the one whose last gradient bent past the other label's side is
+    misclustered alone, and put right by its earlier observations once they are linked."""
+    e1, e2 = torch.eye(2)
+    grad = torch.stack([e1, e1, e1, e1, -0.3 * e1 + e2, -e1, -e1, -e1, -e1, -e1 + 0.1 * e2])
+    groups = torch.tensor([0, 1, 0, 1, 0, 2, 3, 2, 3, 2])  # example 0 is seen three times
+    truth = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    clusters = gradient_clusters(grad, 2)
+    alone = name_sides(clusters, known=(0, 0))
+    assert alone[4] == 1 and (alone == truth).sum() == 9
+    linked = name_sides(linked_clusters(grad, clusters, groups, 2), known=(0, 0))
+    assert torch.equal(linked, truth)
+    with pytest.raises(ValueError, match="differ"):
+        linked_clusters(grad, clusters, groups[:3], 2)
+
+
+def test_linked_clustering_reads_every_label_of_a_run_through_a_trained_tail():
+    """Ten epochs of training a residual tail and a head, scaled so that the tail bends late gradients off their
+    label's direction: linking each example's observations reads every label, and never fewer than clustering
+    each observation alone."""
+    generator = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    examples, width = 240, 16
+    block = torch.nn.Sequential(
+        torch.nn.LayerNorm(width), torch.nn.Linear(width, 64), torch.nn.GELU(), torch.nn.Linear(64, width)
+    )
+    head = torch.nn.Linear(width, 2)
+    labels = torch.randperm(examples, generator=generator) % 2
+    offset = torch.randn(1, width, generator=generator)
+    hidden = torch.randn(examples, width, generator=generator) + 0.3 * (2 * labels[:, None] - 1) * offset
+    optimizer = torch.optim.Adam([*block.parameters(), *head.parameters()], lr=3e-2)
+    grads, seen = [], []
+    for _ in range(10):
+        for batch in torch.randperm(examples, generator=generator).split(24):
+            sent = hidden[batch].clone().requires_grad_(True)
+            loss = F.cross_entropy(head(sent + 3 * block(sent)), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            grads.append(sent.grad)
+            seen.append(batch)
+    grad, groups = torch.cat(grads), torch.cat(seen)
+    truth = labels[groups]
+    clusters = gradient_clusters(grad, 2)
+    alone = label_inference(name_sides(clusters, known=(0, int(truth[0]))), truth)["label_inference_accuracy"]
+    linked = linked_clusters(grad, clusters, groups, 2)
+    together = label_inference(name_sides(linked, known=(0, int(truth[0]))), truth)["label_inference_accuracy"]
+    assert together >= 0.99 and together >= alone, (together, alone)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-LABEL_ATTACKS = ("sign", "direction", "norm", "tracked", "clustering")
+LABEL_ATTACKS = ("sign", "direction", "norm", "tracked", "clustering", "linked clustering")
 
 
 def sign_rule(grad_logits: torch.Tensor) -> torch.Tensor:
@@ -110,6 +110,22 @@ def gradient_clusters(gradients: torch.Tensor, classes: int, *, restarts: int = 
             best, best_score = assign, score
     assert best is not None
     return best
+
+
+def linked_clusters(gradients: torch.Tensor, clusters: torch.Tensor, groups: torch.Tensor, classes: int):
+    """(N, D) gradients, their (N,) clusters from gradient_clusters, and (N,) group ids -> (N,) clusters, every
+    observation of a group given the one cluster whose centre the group's directions are nearest in sum (cosine).
+    A group is one example the provider links by what it was sent: the same text gets the same keyed noise, so
+    through a frozen bottom every epoch sends it identical vectors. Late in a run the gradients of well-fitted
+    examples are small and bent off their label's direction; the same example's earlier ones outvote them."""
+    if not (len(gradients) == len(clusters) == len(groups)):
+        raise ValueError(f"{len(gradients)} gradients, {len(clusters)} clusters and {len(groups)} groups differ")
+    rows = torch.nn.functional.normalize(gradients.double(), dim=1)
+    centres = torch.stack([rows[clusters == c].sum(0) for c in range(classes)])  # an empty cluster's is zero
+    similarity = rows @ torch.nn.functional.normalize(centres, dim=1).T  # (N, classes)
+    ids, group = torch.unique(groups, return_inverse=True)
+    summed = torch.zeros(len(ids), classes, dtype=similarity.dtype).index_add_(0, group, similarity)
+    return summed.argmax(1)[group]
 
 
 def name_sides(side: torch.Tensor, *, majority_class: int | None = None, known: tuple[int, int] | None = None):

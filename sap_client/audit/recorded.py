@@ -12,6 +12,7 @@ from sap_client.audit.content import content_mask
 from sap_client.audit.labels import (
     gradient_clusters,
     label_inference,
+    linked_clusters,
     name_clusters,
     name_sides,
     norm_scoring,
@@ -98,7 +99,7 @@ def recorded_label_inference(
     each example's row at pooled_position ("last" real token for decoders, "first" for encoders). The figure is the
     strongest of them (each one's is reported too)."""
     forwards = {(r.session, r.step): r for r in records if r.kind == "forward"}  # a retried forward: the same tensors
-    steps: dict[str, list[tuple[torch.Tensor, list[int | None]]]] = {
+    steps: dict[str, list[tuple[torch.Tensor, list[int | None], list[str]]]] = {
         "grad_logits": [],
         "grad_pooled": [],
         "grad_hidden": [],
@@ -109,19 +110,17 @@ def recorded_label_inference(
         forward = forwards.get((record.session, record.step)) if record.kind == "backward" else None
         if name is None or forward is None:
             continue
-        rows = [
-            text_of.get(digest)
-            for digest in _row_digests(forward.tensors["hidden_states"], forward.tensors["attention_mask"])
-        ]
+        digests = _row_digests(forward.tensors["hidden_states"], forward.tensors["attention_mask"])
+        rows = [text_of.get(digest) for digest in digests]
         unmatched += sum(row is None for row in rows)
         gradient = record.tensors[name]
         if name == "grad_hidden":  # packed (N_real, H): each example's row at the position its head reads
             gradient = _rows_at(gradient, forward.tensors["attention_mask"], pooled_position)
             name = "grad_pooled"
-        steps[name].append((gradient, rows))
+        steps[name].append((gradient, rows, digests))
     if steps["grad_logits"]:
         guesses, truth = [], []
-        for grads, rows in steps["grad_logits"]:
+        for grads, rows, _ in steps["grad_logits"]:
             predicted = sign_rule(grads)  # (B,)
             for b, row in enumerate(rows):
                 if row is not None:
@@ -139,14 +138,18 @@ def recorded_label_inference(
 
 
 def _pooled_label_inference(
-    steps: list[tuple[torch.Tensor, list[int | None]]], labels: list[int], unmatched: int
+    steps: list[tuple[torch.Tensor, list[int | None], list[str]]], labels: list[int], unmatched: int
 ) -> dict:
     """The attacks on dL/dpooled (B, H) of a user-kept head (see recorded_label_inference)."""
-    truth_rows = [row for _, rows in steps for row in rows if row is not None]
+    truth_rows = [row for _, rows, _ in steps for row in rows if row is not None]
     if not truth_rows:
         return {"label_inference": "no recorded Backward gradient of a paired example"}
     truth = torch.tensor([labels[row] for row in truth_rows])
-    gradients = torch.cat([grads[[b for b, row in enumerate(rows) if row is not None]] for grads, rows in steps])
+    gradients = torch.cat([grads[[b for b, row in enumerate(rows) if row is not None]] for grads, rows, _ in steps])
+    # the provider's own link between observations: the digest of the vectors it was sent
+    sent = [digest for _, rows, digests in steps for row, digest in zip(rows, digests) if row is not None]
+    number = {digest: i for i, digest in enumerate(dict.fromkeys(sent))}
+    groups = torch.tensor([number[digest] for digest in sent])
     classes = max(len(set(labels)), 2)
     counts = torch.bincount(truth, minlength=classes)
     prior = (counts.double() / len(truth)).tolist()
@@ -156,6 +159,11 @@ def _pooled_label_inference(
         guesses["clustering, prior"] = name_clusters(clusters, prior)
         if classes == 2:
             guesses["clustering, one known label"] = name_sides(clusters, known=(0, int(truth[0])))
+        if len(number) < len(sent):  # some example was sent more than once (several epochs)
+            linked = linked_clusters(gradients, clusters, groups, classes)
+            guesses["linked clustering, prior"] = name_clusters(linked, prior)
+            if classes == 2:
+                guesses["linked clustering, one known label"] = name_sides(linked, known=(0, int(truth[0])))
     if not guesses:
         return {"label_inference": "too few recorded gradients to attack", "label_inference_examples": len(truth)}
     figures = {attack: label_inference(guess, truth) for attack, guess in guesses.items()}
@@ -173,7 +181,7 @@ def _binary_attacks(steps, truth: torch.Tensor, gradients: torch.Tensor, counts:
     sides = torch.cat(
         [
             side[[b for b, row in enumerate(rows) if row is not None]]
-            for side, (_, rows) in zip(tracked_sides([g for g, _ in steps]), steps)
+            for side, (_, rows, _) in zip(tracked_sides([g for g, _, _ in steps]), steps)
         ]
     )
     majority = int(counts.argmax())
