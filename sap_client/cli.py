@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume = commands.add_parser(
         "resume",
         help="continue a training run cut short, from its latest checkpoint",
-        description="Continue the unfinished `sap-client train` run in RUN_DIR from its latest checkpoint, with "
-        "the run's own data and settings (training, noise and CTI settings, seeds, noise key): only where "
+        description="Continue the unfinished `sap-client train` run in RUN_DIR (classification or generative) "
+        "from its latest checkpoint, with the run's own data and settings (training, noise and CTI settings, "
+        "seeds, noise key): only where "
         "to connect and the device may be given. The server must still have the run's session (a restarted "
         "server needs the same --state-dir). Ends with the same metrics and weights as an uninterrupted run.",
     )
@@ -497,11 +498,7 @@ def run_train_generative(args: argparse.Namespace, config, noise, device) -> int
         wire_dtype=args.wire_dtype,
         credentials=_credentials(args),
     )
-    noise_note = f"noise eta {metrics['eta']:.4g}" if metrics["eta"] else "no noise"
-    print(
-        f"eval perplexity {metrics['eval_perplexity_before']:.3f} -> {metrics['eval_perplexity']:.3f} after "
-        f"{metrics['steps']} steps ({metrics['seconds']:.1f} s, {noise_note}); run in {out}"
-    )
+    _print_trained(metrics, out)
     return 0
 
 
@@ -515,13 +512,20 @@ def run_resume(args: argparse.Namespace, device) -> int:
 
 
 def _print_trained(metrics: dict, out: Path) -> None:
+    resumed = f", resumed at step {metrics['resumed_at_steps'][-1]}" if metrics.get("resumed_at_steps") else ""
+    if metrics.get("task") == "generative":
+        noise_note = f"noise eta {metrics['eta']:.4g}" if metrics["eta"] else "no noise"
+        print(
+            f"eval perplexity {metrics['eval_perplexity_before']:.3f} -> {metrics['eval_perplexity']:.3f} after "
+            f"{metrics['steps']} steps ({metrics['seconds']:.1f} s, {noise_note}{resumed}); run in {out}"
+        )
+        return
     noise_note = (
         f"noise eta {metrics['eta']:.4g} (noise/signal {metrics['noise_to_signal']:.2f}"
         f"{', CTI' if metrics['cti'] else ''})"
         if metrics["eta"]
         else "no noise"
     )
-    resumed = f", resumed at step {metrics['resumed_at_steps'][-1]}" if metrics.get("resumed_at_steps") else ""
     print(
         f"eval accuracy {metrics['eval_accuracy']:.4f} after {metrics['steps']} steps "
         f"({metrics['seconds']:.1f} s, {noise_note}{resumed}); run in {out}"

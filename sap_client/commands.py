@@ -21,6 +21,7 @@ from sap_client.labeldp import randomize_labels
 from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
 from sap_client.remote import ClientCredentials
 from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, HEAD, METRICS, PRIVACY, RUN, RunDir, RunSpec, RunState
+from sap_client.sft import SFTTrainer
 from sap_client.statement import audit_summary, median_token_distance, privacy_statement, render_statement
 from sap_client.trainer import SplitTrainer, TrainConfig, TrainProgress
 from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors
@@ -159,6 +160,10 @@ class _Checkpointer:
         if trainer.head is not None and trainer.head_optimizer is not None:
             tensors.update({_HEAD + name: value for name, value in trainer.head.trainable_state().items()})
             optimizer_tensors, state.head_optimizer = optimizer_to_tensors(trainer.head_optimizer, _HEAD_OPTIMIZER)
+            tensors.update(optimizer_tensors)
+        if isinstance(trainer, SFTTrainer) and trainer.lm_optimizer is not None:  # a generative run's tail LoRA
+            tensors.update({_HEAD + name: value for name, value in trainer.user_state().items()})
+            optimizer_tensors, state.head_optimizer = optimizer_to_tensors(trainer.lm_optimizer, _HEAD_OPTIMIZER)
             tensors.update(optimizer_tensors)
         self.run.write_state(state, tensors)
         self.step = progress.step
@@ -312,38 +317,25 @@ def train_generative(
     credentials: ClientCredentials | None = None,
 ) -> dict:
     """sap-client train DATA.jsonl: generative fine-tuning of the server's decoder (sap_client/sft.py); held-out
-    perplexity before and after in metrics.json. Not resumable yet: a run cut short starts over."""
-    from sap_client.sft import SFTTrainer
-    from sap_client.sft_data import load_sft_jsonl
-
+    perplexity before and after in metrics.json. Checkpointed like a classification run: `sap-client resume`
+    continues one cut short."""
     if noise.cti:
         raise InvalidInputError("--cti needs labelled classes; generative fine-tuning does not support it yet")
     if config.label_epsilon is not None:
         raise InvalidInputError("--label-epsilon randomizes class labels: a generative run has none")
     run = RunDir(out).create()
     if run.file(CHECKPOINT).exists() and not run.file(METRICS).exists():
-        raise InvalidInputError(f"{out} holds an unfinished run: choose another --out")
+        raise InvalidInputError(
+            f"{out} holds an unfinished run: continue it with `sap-client resume {out}`, or choose another --out"
+        )
     with open_generative(server, config, run=run, wire_dtype=wire_dtype, credentials=credentials, device=device) as (
         opened
     ):
         info, trainer = opened.info, opened.trainer
         assert isinstance(trainer, SFTTrainer)
-        data = load_sft_jsonl(
-            data_path, trainer.tokenizer, format=data_format, loss_on=loss_on, max_length=config.max_length
+        data, train_examples, held = _generative_data(
+            trainer, config, data_path, data_format, loss_on, eval_path, eval_fraction, max_examples
         )
-        examples = data.examples[:max_examples] if max_examples else data.examples
-        if eval_path is not None:
-            held = load_sft_jsonl(
-                eval_path, trainer.tokenizer, format=data_format, loss_on=loss_on, max_length=config.max_length
-            ).examples
-            train_examples = examples
-        else:
-            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
-            count = max(1, round(len(examples) * eval_fraction))
-            if count >= len(examples):
-                raise InvalidInputError(f"{data_path}: {len(examples)} examples leave none to train on")
-            held = [examples[i] for i in order[:count]]
-            train_examples = [examples[i] for i in order[count:]]
         log.info(
             "server %s: %s, split %d/%d, %s; generative (%s, loss on %s), %d train / %d eval examples%s",
             server,
@@ -373,54 +365,108 @@ def train_generative(
             data_format=data.format,
             loss_on=loss_on,
         )
-        run.file(METRICS).unlink(missing_ok=True)
-        run.write_spec(spec)
-        metrics = trainer.fit_generative(train_examples, held)
+        for stale in (METRICS, CHECKPOINT):
+            run.file(stale).unlink(missing_ok=True)
+        run.write_spec(spec)  # before the first step: what `resume` needs
+        trainer.open_generative()
+        checkpoint = _Checkpointer(run, opened)
+        checkpoint(TrainProgress())
+        metrics, adapter_id = _fit_generative(opened, checkpoint, train_examples, held)
+    return _complete_generative(run, spec, metrics, opened, data, adapter_id)
+
+
+def _generative_data(
+    trainer,
+    config: TrainConfig,
+    data_path: Path,
+    data_format: str,
+    loss_on: str,
+    eval_path: Path | None,
+    eval_fraction: float,
+    max_examples: int | None,
+) -> tuple:
+    """(the loaded SFTData, train examples, held-out examples): a seeded split of data_path unless eval_path."""
+    from sap_client.sft_data import load_sft_jsonl
+
+    def load(path: Path):
+        tokenizer, length = trainer.tokenizer, config.max_length
+        return load_sft_jsonl(path, tokenizer, format=data_format, loss_on=loss_on, max_length=length)
+
+    data = load(data_path)
+    examples = data.examples[:max_examples] if max_examples else data.examples
+    if eval_path is not None:
+        return data, examples, load(eval_path).examples
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    count = max(1, round(len(examples) * eval_fraction))
+    if count >= len(examples):
+        raise InvalidInputError(f"{data_path}: {len(examples)} examples leave none to train on")
+    return data, [examples[i] for i in order[count:]], [examples[i] for i in order[:count]]
+
+
+def _fit_generative(opened: OpenSplit, checkpoint: _Checkpointer, train_examples, held, progress=None) -> tuple:
+    """_fit for a generative run: (metrics with the run's total traffic, the kept adapter's id)."""
+    trainer, service = opened.trainer, opened.service
+    assert isinstance(trainer, SFTTrainer)
+    try:
+        metrics = trainer.fit_generative(train_examples, held, progress=progress, on_checkpoint=checkpoint)
         assert trainer.session_id is not None
-        adapter_id = opened.service.finish_session(trainer.session_id)
-        metrics.update(
-            bytes_sent=opened.service.bytes_sent,
-            bytes_received=opened.service.bytes_received,
-            bytes_per_train_token=(opened.service.bytes_sent + opened.service.bytes_received) / metrics["train_tokens"],
-            bottom_download_bytes=opened.download_bytes,
-            model=info.model_id,
-            split=info.split,
-            total_blocks=info.total_blocks,
-            peft=info.peft,
-            user_tail=config.user_tail,
-            data_format=data.format,
-            loss_on=loss_on,
-            truncated=data.truncated,
-            dropped=data.dropped,
-            wire_dtype=wire_dtype,
-            eta=spec.eta,
-            noise_ratio=noise.noise_ratio,
-            noise_to_signal=trainer.privatizer.noise_to_signal if trainer.privatizer else 0.0,
-            rescale_norm=spec.rescale_norm,
-            adapter_id=adapter_id,
-        )
-        if config.user_tail:
-            save_file({k: v.contiguous() for k, v in trainer.user_state().items()}, str(run.file(HEAD)))
-        if config.train_bottom:
-            state = {k: v.detach().cpu().contiguous() for k, v in trainer.bottom.state_dict().items()}
-            save_file(state, str(run.file(BOTTOM)))
-        metrics["privacy"] = privacy_statement(
-            model=info.model_id,
-            split=info.split,
-            eta=spec.eta,
-            eta_max=None,
-            cti=None,
-            rescale_norm=spec.rescale_norm,
-            noise_observations="one per example" if spec.eta else "no noise",
-            epochs=config.epochs,
-            median_distance=median_token_distance(trainer.bottom),
-            user_tail=config.user_tail,
-            generative=True,
-        )
+        adapter_id = service.finish_session(trainer.session_id)
+    except SapError as exc:
+        raise checkpoint.hint(exc) from exc
+    metrics.update(
+        bytes_sent=checkpoint.bytes_sent + service.bytes_sent,
+        bytes_received=checkpoint.bytes_received + service.bytes_received,
+    )
+    return metrics, adapter_id
+
+
+def _complete_generative(run: RunDir, spec: RunSpec, metrics: dict, opened: OpenSplit, data, adapter_id: str) -> dict:
+    """_complete for a generative run: the tail's LoRA and the bottom (when they trained), metrics.json, the
+    privacy statement, run.json; drop the checkpoint."""
+    trainer, info, config = opened.trainer, opened.info, opened.trainer.config
+    assert isinstance(trainer, SFTTrainer)
+    metrics.update(
+        bytes_per_train_token=(metrics["bytes_sent"] + metrics["bytes_received"]) / metrics["train_tokens"],
+        bottom_download_bytes=opened.download_bytes,
+        model=info.model_id,
+        split=info.split,
+        total_blocks=info.total_blocks,
+        peft=info.peft,
+        user_tail=config.user_tail,
+        data_format=data.format,
+        loss_on=spec.loss_on,
+        truncated=data.truncated,
+        dropped=data.dropped,
+        wire_dtype=spec.wire_dtype,
+        eta=spec.eta,
+        noise_ratio=spec.noise.noise_ratio,
+        noise_to_signal=trainer.privatizer.noise_to_signal if trainer.privatizer else 0.0,
+        rescale_norm=spec.rescale_norm,
+        adapter_id=adapter_id,
+    )
+    if config.user_tail:
+        save_file({k: v.contiguous() for k, v in trainer.user_state().items()}, str(run.file(HEAD)))
+    if config.train_bottom:
+        state = {k: v.detach().cpu().contiguous() for k, v in trainer.bottom.state_dict().items()}
+        save_file(state, str(run.file(BOTTOM)))
+    metrics["privacy"] = privacy_statement(
+        model=info.model_id,
+        split=info.split,
+        eta=spec.eta,
+        eta_max=None,
+        cti=None,
+        rescale_norm=spec.rescale_norm,
+        noise_observations="one per example" if spec.eta else "no noise",
+        epochs=config.epochs,
+        median_distance=median_token_distance(trainer.bottom),
+        user_tail=config.user_tail,
+        generative=True,
+    )
     run.write_json(METRICS, metrics)
     run.file(PRIVACY).write_text(render_statement(metrics["privacy"]))
     spec.adapter_id, spec.finished = adapter_id, time.strftime("%Y-%m-%dT%H:%M:%S")
     run.write_spec(spec)
+    run.file(CHECKPOINT).unlink(missing_ok=True)  # it holds the session secret, and the session is closed
     return metrics
 
 
@@ -440,9 +486,10 @@ def resume(
     device: torch.device | str = "cpu",
     credentials: ClientCredentials | None = None,
 ) -> dict:
-    """Continue an unfinished `train` run from RUN_DIR's latest checkpoint, with the run's own settings."""
+    """Continue an unfinished `train` run (classification or generative) from RUN_DIR's latest checkpoint, with
+    the run's own settings."""
     run = RunDir(run_path)
-    spec = run.read_classification_spec("resume")
+    spec = run.read_spec()
     if run.file(METRICS).exists() or spec.finished:
         raise InvalidInputError(f"{run_path} holds a completed run (its metrics.json is written): nothing to resume")
     if spec.data is None or spec.data_sha256 is None:
@@ -456,6 +503,10 @@ def resume(
                 f"{path} changed since the run started (its SHA-256 differs): resuming on other "
                 f"data would not continue the same run"
             )
+    saved = run.read_state()
+    server = server or spec.server
+    if spec.task == "generative":
+        return _resume_generative(run, spec, saved, server, device=device, credentials=credentials)
     label_names, train_data, held = _training_data(
         data_path,
         spec.text_column,
@@ -468,58 +519,108 @@ def resume(
     if label_names != spec.label_names:
         raise InvalidInputError(f"{data_path} now has the labels {label_names}, the run {spec.label_names}")
     train_data, label_dp = _training_labels(train_data, config, run)  # keyed: the same labels as before
-    saved = run.read_state()
-    server = server or spec.server
     with open_split(
         server, config, run=run, spec=spec, fresh_noise=spec.noise.fresh_noise, credentials=credentials, device=device
     ) as opened:
-        trainer, service = opened.trainer, opened.service
+        trainer = opened.trainer
         state, tensors = saved if saved is not None else (None, {})
         if state is not None:
-            if config.train_bottom:
-                assert trainer.bottom_optimizer is not None and state.bottom_optimizer is not None
-                trainer.bottom.load_state_dict(
-                    {name[len(_BOTTOM) :]: value for name, value in tensors.items() if name.startswith(_BOTTOM)}
-                )
-                optimizer_from_tensors(trainer.bottom_optimizer, tensors, state.bottom_optimizer, _BOTTOM_OPTIMIZER)
+            _restore_bottom(trainer, tensors, state)
             if config.private_head:
                 _restore_head(trainer, tensors, state.head_optimizer, len(label_names))
-            service.use_session(state.session_id, state.session_secret)
-            try:
-                service.resume_session(state.session_id, state.step)
-            except (StepOrderError, SessionNotFoundError) as exc:
-                if state.step == 0:  # nothing to lose: the same seeds give the same run in a new session
-                    log.warning("the server cannot resume the run's session at step 0 (%s): a new session starts", exc)
-                    state = None
-                elif isinstance(exc, StepOrderError):
-                    raise StepOrderError(
-                        f"the server cannot bring the run's session back to step {state.step}, "
-                        f"where the run's checkpoint is: {exc}"
-                    ) from exc
-                else:
-                    raise SessionNotFoundError(
-                        f"the server does not know the run's session (was it restarted "
-                        f"without its --state-dir, or is this another server?): {exc}"
-                    ) from exc
-        if state is None:  # cut short before its first step: start it again (the same seeds, the same run)
-            trainer.open(len(label_names))
-            checkpoint, progress = _Checkpointer(run, opened), TrainProgress()
-            checkpoint(progress)
-        else:
-            progress = state.progress
-            trainer.session_id, trainer.steps = state.session_id, progress.step
-            progress.resumed_at.append(progress.step)
-            checkpoint = _Checkpointer(run, opened, bytes_sent=state.bytes_sent, bytes_received=state.bytes_received)
-            checkpoint.step = progress.step
-            log.info(
-                "resuming %s at step %d (epoch %d, batch %d)",
-                run_path,
-                progress.step,
-                progress.epoch,
-                progress.position + 1,
-            )
+        checkpoint, progress = _continue_session(opened, run, state, lambda: trainer.open(len(label_names)))
         metrics, adapter_id = _fit(opened, run, checkpoint, train_data, held, progress)
     return _complete(run, spec, metrics, trainer, opened.info, adapter_id, opened.download_bytes, label_dp)
+
+
+def _resume_generative(run: RunDir, spec: RunSpec, saved, server: str, *, device, credentials) -> dict:
+    """resume for a generative run: the same data split, the tail's LoRA and its optimizer from the checkpoint."""
+    config = spec.config
+    with open_generative(
+        server,
+        config,
+        run=run,
+        spec=spec,
+        finished=False,
+        wire_dtype=spec.wire_dtype,
+        credentials=credentials,
+        device=device,
+    ) as opened:
+        trainer = opened.trainer
+        assert isinstance(trainer, SFTTrainer)
+        data, train_examples, held = _generative_data(
+            trainer,
+            config,
+            Path(spec.data or ""),
+            spec.data_format or "auto",
+            spec.loss_on or "completion",
+            Path(spec.eval) if spec.eval else None,
+            spec.eval_fraction or 0.1,
+            spec.max_examples,
+        )
+        state, tensors = saved if saved is not None else (None, {})
+        if state is not None:
+            _restore_bottom(trainer, tensors, state)
+            if trainer.lm_optimizer is not None:
+                kept = {name[len(_HEAD) :]: value for name, value in tensors.items() if name.startswith(_HEAD)}
+                if not kept or state.head_optimizer is None:
+                    raise InvalidInputError("the run's checkpoint holds no tail LoRA, although the run keeps a tail")
+                trainer.load_user_state(kept)
+                optimizer_from_tensors(trainer.lm_optimizer, tensors, state.head_optimizer, _HEAD_OPTIMIZER)
+        checkpoint, progress = _continue_session(opened, run, state, trainer.open_generative)
+        metrics, adapter_id = _fit_generative(opened, checkpoint, train_examples, held, progress)
+    return _complete_generative(run, spec, metrics, opened, data, adapter_id)
+
+
+def _restore_bottom(trainer: SplitTrainer, tensors: dict, state: RunState) -> None:
+    """Put the checkpoint's bottom and its optimizer state back (a --train-bottom run)."""
+    if not trainer.config.train_bottom:
+        return
+    assert trainer.bottom_optimizer is not None and state.bottom_optimizer is not None
+    trainer.bottom.load_state_dict(
+        {name[len(_BOTTOM) :]: value for name, value in tensors.items() if name.startswith(_BOTTOM)}
+    )
+    optimizer_from_tensors(trainer.bottom_optimizer, tensors, state.bottom_optimizer, _BOTTOM_OPTIMIZER)
+
+
+def _continue_session(
+    opened: OpenSplit, run: RunDir, state: RunState | None, open_new: Callable[[], object]
+) -> tuple[_Checkpointer, TrainProgress]:
+    """Bring the provider's session back to the checkpoint's step, or (cut short before the first step: the same
+    seeds give the same run) open a new one with open_new; the checkpointer and the progress to continue from."""
+    trainer, service = opened.trainer, opened.service
+    if state is not None:
+        service.use_session(state.session_id, state.session_secret)
+        try:
+            service.resume_session(state.session_id, state.step)
+        except (StepOrderError, SessionNotFoundError) as exc:
+            if state.step == 0:  # nothing to lose: the same seeds give the same run in a new session
+                log.warning("the server cannot resume the run's session at step 0 (%s): a new session starts", exc)
+                state = None
+            elif isinstance(exc, StepOrderError):
+                raise StepOrderError(
+                    f"the server cannot bring the run's session back to step {state.step}, "
+                    f"where the run's checkpoint is: {exc}"
+                ) from exc
+            else:
+                raise SessionNotFoundError(
+                    f"the server does not know the run's session (was it restarted "
+                    f"without its --state-dir, or is this another server?): {exc}"
+                ) from exc
+    if state is None:
+        open_new()
+        checkpoint, progress = _Checkpointer(run, opened), TrainProgress()
+        checkpoint(progress)
+        return checkpoint, progress
+    progress = state.progress
+    trainer.session_id, trainer.steps = state.session_id, progress.step
+    progress.resumed_at.append(progress.step)
+    checkpoint = _Checkpointer(run, opened, bytes_sent=state.bytes_sent, bytes_received=state.bytes_received)
+    checkpoint.step = progress.step
+    log.info(
+        "resuming %s at step %d (epoch %d, batch %d)", run.path, progress.step, progress.epoch, progress.position + 1
+    )
+    return checkpoint, progress
 
 
 def _restore_head(trainer: SplitTrainer, tensors: dict, layout: dict | None, num_labels: int) -> None:
@@ -856,7 +957,6 @@ def _audit_generative(
     (sap_client/audit/generative.py)."""
     from sap_client.audit.generative import generative_audit
     from sap_client.audit.runner import write_report
-    from sap_client.sft import SFTTrainer
     from sap_client.sft_data import load_sft_jsonl
     from sap_common.recording import read_records
 
@@ -914,7 +1014,6 @@ def generate(
     (sap_client/generation.py). on_text(prompt index, new text) is called as the text grows. Returns
     {"completions": [{prompt, completion, tokens, stopped}], and the traffic and timing figures}."""
     from sap_client.generation import generate_tokens, stop_ids
-    from sap_client.sft import SFTTrainer
     from sap_client.sft_data import generation_prompt
 
     run = RunDir(run_path)

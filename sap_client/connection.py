@@ -151,6 +151,7 @@ def open_generative(
     *,
     run: RunDir,
     spec: RunSpec | None = None,
+    finished: bool = True,
     wire_dtype: str = "float32",
     credentials: ClientCredentials | None = None,
     device: torch.device | str = "cpu",
@@ -159,7 +160,8 @@ def open_generative(
     config.user_tail blocks (possibly none) and final norm, kept in RUN_DIR/tail, ending in the tied output layer;
     an SFTTrainer over them (no privatizer yet: the caller fits the noise). With the spec of a finished run
     (sap-client generate): the server must serve its model and split, and the trainer gets the run's fine-tuned
-    bottom and tail LoRA and its privatizer."""
+    bottom and tail LoRA and its privatizer; with finished=False (sap-client resume) only its privatizer, the
+    weights coming from the run's checkpoint."""
     from sap_client.sft import SFTTrainer
 
     service = RemoteTopService(server, wire_dtype=wire_dtype_of(wire_dtype), credentials=credentials)
@@ -182,11 +184,11 @@ def open_generative(
             raise ModelLoadError(f"{info.model_id}'s bottom has no token embedding table to make logits with")
         lm_end = load_server_tail(service, info, config.user_tail, run.file(TAIL), lm_embedding=embedding)
         download_bytes += _take_download_bytes(service)
-        if spec is not None and run.file(BOTTOM).exists():
+        if spec is not None and finished and run.file(BOTTOM).exists():
             bottom.load_state_dict(load_file(str(run.file(BOTTOM))))
         trainer = SFTTrainer(bottom, tokenizer, service, config, lm_end, device=device, head_key=run.noise_key())
         if spec is not None:
-            if config.user_tail:
+            if config.user_tail and finished:
                 try:
                     trainer.load_user_state(load_file(str(run.file(HEAD))))
                 except (OSError, ValueError) as exc:

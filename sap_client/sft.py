@@ -16,7 +16,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from sap_client.head import apply_user_lora
 from sap_client.privacy import Privatizer
 from sap_client.sft_data import SFTExample
-from sap_client.trainer import SplitTrainer, TrainConfig
+from sap_client.trainer import SplitTrainer, TrainConfig, TrainProgress
 from sap_common.checkpoint import seeded_draws
 from sap_common.models import set_training
 from sap_common.models.families import LMHead
@@ -210,36 +210,61 @@ class SFTTrainer(SplitTrainer):
         total, count = self.loss_sum(examples)
         return math.exp(total / count) if count else float("nan")
 
-    def fit_generative(self, train: Sequence[SFTExample], eval_examples: Sequence[SFTExample]) -> dict:
-        """Train for config.epochs (a seeded order per epoch), measuring held-out perplexity before and after each
-        epoch; returns the run's metrics."""
+    def fit_generative(
+        self,
+        train: Sequence[SFTExample],
+        eval_examples: Sequence[SFTExample],
+        *,
+        progress: TrainProgress | None = None,
+        on_checkpoint: Callable[[TrainProgress], None] | None = None,
+    ) -> dict:
+        """Train for config.epochs (a seeded order per epoch), measuring held-out perplexity before the first step
+        and after each epoch; returns the run's metrics. progress (the client's checkpoint) continues a run where
+        it stood, as SplitTrainer.fit does: the orders are replayed, the steps done skipped; on_checkpoint(progress)
+        runs whenever the provider says it checkpointed."""
         if self.session_id is None:
             self.open_generative()
+        progress = progress if progress is not None else TrainProgress()
+        if progress.step != self.steps:
+            raise ValueError(f"progress is at step {progress.step} but the trainer at step {self.steps}")
+        if self.privatizer is not None and progress.privatizer is not None:
+            self.privatizer.load_state(progress.privatizer)
         generator = torch.Generator().manual_seed(self.config.seed)
-        started = time.perf_counter()
-        before = self.perplexity(eval_examples)
-        history, size = [], self.config.batch_size
+        started, earlier = time.perf_counter(), progress.seconds
+        if progress.eval_before is None:
+            progress.eval_before = self.perplexity(eval_examples)
+        size = self.config.batch_size
         for epoch in range(1, self.config.epochs + 1):
-            order = torch.randperm(len(train), generator=generator).tolist()
+            order = torch.randperm(len(train), generator=generator).tolist()  # drawn for every epoch: replayed
+            if epoch < progress.epoch:
+                continue
             batches = [[train[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
-            losses = [
-                self.sft_step(batch)
-                for batch in tqdm(batches, desc=f"epoch {epoch}/{self.config.epochs}", unit="step", disable=None)
-            ]
-            perplexity = self.perplexity(eval_examples)
-            history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "eval_perplexity": perplexity})
-            log.info(
-                "epoch %d/%d: train loss %.4f, eval perplexity %.3f",
-                epoch,
-                self.config.epochs,
-                history[-1]["train_loss"],
-                perplexity,
+            bar = tqdm(
+                batches[progress.position :],
+                desc=f"epoch {epoch}/{self.config.epochs}",
+                unit="step",
+                disable=None,
+                initial=progress.position,
+                total=len(batches),
             )
-        seconds = time.perf_counter() - started
+            for batch in bar:
+                progress.losses.append(self.sft_step(batch))
+                progress.step, progress.position = self.steps, progress.position + 1
+                if self.last_checkpointed and on_checkpoint is not None:
+                    progress.seconds = earlier + time.perf_counter() - started
+                    progress.privatizer = self.privatizer.state() if self.privatizer is not None else None
+                    on_checkpoint(progress)
+            perplexity = self.perplexity(eval_examples)
+            loss = sum(progress.losses) / len(progress.losses)
+            progress.history.append({"epoch": epoch, "train_loss": loss, "eval_perplexity": perplexity})
+            progress.epoch, progress.position, progress.losses = epoch + 1, 0, []
+            log.info("epoch %d/%d: train loss %.4f, eval perplexity %.3f", epoch, self.config.epochs, loss, perplexity)
+        seconds = earlier + time.perf_counter() - started
         tokens = sum(len(e) for e in train) * self.config.epochs
+        history = progress.history
         return {
             "task": "generative",
-            "eval_perplexity_before": before,
+            "eval_perplexity_before": progress.eval_before,
             "eval_perplexity": history[-1]["eval_perplexity"],
             "train_loss": history[-1]["train_loss"],
             "steps": self.steps,
@@ -250,4 +275,5 @@ class SFTTrainer(SplitTrainer):
             "seconds": seconds,
             "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
             "history": history,
+            "resumed_at_steps": list(progress.resumed_at),
         }

@@ -105,6 +105,7 @@ class TrainProgress:
     seconds: float = 0.0  # training time spent so far, in every process of the run
     privatizer: dict | None = None  # Privatizer.state(): its running noise/signal sums
     resumed_at: list[int] = field(default_factory=list)  # steps the run was resumed at
+    eval_before: float | None = None  # a generative run's held-out perplexity before its first step
 
 
 @dataclass

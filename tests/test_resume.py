@@ -6,7 +6,8 @@
   (auth order, rollback of a live state that is ahead, refusal naming the steps it has); idle sessions are
   checkpointed and unloaded (or closed without a state dir) and come back with the same weights.
 - The client: a run cut short at any step continues with `sap-client resume` to exactly the uninterrupted run's
-  metrics and weights (noise off and on, frozen and trainable bottom); conflicting flags are refused.
+  metrics and weights (noise off and on, frozen and trainable bottom, classification and generative);
+  conflicting flags are refused.
 - Real processes: `sap-client train` against `sap-server --state-dir --checkpoint-every 2`; the server killed
   with SIGKILL and restarted (or only the client killed), then `sap-client resume RUN_DIR`.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import signal
 import stat
 import subprocess
@@ -35,6 +37,7 @@ from conftest import running_server
 from sap_client import cli as client_cli
 from sap_client import trainer as client_trainer
 from sap_client.remote import RemoteTopService
+from sap_client.sft import SFTTrainer
 from sap_common.checkpoint import TMP_PREFIX, atomic_write, pack, read_meta, seeded_draws, step_seed, unpack
 from sap_common.errors import InvalidInputError, ResourceLimitError, SessionNotFoundError, StepOrderError
 from sap_common.models.registry import load_model
@@ -50,7 +53,7 @@ from sap_server.session import SessionSnapshot
 from session_steps import BATCH, NUM_LABELS
 from session_steps import batch as _batch
 from session_steps import step as _step
-from tiny_models import bert_config, learnable_rows, make_tokenizer, write_csv
+from tiny_models import WORDS, bert_config, learnable_rows, make_tokenizer, write_csv
 
 SECRET_KEY = "sap-session-secret"
 Weights = dict[str, torch.Tensor]
@@ -563,6 +566,82 @@ def test_a_run_cut_short_resumes_to_the_uninterrupted_result(tiny_llama, tmp_pat
     settings = json.loads((run / "run.json").read_text())
     assert settings["finished"] and settings["adapter_id"]
     assert (settings["rescale_norm"] is not None) == ("--rescale-noised" in flags)
+
+
+def _completion_rows(n: int, seed: int) -> list[dict]:
+    """prompt/completion pairs a tiny decoder can learn (the completion names the parity of the first word)."""
+    rng = random.Random(seed)
+    fillers = [w for w in WORDS if w.startswith("w")]
+    rows = []
+    for _ in range(n):
+        words = rng.sample(fillers, rng.randint(2, 5))
+        rows.append({"prompt": " ".join(words), "completion": "good movie" if int(words[0][1:]) % 2 else "bad plot"})
+    return rows
+
+
+@pytest.mark.parametrize(
+    "flags, cut_at, applied",
+    [([], 5, False), (["--user-tail", "1", "--noise-ratio", "0.5"], 13, True)],
+    ids=["plain-forward-pending", "user-tail-noise-epoch2"],
+)
+def test_a_generative_run_cut_short_resumes_to_the_uninterrupted_result(
+    tiny_llama, tmp_path, monkeypatch, flags, cut_at, applied
+):
+    """sap-client train DATA.jsonl dies at step cut_at (forward under way, or just after the server applied it);
+    sap-client resume ends with the uninterrupted run's perplexities, losses, adapter and tail LoRA."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in _completion_rows(48, seed=1)))
+    train = ["train", str(data), *TRAIN_FLAGS, *flags]
+    reference = _provider(tiny_llama)
+    try:
+        with running_server(reference) as address:
+            assert client_cli.main([*train, "--server", address, "--out", str(_run_dir(tmp_path / "ref"))]) == 0
+        expected = _adapter_weights(reference, tmp_path / "ref")
+    finally:
+        reference.close()
+
+    provider = _provider(tiny_llama, tmp_path / "state", checkpoint_every=2)
+    run = _run_dir(tmp_path / "run")
+    step, calls = SFTTrainer.sft_step, []
+
+    def dies_at_step(self, examples):
+        calls.append(1)
+        if len(calls) == cut_at:
+            if applied:
+                step(self, examples)
+            else:
+                _, sent, mask, _ = self._sent(examples, train=True)
+                self.service.forward(self.session_id, self.steps + 1, sent, mask, output="hidden")
+            raise _Killed
+        return step(self, examples)
+
+    try:
+        with running_server(provider) as address:
+            monkeypatch.setattr(SFTTrainer, "sft_step", dies_at_step)
+            with pytest.raises(_Killed):
+                client_cli.main([*train, "--server", address, "--out", str(run)])
+            monkeypatch.setattr(SFTTrainer, "sft_step", step)
+            assert not (run / "metrics.json").exists()
+            saved = read_meta(run / "checkpoint.safetensors")
+            assert saved["step"] == (cut_at - 1) // 2 * 2
+            assert client_cli.main([*train, "--server", address, "--out", str(run)]) == 1  # unfinished: refused
+            assert client_cli.main(["resume", str(run), "--server", address]) == 0
+        metrics = json.loads((run / "metrics.json").read_text())
+        trained = _adapter_weights(provider, run)
+    finally:
+        provider.close()
+    reference_metrics = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    keys = ("steps", "examples", "train_tokens", "eval_perplexity_before", "eval_perplexity", "history", "eta")
+    assert {k: metrics[k] for k in keys} == {k: reference_metrics[k] for k in keys}
+    assert metrics["noise_to_signal"] == pytest.approx(reference_metrics["noise_to_signal"])
+    assert metrics["resumed_at_steps"] == [saved["step"]] and reference_metrics["resumed_at_steps"] == []
+    _assert_close(trained, expected, "resumed run")
+    if "--user-tail" in flags:  # the tail's LoRA and its optimizer came back from the client's checkpoint
+        _assert_close(
+            load_file(str(run / "head.safetensors")), load_file(str(tmp_path / "ref" / "head.safetensors")), "tail"
+        )
+    assert not (run / "checkpoint.safetensors").exists(), "the completed run keeps no session secret"
+    assert json.loads((run / "run.json").read_text())["finished"]
 
 
 def test_resume_refuses_conflicting_flags_and_completed_runs(tiny_llama, tmp_path, capsys):
