@@ -73,10 +73,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sap_client.bottom import load_server_bottom  # noqa: E402
 from sap_client.data import TextDataset, load_labelled_csv  # noqa: E402
-from sap_client.privacy import Privatizer, eta_for_noise_ratio  # noqa: E402
+from sap_client.privacy import Privatizer  # noqa: E402
 from sap_client.remote import RemoteTopService  # noqa: E402
 from sap_client.trainer import SplitTrainer, TrainConfig  # noqa: E402
 from sap_common.codec import WIRE_DTYPES  # noqa: E402
+from sap_common.dchi import eta_for_noise_ratio  # noqa: E402
 from sap_common.devices import DTYPES  # noqa: E402
 from sap_common.models.families import ENCODER, base_blocks, family_of  # noqa: E402
 from sap_common.models.registry import resolve_model  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from sap_client.privacy import eta_for_noise_ratio, sample_dchi_noise
+from sap_common.dchi import eta_for_noise_ratio, sample_dchi_noise
 from sap_common.models.registry import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent

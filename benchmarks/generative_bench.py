@@ -42,11 +42,12 @@ import torch  # noqa: E402
 
 from sap_client.bottom import load_server_bottom, load_server_tail  # noqa: E402
 from sap_client.generation import Sampling, generate_tokens  # noqa: E402
-from sap_client.privacy import Privatizer, eta_for_noise_ratio  # noqa: E402
+from sap_client.privacy import Privatizer  # noqa: E402
 from sap_client.remote import RemoteTopService  # noqa: E402
 from sap_client.sft import SFTTrainer, batch_tensors, lm_loss  # noqa: E402
 from sap_client.sft_data import generation_prompt, load_sft_jsonl, read_prompts  # noqa: E402
 from sap_client.trainer import TrainConfig  # noqa: E402
+from sap_common.dchi import eta_for_noise_ratio  # noqa: E402
 from sap_common.models.families import DECODER, base_blocks  # noqa: E402
 from sap_common.models.registry import DEFAULT_MODEL, resolve_model  # noqa: E402
 from sap_common.peft import PeftConfig, apply_peft  # noqa: E402

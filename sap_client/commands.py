@@ -18,13 +18,14 @@ from sap_client.connection import OpenSplit, file_sha256, make_privatizer, open_
 from sap_client.cti import fit_cti
 from sap_client.data import TextDataset, load_labelled_csv, load_texts, stratified_split
 from sap_client.labeldp import randomize_labels
-from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
+from sap_client.privacy import NoiseConfig, Privatizer
 from sap_client.remote import ClientCredentials
 from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, HEAD, METRICS, PRIVACY, RUN, RunDir, RunSpec, RunState
 from sap_client.sft import SFTTrainer
 from sap_client.statement import audit_summary, median_token_distance, privacy_statement, render_statement
 from sap_client.trainer import SplitTrainer, TrainConfig, TrainProgress
 from sap_common.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from sap_common.dchi import eta_for_noise_ratio
 from sap_common.errors import InvalidInputError, ModelLoadError, SapError, SessionNotFoundError, StepOrderError
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,5 @@
-"""d_chi-privacy noise for hidden states (Feyisetan et al. 2020; SAP, arXiv 2312.15603), torch only.
-
-Density p(n) ∝ exp(-eta * ||n||_2) in d dimensions. Sampling: a uniform direction u = g / ||g|| with
-g ~ N(0, I_d), times a radius r ~ Gamma(shape=d, rate=eta), so E||n|| = d / eta. A smaller eta means
-more noise and more privacy. Since d is an integer, Gamma(d, 1) is the Erlang distribution: the sum of
-d independent Exp(1) draws, -sum(log U_i); that lets every draw come from one explicit
-torch.Generator (torch's Gamma sampler takes none).
-"""
+"""The user's side of d_chi-privacy (the mechanism itself is sap_common/dchi.py): the Privatizer that noises every
+real token vector it sends, keyed by the run's secret, and the run's noise settings."""
 
 from __future__ import annotations
 
@@ -16,65 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-def _check_eta(eta: float | torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
-    if isinstance(eta, torch.Tensor):
-        eta_t = eta.detach().to(torch.float64)
-        bad = ~torch.isfinite(eta_t) | (eta_t <= 0)
-        if bad.any():
-            raise ValueError(f"eta must be positive and finite everywhere; got {eta_t[bad].flatten()[0].item()!r}")
-        try:
-            fits = torch.broadcast_shapes(tuple(eta_t.shape), batch_shape) == torch.Size(batch_shape)
-        except RuntimeError:
-            fits = False
-        if not fits:  # broadcasting *with* is not enough: the result must keep the batch shape
-            raise ValueError(f"eta of shape {tuple(eta_t.shape)} does not broadcast to {batch_shape}")
-        return eta_t
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise ValueError(f"eta must be a positive float or a tensor, got {eta!r}")
-    if not math.isfinite(eta) or eta <= 0:
-        raise ValueError(f"eta must be positive and finite, got {eta!r}")
-    return torch.tensor(float(eta), dtype=torch.float64)
-
-
-def sample_dchi_noise(
-    shape: tuple[int, ...],
-    eta: float | torch.Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """One independent d_chi draw per vector along the last dimension (d = shape[-1]).
-
-    eta is a positive float, or a tensor broadcastable to shape[:-1] (one eta per token, for CTI).
-    """
-    shape = tuple(int(s) for s in shape)
-    if not shape or shape[-1] < 1 or any(s < 0 for s in shape):
-        raise ValueError(f"shape must end in a dimension d >= 1 and have no negative sizes, got {shape}")
-    eta_t = _check_eta(eta, shape[:-1])
-    gaussians = torch.randn(shape, generator=generator, dtype=torch.float64)
-    uniforms = torch.rand(shape, generator=generator, dtype=torch.float64)
-    return _dchi_from_draws(gaussians, uniforms, eta_t, dtype)
-
-
-def _dchi_from_draws(
-    gaussians: torch.Tensor, uniforms: torch.Tensor, eta: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """d_chi noise from its raw draws (float64, (..., d) each; eta broadcastable to (...,)): a uniform
-    direction (normalized Gaussians) times an Erlang(d, eta) norm."""
-    direction = gaussians / gaussians.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-    # Erlang(d, 1) = -sum of d log-uniforms; 1 - U lies in (0, 1], so the log is finite.
-    radius = -torch.log1p(-uniforms).sum(dim=-1) / eta  # (...,) broadcast against eta
-    return (direction * radius.unsqueeze(-1)).to(dtype)
-
-
-def eta_for_noise_ratio(ratio: float, mean_hidden_norm: float, hidden_size: int) -> float:
-    """The eta whose expected noise norm d/eta is `ratio` times the mean hidden-state norm."""
-    if not math.isfinite(ratio) or ratio <= 0:
-        raise ValueError(f"noise ratio must be positive and finite, got {ratio!r}")
-    if not math.isfinite(mean_hidden_norm) or mean_hidden_norm <= 0:
-        raise ValueError(f"mean hidden-state norm must be positive, got {mean_hidden_norm!r}")
-    return hidden_size / (ratio * mean_hidden_norm)
+from sap_common.dchi import check_eta, dchi_from_draws
 
 
 @dataclass(frozen=True)
@@ -107,7 +43,7 @@ class NoiseConfig:
         if self.eta is not None and self.noise_ratio is not None:
             raise ValueError("give either eta or noise_ratio, not both")
         if self.eta is not None:
-            _check_eta(self.eta, ())
+            check_eta(self.eta, ())
         if self.noise_ratio is not None and not (math.isfinite(self.noise_ratio) and self.noise_ratio > 0):
             raise ValueError(f"noise ratio must be positive and finite, got {self.noise_ratio!r}")
         if self.cti and not self.enabled:
@@ -173,7 +109,7 @@ class Privatizer:
         rescale_norm: float | None = None,
     ):
         if eta is not None:
-            _check_eta(eta, ())
+            check_eta(eta, ())
         if eta_table is not None and eta is None:
             raise ValueError("an eta table (CTI) needs a base eta")
         if rescale_norm is not None:
@@ -249,10 +185,10 @@ class Privatizer:
             uniforms.append(torch.rand((length, size), generator=generator, dtype=torch.float64))
         real_eta = etas[mask]  # (N_real,)
         exempt = torch.isinf(real_eta)
-        noise = _dchi_from_draws(
+        noise = dchi_from_draws(
             torch.cat(gaussians),
             torch.cat(uniforms),
-            _check_eta(torch.where(exempt, 1.0, real_eta), real_eta.shape),
+            check_eta(torch.where(exempt, 1.0, real_eta), real_eta.shape),
             hidden.dtype,
         )
         noise[exempt] = 0.0

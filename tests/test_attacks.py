@@ -18,7 +18,7 @@ from sap_client.audit import (
     position_aware_inversion,
     token_recovery,
 )
-from sap_client.privacy import eta_for_noise_ratio, sample_dchi_noise
+from sap_common.dchi import eta_for_noise_ratio, sample_dchi_noise
 from sap_common.models.registry import load_model
 from sap_common.models.split import BottomModel, split_base
 from tiny_models import SPECIALS, WORDS, learnable_rows

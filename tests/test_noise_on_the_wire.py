@@ -13,9 +13,10 @@ import torch
 from conftest import running_server
 from sap_client.bottom import load_server_bottom
 from sap_client.commands import predict, train
-from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio
+from sap_client.privacy import NoiseConfig, Privatizer
 from sap_client.remote import RemoteTopService
 from sap_client.trainer import SplitTrainer, TrainConfig
+from sap_common.dchi import eta_for_noise_ratio
 from sap_common.models.bundle import load_bottom
 from sap_common.models.registry import load_model
 from sap_common.packing import unpack_hidden

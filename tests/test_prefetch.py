@@ -13,9 +13,10 @@ import torch
 from conftest import running_server
 from sap_client.bottom import load_server_bottom
 from sap_client.data import TextDataset
-from sap_client.privacy import Privatizer, eta_for_noise_ratio
+from sap_client.privacy import Privatizer
 from sap_client.remote import RemoteTopService
 from sap_client.trainer import Prefetcher, SplitTrainer, TrainConfig
+from sap_common.dchi import eta_for_noise_ratio
 from sap_common.models.registry import load_model
 from sap_common.peft import PeftConfig
 from sap_server.provider import Provider

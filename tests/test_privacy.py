@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from sap_client.privacy import NoiseConfig, Privatizer, eta_for_noise_ratio, sample_dchi_noise
+from sap_client.privacy import NoiseConfig, Privatizer
+from sap_common.dchi import eta_for_noise_ratio, sample_dchi_noise
 
 DRAWS = 5000
 DIMS = (32, 64, 384, 576)

@@ -15,8 +15,9 @@ from sap_client.audit.probe import fit_token_probe
 from sap_client.audit.runner import simulated_audit
 from sap_client.audit.sequential import SequentialConfig, extend, first_position_outputs, sequential_inversion
 from sap_client.data import TextDataset
-from sap_client.privacy import Privatizer, eta_for_noise_ratio
+from sap_client.privacy import Privatizer
 from sap_client.trainer import SplitTrainer, TrainConfig
+from sap_common.dchi import eta_for_noise_ratio
 from sap_common.models.registry import load_model
 from sap_common.models.split import BottomModel, split_base
 from tiny_models import SPECIALS, WORDS, build_tiny_model, learnable_rows
