@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         "randomizes within the most likely classes of the training prior (default %(default)s)",
     )
     train.add_argument(
+        "--start-adapter",
+        default="",
+        metavar="NAME",
+        help="start the server's top from its noise-robust starting adapter NAME (sap-server --start-adapter; a name "
+        "it does not offer is refused with the list): PEFT weights the provider trained on its own public text to "
+        "undo d_chi noise at one noise ratio. What is sent is unchanged, and so is the privacy",
+    )
+    train.add_argument(
         "--out", type=Path, help="run folder for metrics.json and run.json (default runs/YYYYmmdd-HHMMSS)"
     )
     _add_device_flag(train)
@@ -719,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
                 user_tail=args.user_tail,
                 label_epsilon=args.label_epsilon,
                 label_mechanism=args.label_mechanism,
+                start_adapter=args.start_adapter,
             )
         except ValueError as exc:
             parser.error(str(exc))

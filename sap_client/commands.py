@@ -462,6 +462,7 @@ def _complete_generative(run: RunDir, spec: RunSpec, metrics: dict, opened: Open
         median_distance=median_token_distance(trainer.bottom),
         user_tail=config.user_tail,
         generative=True,
+        start_adapter=config.start_adapter,
     )
     run.write_json(METRICS, metrics)
     run.file(PRIVACY).write_text(render_statement(metrics["privacy"]))
@@ -694,6 +695,7 @@ def _complete(
         private_head=config.private_head,
         label_dp=label_dp,
         user_tail=config.user_tail,
+        start_adapter=config.start_adapter,
     )
     metrics["label_dp"] = label_dp
     run.write_json(METRICS, metrics)

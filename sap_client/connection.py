@@ -90,6 +90,15 @@ def _take_download_bytes(service: RemoteTopService) -> int:
     return received
 
 
+def _check_start_adapter(info: ServerInfo, config: TrainConfig, server: str) -> None:
+    """A new run's --start-adapter must be one the server offers (checked before the bottom is downloaded)."""
+    if config.start_adapter and config.start_adapter not in info.start_adapters:
+        offered = ", ".join(info.start_adapters) or "none"
+        raise InvalidInputError(
+            f"the server at {server} offers no starting adapter {config.start_adapter!r} (it offers: {offered})"
+        )
+
+
 def open_split(
     server: str,
     config: TrainConfig,
@@ -115,6 +124,8 @@ def open_split(
                 f"the run was trained on {spec.model} split {spec.split}; the server at {server} serves "
                 f"{info.model_id} split {info.split}"
             )
+        if spec is None:
+            _check_start_adapter(info, config, server)
         bottom, tokenizer, _ = load_server_bottom(service, info)
         download_bytes = _take_download_bytes(service)
         if trained_bottom and run is not None and run.file(BOTTOM).exists():
@@ -177,6 +188,8 @@ def open_generative(
                 f"generative fine-tuning needs a decoder; the server at {server} serves {info.model_id} "
                 f"({info.model_type})"
             )
+        if spec is None:
+            _check_start_adapter(info, config, server)
         bottom, tokenizer, _ = load_server_bottom(service, info)
         download_bytes = _take_download_bytes(service)
         embedding = bottom.embeddings  # a decoder's embeddings are its token table itself

@@ -132,6 +132,7 @@ class SFTTrainer(SplitTrainer):
             weight_decay=self.config.weight_decay,
             output="hidden",
             user_tail=self.config.user_tail,
+            start_adapter=self.config.start_adapter,
         )
         self.session_id = self.service.open_session(spec)
         return self.session_id

@@ -104,6 +104,7 @@ def privacy_statement(
     label_dp: dict | None = None,
     user_tail: int = 0,
     generative: bool = False,
+    start_adapter: str = "",
 ) -> dict:
     """The statement as data (metrics.json["privacy"]); render_statement turns it into privacy.md."""
     statement: dict = {
@@ -121,6 +122,7 @@ def privacy_statement(
         "user_tail": user_tail,
         "task": "generative" if generative else "classification",
         "label_dp": label_dp,
+        "start_adapter": start_adapter or None,
         "not_covered": NOT_COVERED,
         "median_token_distance": median_distance,
         "predict_queries": "the same text always gets the same noise (keyed by RUN_DIR/noise.key), so "
@@ -231,6 +233,14 @@ def audit_summary(report: dict) -> dict:
     return summary
 
 
+START_ADAPTER_LINE = (
+    "- **Defence: the provider's noise-robust starting adapter `{name}`** (--start-adapter): the top's PEFT weights "
+    "started from an adapter the provider trained on its own public text to undo this noise. It changes what the "
+    "provider's top does with what it receives, not what is sent: the privacy is that of the d_chi noise above at "
+    "the same eta, no more and no less."
+)
+
+
 def render_statement(statement: dict) -> str:
     """privacy.md: plain words, the formal part, what is exposed, what is not covered, the audit if any."""
     lines = [
@@ -247,6 +257,7 @@ def render_statement(statement: dict) -> str:
         + (f", noised vectors rescaled to norm {statement['rescale_norm']:.4g}" if statement["rescale_norm"] else "")
         + ".",
         f"- **Formal guarantee**: {statement['formal'].rstrip('.')}.",
+        *([START_ADAPTER_LINE.format(name=statement["start_adapter"])] if statement.get("start_adapter") else []),
         f"- **Noisy observations of each training example the provider got**: {statement['observations_why']}.",
         f"- **Prediction queries**: {statement['predict_queries']}.",
         f"- **Labels**: {statement['label_exposure']}.",
@@ -254,7 +265,8 @@ def render_statement(statement: dict) -> str:
         "",
     ]
     if statement.get("task") == "generative":  # no prediction queries (generation is not built yet), no labels
-        lines[5:7] = [f"- **Targets**: {statement['label_exposure']}."]
+        queries = next(i for i, line in enumerate(lines) if line.startswith("- **Prediction queries**"))
+        lines[queries : queries + 2] = [f"- **Targets**: {statement['label_exposure']}."]
         return "\n".join(
             lines
             + [

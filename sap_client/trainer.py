@@ -68,6 +68,13 @@ class TrainConfig:
         },
     )
     label_mechanism: str = field(default="rr", metadata={"help": "rr or rr-prior (sap_client/labeldp.py)"})
+    start_adapter: str = field(
+        default="",
+        metadata={
+            "help": "start the provider's top from this noise-robust starting adapter (one the server offers: "
+            "sap-server --start-adapter); what is sent is unchanged"
+        },
+    )
     prefetch: bool = field(
         default=True,
         metadata={"help": "with a frozen bottom, prepare batch i+1 while batch i is on the server (results unchanged)"},
@@ -279,6 +286,7 @@ class SplitTrainer:
             weight_decay=self.config.weight_decay,
             output=self.output,
             user_tail=self.config.user_tail,
+            start_adapter=self.config.start_adapter,
         )
         self.session_id = self.service.open_session(spec)
         return self.session_id

@@ -286,7 +286,9 @@ def info_to_proto(info: ServerInfo, *, max_message_bytes: int, chunk_bytes: int)
 
 
 def info_from_proto(msg: sap_pb2.ServerInfo) -> ServerInfo:
-    return ServerInfo(**{f.name: getattr(msg, f.name) for f in fields(ServerInfo)})
+    values = {f.name: getattr(msg, f.name) for f in fields(ServerInfo)}
+    values["start_adapters"] = tuple(values["start_adapters"])
+    return ServerInfo(**values)
 
 
 # sap.proto's Output values by the names SessionSpec.output uses
@@ -310,6 +312,7 @@ def spec_to_proto(spec: SessionSpec) -> sap_pb2.OpenSessionRequest:
         weight_decay=spec.weight_decay,
         output=OUTPUT_OF_NAME[spec.output],
         user_tail=spec.user_tail,
+        start_adapter=spec.start_adapter,
     )
 
 
@@ -324,6 +327,7 @@ def spec_from_proto(msg: sap_pb2.OpenSessionRequest) -> SessionSpec:
             weight_decay=msg.weight_decay,
             output=output_name(msg.output),
             user_tail=msg.user_tail,
+            start_adapter=msg.start_adapter,
         )
     except ValueError as exc:
         raise InvalidInputError(f"OpenSessionRequest: {exc}") from exc

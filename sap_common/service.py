@@ -37,6 +37,7 @@ class ServerInfo:
     hidden_size: int
     peft: str
     bottom_sha256: str
+    start_adapters: tuple[str, ...] = ()  # noise-robust starting adapters offered (sap_server/robust.py)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class SessionSpec:
     weight_decay: float = 0.0
     output: str = "logits"  # what Forward returns: "logits" (B, C), "pooled" (B, H) or "hidden" (N_real, H)
     user_tail: int = 0  # output "hidden": the model's last user_tail blocks run on the user's side, not here
+    start_adapter: str = ""  # one of ServerInfo.start_adapters: the top's PEFT weights start from it
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:

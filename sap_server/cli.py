@@ -171,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a generation whose next token does not arrive within this long ends and its cache is freed "
         f"(default {DEFAULT_GENERATION_TIMEOUT:g})",
     )
+    parser.add_argument(
+        "--start-adapter",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="offer a noise-robust starting adapter (written by python -m sap_server.robust for this model, split "
+        "and PEFT) under NAME; a user's `sap-client train --start-adapter NAME` starts its top from it. Repeatable",
+    )
     security = parser.add_argument_group(
         "security",
         "Every session is guarded by a random secret that only its opener learns. These add API keys "
@@ -241,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together (the certificate and its private key)")
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    start_adapters = []
+    for entry in args.start_adapter:
+        name, sep, file = entry.partition("=")
+        if not sep or not name or not file:
+            parser.error(f"--start-adapter takes NAME=FILE, got {entry!r}")
+        start_adapters.append((name, Path(file)))
     try:
         peft = PeftConfig(
             method=args.peft, lora_r=args.lora_r, lora_alpha=args.lora_alpha, adapter_size=args.adapter_size
@@ -288,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             idle_timeout=args.idle_timeout,
             max_memory=max_memory,
         )
+        for name, file in start_adapters:
+            provider.offer_start_adapter(name, file)
         generations = Generations(args.max_generations, args.generation_timeout)
         server, port = start_server(
             provider, args.host, args.port, workers=args.workers, api_keys=api_keys, tls=tls, generations=generations

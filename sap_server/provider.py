@@ -7,7 +7,7 @@ import secrets
 import shutil
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,27 @@ class Provider:
         self.adapters.put(record)
         log.info("adapter %s… kept (%d steps)", record.adapter_id[:8], record.steps_applied)
         return record.adapter_id
+
+    def offer_start_adapter(self, name: str, path: Path) -> None:
+        """Offer the starting adapter in `path` (python -m sap_server.robust) under `name`: sessions that ask for it
+        start their top's PEFT weights from it. It must have been made for this model, split and PEFT."""
+        from sap_server.robust import load_start_adapter_file
+
+        if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise InvalidInputError(f"a starting adapter's name is letters, digits, '-', '_' and '.'; got {name!r}")
+        adapter = load_start_adapter_file(path)
+        adapter.check_fits(self.info.model_id, self.info.split, self.sessions.peft)
+        self.sessions.start_adapters[name] = adapter.state
+        self.info = replace(self.info, start_adapters=tuple(sorted(self.sessions.start_adapters)))
+        meta = adapter.meta
+        log.info(
+            "starting adapter %s from %s: noise ratio %g, held-out relative error %.3f -> %.3f",
+            name,
+            path,
+            meta["settings"]["noise_ratio"],
+            meta["relative_error_before"],
+            meta["relative_error_after"],
+        )
 
     def close_session(self, session_id: str, secret: str | None, *, keep: bool, check: bool = True) -> ClosedSession:
         """Close a session (authenticated when check), keeping its adapter first when keep."""

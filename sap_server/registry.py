@@ -46,6 +46,7 @@ def build_session_top(
     seed: int,
     output: str = "logits",
     user_tail: int = 0,
+    start: dict[str, torch.Tensor] | None = None,
 ) -> TopModel:
     """A session's top: frozen weights shared with template, fresh head (seeded) and PEFT parameters. With output
     "pooled" the top ends in PooledOutput instead of a head: the user keeps its head (and its labels' number). With
@@ -53,7 +54,9 @@ def build_session_top(
 
     Random draws: the head from its own generator seeded with `seed`; the PEFT parameters from
     the global generator re-seeded with `seed` inside fork_rng, so other threads are unaffected
-    and the same seed always gives the same initial weights.
+    and the same seed always gives the same initial weights. With start (a noise-robust starting adapter,
+    sap_server/robust.py: the blocks' PEFT weights by name), the blocks' PEFT weights are copied from it instead;
+    a top that ends user_tail blocks early takes the weights of the blocks it keeps.
     """
     # Parameters that stay frozen are shared (memory per session is the adapter's, not the model's);
     # BitFit trains existing biases, so those must be copied.
@@ -84,7 +87,24 @@ def build_session_top(
     with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):  # the lock: training forwards seed it too
         torch.manual_seed(seed)
         apply_peft(list(top.blocks), top.family, peft)  # new PEFT weights take each wrapped layer's device/dtype
+    if start is not None:
+        load_start_adapter(top, start)
     return top
+
+
+def load_start_adapter(top: TopModel, start: dict[str, torch.Tensor]) -> None:
+    """Copy a starting adapter's weights (names "blocks.<i>....") into the trainable block parameters of top."""
+    trainable = {n: p for n, p in top.named_parameters() if p.requires_grad and n.startswith("blocks.")}
+    missing = sorted(trainable.keys() - start.keys())
+    if missing:
+        raise InvalidInputError(f"the starting adapter does not fit this top: it lacks {missing[:3]}")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            if start[name].shape != param.shape:
+                raise InvalidInputError(
+                    f"the starting adapter's {name} is {tuple(start[name].shape)}, the top's {tuple(param.shape)}"
+                )
+            param.copy_(start[name])
 
 
 @dataclass
@@ -153,6 +173,7 @@ class SessionRegistry:
         self._lock = threading.Lock()
         self._reaper: threading.Thread | None = None
         self._stop_reaper = threading.Event()
+        self.start_adapters: dict[str, dict[str, torch.Tensor]] = {}  # offered starting adapters, by name
 
     # --- opening, finding, loading ------------------------------------------------------------
 
@@ -165,7 +186,7 @@ class SessionRegistry:
         session_id = secrets.token_hex(16)
         with self._lock:
             self._check_room()
-            trainer = self._new_trainer(session_id, spec, secret_digest(secret))
+            trainer = self._new_trainer(session_id, spec, secret_digest(secret), fresh=state is None)
             if state is not None:
                 trainer.load_trainable_state(state, steps_applied)
             self._sessions[session_id] = trainer
@@ -180,9 +201,20 @@ class SessionRegistry:
         )
         return session_id, trainer, secret
 
-    def _new_trainer(self, session_id: str, spec: SessionSpec, digest: bytes) -> Session:
+    def _new_trainer(self, session_id: str, spec: SessionSpec, digest: bytes, *, fresh: bool = False) -> Session:
+        """fresh: a session's first weights (from its starting adapter, if it names one); otherwise the caller
+        loads them (a checkpoint, a kept adapter)."""
+        start = None
+        if fresh and spec.start_adapter:
+            start = self.start_adapters.get(spec.start_adapter)
+            if start is None:
+                offered = ", ".join(sorted(self.start_adapters)) or "none"
+                raise InvalidInputError(
+                    f"this server offers no starting adapter {spec.start_adapter!r} (offered: {offered}; "
+                    "sap-server --start-adapter NAME=FILE)"
+                )
         top = build_session_top(
-            self.template, self.base, self.peft, spec.num_labels, spec.seed, spec.output, spec.user_tail
+            self.template, self.base, self.peft, spec.num_labels, spec.seed, spec.output, spec.user_tail, start
         )
         return Session(
             top,

@@ -29,7 +29,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("protocol_version", "model_id", "family", "model_type", "split", "total_blocks", "hidden_size", "peft", "bottom_sha256", "max_message_bytes", "chunk_bytes")
+    __slots__ = ("protocol_version", "model_id", "family", "model_type", "split", "total_blocks", "hidden_size", "peft", "bottom_sha256", "max_message_bytes", "chunk_bytes", "start_adapters")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class ServerInfo(_message.Message):
     BOTTOM_SHA256_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    START_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model_id: str
     family: str
@@ -52,7 +53,8 @@ class ServerInfo(_message.Message):
     bottom_sha256: str
     max_message_bytes: int
     chunk_bytes: int
-    def __init__(self, protocol_version: _Optional[int] = ..., model_id: _Optional[str] = ..., family: _Optional[str] = ..., model_type: _Optional[str] = ..., split: _Optional[int] = ..., total_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., peft: _Optional[str] = ..., bottom_sha256: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    start_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, protocol_version: _Optional[int] = ..., model_id: _Optional[str] = ..., family: _Optional[str] = ..., model_type: _Optional[str] = ..., split: _Optional[int] = ..., total_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., peft: _Optional[str] = ..., bottom_sha256: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., start_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DownloadBottomRequest(_message.Message):
     __slots__ = ("tail_blocks", "lm_head")
@@ -75,7 +77,7 @@ class FileChunk(_message.Message):
     def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("num_labels", "learning_rate", "seed", "train_bottom", "weight_decay", "adapter_id", "output", "user_tail")
+    __slots__ = ("num_labels", "learning_rate", "seed", "train_bottom", "weight_decay", "adapter_id", "output", "user_tail", "start_adapter")
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +86,7 @@ class OpenSessionRequest(_message.Message):
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     USER_TAIL_FIELD_NUMBER: _ClassVar[int]
+    START_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     num_labels: int
     learning_rate: float
     seed: int
@@ -92,7 +95,8 @@ class OpenSessionRequest(_message.Message):
     adapter_id: str
     output: Output
     user_tail: int
-    def __init__(self, num_labels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., train_bottom: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., adapter_id: _Optional[str] = ..., output: _Optional[_Union[Output, str]] = ..., user_tail: _Optional[int] = ...) -> None: ...
+    start_adapter: str
+    def __init__(self, num_labels: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., train_bottom: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., adapter_id: _Optional[str] = ..., output: _Optional[_Union[Output, str]] = ..., user_tail: _Optional[int] = ..., start_adapter: _Optional[str] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
     __slots__ = ("session_id", "trainable_parameters", "num_labels", "steps_applied", "session_secret")
