@@ -185,9 +185,18 @@ _HEAD, _HEAD_OPTIMIZER = "head/", "head_optimizer/"
 
 def _fit(opened: OpenSplit, run: RunDir, checkpoint: _Checkpointer, train_data, held, progress=None) -> tuple:
     """Train to the end; (metrics with the run's total traffic, the kept adapter's id)."""
+    trainer = opened.trainer
+    return _fit_to_the_end(
+        opened, checkpoint, lambda: trainer.fit(train_data, held, progress=progress, on_checkpoint=checkpoint)
+    )
+
+
+def _fit_to_the_end(opened: OpenSplit, checkpoint: _Checkpointer, fit: Callable[[], dict]) -> tuple:
+    """Run fit(), close the session keeping its adapter; (metrics with the run's total traffic, the adapter's id).
+    A server error is re-raised with the checkpoint's hint (how to resume)."""
     trainer, service = opened.trainer, opened.service
     try:
-        metrics = trainer.fit(train_data, held, progress=progress, on_checkpoint=checkpoint)
+        metrics = fit()
         assert trainer.session_id is not None  # fit trained in it
         adapter_id = service.finish_session(trainer.session_id)
     except SapError as exc:
@@ -406,19 +415,13 @@ def _generative_data(
 
 def _fit_generative(opened: OpenSplit, checkpoint: _Checkpointer, train_examples, held, progress=None) -> tuple:
     """_fit for a generative run: (metrics with the run's total traffic, the kept adapter's id)."""
-    trainer, service = opened.trainer, opened.service
+    trainer = opened.trainer
     assert isinstance(trainer, SFTTrainer)
-    try:
-        metrics = trainer.fit_generative(train_examples, held, progress=progress, on_checkpoint=checkpoint)
-        assert trainer.session_id is not None
-        adapter_id = service.finish_session(trainer.session_id)
-    except SapError as exc:
-        raise checkpoint.hint(exc) from exc
-    metrics.update(
-        bytes_sent=checkpoint.bytes_sent + service.bytes_sent,
-        bytes_received=checkpoint.bytes_received + service.bytes_received,
+    return _fit_to_the_end(
+        opened,
+        checkpoint,
+        lambda: trainer.fit_generative(train_examples, held, progress=progress, on_checkpoint=checkpoint),
     )
-    return metrics, adapter_id
 
 
 def _complete_generative(run: RunDir, spec: RunSpec, metrics: dict, opened: OpenSplit, data, adapter_id: str) -> dict:
