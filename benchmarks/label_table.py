@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         f"then the next {args.held}), 1 epoch, lr {LR}, batch {BATCH}, seed {SEED}, LoRA, no hidden-state noise. "
         f"Labels read: `sap-client audit --recorded` on every recorded Backward gradient of the run, scored against "
         f"the true labels (sign rule on dL/dlogits; the strongest of tracked direction scoring and clustering, each "
-        f"named by the prior or one known label, and norm scoring, on dL/dpooled, or with a user-kept tail on the "
+        f"named by the prior or 31 known labels, and norm scoring, on dL/dpooled, or with a user-kept tail on the "
         f"rows of dL/dh at the position the head reads). RR allows: the probability randomized response keeps "
         f"a label; the gradients carry the randomized label, so an attack that reads it exactly (the sign rule does) "
         f"scores the fraction kept in the run. That is the bound for a provider with no other clue: one who also "

@@ -71,12 +71,29 @@ def test_tracked_sides_follow_a_moving_head_through_a_run():
         truth.append(labels)
     truth_all = torch.cat(truth)
     sides = torch.cat(tracked_sides(steps))
-    guesses = name_sides(sides, known=(0, int(truth_all[0])))
+    guesses = name_sides(sides, known=[(0, int(truth_all[0]))])
     assert label_inference(guesses, truth_all)["label_inference_accuracy"] == 1.0
     untracked = torch.cat([direction_scoring(g, majority_class=0) for g in steps])  # each step flips at random
     assert label_inference(untracked, truth_all)["label_inference_accuracy"] < 0.8
     with pytest.raises(ValueError, match="exactly one"):
         name_sides(sides)
+
+
+def test_a_few_known_labels_name_the_sides_when_one_of_them_was_randomized():
+    """Under randomized response the gradients carry the label training used: a known true label that RR flipped
+    names the whole run the wrong way round; the majority of a few known labels does not."""
+    side = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0])  # the side training used: side 1 is label 1
+    used = side.clone()
+    true = used.clone()
+    true[0] = 0  # example 0's label was flipped by RR before training
+    alone = name_sides(side, known=[(0, int(true[0]))])
+    assert torch.equal(alone, 1 - used)
+    several = name_sides(side, known=[(i, int(true[i])) for i in range(5)])
+    assert torch.equal(several, used)
+    with pytest.raises(ValueError, match="labels 0 or 1"):
+        name_sides(side, known=[(0, 2)])
+    with pytest.raises(ValueError, match="one or more"):
+        name_sides(side, known=[])
 
 
 def test_clustering_reads_the_labels_of_a_many_class_head_by_the_prior():
@@ -110,7 +127,7 @@ def test_clustering_reads_labels_through_a_user_kept_tail():
     logits = head(hidden + block(hidden))  # a residual block, then the head
     (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels), hidden)
     clusters = gradient_clusters(grad, 2)
-    guesses = name_sides(clusters, known=(0, int(labels[0])))
+    guesses = name_sides(clusters, known=[(0, int(labels[0]))])
     assert label_inference(guesses, labels)["label_inference_accuracy"] >= 0.95
 
 
@@ -122,9 +139,9 @@ def test_linked_clustering_lets_an_examples_other_epochs_outvote_a_bent_gradient
     groups = torch.tensor([0, 1, 0, 1, 0, 2, 3, 2, 3, 2])  # example 0 is seen three times
     truth = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
     clusters = gradient_clusters(grad, 2)
-    alone = name_sides(clusters, known=(0, 0))
+    alone = name_sides(clusters, known=[(0, 0)])
     assert alone[4] == 1 and (alone == truth).sum() == 9
-    linked = name_sides(linked_clusters(grad, clusters, groups, 2), known=(0, 0))
+    linked = name_sides(linked_clusters(grad, clusters, groups, 2), known=[(0, 0)])
     assert torch.equal(linked, truth)
     with pytest.raises(ValueError, match="differ"):
         linked_clusters(grad, clusters, groups[:3], 2)
@@ -158,7 +175,7 @@ def test_linked_clustering_reads_every_label_of_a_run_through_a_trained_tail():
     grad, groups = torch.cat(grads), torch.cat(seen)
     truth = labels[groups]
     clusters = gradient_clusters(grad, 2)
-    alone = label_inference(name_sides(clusters, known=(0, int(truth[0]))), truth)["label_inference_accuracy"]
+    alone = label_inference(name_sides(clusters, known=[(0, int(truth[0]))]), truth)["label_inference_accuracy"]
     linked = linked_clusters(grad, clusters, groups, 2)
-    together = label_inference(name_sides(linked, known=(0, int(truth[0]))), truth)["label_inference_accuracy"]
+    together = label_inference(name_sides(linked, known=[(0, int(truth[0]))]), truth)["label_inference_accuracy"]
     assert together >= 0.99 and together >= alone, (together, alone)

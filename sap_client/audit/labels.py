@@ -10,13 +10,15 @@
   guesses: the side holding the prior's majority share is the majority class.
 - Clustering (any number of classes): the gradients of one label point alike; spherical k-means with one cluster
   per class, the clusters named by the class prior (largest cluster, most frequent class) or, for two classes, by
-  one example whose label the provider knows.
+  a few examples whose labels the provider knows.
 - With a user-kept tail (--user-tail M) the provider receives dL/dh at block L-M for every token: the row at the
   position the head reads (the last real token for decoders, the first for encoders) carries dL/dpooled through
   the tail's residual path, and the attacks above are run on it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -85,7 +87,7 @@ def gradient_clusters(gradients: torch.Tensor, classes: int, *, restarts: int = 
     """(N, D) gradients -> (N,) cluster indices in [0, classes): spherical k-means on the gradients' directions (for
     a linear head dL/dh = W^T (p - onehot(y)) / B, so the examples of one label point alike, even through a
     user-kept tail that bends each example's gradient differently). Seeded restarts, the tightest kept. Name the
-    clusters with name_clusters (the prior) or, for two classes, name_sides (the prior or one known label)."""
+    clusters with name_clusters (the prior) or, for two classes, name_sides (the prior or a few known labels)."""
     if gradients.dim() != 2 or classes < 2 or gradients.shape[0] < classes:
         raise ValueError(
             f"gradients must be (N, D) with N >= {max(classes, 2)} for {classes} classes, got {tuple(gradients.shape)}"
@@ -128,16 +130,20 @@ def linked_clusters(gradients: torch.Tensor, clusters: torch.Tensor, groups: tor
     return summed.argmax(1)[group]
 
 
-def name_sides(side: torch.Tensor, *, majority_class: int | None = None, known: tuple[int, int] | None = None):
-    """Sides (N,) in {0, 1} -> labels: by the class prior (the side with more examples is majority_class), or by one
-    example whose label the provider knows (known = (its index, its label))."""
+def name_sides(
+    side: torch.Tensor, *, majority_class: int | None = None, known: Sequence[tuple[int, int]] | None = None
+) -> torch.Tensor:
+    """Sides (N,) in {0, 1} -> labels: by the class prior (the side with more examples is majority_class), or by a few
+    examples whose labels the provider knows (known = [(index, label), ...]; the naming most of them agree with, so
+    one known label that randomized response flipped in training does not turn the whole run around)."""
     if (majority_class is None) == (known is None):
         raise ValueError("name the sides by exactly one of majority_class and known")
     if known is not None:
-        index, label = known
-        if label not in (0, 1):
-            raise ValueError(f"the known label must be 0 or 1, got {label!r}")
-        return torch.where(side == side[index], label, 1 - label).long()
+        if not known or any(label not in (0, 1) for _, label in known):
+            raise ValueError(f"known must be one or more (index, label) pairs with labels 0 or 1, got {known!r}")
+        agree = sum(int(side[index]) == label for index, label in known)  # the naming side -> label
+        label_of_side_1 = 1 if 2 * agree >= len(known) else 0
+        return torch.where(side == 1, label_of_side_1, 1 - label_of_side_1).long()
     if majority_class not in (0, 1):
         raise ValueError(f"majority_class must be 0 or 1, got {majority_class!r}")
     return _name_sides(side, majority_class)

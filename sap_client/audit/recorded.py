@@ -25,6 +25,11 @@ from sap_client.trainer import SplitTrainer
 from sap_common.models.families import ENCODER
 from sap_common.recording import Record
 
+# How many examples' labels the provider is taken to know when it names the two sides of a binary run (texts it
+# planted, or read back and labelled itself). Odd, so a majority decides; several, because under randomized
+# response each known label agrees with the side training used only with the keep probability (0.731 at eps 1).
+KNOWN_LABELS = 31
+
 
 def recorded_audit(
     trainer: SplitTrainer,
@@ -94,7 +99,8 @@ def recorded_label_inference(
 
     dL/dlogits (the provider holds the head): the sign rule. dL/dpooled (--private-head): on a binary task, tracked
     direction scoring (each step's gradients lie on one line; sides kept consistent from step to step), with the one
-    flip for the whole run resolved by the class prior, or by one example whose label the provider knows; and norm
+    flip for the whole run resolved by the class prior, or by the KNOWN_LABELS examples whose labels the provider
+    knows (the naming most of them agree with); and norm
     scoring; and clustering, for any number of classes. dL/dhidden (N_real, H) (--user-tail): the same attacks on
     each example's row at pooled_position ("last" real token for decoders, "first" for encoders). The figure is the
     strongest of them (each one's is reported too)."""
@@ -153,17 +159,19 @@ def _pooled_label_inference(
     classes = max(len(set(labels)), 2)
     counts = torch.bincount(truth, minlength=classes)
     prior = (counts.double() / len(truth)).tolist()
-    guesses = _binary_attacks(steps, truth, gradients, counts) if classes == 2 else {}
+    # the first observation of each of the first KNOWN_LABELS examples, with its true label
+    known = [(i, int(truth[i])) for i in (sent.index(digest) for digest in list(number)[:KNOWN_LABELS])]
+    guesses = _binary_attacks(steps, truth, gradients, counts, known) if classes == 2 else {}
     if len(truth) >= classes:  # after the binary attacks: a tie names theirs
         clusters = gradient_clusters(gradients, classes)
         guesses["clustering, prior"] = name_clusters(clusters, prior)
         if classes == 2:
-            guesses["clustering, one known label"] = name_sides(clusters, known=(0, int(truth[0])))
+            guesses["clustering, known labels"] = name_sides(clusters, known=known)
         if len(number) < len(sent):  # some example was sent more than once (several epochs)
             linked = linked_clusters(gradients, clusters, groups, classes)
             guesses["linked clustering, prior"] = name_clusters(linked, prior)
             if classes == 2:
-                guesses["linked clustering, one known label"] = name_sides(linked, known=(0, int(truth[0])))
+                guesses["linked clustering, known labels"] = name_sides(linked, known=known)
     if not guesses:
         return {"label_inference": "too few recorded gradients to attack", "label_inference_examples": len(truth)}
     figures = {attack: label_inference(guess, truth) for attack, guess in guesses.items()}
@@ -176,8 +184,10 @@ def _pooled_label_inference(
     }
 
 
-def _binary_attacks(steps, truth: torch.Tensor, gradients: torch.Tensor, counts: torch.Tensor) -> dict:
-    """Tracked direction scoring (named by the prior, or by one known label) and norm scoring: two classes."""
+def _binary_attacks(
+    steps, truth: torch.Tensor, gradients: torch.Tensor, counts: torch.Tensor, known: list[tuple[int, int]]
+) -> dict:
+    """Tracked direction scoring (named by the prior, or by the known labels) and norm scoring: two classes."""
     sides = torch.cat(
         [
             side[[b for b, row in enumerate(rows) if row is not None]]
@@ -187,7 +197,7 @@ def _binary_attacks(steps, truth: torch.Tensor, gradients: torch.Tensor, counts:
     majority = int(counts.argmax())
     guesses = {
         "tracked direction, prior": name_sides(sides, majority_class=majority),
-        "tracked direction, one known label": name_sides(sides, known=(0, int(truth[0]))),
+        "tracked direction, known labels": name_sides(sides, known=known),
     }
     if len(truth) >= 2 and 0 < int(counts.min()):
         guesses["norm"] = norm_scoring(gradients, float(counts.min()) / len(truth), majority)
