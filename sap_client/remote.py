@@ -215,7 +215,7 @@ class RemoteTopService:
     def forward(
         self, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor, *, output: str = "logits"
     ) -> torch.Tensor:
-        return self._forward(self._stub.Forward, session_id, step, hidden, attention_mask, output)
+        return self._forward(session_id, step, hidden, attention_mask, output)
 
     def backward(self, session_id: str, step: int, grad_logits: torch.Tensor) -> BackwardResult:
         tensor, raw = codec.wire_tensor(grad_logits)
@@ -229,7 +229,7 @@ class RemoteTopService:
     def evaluate(
         self, session_id: str, hidden: torch.Tensor, attention_mask: torch.Tensor, *, output: str = "logits"
     ) -> torch.Tensor:
-        return self._forward(self._stub.Evaluate, session_id, 0, hidden, attention_mask, output)
+        return self._forward(session_id, None, hidden, attention_mask, output)
 
     def generation(self, session_id: str) -> RemoteGeneration:
         """A Generate call (sap.proto): one sequence, piece by piece, over one stream. Not retried: a lost stream
@@ -285,10 +285,11 @@ class RemoteTopService:
         return metadata
 
     def _forward(
-        self, method, session_id: str, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor, output: str
+        self, session_id: str, step: int | None, hidden: torch.Tensor, attention_mask: torch.Tensor, output: str
     ):
-        """Forward or Evaluate: the real tokens packed (N_real, H) in the wire dtype; the logits (B, C) or the
-        pooled representation (B, H)."""
+        """Forward of a training step, or Evaluate (step None): the real tokens packed (N_real, H) in the wire
+        dtype; the logits (B, C), the pooled representation (B, H) or packed hidden states (N_real, H). An Evaluate
+        whose tensor fits one frame goes as one unary EvaluateSmall call (a stream costs it about a millisecond)."""
         if not codec.is_right_padded(attention_mask):
             raise InvalidInputError(
                 "the wire carries right-padded batches only (every row: real tokens, then padding, at least one "
@@ -297,10 +298,15 @@ class RemoteTopService:
         packed, lengths = codec.pack_hidden(hidden, attention_mask)
         tensor, raw = codec.wire_tensor(packed, wire_dtype=self.wire_dtype)
         header = sap_pb2.ForwardHeader(
-            session_id=session_id, step=step, hidden=tensor, lengths=lengths, output=codec.OUTPUT_OF_NAME[output]
+            session_id=session_id, step=step or 0, hidden=tensor, lengths=lengths, output=codec.OUTPUT_OF_NAME[output]
         )
         frames = codec.to_frames(sap_pb2.ForwardFrame, header, [raw], self.chunk_bytes)
-        reply, tensors = self._streamed(method, frames, sap_pb2.ForwardReplyFrame, ("tensor",), session_id)
+        if step is None and len(frames) <= 2:
+            replies = self._call(self._stub.EvaluateSmall, sap_pb2.ForwardFrames(frames=frames), session_id).frames
+            reply, tensors = codec.from_frames(replies, sap_pb2.ForwardReplyFrame, ("tensor",))
+        else:
+            method = self._stub.Forward if step is not None else self._stub.Evaluate
+            reply, tensors = self._streamed(method, frames, sap_pb2.ForwardReplyFrame, ("tensor",), session_id)
         if "tensor" not in tensors:
             raise RemoteError("the server's Forward reply carries no tensor")
         if reply.output != header.output:

@@ -205,6 +205,27 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         header, tensors = codec.from_frames(frames, sap_pb2.ForwardFrame, ("hidden",), max_bytes=self.max_request_bytes)
         return self.compute.run(self._forward, header, tensors.get("hidden"), secret, False)
 
+    @_rpc
+    def EvaluateSmall(self, request: sap_pb2.ForwardFrames, context) -> sap_pb2.ForwardReplyFrames:
+        secret = _metadata(context, SESSION_SECRET_METADATA)
+        if len(request.frames) > 2:
+            raise InvalidInputError(
+                f"EvaluateSmall takes a header and at most one data frame, got {len(request.frames)} frames: "
+                f"send a larger batch with Evaluate"
+            )
+        header, tensors = codec.from_frames(
+            request.frames, sap_pb2.ForwardFrame, ("hidden",), max_bytes=self.max_request_bytes
+        )
+        reply = sap_pb2.ForwardReplyFrames(
+            frames=self.compute.run(self._forward, header, tensors.get("hidden"), secret, False)
+        )
+        if reply.ByteSize() > self.max_message_bytes:  # e.g. packed float32 hidden states of a large batch
+            raise ResourceLimitError(
+                f"the reply of this EvaluateSmall is {reply.ByteSize()} bytes, over the message cap "
+                f"{self.max_message_bytes}: send the batch with Evaluate"
+            )
+        return reply
+
     def _forward(self, header: sap_pb2.ForwardHeader, packed, secret: str, train: bool) -> list:
         with self.provider.sessions.use(header.session_id, secret) as trainer:
             if packed is None:
@@ -271,7 +292,7 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 # Which calls need what (sap_common/service.py names the metadata keys).
 KEYED_METHODS = frozenset({"GetServerInfo", "DownloadBottom", "OpenSession"})  # with --api-keys
 SESSION_METHODS = frozenset(
-    {"Forward", "Backward", "Evaluate", "CloseSession", "ResumeSession", "Generate"}
+    {"Forward", "Backward", "Evaluate", "EvaluateSmall", "CloseSession", "ResumeSession", "Generate"}
 )  # the secret
 
 
@@ -345,6 +366,11 @@ def add_to_server(servicer: SplitLearningServicer, server: grpc.Server) -> None:
             servicer.CloseSession,
             request_deserializer=codec.lenient_parser(pb.CloseSessionRequest),
             response_serializer=pb.CloseSessionReply.SerializeToString,
+        ),
+        "EvaluateSmall": grpc.unary_unary_rpc_method_handler(
+            servicer.EvaluateSmall,
+            request_deserializer=codec.lenient_parser(pb.ForwardFrames),
+            response_serializer=pb.ForwardReplyFrames.SerializeToString,
         ),
         "ResumeSession": grpc.unary_unary_rpc_method_handler(
             servicer.ResumeSession,

@@ -91,10 +91,14 @@ def test_a_session_is_refused_to_anyone_without_its_secret(tiny_llama):
             forward = wire.forward_frames(sid, 3, hidden, mask)
             backward = wire.backward_frames(sid, 3, torch.ones(BATCH, NUM_LABELS))
             evaluate = wire.forward_frames(sid, 0, hidden, mask)
+            small = wire.forward_frames(sid, 0, hidden, mask, chunk_bytes=1 << 20)  # one data frame
             calls = {
                 "Forward": lambda md: list(stub.Forward(iter(forward), timeout=30, metadata=md)),
                 "Backward": lambda md: list(stub.Backward(iter(backward), timeout=30, metadata=md)),
                 "Evaluate": lambda md: list(stub.Evaluate(iter(evaluate), timeout=30, metadata=md)),
+                "EvaluateSmall": lambda md: stub.EvaluateSmall(
+                    sap_pb2.ForwardFrames(frames=small), timeout=30, metadata=md
+                ),
                 "CloseSession": lambda md: stub.CloseSession(
                     sap_pb2.CloseSessionRequest(session_id=sid, keep=True), timeout=30, metadata=md
                 ),

@@ -186,7 +186,7 @@ def test_retries_survive_lost_requests_and_lost_replies(tiny_llama):
         ("Backward", 1): "lose",  # applied, reply lost: the retry must be replayed, not applied again
         ("Forward", 4): "lose",  # forward of step 2 ran, reply lost: the retry recomputes it
         ("Backward", 4): "lose",
-        ("Evaluate", 1): "down",
+        ("EvaluateSmall", 1): "down",  # a batch in one frame goes unary
         ("CloseSession", 1): "lose",
     }
     flaky = Flaky(plan)
@@ -203,7 +203,7 @@ def test_retries_survive_lost_requests_and_lost_replies(tiny_llama):
     finally:
         provider.close()
     assert replays == [1, 3]  # the retried Backwards of steps 1 and 3 were answered from the record
-    assert flaky.calls == Counter(OpenSession=2, Forward=STEPS + 3, Backward=STEPS + 2, Evaluate=2, CloseSession=2)
+    assert flaky.calls == Counter(OpenSession=2, Forward=STEPS + 3, Backward=STEPS + 2, EvaluateSmall=2, CloseSession=2)
     _assert_equal(trained, _solo(tiny_llama, [11])[11], "retried run")
 
 

@@ -326,6 +326,30 @@ def test_evaluate_changes_nothing_and_matches_training_forward(served):
     torch.testing.assert_close(_forward(stub, sid, 1, h, mask), evaluated)
 
 
+def test_a_small_evaluate_goes_in_one_message_and_answers_as_the_stream_does(served):
+    """EvaluateSmall: the same frames in one unary message each way (batch-1 inference pays no stream); a request
+    of more than one data frame is refused, naming the streaming Evaluate."""
+    provider, stub = served
+    sid = _open(stub)
+    h, mask = _inputs(seed=4)
+    frames = wire.forward_frames(sid, 0, h, mask)
+    assert len(frames) == 2  # the header and one data frame
+    _, streamed = wire.logits_of(stub.Evaluate, frames, _md(sid))
+    reply = stub.EvaluateSmall(sap_pb2.ForwardFrames(frames=frames), timeout=30, metadata=_md(sid))
+    header, tensors = codec.from_frames(reply.frames, sap_pb2.ForwardReplyFrame, ("tensor",))
+    assert header.step == 0 and header.output == sap_pb2.OUTPUT_LOGITS
+    torch.testing.assert_close(tensors["tensor"], streamed, rtol=0, atol=0)
+    chunked = wire.forward_frames(sid, 0, h, mask, chunk_bytes=64)
+    assert len(chunked) > 2
+    _expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.EvaluateSmall(sap_pb2.ForwardFrames(frames=chunked), timeout=30, metadata=_md(sid)),
+        "EvaluateSmall takes a header and at most one data frame",
+        "with Evaluate",
+    )
+    assert provider.sessions.get(sid).steps_applied == 0
+
+
 # --- tensors larger than the message cap -------------------------------------------------------
 
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asap_common/proto/sap.proto\x12\x06sap.v2\",\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\x13\n\x11ServerInfoRequest\"\x83\x02\n\nServerInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\r\n\x05split\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x0c\n\x04peft\x18\x08 \x01(\t\x12\x15\n\rbottom_sha256\x18\t \x01(\t\x12\x19\n\x11max_message_bytes\x18\n \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x0b \x01(\x04\x12\x16\n\x0estart_adapters\x18\x0c \x03(\t\"=\n\x15\x44ownloadBottomRequest\x12\x13\n\x0btail_blocks\x18\x01 \x01(\r\x12\x0f\n\x07lm_head\x18\x02 \x01(\x08\"K\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xd7\x01\n\x12OpenSessionRequest\x12\x12\n\nnum_labels\x18\x01 \x01(\r\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x14\n\x0ctrain_bottom\x18\x04 \x01(\x08\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x1e\n\x06output\x18\x07 \x01(\x0e\x32\x0e.sap.v2.Output\x12\x11\n\tuser_tail\x18\x08 \x01(\r\x12\x15\n\rstart_adapter\x18\t \x01(\t\"\x87\x01\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14trainable_parameters\x18\x02 \x01(\x04\x12\x12\n\nnum_labels\x18\x03 \x01(\r\x12\x15\n\rsteps_applied\x18\x04 \x01(\x04\x12\x16\n\x0esession_secret\x18\x05 \x01(\t\"7\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\x08\">\n\x11\x43loseSessionReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\x12\x12\n\nadapter_id\x18\x02 \x01(\t\"\x88\x01\n\rForwardHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.sap.v2.TensorHeader\x12\x0f\n\x07lengths\x18\x04 \x03(\r\x12\x1e\n\x06output\x18\x05 \x01(\x0e\x32\x0e.sap.v2.Output\"P\n\x0c\x46orwardFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.sap.v2.ForwardHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"h\n\x12\x46orwardReplyHeader\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06output\x18\x02 \x01(\x0e\x32\x0e.sap.v2.Output\x12$\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"Z\n\x11\x46orwardReplyFrame\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.sap.v2.ForwardReplyHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"V\n\x0e\x42\x61\x63kwardHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\"\n\x04grad\x18\x03 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"R\n\rBackwardFrame\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.sap.v2.BackwardHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"~\n\x13\x42\x61\x63kwardReplyHeader\x12\x14\n\x0c\x61pplied_step\x18\x01 \x01(\x04\x12\x10\n\x08replayed\x18\x02 \x01(\x08\x12\x14\n\x0c\x63heckpointed\x18\x03 \x01(\x08\x12)\n\x0bgrad_hidden\x18\x04 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"\\\n\x12\x42\x61\x63kwardReplyFrame\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.sap.v2.BackwardReplyHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"8\n\x14ResumeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\"?\n\x12ResumeSessionReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\x12\x12\n\nnum_labels\x18\x02 \x01(\r\"J\n\x0eGenerateHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"R\n\rGenerateFrame\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.sap.v2.GenerateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"M\n\x13GenerateReplyHeader\x12\x10\n\x08position\x18\x01 \x01(\x04\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"\\\n\x12GenerateReplyFrame\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.sap.v2.GenerateReplyHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame*A\n\x06Output\x12\x11\n\rOUTPUT_LOGITS\x10\x00\x12\x11\n\rOUTPUT_POOLED\x10\x01\x12\x11\n\rOUTPUT_HIDDEN\x10\x02\x32\xf4\x04\n\rSplitLearning\x12>\n\rGetServerInfo\x12\x19.sap.v2.ServerInfoRequest\x1a\x12.sap.v2.ServerInfo\x12\x44\n\x0e\x44ownloadBottom\x12\x1d.sap.v2.DownloadBottomRequest\x1a\x11.sap.v2.FileChunk0\x01\x12\x43\n\x0bOpenSession\x12\x1a.sap.v2.OpenSessionRequest\x1a\x18.sap.v2.OpenSessionReply\x12\x46\n\x0c\x43loseSession\x12\x1b.sap.v2.CloseSessionRequest\x1a\x19.sap.v2.CloseSessionReply\x12>\n\x07\x46orward\x12\x14.sap.v2.ForwardFrame\x1a\x19.sap.v2.ForwardReplyFrame(\x01\x30\x01\x12\x41\n\x08\x42\x61\x63kward\x12\x15.sap.v2.BackwardFrame\x1a\x1a.sap.v2.BackwardReplyFrame(\x01\x30\x01\x12?\n\x08\x45valuate\x12\x14.sap.v2.ForwardFrame\x1a\x19.sap.v2.ForwardReplyFrame(\x01\x30\x01\x12I\n\rResumeSession\x12\x1c.sap.v2.ResumeSessionRequest\x1a\x1a.sap.v2.ResumeSessionReply\x12\x41\n\x08Generate\x12\x15.sap.v2.GenerateFrame\x1a\x1a.sap.v2.GenerateReplyFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asap_common/proto/sap.proto\x12\x06sap.v2\",\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\x13\n\x11ServerInfoRequest\"\x83\x02\n\nServerInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\r\n\x05split\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x0c\n\x04peft\x18\x08 \x01(\t\x12\x15\n\rbottom_sha256\x18\t \x01(\t\x12\x19\n\x11max_message_bytes\x18\n \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x0b \x01(\x04\x12\x16\n\x0estart_adapters\x18\x0c \x03(\t\"=\n\x15\x44ownloadBottomRequest\x12\x13\n\x0btail_blocks\x18\x01 \x01(\r\x12\x0f\n\x07lm_head\x18\x02 \x01(\x08\"K\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xd7\x01\n\x12OpenSessionRequest\x12\x12\n\nnum_labels\x18\x01 \x01(\r\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x14\n\x0ctrain_bottom\x18\x04 \x01(\x08\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x1e\n\x06output\x18\x07 \x01(\x0e\x32\x0e.sap.v2.Output\x12\x11\n\tuser_tail\x18\x08 \x01(\r\x12\x15\n\rstart_adapter\x18\t \x01(\t\"\x87\x01\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14trainable_parameters\x18\x02 \x01(\x04\x12\x12\n\nnum_labels\x18\x03 \x01(\r\x12\x15\n\rsteps_applied\x18\x04 \x01(\x04\x12\x16\n\x0esession_secret\x18\x05 \x01(\t\"7\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\x08\">\n\x11\x43loseSessionReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\x12\x12\n\nadapter_id\x18\x02 \x01(\t\"\x88\x01\n\rForwardHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.sap.v2.TensorHeader\x12\x0f\n\x07lengths\x18\x04 \x03(\r\x12\x1e\n\x06output\x18\x05 \x01(\x0e\x32\x0e.sap.v2.Output\"P\n\x0c\x46orwardFrame\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.sap.v2.ForwardHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"h\n\x12\x46orwardReplyHeader\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1e\n\x06output\x18\x02 \x01(\x0e\x32\x0e.sap.v2.Output\x12$\n\x06tensor\x18\x03 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"Z\n\x11\x46orwardReplyFrame\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.sap.v2.ForwardReplyHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"5\n\rForwardFrames\x12$\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x14.sap.v2.ForwardFrame\"?\n\x12\x46orwardReplyFrames\x12)\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x19.sap.v2.ForwardReplyFrame\"V\n\x0e\x42\x61\x63kwardHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\"\n\x04grad\x18\x03 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"R\n\rBackwardFrame\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.sap.v2.BackwardHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"~\n\x13\x42\x61\x63kwardReplyHeader\x12\x14\n\x0c\x61pplied_step\x18\x01 \x01(\x04\x12\x10\n\x08replayed\x18\x02 \x01(\x08\x12\x14\n\x0c\x63heckpointed\x18\x03 \x01(\x08\x12)\n\x0bgrad_hidden\x18\x04 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"\\\n\x12\x42\x61\x63kwardReplyFrame\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.sap.v2.BackwardReplyHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"8\n\x14ResumeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\"?\n\x12ResumeSessionReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\x12\x12\n\nnum_labels\x18\x02 \x01(\r\"J\n\x0eGenerateHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"R\n\rGenerateFrame\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.sap.v2.GenerateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"M\n\x13GenerateReplyHeader\x12\x10\n\x08position\x18\x01 \x01(\x04\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.sap.v2.TensorHeader\"\\\n\x12GenerateReplyFrame\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.sap.v2.GenerateReplyHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame*A\n\x06Output\x12\x11\n\rOUTPUT_LOGITS\x10\x00\x12\x11\n\rOUTPUT_POOLED\x10\x01\x12\x11\n\rOUTPUT_HIDDEN\x10\x02\x32\xb8\x05\n\rSplitLearning\x12>\n\rGetServerInfo\x12\x19.sap.v2.ServerInfoRequest\x1a\x12.sap.v2.ServerInfo\x12\x44\n\x0e\x44ownloadBottom\x12\x1d.sap.v2.DownloadBottomRequest\x1a\x11.sap.v2.FileChunk0\x01\x12\x43\n\x0bOpenSession\x12\x1a.sap.v2.OpenSessionRequest\x1a\x18.sap.v2.OpenSessionReply\x12\x46\n\x0c\x43loseSession\x12\x1b.sap.v2.CloseSessionRequest\x1a\x19.sap.v2.CloseSessionReply\x12>\n\x07\x46orward\x12\x14.sap.v2.ForwardFrame\x1a\x19.sap.v2.ForwardReplyFrame(\x01\x30\x01\x12\x41\n\x08\x42\x61\x63kward\x12\x15.sap.v2.BackwardFrame\x1a\x1a.sap.v2.BackwardReplyFrame(\x01\x30\x01\x12?\n\x08\x45valuate\x12\x14.sap.v2.ForwardFrame\x1a\x19.sap.v2.ForwardReplyFrame(\x01\x30\x01\x12\x42\n\rEvaluateSmall\x12\x15.sap.v2.ForwardFrames\x1a\x1a.sap.v2.ForwardReplyFrames\x12I\n\rResumeSession\x12\x1c.sap.v2.ResumeSessionRequest\x1a\x1a.sap.v2.ResumeSessionReply\x12\x41\n\x08Generate\x12\x15.sap.v2.GenerateFrame\x1a\x1a.sap.v2.GenerateReplyFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sap_common.proto.sap_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUT']._serialized_start=2253
-  _globals['_OUTPUT']._serialized_end=2318
+  _globals['_OUTPUT']._serialized_start=2373
+  _globals['_OUTPUT']._serialized_end=2438
   _globals['_TENSORHEADER']._serialized_start=38
   _globals['_TENSORHEADER']._serialized_end=82
   _globals['_SERVERINFOREQUEST']._serialized_start=84
@@ -59,26 +59,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDREPLYHEADER']._serialized_end=1309
   _globals['_FORWARDREPLYFRAME']._serialized_start=1311
   _globals['_FORWARDREPLYFRAME']._serialized_end=1401
-  _globals['_BACKWARDHEADER']._serialized_start=1403
-  _globals['_BACKWARDHEADER']._serialized_end=1489
-  _globals['_BACKWARDFRAME']._serialized_start=1491
-  _globals['_BACKWARDFRAME']._serialized_end=1573
-  _globals['_BACKWARDREPLYHEADER']._serialized_start=1575
-  _globals['_BACKWARDREPLYHEADER']._serialized_end=1701
-  _globals['_BACKWARDREPLYFRAME']._serialized_start=1703
-  _globals['_BACKWARDREPLYFRAME']._serialized_end=1795
-  _globals['_RESUMESESSIONREQUEST']._serialized_start=1797
-  _globals['_RESUMESESSIONREQUEST']._serialized_end=1853
-  _globals['_RESUMESESSIONREPLY']._serialized_start=1855
-  _globals['_RESUMESESSIONREPLY']._serialized_end=1918
-  _globals['_GENERATEHEADER']._serialized_start=1920
-  _globals['_GENERATEHEADER']._serialized_end=1994
-  _globals['_GENERATEFRAME']._serialized_start=1996
-  _globals['_GENERATEFRAME']._serialized_end=2078
-  _globals['_GENERATEREPLYHEADER']._serialized_start=2080
-  _globals['_GENERATEREPLYHEADER']._serialized_end=2157
-  _globals['_GENERATEREPLYFRAME']._serialized_start=2159
-  _globals['_GENERATEREPLYFRAME']._serialized_end=2251
-  _globals['_SPLITLEARNING']._serialized_start=2321
-  _globals['_SPLITLEARNING']._serialized_end=2949
+  _globals['_FORWARDFRAMES']._serialized_start=1403
+  _globals['_FORWARDFRAMES']._serialized_end=1456
+  _globals['_FORWARDREPLYFRAMES']._serialized_start=1458
+  _globals['_FORWARDREPLYFRAMES']._serialized_end=1521
+  _globals['_BACKWARDHEADER']._serialized_start=1523
+  _globals['_BACKWARDHEADER']._serialized_end=1609
+  _globals['_BACKWARDFRAME']._serialized_start=1611
+  _globals['_BACKWARDFRAME']._serialized_end=1693
+  _globals['_BACKWARDREPLYHEADER']._serialized_start=1695
+  _globals['_BACKWARDREPLYHEADER']._serialized_end=1821
+  _globals['_BACKWARDREPLYFRAME']._serialized_start=1823
+  _globals['_BACKWARDREPLYFRAME']._serialized_end=1915
+  _globals['_RESUMESESSIONREQUEST']._serialized_start=1917
+  _globals['_RESUMESESSIONREQUEST']._serialized_end=1973
+  _globals['_RESUMESESSIONREPLY']._serialized_start=1975
+  _globals['_RESUMESESSIONREPLY']._serialized_end=2038
+  _globals['_GENERATEHEADER']._serialized_start=2040
+  _globals['_GENERATEHEADER']._serialized_end=2114
+  _globals['_GENERATEFRAME']._serialized_start=2116
+  _globals['_GENERATEFRAME']._serialized_end=2198
+  _globals['_GENERATEREPLYHEADER']._serialized_start=2200
+  _globals['_GENERATEREPLYHEADER']._serialized_end=2277
+  _globals['_GENERATEREPLYFRAME']._serialized_start=2279
+  _globals['_GENERATEREPLYFRAME']._serialized_end=2371
+  _globals['_SPLITLEARNING']._serialized_start=2441
+  _globals['_SPLITLEARNING']._serialized_end=3137
 # @@protoc_insertion_point(module_scope)

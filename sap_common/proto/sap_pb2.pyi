@@ -168,6 +168,18 @@ class ForwardReplyFrame(_message.Message):
     data: bytes
     def __init__(self, header: _Optional[_Union[ForwardReplyHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class ForwardFrames(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[ForwardFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[ForwardFrame, _Mapping]]] = ...) -> None: ...
+
+class ForwardReplyFrames(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[ForwardReplyFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[ForwardReplyFrame, _Mapping]]] = ...) -> None: ...
+
 class BackwardHeader(_message.Message):
     __slots__ = ("session_id", "step", "grad")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -69,6 +69,11 @@ class SplitLearningStub:
                 request_serializer=sap__common_dot_proto_dot_sap__pb2.ForwardFrame.SerializeToString,
                 response_deserializer=sap__common_dot_proto_dot_sap__pb2.ForwardReplyFrame.FromString,
                 _registered_method=True)
+        self.EvaluateSmall = channel.unary_unary(
+                '/sap.v2.SplitLearning/EvaluateSmall',
+                request_serializer=sap__common_dot_proto_dot_sap__pb2.ForwardFrames.SerializeToString,
+                response_deserializer=sap__common_dot_proto_dot_sap__pb2.ForwardReplyFrames.FromString,
+                _registered_method=True)
         self.ResumeSession = channel.unary_unary(
                 '/sap.v2.SplitLearning/ResumeSession',
                 request_serializer=sap__common_dot_proto_dot_sap__pb2.ResumeSessionRequest.SerializeToString,
@@ -126,6 +131,12 @@ class SplitLearningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EvaluateSmall(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResumeSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -175,6 +186,11 @@ def add_SplitLearningServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=sap__common_dot_proto_dot_sap__pb2.ForwardFrame.FromString,
                     response_serializer=sap__common_dot_proto_dot_sap__pb2.ForwardReplyFrame.SerializeToString,
+            ),
+            'EvaluateSmall': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateSmall,
+                    request_deserializer=sap__common_dot_proto_dot_sap__pb2.ForwardFrames.FromString,
+                    response_serializer=sap__common_dot_proto_dot_sap__pb2.ForwardReplyFrames.SerializeToString,
             ),
             'ResumeSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeSession,
@@ -376,6 +392,33 @@ class SplitLearning:
             '/sap.v2.SplitLearning/Evaluate',
             sap__common_dot_proto_dot_sap__pb2.ForwardFrame.SerializeToString,
             sap__common_dot_proto_dot_sap__pb2.ForwardReplyFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateSmall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sap.v2.SplitLearning/EvaluateSmall',
+            sap__common_dot_proto_dot_sap__pb2.ForwardFrames.SerializeToString,
+            sap__common_dot_proto_dot_sap__pb2.ForwardReplyFrames.FromString,
             options,
             channel_credentials,
             insecure,
