@@ -227,6 +227,8 @@ def audit_summary(report: dict) -> dict:
         "label_inference_accuracy",
         "label_inference_baseline",
         "label_attack",
+        "targets_read",
+        "target_tokens",
     )
     summary = {key: report[key] for key in keys if key in report}
     summary["eia_attacks"] = {kind: figures["recovery"] for kind, figures in report.get("eia_attacks", {}).items()}
@@ -264,30 +266,24 @@ def render_statement(statement: dict) -> str:
         f"- **Not covered by any of this**: {statement['not_covered']}.",
         "",
     ]
-    if statement.get("task") == "generative":  # no prediction queries (generation is not built yet), no labels
+    generative = statement.get("task") == "generative"
+    if generative:  # prediction queries are classification's; the targets take the labels' place
         queries = next(i for i, line in enumerate(lines) if line.startswith("- **Prediction queries**"))
-        lines[queries : queries + 2] = [f"- **Targets**: {statement['label_exposure']}."]
-        return "\n".join(
-            lines
-            + [
-                "The audit does not cover generative runs yet: `sap-client audit` measures classification runs. On "
-                "the default model at its default split, its strongest attack recovers nearly every token of "
-                "un-noised text (README, Privacy audit).",
-                "",
-            ]
-        )
+        lines[queries : queries + 2] = [
+            "- **Generation** (`sap-client generate`): every prompt token's vector and every generated token's vector "
+            "is sent, through the same noise; a repeated prompt is sent as exactly the same vectors (its noise is "
+            "keyed by the run's secret and the tokens so far).",
+            f"- **Targets**: {statement['label_exposure']}.",
+        ]
     audit = statement.get("audit")
     if audit:
+        content = audit.get("eia_token_recovery_content")  # NaN where the texts had no content word
         lines += [
             "## Audit of these settings",
             "",
             f"`sap-client audit` ({audit.get('source')}): the strongest attack ({audit['attack']}) recovered "
             f"{audit['eia_token_recovery']:.1%} of {audit['eia_tokens']} tokens"
-            + (
-                f" and {audit['eia_token_recovery_content']:.1%} of content words"
-                if audit.get("eia_token_recovery_content") == audit.get("eia_token_recovery_content")
-                else ""
-            )
+            + (f" and {content:.1%} of content words" if isinstance(content, float) and not math.isnan(content) else "")
             + f" (empirical privacy {audit['eia_privacy']:.3f}); every attack: "
             + ", ".join(f"{k} {v:.1%}" for k, v in audit["eia_attacks"].items())
             + ".",
@@ -301,11 +297,18 @@ def render_statement(statement: dict) -> str:
             )
         if "aia_accuracy" in audit:
             lines.append(f"Attribute inference: {audit['aia_accuracy']:.3f} (baseline {audit['aia_baseline']:.3f}).")
+        if "targets_read" in audit:
+            lines.append(
+                f"Target tokens read from the recorded gradients: {audit['targets_read']:.1%} of "
+                f"{audit['target_tokens']}."
+            )
         lines.append("")
     else:
+        data = "DATA.jsonl" if generative else "DATA.csv"
         lines += [
-            "No audit has been run for these settings yet: `sap-client audit DATA.csv --run RUN_DIR --out "
-            "REPORT_DIR` measures what the strongest attacks recover and adds it here.",
+            f"No audit has been run for these settings yet: `sap-client audit {data} --run RUN_DIR --out "
+            "REPORT_DIR` measures what the strongest attacks recover and adds it here"
+            + (" (with `--recorded DIR`, a `sap-server --record` recording, also the targets)." if generative else "."),
             "",
         ]
     return "\n".join(lines)

@@ -119,6 +119,7 @@ def test_train_on_jsonl_fine_tunes_the_decoder_to_write_completions(decoder, tmp
     assert (run / "head.safetensors").is_file() and (run / "tail").is_dir()  # the user's tail LoRA and blocks
     statement = (run / "privacy.md").read_text()
     assert "generative fine-tuning" in statement and "Treat every target token as exposed" in statement
+    assert "Target tokens read from the recorded gradients" in statement  # the audit above, quoted
     records = read_records(record)
     assert sum(r.kind == "backward" for r in records) == metrics["steps"] == 8 * 13
     assert sum(r.kind == "generate" for r in records) >= 3 * 3  # a prompt piece and one per token after it

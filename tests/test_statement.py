@@ -61,6 +61,28 @@ def test_the_markdown_names_the_label_exposure_and_quotes_an_audit(tmp_path):
     assert "sequential) recovered 90.0% of 100 tokens" in with_audit and "optimization 50.0%" in with_audit
 
 
+def test_a_generative_statement_quotes_its_audit_with_the_targets_read():
+    """sap-client audit on a generative run adds its figures to privacy.md, the target tokens read from the
+    recorded gradients among them; before that, the statement says how to run it on the run's JSONL."""
+    plain = render_statement(_statement(split=6, generative=True))
+    assert "sap-client audit DATA.jsonl --run RUN_DIR" in plain and "**Targets**" in plain
+    assert "**Generation**" in plain and "Prediction queries" not in plain and "**Labels**" not in plain
+    report = {
+        "source": "recorded traffic",
+        "attack": "sequential",
+        "eia_token_recovery": 0.99,
+        "eia_tokens": 300,
+        "eia_privacy": 0.01,
+        "eia_attacks": {"sequential": {"recovery": 0.99}},
+        "targets_read": 0.72,
+        "target_tokens": 1189,
+    }
+    audited = render_statement(_statement(split=6, generative=True, audit=audit_summary(report)))
+    assert "sequential) recovered 99.0% of 300 tokens" in audited
+    assert "Target tokens read from the recorded gradients: 72.0% of 1189." in audited
+    assert "No audit has been run" not in audited
+
+
 def test_median_token_distance_of_a_tiny_model(tiny_model):
     bottom, _ = split_base(load_model(str(tiny_model)).base, 0)
     distance = median_token_distance(bottom)
