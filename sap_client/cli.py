@@ -102,7 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--train-bottom",
         action="store_true",
-        help="also fine-tune the bottom blocks here (the server returns dL/dhidden)",
+        help="also fine-tune the bottom blocks here (the server returns dL/dhidden); the bottom moves away from the "
+        "pretrained weights the provider's attacks invert through (privacy.md)",
+    )
+    train.add_argument(
+        "--bottom-lr",
+        type=float,
+        default=TrainConfig.bottom_learning_rate,
+        help="AdamW learning rate of the bottom with --train-bottom (default %(default)s: all of its weights train)",
     )
     train.add_argument(
         "--private-head",
@@ -723,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_length=args.max_length,
                 seed=args.seed,
                 train_bottom=args.train_bottom,
+                bottom_learning_rate=args.bottom_lr,
                 private_head=args.private_head or args.user_tail > 0 or generative,
                 user_tail=args.user_tail,
                 label_epsilon=args.label_epsilon,

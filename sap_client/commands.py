@@ -466,6 +466,7 @@ def _complete_generative(run: RunDir, spec: RunSpec, metrics: dict, opened: Open
         user_tail=config.user_tail,
         generative=True,
         start_adapter=config.start_adapter,
+        bottom_learning_rate=config.bottom_learning_rate if config.train_bottom else None,
     )
     run.write_json(METRICS, metrics)
     run.file(PRIVACY).write_text(render_statement(metrics["privacy"]))
@@ -667,6 +668,7 @@ def _complete(
         model=info.model_id,
         label_names=spec.label_names,
         train_bottom=config.train_bottom,
+        bottom_learning_rate=config.bottom_learning_rate if config.train_bottom else None,
         bottom_download_bytes=download_bytes,
         wire_dtype=spec.wire_dtype,
         eta=eta,
@@ -699,6 +701,7 @@ def _complete(
         label_dp=label_dp,
         user_tail=config.user_tail,
         start_adapter=config.start_adapter,
+        bottom_learning_rate=config.bottom_learning_rate if config.train_bottom else None,
     )
     metrics["label_dp"] = label_dp
     run.write_json(METRICS, metrics)

@@ -84,7 +84,10 @@ class RunSpec:
         known = {f.name for f in fields(cls)}
         try:
             values = {name: value for name, value in data.items() if name in known}
-            values["config"] = TrainConfig(**data["config"])
+            config = dict(data["config"])
+            if config.get("train_bottom") and "bottom_learning_rate" not in config:
+                config["bottom_learning_rate"] = config["learning_rate"]  # what runs before --bottom-lr trained at
+            values["config"] = TrainConfig(**config)
             values["noise"] = NoiseConfig(**data["noise"])
             return cls(**values)
         except (KeyError, TypeError, ValueError) as exc:

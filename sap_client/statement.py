@@ -105,6 +105,7 @@ def privacy_statement(
     user_tail: int = 0,
     generative: bool = False,
     start_adapter: str = "",
+    bottom_learning_rate: float | None = None,
 ) -> dict:
     """The statement as data (metrics.json["privacy"]); render_statement turns it into privacy.md."""
     statement: dict = {
@@ -123,6 +124,7 @@ def privacy_statement(
         "task": "generative" if generative else "classification",
         "label_dp": label_dp,
         "start_adapter": start_adapter or None,
+        "trained_bottom": None if bottom_learning_rate is None else {"learning_rate": bottom_learning_rate},
         "not_covered": NOT_COVERED,
         "median_token_distance": median_distance,
         "predict_queries": "the same text always gets the same noise (keyed by RUN_DIR/noise.key), so "
@@ -243,6 +245,15 @@ START_ADAPTER_LINE = (
 )
 
 
+TRAINED_BOTTOM_LINE = (
+    "- **Defence: a trainable bottom** (--train-bottom, learning rate {lr:g}): the bottom's weights moved away from "
+    "the pretrained ones the provider knows, so the attacks that invert what was sent through the pretrained bottom "
+    "lose ground as training goes on (measured: README, the trainable bottom). It is no guarantee: the first steps "
+    "were sent through a bottom still close to the pretrained one, and the bottom's drift, not a bound, is what "
+    "protects."
+)
+
+
 def render_statement(statement: dict) -> str:
     """privacy.md: plain words, the formal part, what is exposed, what is not covered, the audit if any."""
     lines = [
@@ -260,6 +271,11 @@ def render_statement(statement: dict) -> str:
         + ".",
         f"- **Formal guarantee**: {statement['formal'].rstrip('.')}.",
         *([START_ADAPTER_LINE.format(name=statement["start_adapter"])] if statement.get("start_adapter") else []),
+        *(
+            [TRAINED_BOTTOM_LINE.format(lr=statement["trained_bottom"]["learning_rate"])]
+            if statement.get("trained_bottom")
+            else []
+        ),
         f"- **Noisy observations of each training example the provider got**: {statement['observations_why']}.",
         f"- **Prediction queries**: {statement['predict_queries']}.",
         f"- **Labels**: {statement['label_exposure']}.",

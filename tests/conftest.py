@@ -24,13 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 LEVELS = {
     "unit": (
         "test_attacks test_bench test_cli test_codec test_cti test_data test_labeldp test_labels test_privacy "
-        "test_privacy_table test_sft_data "
+        "test_privacy_table test_sft_data test_frontier "
         "test_split test_statement test_strong_attacks test_heap test_layering test_openmp "
         "test_proto_fresh"
     ).split(),
     "service": (
         "test_auth test_compute test_concurrency test_equivalence test_fuzz test_lean_wire "
-        "test_generation test_noise_on_the_wire test_prefetch test_robust test_servicer test_sft"
+        "test_generation test_noise_on_the_wire test_prefetch test_robust test_servicer test_sft test_trained_bottom"
     ).split(),
     "two_process": (
         "test_audit test_compose test_devices test_generative_cli test_label_privacy test_private_inference "

@@ -34,6 +34,7 @@ BATCH = 4
 NUM_LABELS = 2
 SEED = 0
 LR = 1e-2  # large, so four steps move the weights far beyond the tolerance
+BOTTOM_LR = 3e-3  # the bottom's own rate, unlike LR: a bottom stepped at the top's rate fails the comparison
 MAX_LENGTH = 32
 # float32 rounding, which AdamW's m / sqrt(v) blows up for weights whose gradient is almost zero (a Llama
 # key bias: softmax ignores most of it). The summation order, and so the rounding, follows the machine's
@@ -92,7 +93,12 @@ def _train_split(provider: Provider, service, train_bottom: bool, cache: Path) -
     assert info.split == K and info.peft == provider.sessions.peft.method
     bottom, tokenizer, _ = load_server_bottom(service, info, cache_root=cache)
     config = TrainConfig(
-        batch_size=BATCH, learning_rate=LR, max_length=MAX_LENGTH, seed=SEED, train_bottom=train_bottom
+        batch_size=BATCH,
+        learning_rate=LR,
+        bottom_learning_rate=BOTTOM_LR,
+        max_length=MAX_LENGTH,
+        seed=SEED,
+        train_bottom=train_bottom,
     )
     trainer = SplitTrainer(bottom, tokenizer, service, config)
     trainer.open(NUM_LABELS)
@@ -155,7 +161,12 @@ def _reference_run(folder: Path, method: str, train_bottom: bool, initial_top: P
 
     tokenizer = load_tokenizer(folder)  # the folder's own tokenizer, as the server loads it
     tokenizer.padding_side = "right"
-    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
+    bottom_ids = {id(p) for _, p in bottom_named()} if train_bottom else set()
+    groups = [
+        {"params": [p for p in trainable if id(p) not in bottom_ids], "lr": LR},
+        {"params": [p for p in trainable if id(p) in bottom_ids], "lr": BOTTOM_LR},  # its own rate (--bottom-lr)
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     model.train()
     losses = []
     for texts, labels in BATCHES:
