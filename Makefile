@@ -19,6 +19,7 @@ help:
 	@echo "make label-table  label leakage per mode on recorded real traffic (benchmarks/results/label_table.md)"
 	@echo "make target-leakage  target tokens read from generative fine-tuning's gradients (benchmarks/results)"
 	@echo "make generative-leakage  what the provider reads of a generative run, per mode, from recorded traffic"
+	@echo "make frontier   accuracy against strongest-attack privacy, plain d_chi and each defence (hours)"
 	@echo "make sft-demo   generative fine-tuning: SmolLM2 learns film-script replies (held-out perplexity)"
 	@echo "make bench      split vs single-process benchmarks, memory, slow link, SFT and generation (benchmarks/README.md)"
 	@echo "make bench-quick  the reduced benchmark (MiniLM split 2, < 2 min): one JSON line"
@@ -72,6 +73,12 @@ target-leakage: install models data
 .PHONY: generative-leakage
 generative-leakage: install models data
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/generative_leakage.py
+
+# Plain d_chi against each defence at equal strongest-attack privacy (benchmarks/frontier.py; hours on 2 cores,
+# finished cells are kept in benchmarks/results/frontier/cells and not run again).
+.PHONY: frontier
+frontier: install models data
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/frontier.py
 
 sft-demo: install models data
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/sft_demo.sh

@@ -38,9 +38,14 @@ def recorded_audit(
     config: AttackConfig,
     public: list[str] | None = None,
     label_data: TextDataset | None = None,
+    *,
+    cache: dict | None = None,
+    mechanism: str | None = None,
 ) -> dict:
     """Attack what a server recorded (sap-server --record): the hidden states it received, with every attack that
-    applies, and (when the data is labelled and the recording holds Backward gradients) the labels.
+    applies, and (when the data is labelled and the recording holds Backward gradients) the labels. The attacks
+    invert through trainer's bottom (after --train-bottom, pass a trainer over the pretrained bottom: the provider's
+    copy); cache and mechanism: see build_attacker (a caller auditing many runs shares what it can).
 
     Ground truth comes from the user's own data: each data text is paired with the distinct received example of its
     length nearest to what this client would send for it (and to its clean bottom output), one to one, nearest pairs
@@ -53,7 +58,7 @@ def recorded_audit(
     order = sorted(matched)
     if not order:  # before the attacker is built: that runs the public text and may train an inverter
         raise ValueError("no recorded example matches a text of the data (same tokenizer, split and data?)")
-    provider = build_attacker(trainer, config, public)
+    provider = build_attacker(trainer, config, public, cache=cache, mechanism=mechanism)
     report = eia_report({1: invert_received(provider, trainer, received, matched, order)}, trainer, provider)
     report.update(examples=len(order), recorded_examples=len(received), unmatched_examples=len(received) - len(order))
     label_data = label_data if label_data is not None else data

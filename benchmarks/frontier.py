@@ -1,0 +1,366 @@
+"""The privacy/utility frontier (`make frontier`): held-out accuracy against strongest-attack EIA privacy, for plain
+d_chi noise at several noise ratios and for each defence, per model, split and seed.
+
+Each cell is a real run of the user's training loop against the provider's real session code (LocalTopService, what
+the gRPC servicer calls), with the provider recording what it receives (`sap-server --record` in-process). Privacy
+is measured on that recording: `sap-client audit --recorded`'s attacks (every one that applies, the strongest
+counted) on the first training texts, inverting through the provider's copy of the pretrained bottom, with the
+held-out snippets as the provider's public text (disjoint from every attacked text). EIA privacy = 1 - the
+strongest attack's token recovery. A defence is compared with plain d_chi at the same privacy, seed by seed: the
+plain curve's accuracy is interpolated linearly in privacy between its two nearest cells.
+
+    python benchmarks/frontier.py                      # the full grid (hours on 2 cores; cells are kept)
+    python benchmarks/frontier.py --quick              # a smoke run of the whole pipeline (minutes)
+    python benchmarks/frontier.py --report-only        # rebuild the table and plot from the kept cells
+
+Defences: trained-bottom (--train-bottom at DEFAULT_BOTTOM_LEARNING_RATE), cti (--cti, scale mode), rescale
+(--rescale-noised). Results: benchmarks/results/frontier/ (cells/*.json, frontier.md, frontier.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from sap_client.audit.attacks import AttackConfig  # noqa: E402
+from sap_client.audit.learned import LearnedConfig  # noqa: E402
+from sap_client.audit.recorded import recorded_audit  # noqa: E402
+from sap_client.bottom import load_server_bottom  # noqa: E402
+from sap_client.commands import fit_noise  # noqa: E402
+from sap_client.data import TextDataset, load_labelled_csv  # noqa: E402
+from sap_client.privacy import NoiseConfig  # noqa: E402
+from sap_client.rundir import KEY, RunDir  # noqa: E402
+from sap_client.trainer import DEFAULT_BOTTOM_LEARNING_RATE, SplitTrainer, TrainConfig  # noqa: E402
+from sap_common.peft import PeftConfig  # noqa: E402
+from sap_common.recording import read_records  # noqa: E402
+from sap_server.local import LocalTopService  # noqa: E402
+from sap_server.provider import Provider  # noqa: E402
+
+log = logging.getLogger("frontier")
+RESULTS = ROOT / "benchmarks" / "results" / "frontier"
+DEFENCES = ("plain", "trained-bottom", "cti", "rescale")
+
+
+@dataclass(frozen=True)
+class Budget:
+    train: int = 9000  # the first rows of data/movie_snippets.csv
+    held: int | None = None  # the next rows, held out (None: all the rest)
+    epochs: int = 3
+    batch_size: int = 16
+    max_length: int = 64
+    learning_rate: float = 1e-3
+    audited: int = 24  # training texts attacked on the recording (the first rows)
+    attack_steps: int = 100  # the optimization attack
+    inverter_epochs: int = 4  # the learned inverter, on the public text
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    split: int
+    defence: str  # one of DEFENCES
+    ratio: float | None  # --noise-ratio; None: no noise (plain only)
+    seed: int
+
+    @property
+    def name(self) -> str:
+        noise = "none" if self.ratio is None else f"R{self.ratio:g}"
+        return f"{self.model}_k{self.split}_{self.defence}_{noise}_s{self.seed}"
+
+
+def _data(budget: Budget) -> tuple[TextDataset, TextDataset]:
+    snippets = load_labelled_csv(ROOT / "data" / "movie_snippets.csv")
+    if budget.train >= len(snippets):
+        raise ValueError(f"--train {budget.train} leaves nothing held out of {len(snippets)} snippets")
+    end = len(snippets) if budget.held is None else min(len(snippets), budget.train + budget.held)
+    return snippets.subset(list(range(budget.train))), snippets.subset(list(range(budget.train, end)))
+
+
+def run_cell(cell: Cell, budget: Budget, train: TextDataset, held: TextDataset, work: Path, cache: dict) -> dict:
+    """Train through the split with the cell's settings while the provider records, then attack the recording."""
+    record = work / "record"
+    provider = Provider.load(cell.model, cell.split, PeftConfig(method="lora"), record_dir=record)
+    try:
+        service = LocalTopService(provider)
+        pretrained, tokenizer, _ = load_server_bottom(service, provider.info, work.parent / "bottoms")
+        pretrained.eval()
+        trained = cell.defence == "trained-bottom"
+        config = TrainConfig(
+            epochs=budget.epochs,
+            batch_size=budget.batch_size,
+            max_length=budget.max_length,
+            learning_rate=budget.learning_rate,
+            seed=cell.seed,
+            train_bottom=trained,
+        )
+        torch.manual_seed(cell.seed)
+        trainer = SplitTrainer(copy.deepcopy(pretrained) if trained else pretrained, tokenizer, service, config)
+        run = RunDir(work / "run").create()
+        # the noise key comes from the seed (a real client draws a random one), so that a cell can be re-run
+        run.file(KEY).write_text(hashlib.sha256(f"sap frontier noise key {cell.seed}".encode()).hexdigest() + "\n")
+        noise = NoiseConfig(noise_ratio=cell.ratio, cti=cell.defence == "cti", rescale_noised=cell.defence == "rescale")
+        trainer.privatizer = fit_noise(noise, trainer, train, run) if cell.ratio is not None else None
+        started = time.perf_counter()
+        metrics = trainer.fit(train, held)
+        service.close_session(trainer.session_id)
+        train_seconds = time.perf_counter() - started
+
+        started = time.perf_counter()
+        view = SplitTrainer(pretrained, tokenizer, service, TrainConfig(batch_size=8), trainer.privatizer)
+        attack = AttackConfig(
+            steps=budget.attack_steps,
+            seed=cell.seed,
+            learned=LearnedConfig(epochs=budget.inverter_epochs, seed=cell.seed),
+        )
+        # the attacks depend on the mechanism the provider simulates, not on the defence: plain and trained-bottom
+        # cells of one noise ratio and seed share the public hidden states, the probe and the learned inverter
+        mechanism = json.dumps([cell.ratio, cell.defence in ("cti", "rescale") and cell.defence, cell.seed])
+        forwards = [r for r in read_records(record) if r.kind == "forward"]
+        audited = train.subset(list(range(budget.audited)))
+        report = recorded_audit(
+            view,
+            audited,
+            forwards,
+            attack,
+            public=held.texts,
+            cache=cache.setdefault((cell.model, cell.split), {}),
+            mechanism=mechanism,
+        )
+    finally:
+        provider.close()
+    return {
+        **asdict(cell),
+        "budget": asdict(budget),
+        "bottom_learning_rate": DEFAULT_BOTTOM_LEARNING_RATE if trained else None,
+        "eta": trainer.privatizer.eta if trainer.privatizer else None,
+        "noise_to_signal": trainer.privatizer.noise_to_signal if trainer.privatizer else 0.0,
+        "accuracy": metrics["eval_accuracy"],
+        "history": metrics["history"],
+        "eia_recovery": report["eia_token_recovery"],
+        "eia_privacy": 1 - report["eia_token_recovery"],
+        "eia_attack": report["attack"],
+        "eia_attacks": {kind: f["recovery"] for kind, f in report["eia_attacks"].items()},
+        "eia_tokens": report["eia_tokens"],
+        "train_seconds": round(train_seconds, 1),
+        "attack_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+# --- the comparison ----------------------------------------------------------------------------------------------
+
+
+def plain_accuracy_at(plain: list[dict], privacy: float) -> tuple[float | None, str]:
+    """The plain curve's accuracy at this privacy (linear between the two plain cells that bracket it), and how it
+    was found; None where the privacy lies beyond every plain cell."""
+    points = sorted((c["eia_privacy"], c["accuracy"]) for c in plain)
+    for (p0, a0), (p1, a1) in zip(points, points[1:]):
+        if p0 <= privacy <= p1:
+            weight = 0.0 if p1 == p0 else (privacy - p0) / (p1 - p0)
+            return a0 + weight * (a1 - a0), "interpolated"
+    if points and privacy < points[0][0]:
+        return points[0][1], "below the plain curve: its least private cell"
+    return None, "beyond the plain curve"
+
+
+def comparisons(cells: list[dict]) -> list[dict]:
+    """Each defence cell against the plain curve of its model, split and seed."""
+    rows = []
+    for cell in cells:
+        if cell["defence"] == "plain":
+            continue
+        plain = [
+            c
+            for c in cells
+            if c["defence"] == "plain"
+            and (c["model"], c["split"], c["seed"]) == (cell["model"], cell["split"], cell["seed"])
+        ]
+        reference, how = plain_accuracy_at(plain, cell["eia_privacy"])
+        rows.append(
+            {
+                **{k: cell[k] for k in ("model", "split", "defence", "ratio", "seed", "accuracy", "eia_privacy")},
+                "plain_accuracy": reference,
+                "gain": None if reference is None else cell["accuracy"] - reference,
+                "how": how,
+            }
+        )
+    return rows
+
+
+def _f(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(cells: list[dict], command: str, seconds: float) -> str:
+    budget = cells[0]["budget"]
+    lines = [
+        "# Privacy/utility frontier: plain d_chi against each defence",
+        "",
+        f"Command: `{command}`; torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{torch.get_num_threads()} threads on {platform.machine()}; wall time of the cells: {seconds / 60:.0f} min "
+        f"(training and attacks, summed over the cells kept in cells/).",
+        "",
+        f"Budget: the first {budget['train']} rows of data/movie_snippets.csv, {budget['epochs']} epoch(s), batch "
+        f"{budget['batch_size']}, lr {budget['learning_rate']}, LoRA; accuracy on the other rows. Privacy: every "
+        f"attack that applies on the provider's recording of the run, through its pretrained bottom, on the first "
+        f"{budget['audited']} training texts ({budget['attack_steps']} optimization steps, the learned inverter "
+        f"{budget['inverter_epochs']} epochs on the held-out snippets as the provider's public text); EIA privacy = 1 "
+        f"- the strongest attack's token recovery. With a trainable bottom every epoch sends a text through a "
+        f"different bottom; the audit pairs each text with the recorded vectors nearest to what the pretrained bottom "
+        f"would send, i.e. the least trained ones.",
+        "",
+        "| model | k | defence | R | seed | noise/signal | accuracy (per epoch) | EIA privacy | strongest attack |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(cells, key=lambda c: (c["model"], c["split"], c["defence"], c["ratio"] or 0, c["seed"]))
+    for c in order:
+        epochs = ", ".join(f"{h['eval_accuracy']:.3f}" for h in c["history"])
+        lines.append(
+            f"| {c['model']} | {c['split']} | {c['defence']} | {_f(c['ratio'], 2)} | {c['seed']} | "
+            f"{c['noise_to_signal']:.2f} | {c['accuracy']:.3f} ({epochs}) | {c['eia_privacy']:.3f} | "
+            f"{c['eia_attack']} {c['eia_recovery']:.3f} |"
+        )
+    rows = comparisons(cells)
+    if rows:
+        lines += [
+            "",
+            "Each defence cell against plain d_chi of the same model, split and seed at the same EIA privacy:",
+            "",
+            "| model | k | defence | R | seed | EIA privacy | accuracy | plain at that privacy | gain, points |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(rows, key=lambda r: (r["model"], r["split"], r["defence"], r["ratio"] or 0, r["seed"])):
+            gain = "-" if r["gain"] is None else f"{100 * r['gain']:+.1f}"
+            lines.append(
+                f"| {r['model']} | {r['split']} | {r['defence']} | {_f(r['ratio'], 2)} | {r['seed']} | "
+                f"{r['eia_privacy']:.3f} | {r['accuracy']:.3f} | {_f(r['plain_accuracy'])} ({r['how']}) | {gain} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(cells: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    panels = sorted({(c["model"], c["split"]) for c in cells})
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+    for ax, (model, split) in zip(axes[0], panels):
+        for defence, marker in zip(DEFENCES, "osD^"):
+            for seed in sorted({c["seed"] for c in cells}):
+                line = sorted(
+                    (
+                        c
+                        for c in cells
+                        if (c["model"], c["split"], c["defence"], c["seed"]) == (model, split, defence, seed)
+                    ),
+                    key=lambda c: c["eia_privacy"],
+                )
+                if line:
+                    ax.plot(
+                        [c["eia_privacy"] for c in line],
+                        [c["accuracy"] for c in line],
+                        marker=marker,
+                        linestyle="-" if defence == "plain" else ":",
+                        label=f"{defence}, seed {seed}",
+                        alpha=0.8,
+                    )
+        ax.set_title(f"{model} k = {split}", fontsize=10)
+        ax.set_xlabel("EIA privacy (1 - strongest attack's token recovery)")
+        ax.set_ylabel("held-out accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def grid(models: list[tuple[str, int]], seeds: list[int], ratios: list[float], defences: dict[str, list[float]]):
+    for model, split in models:
+        for seed in seeds:
+            yield Cell(model, split, "plain", None, seed)
+            for ratio in ratios:
+                yield Cell(model, split, "plain", ratio, seed)
+            for defence, defence_ratios in defences.items():
+                for ratio in defence_ratios:
+                    yield Cell(model, split, defence, ratio, seed)
+
+
+def _models(text: str) -> tuple[str, int]:
+    model, _, split = text.partition(":")
+    return model, int(split)
+
+
+def _defence(text: str) -> tuple[str, list[float]]:
+    name, _, ratios = text.partition(":")
+    if name not in DEFENCES[1:]:
+        raise argparse.ArgumentTypeError(f"defence must be one of {DEFENCES[1:]}, got {name!r}")
+    return name, [float(r) for r in ratios.split(",") if r]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", type=_models, default=[("minilm-l6", 2), ("minilm-l6", 4)])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[1.0, 2.0, 3.0, 4.0], help="plain d_chi cells")
+    parser.add_argument(
+        "--defences", nargs="*", type=_defence, default=[("trained-bottom", [2.0, 3.0, 4.0])], help="NAME:R,R,..."
+    )
+    parser.add_argument("--train", type=int, default=Budget.train)
+    parser.add_argument("--epochs", type=int, default=Budget.epochs)
+    parser.add_argument("--quick", action="store_true", help="the pipeline on a tiny budget (a smoke test)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild frontier.md and the plot from cells/")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    budget = Budget(train=args.train, epochs=args.epochs)
+    if args.quick:
+        budget = Budget(train=400, held=200, epochs=1, audited=8, attack_steps=10, inverter_epochs=1)
+        args.seeds, args.ratios, args.models = args.seeds[:1], args.ratios[:2], args.models[:1]
+        if args.out == RESULTS:  # a smoke run never mixes its cells into the kept results
+            args.out = Path(tempfile.mkdtemp(prefix="sap-frontier-quick-"))
+    cells_dir = args.out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        train, held = _data(budget)
+        cache: dict = {}
+        with tempfile.TemporaryDirectory(prefix="sap-frontier-") as scratch:
+            for cell in grid(args.models, args.seeds, args.ratios, dict(args.defences)):
+                path = cells_dir / f"{cell.name}.json"
+                if path.is_file() and json.loads(path.read_text())["budget"] == asdict(budget):
+                    continue  # a finished cell of this budget is kept, not repeated
+                log.info("cell %s", cell.name)
+                work = Path(tempfile.mkdtemp(dir=scratch))
+                result = run_cell(cell, budget, train, held, work, cache)
+                path.write_text(json.dumps(result, indent=1) + "\n")
+                log.info("%s: accuracy %.3f, EIA privacy %.3f", cell.name, result["accuracy"], result["eia_privacy"])
+    cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+    if not args.report_only:
+        cells = [c for c in cells if c["budget"] == asdict(budget)]
+    if not cells:
+        parser.error(f"no cells in {cells_dir}")
+    if len({json.dumps(c["budget"], sort_keys=True) for c in cells}) > 1:
+        parser.error(f"{cells_dir} holds cells of different budgets: move one set away")
+    seconds = sum(c["train_seconds"] + c["attack_seconds"] for c in cells)
+    command = "python benchmarks/frontier.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (args.out / "frontier.md").write_text(markdown(cells, command.strip(), seconds))
+    plot(cells, args.out / "frontier.png")
+    print(f"{len(cells)} cells; {args.out / 'frontier.md'}, {args.out / 'frontier.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
