@@ -14,6 +14,8 @@ from sap_common import codec
 from sap_server.auth import ApiKeys, ServerTls
 from sap_server.compute import ComputeThread
 from sap_server.generation import Generations
+from sap_server.health import add_health
+from sap_server.metrics import ServerMetrics
 from sap_server.provider import Provider
 from sap_server.servicer import AuthInterceptor, SplitLearningServicer, add_to_server
 
@@ -46,12 +48,14 @@ def start_server(
     compute: ComputeThread | None = None,
     generations: Generations | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    metrics: ServerMetrics | None = None,
 ) -> tuple[grpc.Server, int]:
     """Start serving; returns the server and the port it really listens on (port 0 picks a free one).
 
     api_keys gate GetServerInfo, DownloadBottom and OpenSession; tls switches the port to TLS (mutual TLS
     when it has a client CA); generations: the limits of split generation (sap_server/generation.py);
-    interceptors are for tests that simulate a flaky network."""
+    interceptors are for tests that simulate a flaky network; metrics (sap_server/metrics.py) count what the server
+    does. Every server also answers the standard health service (sap_server/health.py)."""
     if chunk_bytes >= max_message_bytes:
         raise ValueError(f"chunk_bytes ({chunk_bytes}) must be below max_message_bytes ({max_message_bytes})")
     server = grpc.server(
@@ -60,9 +64,15 @@ def start_server(
         interceptors=[*interceptors, AuthInterceptor(api_keys)],  # a simulated network failure comes first
     )
     servicer = SplitLearningServicer(
-        provider, chunk_bytes=chunk_bytes, max_message_bytes=max_message_bytes, compute=compute, generations=generations
+        provider,
+        chunk_bytes=chunk_bytes,
+        max_message_bytes=max_message_bytes,
+        compute=compute,
+        generations=generations,
+        metrics=metrics,
     )
     add_to_server(servicer, server)
+    add_health(server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = (
         server.add_secure_port(address, server_credentials(tls))

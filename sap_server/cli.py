@@ -214,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="mutual TLS: require every client to present a certificate signed by this CA (default $SAP_TLS_CLIENT_CA)",
     )
     parser.add_argument("--workers", type=int, default=8, help="RPC worker threads (default 8)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env("SAP_METRICS_PORT") or -1),
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (sessions loaded, steps, bytes, compute queue, "
+        "checkpoint time; 0 picks a free port, printed at start); default $SAP_METRICS_PORT, else off",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -223,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
+    if not -1 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
     if args.split < 0:
         parser.error(f"--split must be >= 0, got {args.split}")
     for flag, value in (
@@ -273,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     from sap_server.auth import ApiKeys, ServerTls
     from sap_server.compute import compute_thread
     from sap_server.generation import Generations
+    from sap_server.metrics import ServerMetrics
     from sap_server.provider import Provider
 
     try:
@@ -305,8 +316,20 @@ def main(argv: list[str] | None = None) -> int:
         for name, file in start_adapters:
             provider.offer_start_adapter(name, file)
         generations = Generations(args.max_generations, args.generation_timeout)
+        metrics = None
+        if args.metrics_port >= 0:
+            metrics = ServerMetrics(lambda: len(provider.sessions), compute_thread().depth)
+            provider.sessions.checkpoint_seconds = metrics.checkpoint_written
+            metrics_port = metrics.serve(args.host, args.metrics_port)
         server, port = start_server(
-            provider, args.host, args.port, workers=args.workers, api_keys=api_keys, tls=tls, generations=generations
+            provider,
+            args.host,
+            args.port,
+            workers=args.workers,
+            api_keys=api_keys,
+            tls=tls,
+            generations=generations,
+            metrics=metrics,
         )
     except (SapError, OSError, RuntimeError, ValueError) as exc:  # RuntimeError: gRPC refusing the TLS files;
         # ValueError: the top does not fit --max-memory
@@ -347,12 +370,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         ready = f"sap-server listening on {args.host}:{port}"
+        if metrics is not None:
+            ready += f"\nsap-server metrics on http://{args.host}:{metrics_port}/metrics"
         serve_until_signal(server, on_ready=lambda: print(ready, flush=True))
     finally:
         provider.sessions.stop_reaper()
         if args.state_dir is not None:  # a graceful stop: every session continues where it stood after a restart
             log.info("checkpointed %d sessions", provider.sessions.checkpoint_loaded())
         provider.close()
+        if metrics is not None:
+            metrics.close()
     log.info("stopped")
     return 0
 

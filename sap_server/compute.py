@@ -32,6 +32,8 @@ class ComputeThread:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._closed = False
+        self._depth = 0  # jobs submitted and not yet finished (sap_compute_queue_depth)
+        self._depth_lock = threading.Lock()
         self._thread.start()
 
     def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
@@ -42,8 +44,18 @@ class ComputeThread:
         if self._closed:
             raise RuntimeError("the compute thread is closed")
         future: Future = Future()
-        self._jobs.put((future, fn, args, kwargs))
-        return future.result()
+        with self._depth_lock:
+            self._depth += 1
+        try:
+            self._jobs.put((future, fn, args, kwargs))
+            return future.result()
+        finally:
+            with self._depth_lock:
+                self._depth -= 1
+
+    def depth(self) -> int:
+        """Jobs queued or running (submitted from other threads, not yet finished)."""
+        return self._depth
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the thread (idempotent)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 LISTENING = re.compile(r"^sap-server listening on (\S+)$")
+METRICS = re.compile(r"^sap-server metrics on (\S+)$")  # with --metrics-port, printed right after LISTENING
 
 
 class ServerStartError(RuntimeError):
@@ -103,6 +104,16 @@ class ServerProcess:
         if self._address is None:
             raise RuntimeError("the server has not said it listens yet: call wait_listening() first")
         return self._address
+
+    def metrics_url(self, timeout: float = 10.0) -> str:
+        """The URL of the server's Prometheus metrics (it runs with --metrics-port), once it printed it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = next((m.group(1) for m in map(METRICS.match, list(self.output)) if m), None)
+            if found:
+                return found
+            time.sleep(0.05)
+        raise ServerStartError(f"sap-server printed no metrics line within {timeout} s (no --metrics-port?)")
 
     @property
     def pid(self) -> int:

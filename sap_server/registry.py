@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -174,6 +174,7 @@ class SessionRegistry:
         self._reaper: threading.Thread | None = None
         self._stop_reaper = threading.Event()
         self.start_adapters: dict[str, dict[str, torch.Tensor]] = {}  # offered starting adapters, by name
+        self.checkpoint_seconds: Callable[[float], None] | None = None  # told how long each checkpoint took
 
     # --- opening, finding, loading ------------------------------------------------------------
 
@@ -295,6 +296,7 @@ class SessionRegistry:
     def _save(self, trainer: Session, *, announced: bool) -> bool:
         """Checkpoint the session (caller holds trainer.lock); a failure is logged, never raised."""
         assert self.store is not None, "checkpoints need a store (sap-server --state-dir)"
+        started = time.perf_counter()
         try:
             self.store.save(trainer.session_id, trainer.snapshot(announced=announced))
         except Exception as exc:  # noqa: BLE001 - a full disk must not fail the step; the reply says so
@@ -302,6 +304,8 @@ class SessionRegistry:
                 "session %s…: checkpoint at step %d failed: %s", trainer.session_id[:8], trainer.steps_applied, exc
             )
             return False
+        if self.checkpoint_seconds is not None:
+            self.checkpoint_seconds(time.perf_counter() - started)
         trainer.saved_step = trainer.steps_applied
         return True
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 
@@ -27,6 +27,7 @@ from sap_common.service import API_KEY_METADATA, DEFAULT_LEARNING_RATE, SESSION_
 from sap_server.auth import ApiKeys, require_secret
 from sap_server.compute import ComputeThread, compute_thread
 from sap_server.generation import Generations
+from sap_server.metrics import ServerMetrics
 from sap_server.provider import Provider
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,10 @@ def _frames_rpc(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def wrapper(self, request_iterator, context):
-        yield from _rpc(method)(self, request_iterator, context)
+        replies = _rpc(method)(self, self._counted(request_iterator), context)
+        if self.metrics is not None:
+            self.metrics.sent(sum(frame.ByteSize() for frame in replies))
+        yield from replies
 
     return wrapper
 
@@ -123,8 +127,10 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         max_request_bytes: int = codec.DEFAULT_MAX_REQUEST_BYTES,
         compute: ComputeThread | None = None,
         generations: Generations | None = None,
+        metrics: ServerMetrics | None = None,
     ):
         self.provider = provider
+        self.metrics = metrics
         self.generations = generations or Generations()
         # Tensor work (decoding, the sessions' steps, checkpoints, encoding) runs on the process's compute
         # thread, not on the gRPC workers (why: sap_server/compute.py); the workers read the request
@@ -133,6 +139,13 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
         self.max_request_bytes = max_request_bytes
+
+    def _counted(self, messages: Iterable) -> Iterator:
+        """The request's messages, their bytes counted as received (sap_server/metrics.py)."""
+        for message in messages:
+            if self.metrics is not None:
+                self.metrics.received(message.size if isinstance(message, codec.Undecodable) else message.ByteSize())
+            yield message
 
     @_rpc
     def GetServerInfo(self, request, context):
@@ -149,9 +162,12 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         for relative in bundle_files(folder):
             data = (folder / relative).read_bytes()
             for offset in range(0, max(len(data), 1), self.chunk_bytes):
-                yield sap_pb2.FileChunk(
+                chunk = sap_pb2.FileChunk(
                     path=relative, offset=offset, total_size=len(data), data=data[offset : offset + self.chunk_bytes]
                 )
+                if self.metrics is not None:
+                    self.metrics.sent(chunk.ByteSize())
+                yield chunk
 
     @_rpc
     def OpenSession(self, request, context):
@@ -208,6 +224,8 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     @_rpc
     def EvaluateSmall(self, request: sap_pb2.ForwardFrames, context) -> sap_pb2.ForwardReplyFrames:
         secret = _metadata(context, SESSION_SECRET_METADATA)
+        if self.metrics is not None:
+            self.metrics.received(request.ByteSize())
         if len(request.frames) > 2:
             raise InvalidInputError(
                 f"EvaluateSmall takes a header and at most one data frame, got {len(request.frames)} frames: "
@@ -224,6 +242,8 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
                 f"the reply of this EvaluateSmall is {reply.ByteSize()} bytes, over the message cap "
                 f"{self.max_message_bytes}: send the batch with Evaluate"
             )
+        if self.metrics is not None:
+            self.metrics.sent(reply.ByteSize())
         return reply
 
     def _forward(self, header: sap_pb2.ForwardHeader, packed, secret: str, train: bool) -> list:
@@ -250,6 +270,8 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
             if grad is None:
                 raise InvalidInputError("BackwardHeader.grad is missing: dL/d(what Forward returned)")
             result = self.provider.sessions.backward(trainer, header.step, grad)  # checkpointed before this reply
+        if self.metrics is not None and not result.replayed:
+            self.metrics.step()
         reply = sap_pb2.BackwardReplyHeader(
             applied_step=result.applied_step, replayed=result.replayed, checkpointed=result.checkpointed
         )
@@ -267,7 +289,10 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         with self.generations.slot():
             cache, session_id = KVCache(), ""
             pieces = codec.read_messages(
-                self.generations.watched(frames), sap_pb2.GenerateFrame, ("hidden",), max_bytes=self.max_request_bytes
+                self._counted(self.generations.watched(frames)),
+                sap_pb2.GenerateFrame,
+                ("hidden",),
+                max_bytes=self.max_request_bytes,
             )
             for header, tensors in pieces:
                 if not session_id:
@@ -282,7 +307,10 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
                 result = self.compute.run(self._generate, session_id, secret, cache, tensors["hidden"])
                 tensor, raw = codec.wire_tensor(result)
                 reply = sap_pb2.GenerateReplyHeader(position=position, tensor=tensor)
-                yield from codec.to_frames(sap_pb2.GenerateReplyFrame, reply, [raw], self.chunk_bytes)
+                for frame in codec.to_frames(sap_pb2.GenerateReplyFrame, reply, [raw], self.chunk_bytes):
+                    if self.metrics is not None:
+                        self.metrics.sent(frame.ByteSize())
+                    yield frame
 
     def _generate(self, session_id: str, secret: str | None, cache: KVCache, packed):
         with self.provider.sessions.use(session_id, secret) as session:

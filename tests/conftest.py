@@ -34,7 +34,7 @@ LEVELS = {
     ).split(),
     "two_process": (
         "test_audit test_compose test_devices test_generative_cli test_label_privacy test_private_inference "
-        "test_resume test_tls test_two_process"
+        "test_resume test_tls test_two_process test_operations"
     ).split(),
 }
 LEVEL_OF = {module: level for level, modules in LEVELS.items() for module in modules}

@@ -376,7 +376,9 @@ def test_a_broken_compose_command_fails_the_run(old, new, service, tiny_llama, t
 
 
 def test_an_unhealthy_server_never_starts_the_client(tiny_llama, tmp_path):
-    compose = _copy_with(tmp_path, "'127.0.0.1:50051'", "'127.0.0.1:1'")  # a health check that cannot pass
+    compose = _copy_with(
+        tmp_path, '"sap_server.health", "127.0.0.1:50051"', '"sap_server.health", "127.0.0.1:1"'
+    )  # cannot pass
     run = run_compose_locally(compose, tmp_path / "work", model=tiny_llama, timeout=8)
     assert not run.ok and "client not started" in run.failure and "healthy" in run.failure, run.explain()
     assert "client" not in run.returncodes
