@@ -31,6 +31,7 @@ from sap_common.proto import sap_pb2, sap_pb2_grpc
 from sap_common.service import (
     API_KEY_METADATA,
     API_KEY_SCHEME,
+    SESSION_ID_METADATA,
     SESSION_SECRET_METADATA,
     BackwardResult,
     ServerInfo,
@@ -282,6 +283,7 @@ class RemoteTopService:
             metadata.append((API_KEY_METADATA, f"{API_KEY_SCHEME} {self.credentials.api_key}"))
         if session_id is not None and session_id in self._secrets:
             metadata.append((SESSION_SECRET_METADATA, self._secrets[session_id]))
+            metadata.append((SESSION_ID_METADATA, session_id))  # a router routes the call by it (sap_cluster)
         return metadata
 
     def _forward(

@@ -15,6 +15,9 @@ from sap_common.errors import InvalidInputError
 # secret OpenSession returned; with `sap-server --api-keys`, GetServerInfo, DownloadBottom and OpenSession
 # carry `authorization: Bearer KEY`.
 SESSION_SECRET_METADATA = "sap-session-secret"
+# The session's id beside its secret on every call of a session, so that a router in front of several replicas
+# (sap_cluster) can route a call without reading its body; a server refuses a call whose body names another session.
+SESSION_ID_METADATA = "sap-session-id"
 API_KEY_METADATA = "authorization"
 API_KEY_SCHEME = "Bearer"
 

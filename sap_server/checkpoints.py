@@ -133,12 +133,24 @@ class SessionStore:
                 log.warning("ignoring unreadable %s: %s", closed, exc)
         return entry
 
-    def get(self, session_id: str) -> StoredSession | None:
-        """The stored session (open or closed), or None."""
+    def get(self, session_id: str, *, fresh: bool = False) -> StoredSession | None:
+        """The stored session (open or closed), or None. A session this index does not hold, or any session when
+        fresh, is read from disk again: the state dir may be shared by replicas (sap_cluster), and a session that
+        another replica opened, and checkpointed since, moves here when that replica dies."""
         if not _SESSION_ID.fullmatch(session_id):  # also keeps an id from naming a path outside the store
             return None
         with self._lock:
-            return self._sessions.get(session_id)
+            entry = self._sessions.get(session_id)
+        if entry is not None and not fresh:
+            return entry
+        folder = self.root / session_id
+        entry = self._read_folder(folder) if folder.is_dir() else None
+        with self._lock:
+            if entry is None:
+                self._sessions.pop(session_id, None)
+            else:
+                self._sessions[session_id] = entry
+        return entry
 
     def steps(self, session_id: str) -> list[int]:
         entry = self.get(session_id)

@@ -7,7 +7,9 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sap_common.openmp import prefer_short_spin
 
@@ -226,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (exit 2 naming the bad flag); args.peft and args.start_adapters are resolved."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -271,71 +274,117 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    args.peft, args.start_adapters = peft, start_adapters
+    return args
+
+
+@dataclass
+class Running:
+    """A started server (sap-server's main, or a cluster replica): what serving it and stopping it need."""
+
+    server: Any  # grpc.Server
+    port: int
+    provider: Any  # sap_server.provider.Provider
+    metrics: Any  # sap_server.metrics.ServerMetrics | None
+    metrics_port: int | None
+    device: str
+    security: str
+
+    def close(self) -> None:
+        """After the server stopped: checkpoint every loaded session (with --state-dir), free the model."""
+        self.provider.sessions.stop_reaper()
+        if self.provider.sessions.store is not None:  # a graceful stop: sessions continue where they stood
+            log.info("checkpointed %d sessions", self.provider.sessions.checkpoint_loaded())
+        self.provider.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def configure_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch at run time
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from sap_server.app import serve_until_signal, start_server
+
+
+def start(args: argparse.Namespace) -> Running:
+    """Load the model and start serving (parse_args' args); SapError, OSError, RuntimeError (gRPC refusing the TLS
+    files) or ValueError (the top does not fit --max-memory) when it cannot."""
+    from sap_server.app import start_server
     from sap_server.auth import ApiKeys, ServerTls
     from sap_server.compute import compute_thread
     from sap_server.generation import Generations
     from sap_server.metrics import ServerMetrics
     from sap_server.provider import Provider
 
+    # Credentials first: a missing file fails in a second, not after the model has loaded.
+    api_keys = ApiKeys.from_file(args.api_keys) if args.api_keys is not None else None
+    tls = ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    device = resolve_device(args.device)
+    max_memory = None
+    if args.device_map == "balanced":
+        max_memory = parse_max_memory(args.max_memory) if args.max_memory else default_max_memory()
+        for spread in max_memory:
+            resolve_device(str(spread))  # each must exist here
+        device = next(iter(max_memory))
+    # Loaded on the thread that will run every step (sap_server/compute.py: one OpenMP team).
+    provider = compute_thread().run(
+        Provider.load,
+        args.model,
+        args.split,
+        args.peft,
+        dtype=DTYPES[args.dtype],
+        device=device,
+        max_sessions=args.max_sessions,
+        state_dir=args.state_dir,
+        record_dir=args.record,
+        max_batch_tokens=args.max_batch_tokens,
+        checkpoint_every=args.checkpoint_every,
+        idle_timeout=args.idle_timeout,
+        max_memory=max_memory,
+    )
+    for name, file in args.start_adapters:
+        provider.offer_start_adapter(name, file)
+    generations = Generations(args.max_generations, args.generation_timeout)
+    metrics, metrics_port = None, None
+    if args.metrics_port >= 0:
+        metrics = ServerMetrics(lambda: len(provider.sessions), compute_thread().depth)
+        provider.sessions.checkpoint_seconds = metrics.checkpoint_written
+        metrics_port = metrics.serve(args.host, args.metrics_port)
+    server, port = start_server(
+        provider,
+        args.host,
+        args.port,
+        workers=args.workers,
+        api_keys=api_keys,
+        tls=tls,
+        generations=generations,
+        metrics=metrics,
+    )
+    security = "; ".join(
+        (
+            ("mutual TLS" if tls.mutual else "TLS") if tls else "no TLS",
+            f"{len(api_keys)} API keys" if api_keys else "no API keys (anyone who reaches the port may open sessions)",
+        )
+    )
+    return Running(server, port, provider, metrics, metrics_port, str(device), security)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.verbose)
+    from sap_server.app import serve_until_signal
+
     try:
-        # Credentials first: a missing file fails in a second, not after the model has loaded.
-        api_keys = ApiKeys.from_file(args.api_keys) if args.api_keys is not None else None
-        tls = ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-        device = resolve_device(args.device)
-        max_memory = None
-        if args.device_map == "balanced":
-            max_memory = parse_max_memory(args.max_memory) if args.max_memory else default_max_memory()
-            for spread in max_memory:
-                resolve_device(str(spread))  # each must exist here
-            device = next(iter(max_memory))
-        # Loaded on the thread that will run every step (sap_server/compute.py: one OpenMP team).
-        provider = compute_thread().run(
-            Provider.load,
-            args.model,
-            args.split,
-            peft,
-            dtype=DTYPES[args.dtype],
-            device=device,
-            max_sessions=args.max_sessions,
-            state_dir=args.state_dir,
-            record_dir=args.record,
-            max_batch_tokens=args.max_batch_tokens,
-            checkpoint_every=args.checkpoint_every,
-            idle_timeout=args.idle_timeout,
-            max_memory=max_memory,
-        )
-        for name, file in start_adapters:
-            provider.offer_start_adapter(name, file)
-        generations = Generations(args.max_generations, args.generation_timeout)
-        metrics = None
-        if args.metrics_port >= 0:
-            metrics = ServerMetrics(lambda: len(provider.sessions), compute_thread().depth)
-            provider.sessions.checkpoint_seconds = metrics.checkpoint_written
-            metrics_port = metrics.serve(args.host, args.metrics_port)
-        server, port = start_server(
-            provider,
-            args.host,
-            args.port,
-            workers=args.workers,
-            api_keys=api_keys,
-            tls=tls,
-            generations=generations,
-            metrics=metrics,
-        )
-    except (SapError, OSError, RuntimeError, ValueError) as exc:  # RuntimeError: gRPC refusing the TLS files;
-        # ValueError: the top does not fit --max-memory
+        running = start(args)
+    except (SapError, OSError, RuntimeError, ValueError) as exc:
         print(f"sap-server: error: {exc}", file=sys.stderr)
         return 1
-    info = provider.info
+    info = running.provider.info
     log.info(
         "serving %s (%s), split %d of %d blocks, %s, top on %s in %s",
         info.model_id,
@@ -343,14 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         info.split,
         info.total_blocks,
         info.peft,
-        device,
+        running.device,
         args.dtype,
     )
-    log.info(
-        "security: %s; %s",
-        ("mutual TLS" if tls.mutual else "TLS") if tls else "no TLS",
-        f"{len(api_keys)} API keys" if api_keys else "no API keys (anyone who reaches the port may open sessions)",
-    )
+    log.info("security: %s", running.security)
     if args.state_dir is not None:
         log.info(
             "state dir %s: sessions checkpointed every %d steps; idle sessions unloaded after %g s",
@@ -362,24 +407,19 @@ def main(argv: list[str] | None = None) -> int:
         log.info(
             "no --state-dir: sessions are not checkpointed, and a session idle for %g s is closed", args.idle_timeout
         )
-    if tls is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.tls_cert is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "listening on %s without TLS: hidden states and session secrets travel in the clear; "
             "use --tls-cert/--tls-key, a private network or an SSH tunnel",
             args.host,
         )
     try:
-        ready = f"sap-server listening on {args.host}:{port}"
-        if metrics is not None:
-            ready += f"\nsap-server metrics on http://{args.host}:{metrics_port}/metrics"
-        serve_until_signal(server, on_ready=lambda: print(ready, flush=True))
+        ready = f"sap-server listening on {args.host}:{running.port}"
+        if running.metrics_port is not None:
+            ready += f"\nsap-server metrics on http://{args.host}:{running.metrics_port}/metrics"
+        serve_until_signal(running.server, on_ready=lambda: print(ready, flush=True))
     finally:
-        provider.sessions.stop_reaper()
-        if args.state_dir is not None:  # a graceful stop: every session continues where it stood after a restart
-            log.info("checkpointed %d sessions", provider.sessions.checkpoint_loaded())
-        provider.close()
-        if metrics is not None:
-            metrics.close()
+        running.close()
     log.info("stopped")
     return 0
 

@@ -259,7 +259,8 @@ class SessionRegistry:
                 if check:
                     check_session_secret(trainer.secret_digest, secret, session_id)
                 return trainer
-            stored = self.store.get(session_id) if self.store is not None else None
+            # read from disk again: with a shared state dir another replica may have checkpointed it since
+            stored = self.store.get(session_id, fresh=True) if self.store is not None else None
             if stored is None or stored.closed is not None:
                 raise _unknown(session_id)
             if check:  # before loading: a refused caller costs no load
@@ -351,7 +352,7 @@ class SessionRegistry:
         with self._lock:
             if session_id in self._sessions:
                 return
-            stored = self.store.get(session_id) if self.store is not None else None
+            stored = self.store.get(session_id, fresh=True) if self.store is not None else None
             closed = self._closed.get(session_id) or (stored.closed if stored is not None else None)
             if closed is None:
                 return  # open (in memory or on disk) or unknown: `use` tells
@@ -377,7 +378,7 @@ class SessionRegistry:
         with self._lock:
             closed = self._closed.get(session_id)
             if closed is None and session_id not in self._sessions and self.store is not None:
-                stored = self.store.get(session_id)
+                stored = self.store.get(session_id, fresh=True)
                 closed = stored.closed if stored is not None else None
         if closed is not None:
             check_session_secret(closed.secret_digest, secret, session_id)

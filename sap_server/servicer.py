@@ -23,7 +23,12 @@ from sap_common.errors import (
 from sap_common.models.bundle import bundle_files
 from sap_common.models.families import KVCache
 from sap_common.proto import sap_pb2, sap_pb2_grpc
-from sap_common.service import API_KEY_METADATA, DEFAULT_LEARNING_RATE, SESSION_SECRET_METADATA
+from sap_common.service import (
+    API_KEY_METADATA,
+    DEFAULT_LEARNING_RATE,
+    SESSION_ID_METADATA,
+    SESSION_SECRET_METADATA,
+)
 from sap_server.auth import ApiKeys, require_secret
 from sap_server.compute import ComputeThread, compute_thread
 from sap_server.generation import Generations
@@ -104,6 +109,17 @@ def _reply_stream(method: Callable) -> Callable:
 def _metadata(context, key: str) -> str | None:
     """The value of a text metadata key the caller sent (the first one), or None."""
     return _first(context.invocation_metadata() or (), key)
+
+
+def _session_secret(context, session_id: str) -> str | None:
+    """The session secret a call carries, after checking that a routed call (sap-session-id metadata, which a router
+    reads) names the session its body names."""
+    routed = _metadata(context, SESSION_ID_METADATA)
+    if routed is not None and routed != session_id:
+        raise InvalidInputError(
+            f"metadata {SESSION_ID_METADATA} names session {routed[:8]!r}…, the request session {session_id[:8]!r}…"
+        )
+    return _metadata(context, SESSION_SECRET_METADATA)
 
 
 def _first(metadata, key: str) -> str | None:
@@ -194,7 +210,7 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     @_rpc
     def CloseSession(self, request, context):
-        sessions, secret = self.provider.sessions, _metadata(context, SESSION_SECRET_METADATA)
+        sessions, secret = self.provider.sessions, _session_secret(context, request.session_id)
         closed = sessions.closed(request.session_id, secret)
         if closed is None:
             closed = self.compute.run(self.provider.close_session, request.session_id, secret, keep=request.keep)
@@ -205,25 +221,24 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     @_rpc
     def ResumeSession(self, request, context):
-        secret = _metadata(context, SESSION_SECRET_METADATA)
+        secret = _session_secret(context, request.session_id)
         trainer = self.compute.run(self.provider.sessions.resume, request.session_id, secret, request.step)
         return sap_pb2.ResumeSessionReply(steps_applied=request.step, num_labels=trainer.num_labels)
 
     @_frames_rpc
     def Forward(self, frames, context):
-        secret = _metadata(context, SESSION_SECRET_METADATA)
         header, tensors = codec.from_frames(frames, sap_pb2.ForwardFrame, ("hidden",), max_bytes=self.max_request_bytes)
+        secret = _session_secret(context, header.session_id)
         return self.compute.run(self._forward, header, tensors.get("hidden"), secret, True)
 
     @_frames_rpc
     def Evaluate(self, frames, context):
-        secret = _metadata(context, SESSION_SECRET_METADATA)
         header, tensors = codec.from_frames(frames, sap_pb2.ForwardFrame, ("hidden",), max_bytes=self.max_request_bytes)
+        secret = _session_secret(context, header.session_id)
         return self.compute.run(self._forward, header, tensors.get("hidden"), secret, False)
 
     @_rpc
     def EvaluateSmall(self, request: sap_pb2.ForwardFrames, context) -> sap_pb2.ForwardReplyFrames:
-        secret = _metadata(context, SESSION_SECRET_METADATA)
         if self.metrics is not None:
             self.metrics.received(request.ByteSize())
         if len(request.frames) > 2:
@@ -234,6 +249,7 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
         header, tensors = codec.from_frames(
             request.frames, sap_pb2.ForwardFrame, ("hidden",), max_bytes=self.max_request_bytes
         )
+        secret = _session_secret(context, header.session_id)
         reply = sap_pb2.ForwardReplyFrames(
             frames=self.compute.run(self._forward, header, tensors.get("hidden"), secret, False)
         )
@@ -261,8 +277,8 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
 
     @_frames_rpc
     def Backward(self, frames, context):
-        secret = _metadata(context, SESSION_SECRET_METADATA)
         header, tensors = codec.from_frames(frames, sap_pb2.BackwardFrame, ("grad",), max_bytes=self.max_request_bytes)
+        secret = _session_secret(context, header.session_id)
         return self.compute.run(self._backward, header, tensors.get("grad"), secret)
 
     def _backward(self, header: sap_pb2.BackwardHeader, grad, secret: str) -> list:
@@ -285,7 +301,7 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
     @_reply_stream
     def Generate(self, frames, context) -> Iterator[sap_pb2.GenerateReplyFrame]:
         """One sequence, piece by piece, with this call's own key/value cache (see sap.proto)."""
-        secret = _metadata(context, SESSION_SECRET_METADATA)
+        secret = None
         with self.generations.slot():
             cache, session_id = KVCache(), ""
             pieces = codec.read_messages(
@@ -299,6 +315,7 @@ class SplitLearningServicer(sap_pb2_grpc.SplitLearningServicer):
                     if not header.session_id:
                         raise InvalidInputError("GenerateHeader.session_id is missing from the first piece")
                     session_id = header.session_id
+                    secret = _session_secret(context, session_id)
                 elif header.session_id not in ("", session_id):
                     raise InvalidInputError("GenerateHeader.session_id changed within one generation")
                 if "hidden" not in tensors:

@@ -350,6 +350,27 @@ def test_a_small_evaluate_goes_in_one_message_and_answers_as_the_stream_does(ser
     assert provider.sessions.get(sid).steps_applied == 0
 
 
+def test_a_call_routed_for_another_session_is_refused(served):
+    """sap-session-id metadata (what a router routes by) must name the session the body names."""
+    provider, stub = served
+    sid, other = _open(stub), _open(stub, seed=1)
+    metadata = [*_md(sid), ("sap-session-id", other)]
+    _expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.ResumeSession(sap_pb2.ResumeSessionRequest(session_id=sid, step=0), timeout=10, metadata=metadata),
+        "sap-session-id names session",
+    )
+    h, mask = _inputs(seed=5)
+    _expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: wire.call(stub.Forward, wire.forward_frames(sid, 1, h, mask), metadata),
+        "sap-session-id names session",
+    )
+    assert provider.sessions.get(sid).pending_step is None  # refused before anything ran
+    # named rightly, it is served
+    _forward(stub, sid, 1, h, mask)
+
+
 # --- tensors larger than the message cap -------------------------------------------------------
 
 
