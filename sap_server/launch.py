@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-LISTENING = re.compile(r"^sap-server listening on (\S+)$")
+# sap-cluster (sap_cluster/cli.py) prints the same line for its router, so one launcher starts either
+LISTENING = re.compile(r"^sap-(?:server|cluster) listening on (\S+)$")
 METRICS = re.compile(r"^sap-server metrics on (\S+)$")  # with --metrics-port, printed right after LISTENING
 
 

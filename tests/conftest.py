@@ -30,11 +30,12 @@ LEVELS = {
     ).split(),
     "service": (
         "test_auth test_compute test_concurrency test_equivalence test_fuzz test_lean_wire "
-        "test_generation test_noise_on_the_wire test_prefetch test_robust test_servicer test_sft test_trained_bottom"
+        "test_generation test_noise_on_the_wire test_prefetch test_robust test_servicer test_sft test_trained_bottom "
+        "test_cluster"
     ).split(),
     "two_process": (
         "test_audit test_compose test_devices test_generative_cli test_label_privacy test_private_inference "
-        "test_resume test_tls test_two_process test_operations"
+        "test_resume test_tls test_two_process test_operations test_sap_cluster"
     ).split(),
 }
 LEVEL_OF = {module: level for level, modules in LEVELS.items() for module in modules}
