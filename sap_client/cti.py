@@ -1,4 +1,4 @@
-"""Contributing token identification (CTI, DESIGN.md section 4): per-class token importance -> per-token eta."""
+"""Contributing token identification (CTI, docs/DESIGN.md section 3): per-class token importance -> per-token eta."""
 
 from __future__ import annotations
 

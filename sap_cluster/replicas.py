@@ -35,10 +35,11 @@ class Replica:
         self.name = name
         self.running = start(args)
         self.address = f"{args.host}:{self.running.port}"
+        self.metrics = None if self.running.metrics_port is None else f"http://{args.host}:{self.running.metrics_port}"
         logging.getLogger("sap_server").info("replica %s serving on %s (pid %d)", name, self.address, os.getpid())
 
     def info(self) -> dict:
-        return {"name": self.name, "address": self.address, "pid": os.getpid()}
+        return {"name": self.name, "address": self.address, "pid": os.getpid(), "metrics": self.metrics}
 
     def stop(self, grace: float = 5.0) -> None:
         """A graceful stop: finish the calls under way, checkpoint every loaded session, free the model."""

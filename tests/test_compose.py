@@ -1,6 +1,6 @@
 """docker/compose.yaml without Docker: its services' commands, environment and dependency order run as local processes.
 
-There is no Docker engine on the build machines (DESIGN.md section 6), so `run_compose_locally` plays compose:
+There is no Docker engine on the build machines, so `run_compose_locally` plays compose:
 it reads each service's entrypoint (from compose, else the Dockerfile's ENTRYPOINT), command, environment,
 depends_on and health check, maps container paths (volumes, /data) and ports to temporary ones, and starts
 the services in dependency order, waiting on health checks by running the health check's own command. For
