@@ -232,3 +232,40 @@ def test_load_model_gives_a_frozen_eval_base(tiny_model):
     assert not loaded.base.training
     assert not any(p.requires_grad for p in loaded.base.parameters())
     assert loaded.tokenizer.pad_token_id == 0
+
+
+def test_a_sessions_steps_do_not_depend_on_an_evaluation_before_them(tiny_bert, tmp_path):
+    """A top with dropout: the first training forward switches the whole tree to training mode whether or not the
+    session evaluated first (a mixed tree, an eval-mode model under a training-mode root with new PEFT layers, once
+    kept the model's own dropout off until an evaluation flipped it, so a session moved to another replica and
+    evaluated there before resuming trained differently)."""
+    import json
+    import shutil
+
+    from sap_common.models.registry import load_model
+    from sap_common.peft import PeftConfig
+    from sap_common.service import SessionSpec
+    from sap_server.local import LocalTopService
+    from sap_server.provider import Provider
+    from session_steps import batch, step
+
+    folder = tmp_path / "bert-with-dropout"
+    shutil.copytree(tiny_bert, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    (folder / "config.json").write_text(json.dumps(config))
+    provider = Provider.from_loaded(load_model(str(folder)), split=1, peft=PeftConfig())
+    try:
+        service = LocalTopService(provider)
+        spec = SessionSpec(num_labels=2, learning_rate=1e-2, seed=5)
+        plain, evaluated = service.open_session(spec), service.open_session(spec)
+        hidden, mask, _ = batch(5, 100)
+        service.evaluate(evaluated, hidden, mask)
+        for n in range(1, 4):
+            step(service, plain, 5, n)
+            step(service, evaluated, 5, n)
+        a = provider.sessions.get(plain).trainable_state()
+        b = provider.sessions.get(evaluated).trainable_state()
+    finally:
+        provider.close()
+    assert all(torch.equal(a[k], b[k]) for k in a)
