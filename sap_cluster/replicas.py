@@ -96,25 +96,25 @@ class RayReplicas:
             return {name: dict(info) for name, info in self._info.items()}
 
     def _refresh(self) -> None:
-        """Ask each actor where its server listens; one that does not answer in time (dead, or starting again
-        after its process died) is left out until it does."""
+        """Ask each actor where its server listens. An actor that answers late (busy, or starting again after its
+        process died) keeps its last address: whether that replica is gone is for its health service to say (the
+        router asks it before it moves a session); one whose actor is dead for good is left out."""
         while not self._stop.wait(REFRESH_S):
             for name, actor in self.actors.items():
-                ref = actor.info.remote()
-                ready, _ = ray.wait([ref], timeout=INFO_TIMEOUT_S)
-                with self._lock:
-                    if ready:
-                        try:
-                            info = ray.get(ready[0])
-                        except ray.exceptions.RayError:
-                            self._info.pop(name, None)
-                            continue
-                        if self._pids.get(name) != info["pid"]:
-                            log.warning("replica %s started again: pid %d at %s", name, info["pid"], info["address"])
-                            self._pids[name] = info["pid"]
-                        self._info[name] = info
-                    else:
+                ready, _ = ray.wait([actor.info.remote()], timeout=INFO_TIMEOUT_S)
+                if not ready:
+                    continue
+                try:
+                    info = ray.get(ready[0])
+                except ray.exceptions.RayError:
+                    with self._lock:
                         self._info.pop(name, None)
+                    continue
+                with self._lock:
+                    if self._pids.get(name) != info["pid"]:
+                        log.warning("replica %s started again: pid %d at %s", name, info["pid"], info["address"])
+                        self._pids[name] = info["pid"]
+                    self._info[name] = info
 
     def close(self, timeout: float = 60.0) -> None:
         """Stop every replica gracefully (each checkpoints its sessions), then end the actors."""

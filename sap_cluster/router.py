@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -42,7 +42,9 @@ SESSION_METHODS = frozenset(
     {"Forward", "Backward", "Evaluate", "EvaluateSmall", "CloseSession", "ResumeSession", "Generate"}
 )
 LIVE_STREAMS = frozenset({"Generate", "DownloadBottom"})  # passed through as they come, never moved
-HEALTH_TIMEOUT_S = 2.0
+# A replica is taken for gone only when its health service does not answer in this time: moving a session off a
+# replica that is alive would fork it (a dead process refuses the connection at once).
+HEALTH_TIMEOUT_S = 5.0
 
 
 class Replicas(Protocol):
@@ -118,51 +120,53 @@ class Router:
         self.is_gone = is_gone or _health_gone
         self.moves = 0  # sessions moved off a dead replica (for the demo and the benchmarks)
         self._channels: dict[str, grpc.Channel] = {}
+        self._known: dict[str, str] = {}  # each replica's last listed address
         self._lock = threading.Lock()
         self._next = 0
 
     # --- choosing a replica ----------------------------------------------------------------------------------
 
-    def _live(self) -> dict[str, str]:
-        live = self.replicas.addresses()
+    def _live(self, tried: Collection[str] = ()) -> dict[str, str]:
+        """The replicas the engine lists as up, less those this call found gone."""
+        listed = self.replicas.addresses()
+        with self._lock:
+            self._known.update(listed)
+        live = {name: address for name, address in listed.items() if name not in tried}
         if not live:
-            raise NoReplica("no replica is up")
+            raise NoReplica("no replica is up" + (f": {', '.join(sorted(tried))} gone" if tried else ""))
         return live
 
-    def _least_loaded(self, live: dict[str, str], avoid: str | None = None) -> str:
-        names = sorted(name for name in live if name != avoid) or sorted(live)
-        counts = self.table.counts(names)
-        return min(names, key=lambda name: (counts[name], name))
+    def _least_loaded(self, live: dict[str, str]) -> str:
+        counts = self.table.counts(sorted(live))
+        return min(sorted(live), key=lambda name: (counts[name], name))
 
-    def _any(self) -> tuple[str, str]:
-        live = self._live()
+    def _any(self, tried: Collection[str]) -> tuple[str, str]:
+        live = self._live(tried)
         names = sorted(live)
         with self._lock:
             self._next += 1
             name = names[self._next % len(names)]
         return name, live[name]
 
-    def _owner(self, session_id: str) -> tuple[str, str]:
-        """The replica that serves this session: its own, or for a session the table does not know (opened before
-        this router kept a table) the least loaded live one, which then keeps it."""
-        live = self._live()
+    def _owner(self, session_id: str, tried: Collection[str]) -> tuple[str, str]:
+        """The replica that serves this session. A session moves only off a replica found gone: by this call
+        (tried), or, when the engine does not list its replica (a slow answer is not a death), by the replica's own
+        health service. A session the table does not know goes to the least loaded live replica, which keeps it."""
         name = self.table.get(session_id)
-        if name is None or name not in live:
-            if name is not None:  # its replica is not up: the session moves
-                log.warning("session %s…: replica %s is not up; moving it", session_id[:8], name)
-                self.moves += 1
-            name = self._least_loaded(live)
-            self.table.set(session_id, name)
-        return name, live[name]
-
-    def _move(self, session_id: str, dead: str) -> None:
-        live = {name: address for name, address in self._live().items() if name != dead}
-        if not live:
-            raise NoReplica(f"replica {dead} is gone and no other replica is up")
+        live = self._live(tried)
+        if name is not None and name in live:
+            return name, live[name]
+        if name is not None and name not in tried:
+            with self._lock:
+                last = self._known.get(name)
+            if last is not None and not self.is_gone(last):
+                return name, last  # alive, though the engine did not list it just now
         target = self._least_loaded(live)
         self.table.set(session_id, target)
-        self.moves += 1
-        log.warning("session %s…: replica %s is gone; moved to %s", session_id[:8], dead, target)
+        if name is not None:
+            self.moves += 1
+            log.warning("session %s…: replica %s is gone; moved to %s", session_id[:8], name, target)
+        return target, live[target]
 
     def channel(self, address: str) -> grpc.Channel:
         with self._lock:
@@ -194,17 +198,15 @@ class Router:
         while True:
             try:
                 if session_id is not None:
-                    name, address = self._owner(session_id)
+                    name, address = self._owner(session_id, tried)
                 elif method == "OpenSession":
-                    live = self._live()
+                    live = self._live(tried)
                     name = self._least_loaded(live)
                     address = live[name]
                 else:
-                    name, address = self._any()
+                    name, address = self._any(tried)
             except NoReplica as exc:
                 context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            if name in tried:
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"no replica is up: {', '.join(sorted(tried))} gone")
             try:
                 reply = invoke(self.channel(address), request, metadata, context.time_remaining())
             except grpc.RpcError as exc:
@@ -212,11 +214,6 @@ class Router:
                     context.abort(exc.code(), exc.details() or "")
                 tried.add(name)
                 log.warning("replica %s at %s is gone (%s)", name, address, exc.details())
-                if session_id is not None:
-                    try:
-                        self._move(session_id, name)
-                    except NoReplica as gone:
-                        context.abort(grpc.StatusCode.UNAVAILABLE, str(gone))
                 continue
             if method == "OpenSession":
                 opened = sap_pb2.OpenSessionReply.FromString(reply)
@@ -229,7 +226,7 @@ class Router:
         metadata = _forwarded(context)
         session_id = _first(metadata, SESSION_ID_METADATA) if method in SESSION_METHODS else None
         try:
-            _, address = self._owner(session_id) if session_id is not None else self._any()
+            _, address = self._owner(session_id, ()) if session_id is not None else self._any(())
         except NoReplica as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         try:
