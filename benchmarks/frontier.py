@@ -13,8 +13,9 @@ plain curve's accuracy is interpolated linearly in privacy between its two neare
     python benchmarks/frontier.py --quick              # a smoke run of the whole pipeline (minutes)
     python benchmarks/frontier.py --report-only        # rebuild the table and plot from the kept cells
 
-Defences: trained-bottom (--train-bottom at DEFAULT_BOTTOM_LEARNING_RATE), cti (--cti, scale mode), rescale
-(--rescale-noised). Results: benchmarks/results/frontier/ (cells/*.json, frontier.md, frontier.png).
+Defences: trained-bottom (--train-bottom at DEFAULT_BOTTOM_LEARNING_RATE), learned-filter (--learned-filter, its
+default training; the attacks know the filter), cti (--cti, scale mode), rescale (--rescale-noised). Results:
+benchmarks/results/frontier/ (cells/*.json, frontier.md, frontier.png).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from sap_client.audit.recorded import recorded_audit  # noqa: E402
 from sap_client.bottom import load_server_bottom  # noqa: E402
 from sap_client.commands import fit_noise  # noqa: E402
 from sap_client.data import TextDataset, load_labelled_csv  # noqa: E402
+from sap_client.filter import FilterConfig, train_filter  # noqa: E402
 from sap_client.privacy import NoiseConfig  # noqa: E402
 from sap_client.rundir import KEY, RunDir  # noqa: E402
 from sap_client.trainer import DEFAULT_BOTTOM_LEARNING_RATE, SplitTrainer, TrainConfig  # noqa: E402
@@ -52,7 +54,7 @@ from sap_server.provider import Provider  # noqa: E402
 
 log = logging.getLogger("frontier")
 RESULTS = ROOT / "benchmarks" / "results" / "frontier"
-DEFENCES = ("plain", "trained-bottom", "cti", "rescale")
+DEFENCES = ("plain", "trained-bottom", "learned-filter", "cti", "rescale")
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,15 @@ def _data(budget: Budget) -> tuple[TextDataset, TextDataset]:
     return snippets.subset(list(range(budget.train))), snippets.subset(list(range(budget.train, end)))
 
 
-def run_cell(cell: Cell, budget: Budget, train: TextDataset, held: TextDataset, work: Path, cache: dict) -> dict:
+def run_cell(
+    cell: Cell,
+    budget: Budget,
+    train: TextDataset,
+    held: TextDataset,
+    work: Path,
+    cache: dict,
+    filter_weight: float = FilterConfig.privacy_weight,
+) -> dict:
     """Train through the split with the cell's settings while the provider records, then attack the recording."""
     record = work / "record"
     provider = Provider.load(cell.model, cell.split, PeftConfig(method="lora"), record_dir=record)
@@ -114,6 +124,10 @@ def run_cell(cell: Cell, budget: Budget, train: TextDataset, held: TextDataset, 
         run.file(KEY).write_text(hashlib.sha256(f"sap frontier noise key {cell.seed}".encode()).hexdigest() + "\n")
         noise = NoiseConfig(noise_ratio=cell.ratio, cti=cell.defence == "cti", rescale_noised=cell.defence == "rescale")
         trainer.privatizer = fit_noise(noise, trainer, train, run) if cell.ratio is not None else None
+        filtered = None
+        if cell.defence == "learned-filter":
+            settings = FilterConfig(seed=cell.seed, privacy_weight=filter_weight)
+            trainer.filter, filtered = train_filter(trainer, train, trainer.privatizer, settings)
         started = time.perf_counter()
         metrics = trainer.fit(train, held)
         service.close_session(trainer.session_id)
@@ -121,6 +135,7 @@ def run_cell(cell: Cell, budget: Budget, train: TextDataset, held: TextDataset, 
 
         started = time.perf_counter()
         view = SplitTrainer(pretrained, tokenizer, service, TrainConfig(batch_size=8), trainer.privatizer)
+        view.filter = trainer.filter  # the provider is taken to know the filter's weights (sap_client/filter.py)
         attack = AttackConfig(
             steps=budget.attack_steps,
             seed=cell.seed,
@@ -128,7 +143,9 @@ def run_cell(cell: Cell, budget: Budget, train: TextDataset, held: TextDataset, 
         )
         # the attacks depend on the mechanism the provider simulates, not on the defence: plain and trained-bottom
         # cells of one noise ratio and seed share the public hidden states, the probe and the learned inverter
-        mechanism = json.dumps([cell.ratio, cell.defence in ("cti", "rescale") and cell.defence, cell.seed])
+        mechanism = json.dumps(
+            [cell.ratio, cell.defence in ("cti", "rescale", "learned-filter") and cell.defence, cell.seed]
+        )
         forwards = [r for r in read_records(record) if r.kind == "forward"]
         audited = train.subset(list(range(budget.audited)))
         report = recorded_audit(
@@ -146,6 +163,7 @@ def run_cell(cell: Cell, budget: Budget, train: TextDataset, held: TextDataset, 
         **asdict(cell),
         "budget": asdict(budget),
         "bottom_learning_rate": DEFAULT_BOTTOM_LEARNING_RATE if trained else None,
+        "learned_filter": filtered,
         "eta": trainer.privatizer.eta if trainer.privatizer else None,
         "noise_to_signal": trainer.privatizer.noise_to_signal if trainer.privatizer else 0.0,
         "accuracy": metrics["eval_accuracy"],
@@ -155,6 +173,7 @@ def run_cell(cell: Cell, budget: Budget, train: TextDataset, held: TextDataset, 
         "eia_attack": report["attack"],
         "eia_attacks": {kind: f["recovery"] for kind, f in report["eia_attacks"].items()},
         "eia_tokens": report["eia_tokens"],
+        "threads": torch.get_num_threads(),
         "train_seconds": round(train_seconds, 1),
         "attack_seconds": round(time.perf_counter() - started, 1),
     }
@@ -206,11 +225,12 @@ def _f(value, digits: int = 3) -> str:
 
 def markdown(cells: list[dict], command: str, seconds: float) -> str:
     budget = cells[0]["budget"]
+    threads = "/".join(str(t) for t in sorted({c.get("threads", "?") for c in cells}, key=str))
     lines = [
         "# Privacy/utility frontier: plain d_chi against each defence",
         "",
         f"Command: `{command}`; torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{torch.get_num_threads()} threads on {platform.machine()}; wall time of the cells: {seconds / 60:.0f} min "
+        f"{threads} torch thread(s) per cell on {platform.machine()}; wall time of the cells: {seconds / 60:.0f} min "
         f"(training and attacks, summed over the cells kept in cells/).",
         "",
         f"Budget: the first {budget['train']} rows of data/movie_snippets.csv, {budget['epochs']} epoch(s), batch "
@@ -260,7 +280,7 @@ def plot(cells: list[dict], path: Path) -> None:
     panels = sorted({(c["model"], c["split"]) for c in cells})
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
     for ax, (model, split) in zip(axes[0], panels):
-        for defence, marker in zip(DEFENCES, "osD^"):
+        for defence, marker in zip(DEFENCES, "osvD^"):
             for seed in sorted({c["seed"] for c in cells}):
                 line = sorted(
                     (
@@ -288,12 +308,19 @@ def plot(cells: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def grid(models: list[tuple[str, int]], seeds: list[int], ratios: list[float], defences: dict[str, list[float]]):
+def grid(
+    models: list[tuple[str, int]],
+    seeds: list[int],
+    ratios: list[float],
+    defences: dict[str, list[float]],
+    plain: bool = True,
+):
     for model, split in models:
         for seed in seeds:
-            yield Cell(model, split, "plain", None, seed)
-            for ratio in ratios:
-                yield Cell(model, split, "plain", ratio, seed)
+            if plain:
+                yield Cell(model, split, "plain", None, seed)
+                for ratio in ratios:
+                    yield Cell(model, split, "plain", ratio, seed)
             for defence, defence_ratios in defences.items():
                 for ratio in defence_ratios:
                     yield Cell(model, split, defence, ratio, seed)
@@ -319,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--defences", nargs="*", type=_defence, default=[("trained-bottom", [2.0, 3.0, 4.0])], help="NAME:R,R,..."
     )
+    parser.add_argument(
+        "--filter-privacy-weight",
+        type=float,
+        default=FilterConfig.privacy_weight,
+        help="learned-filter cells: the filter's weight on the inversion model's confusion",
+    )
     parser.add_argument("--train", type=int, default=Budget.train)
     parser.add_argument("--epochs", type=int, default=Budget.epochs)
     parser.add_argument(
@@ -326,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1603,
         help="held-out rows after the training rows (accuracy; the attacks' public text)",
+    )
+    parser.add_argument(
+        "--defences-only",
+        action="store_true",
+        help="run only the defence cells (the plain ones may be under way in another process)",
     )
     parser.add_argument("--quick", action="store_true", help="the pipeline on a tiny budget (a smoke test)")
     parser.add_argument("--report-only", action="store_true", help="rebuild frontier.md and the plot from cells/")
@@ -344,13 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         train, held = _data(budget)
         cache: dict = {}
         with tempfile.TemporaryDirectory(prefix="sap-frontier-") as scratch:
-            for cell in grid(args.models, args.seeds, args.ratios, dict(args.defences)):
+            for cell in grid(args.models, args.seeds, args.ratios, dict(args.defences), not args.defences_only):
                 path = cells_dir / f"{cell.name}.json"
                 if path.is_file() and json.loads(path.read_text())["budget"] == asdict(budget):
                     continue  # a finished cell of this budget is kept, not repeated
                 log.info("cell %s", cell.name)
                 work = Path(tempfile.mkdtemp(dir=scratch))
-                result = run_cell(cell, budget, train, held, work, cache)
+                result = run_cell(cell, budget, train, held, work, cache, args.filter_privacy_weight)
                 path.write_text(json.dumps(result, indent=1) + "\n")
                 log.info("%s: accuracy %.3f, EIA privacy %.3f", cell.name, result["accuracy"], result["eia_privacy"])
     cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]

@@ -112,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="AdamW learning rate of the bottom with --train-bottom (default %(default)s: all of its weights train)",
     )
     train.add_argument(
+        "--learned-filter",
+        action="store_true",
+        help="before the first step, train a filter here between the bottom and the noise (task loss plus an "
+        "inversion model's confusion) and send filter(h) + noise; needs --noise-ratio or --eta. The audit assumes "
+        "the provider knows the filter (privacy.md)",
+    )
+    train.add_argument(
+        "--filter-steps",
+        type=int,
+        default=TrainConfig.filter_steps,
+        help="training steps of --learned-filter (default %(default)s)",
+    )
+    train.add_argument(
+        "--filter-privacy-weight",
+        type=float,
+        default=TrainConfig.filter_privacy_weight,
+        help="weight of the inversion model's confusion in --learned-filter's training (default %(default)s)",
+    )
+    train.add_argument(
         "--private-head",
         action="store_true",
         help="keep the task head here: the server returns the pooled representation (B, H) and receives "
@@ -731,6 +750,9 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 train_bottom=args.train_bottom,
                 bottom_learning_rate=args.bottom_lr,
+                learned_filter=args.learned_filter,
+                filter_steps=args.filter_steps,
+                filter_privacy_weight=args.filter_privacy_weight,
                 private_head=args.private_head or args.user_tail > 0 or generative,
                 user_tail=args.user_tail,
                 label_epsilon=args.label_epsilon,

@@ -17,10 +17,23 @@ from safetensors.torch import save_file
 from sap_client.connection import OpenSplit, file_sha256, make_privatizer, open_generative, open_split
 from sap_client.cti import fit_cti
 from sap_client.data import TextDataset, load_labelled_csv, load_texts, stratified_split
+from sap_client.filter import FilterConfig, train_filter
 from sap_client.labeldp import randomize_labels
 from sap_client.privacy import NoiseConfig, Privatizer
 from sap_client.remote import ClientCredentials
-from sap_client.rundir import BOTTOM, CHECKPOINT, CTI, HEAD, METRICS, PRIVACY, RUN, RunDir, RunSpec, RunState
+from sap_client.rundir import (
+    BOTTOM,
+    CHECKPOINT,
+    CTI,
+    FILTER,
+    HEAD,
+    METRICS,
+    PRIVACY,
+    RUN,
+    RunDir,
+    RunSpec,
+    RunState,
+)
 from sap_client.sft import SFTTrainer
 from sap_client.statement import audit_summary, median_token_distance, privacy_statement, render_statement
 from sap_client.trainer import SplitTrainer, TrainConfig, TrainProgress
@@ -76,6 +89,18 @@ def fit_noise(noise: NoiseConfig, trainer: SplitTrainer, train: TextDataset, run
         )
         stats.save(run.file(CTI))
     return make_privatizer(noise, eta, run, stats, norm if noise.rescale_noised else None)
+
+
+def _fit_filter(trainer: SplitTrainer, train: TextDataset, run: RunDir) -> None:
+    """--learned-filter: train the filter on the training split under the run's noise, keep it in the run (every
+    later command sends through it) and what its training measured in the trainer, for metrics.json."""
+    if trainer.privatizer is None:
+        raise InvalidInputError("--learned-filter trains against the run's noise: give --noise-ratio or --eta")
+    config = trainer.config
+    settings = FilterConfig(steps=config.filter_steps, privacy_weight=config.filter_privacy_weight, seed=config.seed)
+    trainer.filter, trainer.filter_training = train_filter(trainer, train, trainer.privatizer, settings)
+    tensors = {k: v.contiguous() for k, v in trainer.filter.state_dict().items()}
+    save_file(tensors, str(run.file(FILTER)), metadata={"training": json.dumps(trainer.filter_training)})
 
 
 def _training_data(
@@ -288,6 +313,8 @@ def train(
             len(label_names),
         )
         trainer.privatizer = fit_noise(noise, trainer, train_data, run)
+        if config.learned_filter:
+            _fit_filter(trainer, train_data, run)
         spec = _new_spec(
             server,
             info,
@@ -331,6 +358,8 @@ def train_generative(
     continues one cut short."""
     if noise.cti:
         raise InvalidInputError("--cti needs labelled classes; generative fine-tuning does not support it yet")
+    if config.learned_filter:
+        raise InvalidInputError("--learned-filter trains with class labels; generative fine-tuning does not support it")
     if config.label_epsilon is not None:
         raise InvalidInputError("--label-epsilon randomizes class labels: a generative run has none")
     run = RunDir(out).create()
@@ -669,6 +698,7 @@ def _complete(
         label_names=spec.label_names,
         train_bottom=config.train_bottom,
         bottom_learning_rate=config.bottom_learning_rate if config.train_bottom else None,
+        learned_filter=trainer.filter_training if config.learned_filter else None,
         bottom_download_bytes=download_bytes,
         wire_dtype=spec.wire_dtype,
         eta=eta,
@@ -702,6 +732,7 @@ def _complete(
         user_tail=config.user_tail,
         start_adapter=config.start_adapter,
         bottom_learning_rate=config.bottom_learning_rate if config.train_bottom else None,
+        learned_filter=metrics["learned_filter"],
     )
     metrics["label_dp"] = label_dp
     run.write_json(METRICS, metrics)
@@ -937,6 +968,7 @@ def audit(
         cti=noise.cti,
         cti_mode=noise.cti_mode if noise.cti else None,
         rescale_norm=trainer.privatizer.rescale_norm if trainer.privatizer else None,
+        learned_filter=trainer.filter is not None,  # sent through it, and the attacks were given its weights
         attribute_column=attribute_column,
         data=str(data_path),
         public=str(public_path) if public_path else f"rows {len(data) + 1}.. of {data_path}",

@@ -8,20 +8,23 @@ fine-tuned bottom weights in place and builds the SplitTrainer with the run's pr
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sap_client.bottom import load_server_bottom, load_server_tail
 from sap_client.cti import CtiStatistics, eta_table
+from sap_client.filter import LearnedFilter
 from sap_client.head import UserHead
 from sap_client.privacy import NoiseConfig, Privatizer
 from sap_client.remote import ClientCredentials, RemoteTopService
-from sap_client.rundir import BOTTOM, CTI, HEAD, TAIL, RunDir, RunSpec
+from sap_client.rundir import BOTTOM, CTI, FILTER, HEAD, TAIL, RunDir, RunSpec
 from sap_client.trainer import SplitTrainer, TrainConfig
 from sap_common.devices import DTYPES
 from sap_common.errors import InvalidInputError, ModelLoadError
@@ -47,6 +50,20 @@ def make_privatizer(
     return Privatizer(
         eta, key=run.noise_key(), eta_table=table, label_rows=noise.cti_rows == "label", rescale_norm=rescale_norm
     )
+
+
+def load_filter(run: RunDir, hidden_size: int) -> tuple[LearnedFilter, dict | None]:
+    """A --learned-filter run's filter (filter.safetensors), frozen: every later send goes through it; and what its
+    training measured."""
+    path = run.file(FILTER)
+    if not path.is_file():
+        raise InvalidInputError(f"{run.path} trained with --learned-filter but has no {FILTER}")
+    filter_ = LearnedFilter(hidden_size)
+    filter_.load_state_dict(load_file(str(path)))
+    filter_.requires_grad_(False)
+    with safe_open(str(path), "pt") as opened:
+        training = (opened.metadata() or {}).get("training")
+    return filter_.eval(), json.loads(training) if training else None
 
 
 def run_privatizer(run: RunDir, spec: RunSpec) -> Privatizer | None:
@@ -150,6 +167,8 @@ def open_split(
         )
         if trained_bottom and run is not None and config.private_head:
             trainer.attach_head(load_head(run.file(HEAD), trainer))
+        if run is not None and spec is not None and spec.config.learned_filter:
+            trainer.filter, trainer.filter_training = load_filter(run, trainer.bottom.config.hidden_size)
     except BaseException:
         service.close()
         raise

@@ -42,6 +42,7 @@ KEY = "noise.key"
 CTI = "cti_counts.safetensors"
 BOTTOM = "bottom.safetensors"
 HEAD = "head.safetensors"
+FILTER = "filter.safetensors"  # --learned-filter (sap_client/filter.py)
 TAIL = "tail"
 CHECKPOINT = "checkpoint.safetensors"
 STATE_FORMAT = 1  # of checkpoint.safetensors's metadata (RunState)

@@ -106,6 +106,7 @@ def privacy_statement(
     generative: bool = False,
     start_adapter: str = "",
     bottom_learning_rate: float | None = None,
+    learned_filter: dict | None = None,
 ) -> dict:
     """The statement as data (metrics.json["privacy"]); render_statement turns it into privacy.md."""
     statement: dict = {
@@ -125,6 +126,7 @@ def privacy_statement(
         "label_dp": label_dp,
         "start_adapter": start_adapter or None,
         "trained_bottom": None if bottom_learning_rate is None else {"learning_rate": bottom_learning_rate},
+        "learned_filter": learned_filter,
         "not_covered": NOT_COVERED,
         "median_token_distance": median_distance,
         "predict_queries": "the same text always gets the same noise (keyed by RUN_DIR/noise.key), so "
@@ -254,6 +256,16 @@ TRAINED_BOTTOM_LINE = (
 )
 
 
+LEARNED_FILTER_LINE = (
+    "- **Defence: a learned filter** (--learned-filter, {steps} steps, privacy weight {weight:g}): before the first "
+    "step this machine trained a map between the bottom and the noise, on the training texts, to keep what a local "
+    "task head needed and lose what a local inversion model read ({read:.0%} of tokens read by it at the end of its "
+    "training); what was sent is filter(h) + noise, at the noise calibration of h (the filter keeps each vector's "
+    "norm). The audit assumes the provider knows the filter's weights; its attacks that invert through the "
+    "pretrained bottom alone do not use them."
+)
+
+
 def render_statement(statement: dict) -> str:
     """privacy.md: plain words, the formal part, what is exposed, what is not covered, the audit if any."""
     lines = [
@@ -274,6 +286,17 @@ def render_statement(statement: dict) -> str:
         *(
             [TRAINED_BOTTOM_LINE.format(lr=statement["trained_bottom"]["learning_rate"])]
             if statement.get("trained_bottom")
+            else []
+        ),
+        *(
+            [
+                LEARNED_FILTER_LINE.format(
+                    steps=statement["learned_filter"]["steps"],
+                    weight=statement["learned_filter"]["privacy_weight"],
+                    read=statement["learned_filter"]["local_inversion_token_accuracy"],
+                )
+            ]
+            if statement.get("learned_filter")
             else []
         ),
         f"- **Noisy observations of each training example the provider got**: {statement['observations_why']}.",

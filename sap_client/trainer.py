@@ -27,6 +27,7 @@ from sap_common.service import DEFAULT_LEARNING_RATE, BackwardResult, SessionSpe
 if TYPE_CHECKING:  # the model code loads transformers: not needed to parse a command line
     from transformers import PreTrainedTokenizerBase
 
+    from sap_client.filter import LearnedFilter
     from sap_common.models.split import BottomModel
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,17 @@ class TrainConfig:
             "sap-server --start-adapter); what is sent is unchanged"
         },
     )
+    learned_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "before the first step, train a filter between the bottom and the noise on this machine (task "
+            "loss plus an inversion model's confusion: sap_client/filter.py); needs noise, a frozen bottom"
+        },
+    )
+    filter_steps: int = field(default=300, metadata={"help": "training steps of the learned filter"})
+    filter_privacy_weight: float = field(
+        default=0.3, metadata={"help": "the learned filter's weight on the inversion model's confusion"}
+    )
     prefetch: bool = field(
         default=True,
         metadata={"help": "with a frozen bottom, prepare batch i+1 while batch i is on the server (results unchanged)"},
@@ -105,6 +117,13 @@ class TrainConfig:
             raise ValueError(f"label_epsilon must be a finite number > 0, got {self.label_epsilon}")
         if self.label_mechanism not in ("rr", "rr-prior"):
             raise ValueError(f"label_mechanism must be rr or rr-prior, got {self.label_mechanism!r}")
+        if self.learned_filter and self.train_bottom:
+            raise ValueError("learned_filter trains on a frozen bottom's outputs: not with train_bottom")
+        if self.filter_steps < 1 or not (0 <= self.filter_privacy_weight < float("inf")):
+            raise ValueError(
+                f"filter_steps must be >= 1 and filter_privacy_weight >= 0, got {self.filter_steps}, "
+                f"{self.filter_privacy_weight}"
+            )
         if self.user_tail < 0 or (self.user_tail and not self.private_head):
             raise ValueError(
                 f"user_tail must be 0, or >= 1 with private_head (the tail ends in the head); got {self.user_tail}"
@@ -273,6 +292,9 @@ class SplitTrainer:
         self.tail_seed = tail_dropout_seed(self.head_key)
         self.head: UserHead | None = None
         self.head_optimizer: torch.optim.Optimizer | None = None
+        # --learned-filter: the user's frozen map between the bottom and the noise (sap_client/filter.py)
+        self.filter: LearnedFilter | None = None
+        self.filter_training: dict | None = None  # what the filter's training measured (metrics.json, privacy.md)
 
     def attach_head(self, head: UserHead) -> None:
         """Use head as the run's task head (a new one, or the one a run kept) with a fresh optimizer."""
@@ -348,7 +370,11 @@ class SplitTrainer:
     ) -> torch.Tensor:
         """The send function: the tensor (B, T, H) that leaves this machine for a batch of bottom outputs. Training,
         inference and the audit all call this one. Padding is sent as zeros, never as bottom outputs: at k >= 1
-        those mix in the real tokens. tally: see Privatizer.__call__."""
+        those mix in the real tokens. With a learned filter, the filter's output is what is noised. tally: see
+        Privatizer.__call__."""
+        if self.filter is not None:
+            with torch.no_grad():
+                hidden = self.filter(hidden.detach())
         if self.privatizer is None:
             return hidden.detach() * mask.unsqueeze(-1).to(hidden.dtype)
         return self.privatizer(hidden, mask, input_ids, labels, keys, tally=tally)

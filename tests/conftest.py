@@ -30,8 +30,8 @@ LEVELS = {
     ).split(),
     "service": (
         "test_auth test_compute test_concurrency test_equivalence test_fuzz test_lean_wire "
-        "test_generation test_noise_on_the_wire test_prefetch test_robust test_servicer test_sft test_trained_bottom "
-        "test_cluster"
+        "test_generation test_learned_filter test_noise_on_the_wire test_prefetch test_robust test_servicer test_sft "
+        "test_trained_bottom test_cluster"
     ).split(),
     "two_process": (
         "test_audit test_compose test_devices test_generative_cli test_label_privacy test_private_inference "

@@ -8,6 +8,7 @@ success of the best attack we can run, never of a chosen weak one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from sap_client.audit.sequential import SequentialConfig, first_position_outputs
 from sap_client.privacy import Privatizer
 from sap_common.models.families import DECODER
 from sap_common.models.split import BottomModel
+
+if TYPE_CHECKING:
+    from sap_client.filter import LearnedFilter
 
 ATTACKS = ("nn", "optimization", "sequential", "learned")
 MIN_PUBLIC = 16  # fewer public texts than this: no probe and no learned inverter
@@ -68,12 +72,16 @@ def undo_rescaling(observed: torch.Tensor, privatizer: Privatizer | None) -> tor
     return torch.where(rescaled, observed * (length / norm), observed)
 
 
-def simulated_mechanism(privatizer: Privatizer | None) -> NoiseFn:
+def simulated_mechanism(privatizer: Privatizer | None, filter_: LearnedFilter | None = None) -> NoiseFn:
     """What the attacker applies to its public text: the user's mechanism with the user's settings (eta, CTI
-    table, rescaling), an independent noise key, then its own undoing of the rescaling. Unlabelled public text
-    takes CTI's unlabelled (max) rows. Every (text, epoch) gets its own draw."""
+    table, rescaling, a learned filter's weights: the attacker is taken to know them), an independent noise key,
+    then its own undoing of the rescaling. Unlabelled public text takes CTI's unlabelled (max) rows. Every (text,
+    epoch) gets its own draw."""
 
     def perturb(hidden: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor, epoch: int) -> torch.Tensor:
+        if filter_ is not None:
+            with torch.no_grad():
+                hidden = filter_(hidden)
         if privatizer is None or privatizer.eta is None:
             return hidden * mask.unsqueeze(-1).to(hidden.dtype)
         twin = Privatizer(
@@ -103,11 +111,16 @@ class Attacker:
         public: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
         cache: dict | None = None,
         mechanism: str | None = None,
+        known_filter: LearnedFilter | None = None,
     ):
         """cache (optional, the caller's): keeps what is expensive to build across Attackers of one bottom and
         public text: the position-0 table always, the probe and the learned inverter under `mechanism`, a key
-        naming the noise settings they were trained under (no key: they are not shared)."""
+        naming the noise settings they were trained under (no key: they are not shared). known_filter: a learned
+        filter the user sends through, which the attacker is taken to know: the optimization attack inverts through
+        the bottom and the filter, the nearest-neighbour and sequential attacks run on what was received with the
+        filter's linear map undone (perturb must apply it too: simulated_mechanism)."""
         self.bottom, self.config, self.perturb = bottom, config, perturb
+        self.known_filter = known_filter
         self.public = public or []
         self.public_texts = sum(int(hidden.shape[0]) for hidden, _, _ in self.public)
         self._cache = cache if cache is not None else {}
@@ -143,6 +156,8 @@ class Attacker:
     def invert(self, kind: str, observed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """observed (B, T, H) -> guessed ids (B, T) with one attack."""
         bottom, config = self.bottom, self.config
+        if self.known_filter is not None and kind in ("nn", "sequential"):
+            observed = self.known_filter.undo(observed)
         if kind == "nn":
             if bottom.split == 0:
                 return position_aware_inversion(observed, mask, bottom)
@@ -157,6 +172,7 @@ class Attacker:
                 temperature=config.temperature,
                 distance=config.distance,
                 seed=config.seed,
+                after=self.known_filter,
             )
         if kind == "sequential":
             first = self._cached("first_outputs", lambda: first_position_outputs(bottom))

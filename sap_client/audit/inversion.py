@@ -9,7 +9,7 @@ read argmax(z). Success = fraction of real (non-padding) tokens recovered; priva
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -121,8 +121,11 @@ def optimization_inversion(
     distance: str = "cosine",
     seed: int = 0,
     batch_size: int = 8,
+    after: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """observed (B, T, H) -> guessed token ids (B, T); padding positions hold meaningless guesses.
+    """observed (B, T, H) -> guessed token ids (B, T); padding positions hold meaningless guesses. after: what the
+    user applies to the bottom's output before sending (a learned filter the attacker knows), applied to every
+    candidate's output too.
 
     The bottom's weights are not changed: its parameters are frozen (and put in eval mode) for the
     attack, and their requires_grad flags and training mode are restored afterwards.
@@ -160,6 +163,7 @@ def optimization_inversion(
             distance=distance,
             seed=seed,
             batch_size=batch_size,
+            after=after,
         )
 
 
@@ -192,6 +196,7 @@ def _invert(
     distance: str,
     seed: int,
     batch_size: int,
+    after: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
     table = bottom.input_embedding_matrix().detach()  # (V, H)
     device, dtype = table.device, table.dtype
@@ -210,7 +215,10 @@ def _invert(
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
                 soft = torch.softmax(logits / temperature, dim=-1).to(dtype) @ table  # (b, T, H)
-                loss = _distance(bottom_from_embeddings(bottom, soft, mask).float(), target.float(), mask, distance)
+                output = bottom_from_embeddings(bottom, soft, mask)
+                if after is not None:
+                    output = after(output)
+                loss = _distance(output.float(), target.float(), mask, distance)
                 loss.backward()
                 optimizer.step()
                 bar.update(1)

@@ -70,10 +70,11 @@ def build_attacker(
     return Attacker(
         bottom,
         config,
-        perturb=simulated_mechanism(trainer.privatizer),
+        perturb=simulated_mechanism(trainer.privatizer, trainer.filter),
         public=batches,
         cache=cache,
         mechanism=mechanism,
+        known_filter=trainer.filter,
     )
 
 
