@@ -100,6 +100,7 @@ def run_cell(
     work: Path,
     cache: dict,
     filter_weight: float = FilterConfig.privacy_weight,
+    filter_steps: int = FilterConfig.steps,
 ) -> dict:
     """Train through the split with the cell's settings while the provider records, then attack the recording."""
     record = work / "record"
@@ -126,8 +127,10 @@ def run_cell(
         trainer.privatizer = fit_noise(noise, trainer, train, run) if cell.ratio is not None else None
         filtered = None
         if cell.defence == "learned-filter":
-            settings = FilterConfig(seed=cell.seed, privacy_weight=filter_weight)
+            started = time.perf_counter()
+            settings = FilterConfig(seed=cell.seed, privacy_weight=filter_weight, steps=filter_steps)
             trainer.filter, filtered = train_filter(trainer, train, trainer.privatizer, settings)
+            filtered["seconds"] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
         metrics = trainer.fit(train, held)
         service.close_session(trainer.session_id)
@@ -223,7 +226,8 @@ def _f(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def markdown(cells: list[dict], command: str, seconds: float) -> str:
+def markdown(cells: list[dict], command: str, seconds: float, planned: list[str] | None = None) -> str:
+    """The table; planned: the names of every cell of the command's grid (the report says which are missing)."""
     budget = cells[0]["budget"]
     threads = "/".join(str(t) for t in sorted({c.get("threads", "?") for c in cells}, key=str))
     lines = [
@@ -233,6 +237,7 @@ def markdown(cells: list[dict], command: str, seconds: float) -> str:
         f"{threads} torch thread(s) per cell on {platform.machine()}; wall time of the cells: {seconds / 60:.0f} min "
         f"(training and attacks, summed over the cells kept in cells/).",
         "",
+        *_progress(cells, planned),
         f"Budget: the first {budget['train']} rows of data/movie_snippets.csv, {budget['epochs']} epoch(s), batch "
         f"{budget['batch_size']}, lr {budget['learning_rate']}, LoRA; accuracy on the other rows. Privacy: every "
         f"attack that applies on the provider's recording of the run, through its pretrained bottom, on the first "
@@ -269,6 +274,26 @@ def markdown(cells: list[dict], command: str, seconds: float) -> str:
                 f"{r['eia_privacy']:.3f} | {r['accuracy']:.3f} | {_f(r['plain_accuracy'])} ({r['how']}) | {gain} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _progress(cells: list[dict], planned: list[str] | None) -> list[str]:
+    if not planned:
+        return []
+    done = {Cell(c["model"], c["split"], c["defence"], c["ratio"], c["seed"]).name for c in cells}
+    missing = [name for name in planned if name not in done]
+    if not missing:
+        return [f"Every one of the grid's {len(planned)} cells is here.", ""]
+    by_panel: dict[str, int] = {}
+    for name in missing:
+        panel = "_".join(name.split("_")[:2])
+        by_panel[panel] = by_panel.get(panel, 0) + 1
+    return [
+        f"**Partial: {len(planned) - len(missing)} of the grid's {len(planned)} cells are done** (the command keeps "
+        f"finished cells and runs the rest); missing: "
+        + ", ".join(f"{count} of {panel}" for panel, count in by_panel.items())
+        + ".",
+        "",
+    ]
 
 
 def plot(cells: list[dict], path: Path) -> None:
@@ -340,11 +365,20 @@ def _defence(text: str) -> tuple[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", type=_models, default=[("minilm-l6", 2), ("minilm-l6", 4)])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--ratios", nargs="+", type=float, default=[1.0, 2.0, 3.0, 4.0], help="plain d_chi cells")
     parser.add_argument(
-        "--defences", nargs="*", type=_defence, default=[("trained-bottom", [2.0, 3.0, 4.0])], help="NAME:R,R,..."
+        "--models",
+        nargs="+",
+        type=_models,
+        default=[("minilm-l6", 2), ("minilm-l6", 4), ("smollm2-135m", 6)],
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[2.0, 3.0, 4.0, 6.0], help="plain d_chi cells")
+    parser.add_argument(
+        "--defences",
+        nargs="*",
+        type=_defence,
+        default=[("trained-bottom", [3.0]), ("learned-filter", [1.0, 2.0])],
+        help="NAME:R,R,...",
     )
     parser.add_argument(
         "--filter-privacy-weight",
@@ -371,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     budget = Budget(train=args.train, held=args.held, epochs=args.epochs)
+    filter_steps = FilterConfig.steps
     if args.quick:
+        filter_steps = 10
         budget = Budget(train=400, held=200, epochs=1, audited=8, attack_steps=10, inverter_epochs=1)
         args.seeds, args.ratios, args.models = args.seeds[:1], args.ratios[:2], args.models[:1]
         if args.out == RESULTS:  # a smoke run never mixes its cells into the kept results
@@ -388,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue  # a finished cell of this budget is kept, not repeated
                 log.info("cell %s", cell.name)
                 work = Path(tempfile.mkdtemp(dir=scratch))
-                result = run_cell(cell, budget, train, held, work, cache, args.filter_privacy_weight)
+                result = run_cell(cell, budget, train, held, work, cache, args.filter_privacy_weight, filter_steps)
                 path.write_text(json.dumps(result, indent=1) + "\n")
                 log.info("%s: accuracy %.3f, EIA privacy %.3f", cell.name, result["accuracy"], result["eia_privacy"])
     cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
@@ -399,8 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     if len({json.dumps(c["budget"], sort_keys=True) for c in cells}) > 1:
         parser.error(f"{cells_dir} holds cells of different budgets: move one set away")
     seconds = sum(c["train_seconds"] + c["attack_seconds"] for c in cells)
-    command = "python benchmarks/frontier.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (args.out / "frontier.md").write_text(markdown(cells, command.strip(), seconds))
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    command = ("python benchmarks/frontier.py " + " ".join(given)).strip()
+    planned = [cell.name for cell in grid(args.models, args.seeds, args.ratios, dict(args.defences))]
+    (args.out / "frontier.md").write_text(markdown(cells, command, seconds, planned))
     plot(cells, args.out / "frontier.png")
     print(f"{len(cells)} cells; {args.out / 'frontier.md'}, {args.out / 'frontier.png'}")
     return 0

@@ -38,7 +38,7 @@ Outgoing = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, NoiseTally | N
 
 # --train-bottom fine-tunes every weight of the bottom, as full fine-tuning does, at a full fine-tuning rate: at the
 # top's PEFT rate (1e-3) MiniLM's bottom at split 2 drifted far from its pretrained weights and a run could end at
-# chance (benchmarks/README.md, the trainable bottom); 1e-4 learned best of 1e-3, 1e-4, 3e-5 and 2e-5 there.
+# chance (README, "Defence: the trainable bottom"); 1e-4 learned best of the rates tried there.
 DEFAULT_BOTTOM_LEARNING_RATE = 1e-4
 
 
