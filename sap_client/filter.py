@@ -94,13 +94,7 @@ def _noised(
     the seed (this never leaves the machine, and a run's filter can be trained again exactly)."""
     if privatizer is None or privatizer.eta is None:
         return filtered * mask.unsqueeze(-1).to(filtered.dtype)
-    twin = Privatizer(
-        privatizer.eta,
-        key=f"sap learned filter {seed}".encode(),
-        eta_table=privatizer.eta_table,
-        label_rows=privatizer.label_rows,
-        rescale_norm=privatizer.rescale_norm,
-    )
+    twin = privatizer.with_key(f"sap learned filter {seed}".encode())
     keys = [f"filter-training-{step}-{row}".encode() for row in range(filtered.shape[0])]
     sent = twin(filtered.detach(), mask, ids, None, keys)
     # straight through: d(sent)/d(filtered) = I on real tokens (exact for h + n; rescaling is treated as the identity)

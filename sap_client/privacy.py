@@ -148,6 +148,17 @@ class Privatizer:
         self.hidden_norm_sum = float(state["hidden_norm_sum"])
         self.tokens = int(state["tokens"])
 
+    def with_key(self, key: bytes, *, label_rows: bool | None = None) -> Privatizer:
+        """The same mechanism (eta, CTI table, rescaling) under another noise key, with fresh noise/signal sums: what
+        a simulation of this user's sends draws from (the attacker's public text, the learned filter's training)."""
+        return Privatizer(
+            self.eta,
+            key=key,
+            eta_table=self.eta_table,
+            label_rows=self.label_rows if label_rows is None else label_rows,
+            rescale_norm=self.rescale_norm,
+        )
+
     def _seed(self, example_key: bytes) -> int:
         return int.from_bytes(hmac.new(self.key, example_key, hashlib.sha256).digest()[:8], "little")
 

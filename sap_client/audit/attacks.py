@@ -84,13 +84,7 @@ def simulated_mechanism(privatizer: Privatizer | None, filter_: LearnedFilter | 
                 hidden = filter_(hidden)
         if privatizer is None or privatizer.eta is None:
             return hidden * mask.unsqueeze(-1).to(hidden.dtype)
-        twin = Privatizer(
-            privatizer.eta,
-            key=f"attacker-epoch-{epoch}".encode(),
-            eta_table=privatizer.eta_table,
-            label_rows=False,
-            rescale_norm=privatizer.rescale_norm,
-        )
+        twin = privatizer.with_key(f"attacker-epoch-{epoch}".encode(), label_rows=False)
         keys = [row[row_mask.bool()].numpy().tobytes() for row, row_mask in zip(input_ids, mask)]
         return undo_rescaling(twin(hidden, mask, input_ids, None, keys), privatizer)
 
