@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "--defences",
         nargs="*",
         type=_defence,
-        default=[("trained-bottom", [3.0]), ("learned-filter", [1.0, 2.0])],
+        default=[("trained-bottom", [3.0]), ("learned-filter", [1.0, 2.0]), ("cti", [3.0]), ("rescale", [3.0])],
         help="NAME:R,R,...",
     )
     parser.add_argument(
