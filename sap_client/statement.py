@@ -82,8 +82,9 @@ def observations_per_example(noise_observations: str, epochs: int) -> tuple[int,
         return epochs, f"a fresh noise draw in each of the {epochs} epochs"
     if noise_observations == "one per step (trainable bottom)":
         return epochs, (
-            f"one per epoch ({epochs}), each of a differently trained bottom's output: averaging them "
-            f"gains less than for copies of one vector, but something"
+            f"one per epoch ({epochs}), each a differently trained bottom's output under the same noise draw: "
+            f"averaging them removes none of the noise, but two of them differ by B_e(x) - B_e'(x), the noise "
+            f"cancelled, which no noise bound covers (an attack on that difference is not in the audit)"
         )
     return 1, "one: the noise is drawn once per example and re-sent unchanged every epoch"
 
@@ -139,6 +140,12 @@ def privacy_statement(
         statement["formal"] = (
             "no noise: the provider receives the bottom's hidden states as they are; a small model's "
             "split alone protects almost nothing (the audit recovers nearly every token)"
+        )
+    elif split == 0 and noise_observations == "one per step (trainable bottom)":
+        statement["formal"] = (
+            "no formal per-token guarantee for the run: each epoch's embedding outputs, moved by training, went out "
+            "with the same noise draw, so the difference of two epochs' sendings is a function of the text with no "
+            "noise in it; the d_chi bound holds for one sending alone"
         )
     elif split == 0:
         strongest = eta_max if eta_max is not None else eta

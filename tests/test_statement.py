@@ -36,6 +36,13 @@ def test_k0_gives_the_metric_dp_statement_and_fresh_noise_composes():
     assert cti["epsilon_per_unit_distance"] == 5.0  # the weakest noise a token gets sets the bound
 
 
+def test_a_trainable_bottom_under_keyed_noise_gets_no_bound_across_its_epochs():
+    """The same noise on each epoch's moved bottom: the difference of two sendings has no noise, so no epsilon."""
+    moved = _statement(noise_observations="one per step (trainable bottom)")
+    assert "no formal per-token guarantee" in moved["formal"] and "epsilon_median_pair" not in moved
+    assert "noise cancelled" in moved["observations_why"]
+
+
 def test_deeper_splits_and_no_noise_say_there_is_no_formal_guarantee():
     assert "no formal per-token guarantee" in _statement(split=4)["formal"]
     assert "epsilon_median_pair" not in _statement(split=4)
