@@ -327,9 +327,12 @@ def plot(cells: list[dict], path: Path) -> None:
 
     panels = sorted({(c["model"], c["split"]) for c in cells})
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+    seeds = sorted({c["seed"] for c in cells})
+    markers = dict(zip(seeds, "os^Dv*"))
     for ax, (model, split) in zip(axes[0], panels):
-        for defence, marker in zip(DEFENCES, "osvD^"):
-            for seed in sorted({c["seed"] for c in cells}):
+        # one colour per defence, one marker per seed; each seed's cells of a defence joined in order of privacy
+        for colour, defence in enumerate(DEFENCES):
+            for seed in seeds:
                 line = sorted(
                     (
                         c
@@ -342,7 +345,8 @@ def plot(cells: list[dict], path: Path) -> None:
                     ax.plot(
                         [c["eia_privacy"] for c in line],
                         [c["accuracy"] for c in line],
-                        marker=marker,
+                        color=f"C{colour}",
+                        marker=markers[seed],
                         linestyle="-" if defence == "plain" else ":",
                         label=f"{defence}, seed {seed}",
                         alpha=0.8,
