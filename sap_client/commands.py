@@ -5,6 +5,7 @@ opens its connection, bottom and trainer with sap_client.connection.open_split; 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -950,6 +951,16 @@ def audit(
     else:
         trainer.privatizer = fit_noise(noise, trainer, data, report_dir)
     eta = trainer.privatizer.eta if trainer.privatizer else None
+    held = spec.config.epochs if spec and noise.fresh_noise and eta else 1  # noisy copies of each training text
+    if recorded and held > 1:
+        log.warning(
+            "this run drew fresh noise in each of its %d epochs: the provider holds %d copies of each text, and the "
+            "recorded audit attacks one; the simulated audit (without --recorded) averages them",
+            held,
+            held,
+        )
+    elif held > 1:
+        attack = dataclasses.replace(attack, copies=held)
     if recorded:
         limit = spec.max_examples if spec else None  # a run trained on the first rows only: pair those
         label_data = everything.subset(list(range(min(limit, len(everything))))) if limit else everything

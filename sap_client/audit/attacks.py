@@ -39,6 +39,9 @@ class AttackConfig:
     distance: str = "cosine"
     seed: int = 0
     observations: tuple[int, ...] = (1,)
+    # noisy copies of each example the provider really holds (a --fresh-noise run: one per epoch); the audit's
+    # figure is the one with that many averaged, so it is added to observations
+    copies: int = 1
     sequential: SequentialConfig = field(default_factory=SequentialConfig)
     learned: LearnedConfig = field(default_factory=LearnedConfig)
 
@@ -51,6 +54,10 @@ class AttackConfig:
             )
         if not self.observations or min(self.observations) < 1:
             raise ValueError(f"observations must be counts >= 1, got {self.observations}")
+        if self.copies < 1:
+            raise ValueError(f"copies must be >= 1, got {self.copies}")
+        if self.copies not in self.observations:
+            self.observations = tuple(sorted({*self.observations, self.copies}))
 
 
 def undo_rescaling(observed: torch.Tensor, privatizer: Privatizer | None) -> torch.Tensor:

@@ -117,15 +117,18 @@ def simulated_audit(
             observed = torch.stack(copies).mean(0)
             for kind in kinds:
                 per_n[n][kind].append((provider.invert(kind, observed, mask), input_ids, mask, content))
-    report = eia_report(per_n, trainer, provider)
+    report = eia_report(per_n, trainer, provider, headline=config.copies)
     report["examples"] = len(data)
     if attributes is not None:
         report.update(attribute_report(torch.cat(pooled), attributes, config.seed))
     return report
 
 
-def eia_report(per_n: dict[int, dict[str, list[tuple]]], trainer: SplitTrainer, provider: Attacker) -> dict:
-    """Each attack's figures per observation count, and the strongest attack's as the audit's figures."""
+def eia_report(
+    per_n: dict[int, dict[str, list[tuple]]], trainer: SplitTrainer, provider: Attacker, headline: int = 1
+) -> dict:
+    """Each attack's figures per observation count, and the strongest attack's at `headline` copies averaged (the
+    copies the provider holds) as the audit's figures."""
     special = set(trainer.tokenizer.all_special_ids)
     observations = []
     for n, by_kind in per_n.items():
@@ -141,11 +144,12 @@ def eia_report(per_n: dict[int, dict[str, list[tuple]]], trainer: SplitTrainer, 
                 "attacks": attacks,
             }
         )
-    first = observations[0]
+    first = next((o for o in observations if o["observations"] == headline), observations[0])
     return {
         "attack": first["attack"],
         "attacks_run": list(first["attacks"]),
         "observations": observations,
+        "headline_observations": first["observations"],
         "eia_attacks": first["attacks"],
         "public_examples": provider.public_texts,
         **_eia_fields(first),
@@ -231,7 +235,13 @@ def write_report(report: dict, folder: Path) -> None:
         + f"{report['eia_tokens']} tokens of {report['examples']} examples: {report['eia_token_recovery']:.1%} of "
         f"tokens recovered ({report['eia_token_recovery_without_special']:.1%} without special tokens, "
         f"{report['eia_token_recovery_content']:.1%} of the {report['eia_content_tokens']} content tokens); "
-        f"empirical privacy {report['eia_privacy']:.3f}.",
+        f"empirical privacy {report['eia_privacy']:.3f}"
+        + (
+            f", with the {report['headline_observations']} noisy copies of each example the provider holds "
+            f"averaged (fresh noise in each epoch)."
+            if report.get("headline_observations", 1) > 1
+            else "."
+        ),
         "",
         "| attack | tokens recovered | content tokens recovered |",
         "|---|---|---|",
