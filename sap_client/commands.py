@@ -968,6 +968,8 @@ def audit(
             trainer, data, read_records(recorded), attack, public, label_data=label_data if labelled else None
         )
         report["source"] = f"recorded traffic in {recorded}"
+        if held > 1:
+            report["copies_held_not_averaged"] = held
     else:
         report = simulated_audit(trainer, data, attributes, attack, public=public)
         report["source"] = "simulated: what this client would send"

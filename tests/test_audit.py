@@ -126,25 +126,32 @@ def test_recorded_and_simulated_audits_agree(rescale, tiny_llama, tmp_path, env,
 
 
 def test_a_fresh_noise_runs_audit_figure_averages_the_copies_the_provider_holds(tiny_llama, tmp_path, env, capsys):
-    """--fresh-noise for 3 epochs hands the provider 3 noisy copies of each text: the audit's figure is the one with
-    3 averaged, even when only 1 was asked for, and the privacy statement quotes that figure."""
+    """--fresh-noise for 3 epochs hands the provider 3 noisy copies of each text: the simulated audit's figure is the
+    one with 3 averaged, even when only 1 was asked for; a recorded audit attacks one copy and says so."""
     data = write_csv(tmp_path / "data.csv", learnable_rows(60, seed=3))
-    run, out = tmp_path / "run", tmp_path / "audit"
-    server, address = _start_server(["--model", str(tiny_llama), "--split", "0"], env)
+    run, record = tmp_path / "run", tmp_path / "recording"
+    server, address = _start_server(["--model", str(tiny_llama), "--split", "0", "--record", str(record)], env)
+    reports = {}
     try:
         train = ["train", str(data), "--server", address, "--out", str(run), "--epochs", "3", "--fresh-noise"]
         assert client_cli.main([*train, "--noise-ratio", "2.5", "--eval-fraction", "0.25"]) == 0
-        audit = ["audit", str(data), "--server", address, "--run", str(run), "--out", str(out)]
-        assert client_cli.main([*audit, "--max-examples", "45", "--observations", "1"]) == 0, capsys.readouterr()
+        for name, extra in (("simulated", []), ("recorded", ["--recorded", str(record)])):
+            audit = ["audit", str(data), "--server", address, "--run", str(run), "--out", str(tmp_path / name)]
+            assert client_cli.main([*audit, "--max-examples", "45", "--observations", "1", *extra]) == 0, capsys
+            reports[name] = json.loads((tmp_path / name / "report.json").read_text())
     finally:
         assert server.stop() == 0
-    report = json.loads((out / "report.json").read_text())
-    by_n = {o["observations"]: o for o in report["observations"]}
-    assert sorted(by_n) == [1, 3] and report["headline_observations"] == 3
-    assert report["eia_token_recovery"] == by_n[3]["recovery"] > by_n[1]["recovery"], by_n
-    assert "3 noisy copies of each example the provider holds averaged" in (out / "report.md").read_text()
-    quoted = json.loads((run / "metrics.json").read_text())["privacy"]["audit"]
-    assert quoted["eia_token_recovery"] == report["eia_token_recovery"]
+    simulated, recorded = reports["simulated"], reports["recorded"]
+    by_n = {o["observations"]: o for o in simulated["observations"]}
+    assert sorted(by_n) == [1, 3] and simulated["headline_observations"] == 3
+    assert simulated["eia_token_recovery"] == by_n[3]["recovery"] > by_n[1]["recovery"], by_n
+    text = (tmp_path / "simulated" / "report.md").read_text()
+    assert "3 noisy copies of each example the provider holds averaged" in text
+    quoted = json.loads((run / "metrics.json").read_text())["privacy"]["audit"]  # the last audit's
+    assert quoted["eia_token_recovery"] == recorded["eia_token_recovery"]
+    # a recorded audit attacks single copies (it does not link a text's copies): weaker, and it warns
+    assert recorded["eia_token_recovery"] < simulated["eia_token_recovery"]
+    assert "attacks one of them, so it over-states the privacy" in (tmp_path / "recorded" / "report.md").read_text()
 
 
 def test_audit_without_noise_recovers_everything_and_noise_protects(tiny_llama, tmp_path, env, capsys):

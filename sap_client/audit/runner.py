@@ -240,6 +240,10 @@ def write_report(report: dict, folder: Path) -> None:
             f", with the {report['headline_observations']} noisy copies of each example the provider holds "
             f"averaged (fresh noise in each epoch)."
             if report.get("headline_observations", 1) > 1
+            else f". The provider holds {report['copies_held_not_averaged']} noisy copies of each training text "
+            f"(fresh noise in each epoch); this audit attacks one of them, so it over-states the privacy: the "
+            f"simulated audit of the run averages them."
+            if report.get("copies_held_not_averaged")
             else "."
         ),
         "",
