@@ -952,14 +952,7 @@ def audit(
         trainer.privatizer = fit_noise(noise, trainer, data, report_dir)
     eta = trainer.privatizer.eta if trainer.privatizer else None
     held = spec.config.epochs if spec and noise.fresh_noise and eta else 1  # noisy copies of each training text
-    if recorded and held > 1:
-        log.warning(
-            "this run drew fresh noise in each of its %d epochs: the provider holds %d copies of each text, and the "
-            "recorded audit attacks one; the simulated audit (without --recorded) averages them",
-            held,
-            held,
-        )
-    elif held > 1:
+    if held > 1:  # simulated: `held` copies averaged; recorded: each text's copies linked and averaged
         attack = dataclasses.replace(attack, copies=held)
     if recorded:
         limit = spec.max_examples if spec else None  # a run trained on the first rows only: pair those
@@ -968,8 +961,6 @@ def audit(
             trainer, data, read_records(recorded), attack, public, label_data=label_data if labelled else None
         )
         report["source"] = f"recorded traffic in {recorded}"
-        if held > 1:
-            report["copies_held_not_averaged"] = held
     else:
         report = simulated_audit(trainer, data, attributes, attack, public=public)
         report["source"] = "simulated: what this client would send"

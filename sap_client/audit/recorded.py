@@ -59,8 +59,22 @@ def recorded_audit(
     if not order:  # before the attacker is built: that runs the public text and may train an inverter
         raise ValueError("no recorded example matches a text of the data (same tokenizer, split and data?)")
     provider = build_attacker(trainer, config, public, cache=cache, mechanism=mechanism)
-    report = eia_report({1: invert_received(provider, trainer, received, matched, order)}, trainer, provider)
+    results = invert_received(provider, trainer, received, matched, order)
+    linked = 0
+    if config.copies > 1:  # fresh noise each epoch: the provider links each text's copies and averages them
+        groups = link_copies(records, received, digests, config.copies)
+        linked = sum(len(g) for g in groups)
+        averaged = list(received)
+        for members in groups:
+            mean = torch.stack([received[i] for i in members]).mean(0)
+            for i in members:
+                averaged[i] = mean
+        attacked = invert_received(provider, trainer, averaged, matched, order)
+        results.update({f"{kind}, copies averaged": found for kind, found in attacked.items()})
+    report = eia_report({1: results}, trainer, provider)
     report.update(examples=len(order), recorded_examples=len(received), unmatched_examples=len(received) - len(order))
+    if config.copies > 1:
+        report.update(copies_per_text=config.copies, copies_linked=linked)
     label_data = label_data if label_data is not None else data
     if label_data.labels:
         paired = matched if label_data is data else _pair_with_texts(trainer, label_data, received)
@@ -264,6 +278,47 @@ def _pair(references: dict[int, list[tuple]], received: list[torch.Tensor]) -> d
                 if len(used_rows) == min(len(indices), width):
                     break
     return matched
+
+
+def link_copies(
+    records: list[Record], received: list[torch.Tensor], digests: list[str], epochs: int
+) -> list[list[int]]:
+    """The provider's linking of a fresh-noise run's copies (indices into received): every epoch sends each training
+    text once, so within each length the examples of epoch 1 are matched one to one with those of each later epoch,
+    nearest pairs first (two copies of a text differ by two noise draws; two texts by those and their difference).
+    The epoch of a training step is its place among the run's steps, which come in `epochs` equal runs."""
+    index = {digest: i for i, digest in enumerate(digests)}
+    steps = sorted({(r.session, r.step) for r in records if r.kind == "forward"})
+    per_epoch = max(1, -(-len(steps) // epochs))
+    epoch_of_step = {key: n // per_epoch for n, key in enumerate(steps)}
+    epoch_of: dict[int, int] = {}
+    for record in records:
+        if record.kind == "forward":
+            hidden, mask = record.tensors["hidden_states"], record.tensors["attention_mask"]
+            for digest in _row_digests(hidden, mask):
+                epoch_of.setdefault(index[digest], epoch_of_step[(record.session, record.step)])
+    by_length: dict[int, dict[int, list[int]]] = {}
+    for i, epoch in epoch_of.items():
+        by_length.setdefault(len(received[i]), {}).setdefault(epoch, []).append(i)
+    groups: dict[int, list[int]] = {}
+    for by_epoch in by_length.values():
+        anchors = by_epoch.get(0, [])
+        for epoch, others in by_epoch.items():
+            if epoch == 0 or not anchors:
+                continue
+            left = torch.stack([received[i].reshape(-1) for i in anchors]).double()
+            right = torch.stack([received[i].reshape(-1) for i in others]).double()
+            distances = torch.cdist(left, right)
+            used_left, used_right = set(), set()
+            for flat in distances.reshape(-1).argsort().tolist():
+                a, b = divmod(flat, len(others))
+                if a not in used_left and b not in used_right:
+                    used_left.add(a)
+                    used_right.add(b)
+                    groups.setdefault(anchors[a], [anchors[a]]).append(others[b])
+                    if len(used_left) == min(len(anchors), len(others)):
+                        break
+    return list(groups.values())
 
 
 def _row_digests(hidden: torch.Tensor, mask: torch.Tensor) -> list[str]:

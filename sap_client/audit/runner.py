@@ -240,10 +240,11 @@ def write_report(report: dict, folder: Path) -> None:
             f", with the {report['headline_observations']} noisy copies of each example the provider holds "
             f"averaged (fresh noise in each epoch)."
             if report.get("headline_observations", 1) > 1
-            else f". The provider holds {report['copies_held_not_averaged']} noisy copies of each training text "
-            f"(fresh noise in each epoch); this audit attacks one of them, so it over-states the privacy: the "
-            f"simulated audit of the run averages them."
-            if report.get("copies_held_not_averaged")
+            else f". The provider holds {report['copies_per_text']} noisy copies of each training text (fresh "
+            f"noise in each epoch): this audit linked {report['copies_linked']} of the {report['recorded_examples']} "
+            f"received examples as copies of one text and averaged them (the attacks marked 'copies averaged'); the "
+            f"simulated audit, which averages perfectly linked copies, can read more."
+            if report.get("copies_per_text")
             else "."
         ),
         "",
