@@ -267,17 +267,24 @@ def _pair(references: dict[int, list[tuple]], received: list[torch.Tensor]) -> d
             torch.cdist(got, torch.stack([c[1].reshape(-1) for c in candidates]).double()),
             torch.cdist(got, torch.stack([c[2].reshape(-1) for c in candidates]).double()),
         )
-        width = distances.shape[1]
-        used_rows, used_texts = set(), set()
-        for flat in distances.reshape(-1).argsort().tolist():  # (received, reference) pairs from the nearest on
-            r, t = divmod(flat, width)
-            if r not in used_rows and t not in used_texts:  # each side used once
-                used_rows.add(r)
-                used_texts.add(t)
-                matched[indices[r]] = (candidates[t][0], candidates[t][3])
-                if len(used_rows) == min(len(indices), width):
-                    break
+        for r, t in _one_to_one(distances):
+            matched[indices[r]] = (candidates[t][0], candidates[t][3])
     return matched
+
+
+def _one_to_one(distances: torch.Tensor) -> list[tuple[int, int]]:
+    """(row, column) pairs of a distance matrix, nearest pairs first, each row and each column used once."""
+    width = distances.shape[1]
+    used_rows, used_columns, pairs = set(), set(), []
+    for flat in distances.reshape(-1).argsort().tolist():
+        r, c = divmod(flat, width)
+        if r not in used_rows and c not in used_columns:
+            used_rows.add(r)
+            used_columns.add(c)
+            pairs.append((r, c))
+            if len(pairs) == min(distances.shape):
+                break
+    return pairs
 
 
 def link_copies(
@@ -308,16 +315,8 @@ def link_copies(
                 continue
             left = torch.stack([received[i].reshape(-1) for i in anchors]).double()
             right = torch.stack([received[i].reshape(-1) for i in others]).double()
-            distances = torch.cdist(left, right)
-            used_left, used_right = set(), set()
-            for flat in distances.reshape(-1).argsort().tolist():
-                a, b = divmod(flat, len(others))
-                if a not in used_left and b not in used_right:
-                    used_left.add(a)
-                    used_right.add(b)
-                    groups.setdefault(anchors[a], [anchors[a]]).append(others[b])
-                    if len(used_left) == min(len(anchors), len(others)):
-                        break
+            for a, b in _one_to_one(torch.cdist(left, right)):
+                groups.setdefault(anchors[a], [anchors[a]]).append(others[b])
     return list(groups.values())
 
 
