@@ -951,9 +951,9 @@ def audit(
     else:
         trainer.privatizer = fit_noise(noise, trainer, data, report_dir)
     eta = trainer.privatizer.eta if trainer.privatizer else None
-    held = spec.config.epochs if spec and noise.fresh_noise and eta else 1  # noisy copies of each training text
-    if held > 1:  # simulated: `held` copies averaged; recorded: each text's copies linked and averaged
-        attack = dataclasses.replace(attack, copies=held)
+    copies = spec.config.epochs if spec and noise.fresh_noise and eta else 1  # noisy copies of each training text
+    if copies > 1:  # simulated: that many copies averaged; recorded: each text's copies linked and averaged
+        attack = dataclasses.replace(attack, copies=copies)
     if recorded:
         limit = spec.max_examples if spec else None  # a run trained on the first rows only: pair those
         label_data = everything.subset(list(range(min(limit, len(everything))))) if limit else everything

@@ -69,7 +69,7 @@ def generative_audit(
     references = _references(trainer, examples)
     if records is not None:
         forwards = [r for r in records if r.kind in ("forward", "evaluate")]
-        received, digests = _distinct_examples(forwards)
+        received, digests, _ = _distinct_examples(forwards)
         matched = _pair(references, received)  # received index -> (example index, ids)
     else:
         rows = sorted((c for group in references.values() for c in group), key=lambda c: c[0])

@@ -53,17 +53,17 @@ def recorded_audit(
     leaves the rest unmatched instead of pairing them with the wrong text. label_data (default: data), the texts
     and labels whose gradients are read: pairing is cheap, so a whole training file can be, while the inversion
     attacks run on data only."""
-    received, digests = _distinct_examples(records)
+    received, digests, sources = _distinct_examples(records)
     matched = _pair_with_texts(trainer, data, received)  # received index -> (text index, ids)
     order = sorted(matched)
     if not order:  # before the attacker is built: that runs the public text and may train an inverter
         raise ValueError("no recorded example matches a text of the data (same tokenizer, split and data?)")
     provider = build_attacker(trainer, config, public, cache=cache, mechanism=mechanism)
     results = invert_received(provider, trainer, received, matched, order)
-    linked = 0
+    copies: dict[str, int] = {}
     if config.copies > 1:  # fresh noise each epoch: the provider links each text's copies and averages them
-        groups = link_copies(records, received, digests, config.copies)
-        linked = sum(len(g) for g in groups)
+        groups = link_copies(records, received, sources, config.copies)
+        copies = {"copies_per_text": config.copies, "copies_linked": sum(len(g) for g in groups)}
         averaged = list(received)
         for members in groups:
             mean = torch.stack([received[i] for i in members]).mean(0)
@@ -73,8 +73,7 @@ def recorded_audit(
         results.update({f"{kind}, copies averaged": found for kind, found in attacked.items()})
     report = eia_report({1: results}, trainer, provider)
     report.update(examples=len(order), recorded_examples=len(received), unmatched_examples=len(received) - len(order))
-    if config.copies > 1:
-        report.update(copies_per_text=config.copies, copies_linked=linked)
+    report.update(copies)
     label_data = label_data if label_data is not None else data
     if label_data.labels:
         paired = matched if label_data is data else _pair_with_texts(trainer, label_data, received)
@@ -288,25 +287,21 @@ def _one_to_one(distances: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def link_copies(
-    records: list[Record], received: list[torch.Tensor], digests: list[str], epochs: int
+    records: list[Record], received: list[torch.Tensor], sources: list[Record], epochs: int
 ) -> list[list[int]]:
-    """The provider's linking of a fresh-noise run's copies (indices into received): every epoch sends each training
-    text once, so within each length the examples of epoch 1 are matched one to one with those of each later epoch,
-    nearest pairs first (two copies of a text differ by two noise draws; two texts by those and their difference).
-    The epoch of a training step is its place among the run's steps, which come in `epochs` equal runs."""
-    index = {digest: i for i, digest in enumerate(digests)}
+    """The provider's linking of a fresh-noise run's copies (indices into received; sources: the record each was
+    first received in): every epoch sends each training text once, so within each length the examples of epoch 1
+    are matched one to one with those of each later epoch, nearest pairs first (two copies of a text differ by two
+    noise draws; two texts by those and their difference). The epoch of a training step is its place among the
+    run's steps, which come in `epochs` equal runs."""
     steps = sorted({(r.session, r.step) for r in records if r.kind == "forward"})
     per_epoch = max(1, -(-len(steps) // epochs))
     epoch_of_step = {key: n // per_epoch for n, key in enumerate(steps)}
-    epoch_of: dict[int, int] = {}
-    for record in records:
-        if record.kind == "forward":
-            hidden, mask = record.tensors["hidden_states"], record.tensors["attention_mask"]
-            for digest in _row_digests(hidden, mask):
-                epoch_of.setdefault(index[digest], epoch_of_step[(record.session, record.step)])
     by_length: dict[int, dict[int, list[int]]] = {}
-    for i, epoch in epoch_of.items():
-        by_length.setdefault(len(received[i]), {}).setdefault(epoch, []).append(i)
+    for i, source in enumerate(sources):
+        if source.kind == "forward":
+            epoch = epoch_of_step[(source.session, source.step)]
+            by_length.setdefault(len(received[i]), {}).setdefault(epoch, []).append(i)
     groups: dict[int, list[int]] = {}
     for by_epoch in by_length.values():
         anchors = by_epoch.get(0, [])
@@ -326,9 +321,10 @@ def _row_digests(hidden: torch.Tensor, mask: torch.Tensor) -> list[str]:
     ]
 
 
-def _distinct_examples(records: list[Record]) -> tuple[list[torch.Tensor], list[str]]:
-    """Real-token rows of every received example, each distinct tensor once (re-sends collapse), and their digests."""
-    seen, examples, digests = set(), [], []
+def _distinct_examples(records: list[Record]) -> tuple[list[torch.Tensor], list[str], list[Record]]:
+    """Real-token rows of every received example, each distinct tensor once (re-sends collapse), their digests, and
+    the record each was first received in."""
+    seen, examples, digests, sources = set(), [], [], []
     for record in records:
         if "hidden_states" not in record.tensors:
             continue
@@ -338,4 +334,5 @@ def _distinct_examples(records: list[Record]) -> tuple[list[torch.Tensor], list[
                 seen.add(digest)
                 examples.append(hidden[b, mask[b].bool()].float())
                 digests.append(digest)
-    return examples, digests
+                sources.append(record)
+    return examples, digests, sources

@@ -212,6 +212,23 @@ def attribute_report(features: torch.Tensor, attributes: list[int], seed: int) -
     }
 
 
+def _copies_words(report: dict) -> str:
+    """The end of the headline sentence: how the copies of a fresh-noise run were counted in the figure."""
+    if report.get("headline_observations", 1) > 1:
+        return (
+            f", with the {report['headline_observations']} noisy copies of each example the provider holds averaged "
+            f"(fresh noise in each epoch)."
+        )
+    if report.get("copies_per_text"):
+        return (
+            f". The provider holds {report['copies_per_text']} noisy copies of each training text (fresh noise in "
+            f"each epoch): this audit linked {report['copies_linked']} of the {report['recorded_examples']} received "
+            f"examples as copies of one text and averaged them (the attacks marked 'copies averaged'); the simulated "
+            f"audit, which averages perfectly linked copies, can read more."
+        )
+    return "."
+
+
 def write_report(report: dict, folder: Path) -> None:
     """report.json (all figures) and a short report.md a person can read."""
     import json
@@ -235,18 +252,7 @@ def write_report(report: dict, folder: Path) -> None:
         + f"{report['eia_tokens']} tokens of {report['examples']} examples: {report['eia_token_recovery']:.1%} of "
         f"tokens recovered ({report['eia_token_recovery_without_special']:.1%} without special tokens, "
         f"{report['eia_token_recovery_content']:.1%} of the {report['eia_content_tokens']} content tokens); "
-        f"empirical privacy {report['eia_privacy']:.3f}"
-        + (
-            f", with the {report['headline_observations']} noisy copies of each example the provider holds "
-            f"averaged (fresh noise in each epoch)."
-            if report.get("headline_observations", 1) > 1
-            else f". The provider holds {report['copies_per_text']} noisy copies of each training text (fresh "
-            f"noise in each epoch): this audit linked {report['copies_linked']} of the {report['recorded_examples']} "
-            f"received examples as copies of one text and averaged them (the attacks marked 'copies averaged'); the "
-            f"simulated audit, which averages perfectly linked copies, can read more."
-            if report.get("copies_per_text")
-            else "."
-        ),
+        f"empirical privacy {report['eia_privacy']:.3f}{_copies_words(report)}",
         "",
         "| attack | tokens recovered | content tokens recovered |",
         "|---|---|---|",
