@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[("minilm-l6", 2), ("minilm-l6", 4), ("smollm2-135m", 6)],
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--ratios", nargs="+", type=float, default=[2.0, 3.0, 4.0, 6.0], help="plain d_chi cells")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[2.0, 3.0, 4.0, 6.0, 8.0], help="plain d_chi cells")
     parser.add_argument(
         "--defences",
         nargs="*",
