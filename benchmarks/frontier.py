@@ -304,8 +304,11 @@ def _progress(cells: list[dict], planned: list[str] | None) -> list[str]:
         return []
     done = {Cell(c["model"], c["split"], c["defence"], c["ratio"], c["seed"]).name for c in cells}
     missing = [name for name in planned if name not in done]
+    extra = sorted(done - set(planned))
+    # cells a run outside the default grid added (another --defences or --ratios): in the tables, named here
+    outside = [f"Also here, outside the grid: {', '.join(extra)}.", ""] if extra else []
     if not missing:
-        return [f"Every one of the grid's {len(planned)} cells is here.", ""]
+        return [f"Every one of the grid's {len(planned)} cells is here.", "", *outside]
     by_panel: dict[str, int] = {}
     for name in missing:
         panel = "_".join(name.split("_")[:2])
@@ -316,6 +319,7 @@ def _progress(cells: list[dict], planned: list[str] | None) -> list[str]:
         + ", ".join(f"{count} of {panel}" for panel, count in by_panel.items())
         + ".",
         "",
+        *outside,
     ]
 
 

@@ -55,3 +55,10 @@ def test_the_report_and_plot_are_written(tmp_path):
     assert "| m | 2 | trained-bottom | 2.00 | 0 | 0.600 | 0.740 | 0.600 (interpolated) | +14.0 |" in text
     frontier.plot(cells, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_the_report_names_missing_cells_and_cells_outside_the_grid():
+    planned = [frontier.Cell("m", 2, "plain", r, 0).name for r in (None, 2.0, 3.0)]
+    text = frontier.markdown(PLAIN, "python benchmarks/frontier.py", 120.0, planned)
+    assert "**Partial: 2 of the grid's 3 cells are done**" in text and "missing: 1 of m_k2." in text
+    assert "Also here, outside the grid: m_k2_plain_R4_s0." in text
