@@ -305,10 +305,12 @@ def link_copies(
     groups: dict[int, list[int]] = {}
     for by_epoch in by_length.values():
         anchors = by_epoch.get(0, [])
+        if not anchors:
+            continue
+        left = torch.stack([received[i].reshape(-1) for i in anchors]).double()  # epoch 1's, against each later epoch
         for epoch, others in by_epoch.items():
-            if epoch == 0 or not anchors:
+            if epoch == 0:
                 continue
-            left = torch.stack([received[i].reshape(-1) for i in anchors]).double()
             right = torch.stack([received[i].reshape(-1) for i in others]).double()
             for a, b in _one_to_one(torch.cdist(left, right)):
                 groups.setdefault(anchors[a], [anchors[a]]).append(others[b])
