@@ -13,9 +13,9 @@ plain curve's accuracy is interpolated linearly in privacy between its two neare
     python benchmarks/frontier.py --quick              # a smoke run of the whole pipeline (minutes)
     python benchmarks/frontier.py --report-only        # rebuild the table and plot from the kept cells
 
-Defences: trained-bottom (--train-bottom at DEFAULT_BOTTOM_LEARNING_RATE), learned-filter (--learned-filter, its
-default training; the attacks know the filter), cti (--cti, scale mode), rescale (--rescale-noised). Results:
-benchmarks/results/frontier/ (cells/*.json, frontier.md, frontier.png).
+Defences: trained-bottom (--train-bottom at --bottom-lr, DEFAULT_BOTTOM_LEARNING_RATE unless given), learned-filter
+(--learned-filter, its default training; the attacks know the filter), cti (--cti, scale mode), rescale
+(--rescale-noised). Results: benchmarks/results/frontier/ (cells/*.json, frontier.md, frontier.png).
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ def run_cell(
     cache: dict,
     filter_weight: float = FilterConfig.privacy_weight,
     filter_steps: int = FilterConfig.steps,
+    bottom_lr: float = DEFAULT_BOTTOM_LEARNING_RATE,
 ) -> dict:
     """Train through the split with the cell's settings while the provider records, then attack the recording."""
     record = work / "record"
@@ -123,6 +124,7 @@ def run_cell(
             learning_rate=budget.learning_rate,
             seed=cell.seed,
             train_bottom=trained,
+            bottom_learning_rate=bottom_lr,
         )
         torch.manual_seed(cell.seed)
         trainer = SplitTrainer(copy.deepcopy(pretrained) if trained else pretrained, tokenizer, service, config)
@@ -171,7 +173,7 @@ def run_cell(
     return {
         **asdict(cell),
         "budget": asdict(budget),
-        "bottom_learning_rate": DEFAULT_BOTTOM_LEARNING_RATE if trained else None,
+        "bottom_learning_rate": bottom_lr if trained else None,
         "learned_filter": filtered,
         "eta": trainer.privatizer.eta if trainer.privatizer else None,
         "noise_to_signal": trainer.privatizer.noise_to_signal if trainer.privatizer else 0.0,
@@ -204,18 +206,22 @@ def plain_accuracy_at(plain: list[dict], privacy: float) -> tuple[float | None, 
     return None, "beyond the plain curve"
 
 
-def comparisons(cells: list[dict]) -> list[dict]:
-    """Each defence cell against the plain curve of its model, split and seed."""
+def comparisons(cells: list[dict], reference: list[dict] = ()) -> list[dict]:
+    """Each defence cell against the plain curve of its model, split, seed and budget: its plain cells among cells,
+    or else in reference (another run's cells, e.g. the main grid's)."""
     rows = []
     for cell in cells:
         if cell["defence"] == "plain":
             continue
+        key = (cell["model"], cell["split"], cell["seed"], json.dumps(cell["budget"], sort_keys=True))
         plain = [
             c
-            for c in cells
+            for c in (*cells, *reference)
             if c["defence"] == "plain"
-            and (c["model"], c["split"], c["seed"]) == (cell["model"], cell["split"], cell["seed"])
+            and (c["model"], c["split"], c["seed"], json.dumps(c["budget"], sort_keys=True)) == key
         ]
+        if any(c in cells for c in plain):
+            plain = [c for c in plain if c in cells]
         reference, how = plain_accuracy_at(plain, cell["eia_privacy"])
         rows.append(
             {
@@ -232,8 +238,16 @@ def _f(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def markdown(cells: list[dict], command: str, seconds: float, planned: list[str] | None = None) -> str:
-    """The table; planned: the names of every cell of the command's grid (the report says which are missing)."""
+def markdown(
+    cells: list[dict],
+    command: str,
+    seconds: float,
+    planned: list[str] | None = None,
+    reference: list[dict] = (),
+    reference_name: str | None = None,
+) -> str:
+    """The table; planned: the names of every cell of the command's grid (the report says which are missing);
+    reference: plain cells of another run that the defence cells are compared with where this run has none."""
     threads = "/".join(str(t) for t in sorted({c.get("threads", "?") for c in cells}, key=str))
     lines = [
         "# Privacy/utility frontier: plain d_chi against each defence",
@@ -244,6 +258,7 @@ def markdown(cells: list[dict], command: str, seconds: float, planned: list[str]
         "",
         *_progress(cells, planned),
         *_budgets(cells),
+        *_bottom_rates(cells),
         "EIA privacy = 1 - the strongest attack's token recovery. With a trainable bottom every epoch sends a text "
         "through a different bottom; the audit pairs each text with the recorded vectors nearest to what the "
         "pretrained bottom would send, i.e. the least trained ones.",
@@ -259,11 +274,12 @@ def markdown(cells: list[dict], command: str, seconds: float, planned: list[str]
             f"{c['noise_to_signal']:.2f} | {c['accuracy']:.3f} ({epochs}) | {c['eia_privacy']:.3f} | "
             f"{c['eia_attack']} {c['eia_recovery']:.3f} |"
         )
-    rows = comparisons(cells)
+    rows = comparisons(cells, reference)
     if rows:
+        source = f" (its plain cells from {reference_name} where this run has none)" if reference_name else ""
         lines += [
             "",
-            "Each defence cell against plain d_chi of the same model, split and seed at the same EIA privacy:",
+            f"Each defence cell against plain d_chi of the same model, split and seed at the same EIA privacy{source}:",
             "",
             "| model | k | defence | R | seed | EIA privacy | accuracy | plain at that privacy | gain, points |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -297,6 +313,13 @@ def _budgets(cells: list[dict]) -> list[str]:
             "",
         ]
     return lines
+
+
+def _bottom_rates(cells: list[dict]) -> list[str]:
+    rates = sorted({c["bottom_learning_rate"] for c in cells if c["defence"] == "trained-bottom"})
+    if not rates:
+        return []
+    return [f"The trainable bottom's learning rate (AdamW, every bottom weight): {', '.join(map(str, rates))}.", ""]
 
 
 def _progress(cells: list[dict], planned: list[str] | None) -> list[str]:
@@ -422,6 +445,13 @@ def main(argv: list[str] | None = None) -> int:
         help="learned-filter cells: the filter's weight on the inversion model's confusion",
     )
     parser.add_argument(
+        "--bottom-lr",
+        type=float,
+        default=DEFAULT_BOTTOM_LEARNING_RATE,
+        help=f"trained-bottom cells: the bottom's learning rate (default {DEFAULT_BOTTOM_LEARNING_RATE}, as "
+        f"sap-client train --bottom-lr); use another --out for another rate, the cells' names do not carry it",
+    )
+    parser.add_argument(
         "--train", type=int, help=f"training rows, every model (default {Budget.train}; {_model_budgets()})"
     )
     parser.add_argument("--epochs", type=int, help=f"every model (default {Budget.epochs}; {_model_budgets()})")
@@ -438,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="the pipeline on a tiny budget (a smoke test)")
     parser.add_argument("--report-only", action="store_true", help="rebuild frontier.md and the plot from cells/")
+    parser.add_argument(
+        "--plain-from",
+        type=Path,
+        help="another run's folder (e.g. benchmarks/results/frontier) whose plain cells the defence cells are "
+        "compared with where this run has none (a --defences-only run in its own --out)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -463,14 +499,22 @@ def main(argv: list[str] | None = None) -> int:
             for cell in grid(args.models, args.seeds, args.ratios, dict(args.defences), not args.defences_only):
                 path = cells_dir / f"{cell.name}.json"
                 budget = budget_of(cell.model)
-                if path.is_file() and json.loads(path.read_text())["budget"] == asdict(budget):
+                kept = json.loads(path.read_text()) if path.is_file() else None
+                if kept is not None and kept["budget"] == asdict(budget):
+                    if cell.defence == "trained-bottom" and kept["bottom_learning_rate"] != args.bottom_lr:
+                        parser.error(
+                            f"{path} was trained at bottom lr {kept['bottom_learning_rate']}, not {args.bottom_lr}: "
+                            f"give another --out"
+                        )
                     continue  # a finished cell of this budget is kept, not repeated
                 if budget not in data:
                     data[budget] = _data(budget)
                 train, held = data[budget]
                 log.info("cell %s", cell.name)
                 work = Path(tempfile.mkdtemp(dir=scratch))
-                result = run_cell(cell, budget, train, held, work, cache, args.filter_privacy_weight, filter_steps)
+                result = run_cell(
+                    cell, budget, train, held, work, cache, args.filter_privacy_weight, filter_steps, args.bottom_lr
+                )
                 path.write_text(json.dumps(result, indent=1) + "\n")
                 log.info("%s: accuracy %.3f, EIA privacy %.3f", cell.name, result["accuracy"], result["eia_privacy"])
     cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
@@ -484,8 +528,20 @@ def main(argv: list[str] | None = None) -> int:
     seconds = sum(c["train_seconds"] + c["attack_seconds"] for c in cells)
     given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     command = ("python benchmarks/frontier.py " + " ".join(given)).strip()
-    planned = [cell.name for cell in grid(args.models, args.seeds, args.ratios, dict(args.defences))]
-    (args.out / "frontier.md").write_text(markdown(cells, command, seconds, planned))
+    plain = not args.defences_only
+    planned = [cell.name for cell in grid(args.models, args.seeds, args.ratios, dict(args.defences), plain)]
+    reference, reference_name = [], None
+    if args.plain_from is not None:
+        if not (args.plain_from / "cells").is_dir():
+            parser.error(f"--plain-from {args.plain_from}: no cells/ folder there")
+        reference = [json.loads(p.read_text()) for p in sorted((args.plain_from / "cells").glob("*.json"))]
+        reference = [c for c in reference if c["defence"] == "plain"]
+        reference_name = str(
+            args.plain_from.resolve().relative_to(ROOT)
+            if args.plain_from.resolve().is_relative_to(ROOT)
+            else args.plain_from
+        )
+    (args.out / "frontier.md").write_text(markdown(cells, command, seconds, planned, reference, reference_name))
     plot(cells, args.out / "frontier.png")
     print(f"{len(cells)} cells; {args.out / 'frontier.md'}, {args.out / 'frontier.png'}")
     return 0

@@ -21,6 +21,7 @@ def _cell(defence: str, ratio: float | None, seed: int, accuracy: float, privacy
         "ratio": ratio,
         "seed": seed,
         "budget": frontier.asdict(frontier.Budget(train=10, epochs=1)),
+        "bottom_learning_rate": 1e-4 if defence == "trained-bottom" else None,
         "noise_to_signal": ratio or 0.0,
         "accuracy": accuracy,
         "history": [{"eval_accuracy": accuracy}],
@@ -53,6 +54,7 @@ def test_the_report_and_plot_are_written(tmp_path):
     cells = [*PLAIN, _cell("trained-bottom", 2.0, 0, 0.74, 0.6)]
     text = frontier.markdown(cells, "python benchmarks/frontier.py", 120.0)
     assert "| m | 2 | trained-bottom | 2.00 | 0 | 0.600 | 0.740 | 0.600 (interpolated) | +14.0 |" in text
+    assert "The trainable bottom's learning rate (AdamW, every bottom weight): 0.0001." in text
     frontier.plot(cells, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
 
@@ -62,3 +64,15 @@ def test_the_report_names_missing_cells_and_cells_outside_the_grid():
     text = frontier.markdown(PLAIN, "python benchmarks/frontier.py", 120.0, planned)
     assert "**Partial: 2 of the grid's 3 cells are done**" in text and "missing: 1 of m_k2." in text
     assert "Also here, outside the grid: m_k2_plain_R4_s0." in text
+
+
+def test_a_defence_only_run_is_compared_with_another_runs_plain_cells():
+    defence = _cell("trained-bottom", 3.0, 0, 0.74, 0.6)
+    other_budget = {**_cell("plain", 2.0, 0, 0.99, 0.6), "budget": frontier.asdict(frontier.Budget(train=99))}
+    (row,) = frontier.comparisons([defence], [*PLAIN, other_budget])  # not the other budget's plain cell
+    assert row["plain_accuracy"] == pytest.approx(0.60) and row["gain"] == pytest.approx(0.14)
+    own = [_cell("plain", 2.0, 0, 0.65, 0.5), _cell("plain", 4.0, 0, 0.45, 0.7)]
+    (row,) = frontier.comparisons([*own, defence], PLAIN)  # the run's own plain curve comes first
+    assert row["plain_accuracy"] == pytest.approx(0.55)
+    text = frontier.markdown([defence], "python benchmarks/frontier.py", 1.0, reference=PLAIN, reference_name="grid")
+    assert "(its plain cells from grid where this run has none)" in text and "| +14.0 |" in text
