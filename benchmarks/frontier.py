@@ -206,9 +206,9 @@ def plain_accuracy_at(plain: list[dict], privacy: float) -> tuple[float | None, 
     return None, "beyond the plain curve"
 
 
-def comparisons(cells: list[dict], reference: list[dict] = ()) -> list[dict]:
+def comparisons(cells: list[dict], others: list[dict] = ()) -> list[dict]:
     """Each defence cell against the plain curve of its model, split, seed and budget: its plain cells among cells,
-    or else in reference (another run's cells, e.g. the main grid's)."""
+    or else among others (another run's cells, e.g. the main grid's)."""
     rows = []
     for cell in cells:
         if cell["defence"] == "plain":
@@ -216,7 +216,7 @@ def comparisons(cells: list[dict], reference: list[dict] = ()) -> list[dict]:
         key = (cell["model"], cell["split"], cell["seed"], json.dumps(cell["budget"], sort_keys=True))
         plain = [
             c
-            for c in (*cells, *reference)
+            for c in (*cells, *others)
             if c["defence"] == "plain"
             and (c["model"], c["split"], c["seed"], json.dumps(c["budget"], sort_keys=True)) == key
         ]

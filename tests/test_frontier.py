@@ -68,9 +68,11 @@ def test_the_report_names_missing_cells_and_cells_outside_the_grid():
 
 def test_a_defence_only_run_is_compared_with_another_runs_plain_cells():
     defence = _cell("trained-bottom", 3.0, 0, 0.74, 0.6)
+    second = _cell("learned-filter", 1.0, 0, 0.64, 0.8)  # a second defence cell: the plain curve is found again
     other_budget = {**_cell("plain", 2.0, 0, 0.99, 0.6), "budget": frontier.asdict(frontier.Budget(train=99))}
-    (row,) = frontier.comparisons([defence], [*PLAIN, other_budget])  # not the other budget's plain cell
+    row, row2 = frontier.comparisons([defence, second], [*PLAIN, other_budget])  # not the other budget's cell
     assert row["plain_accuracy"] == pytest.approx(0.60) and row["gain"] == pytest.approx(0.14)
+    assert row2["plain_accuracy"] == pytest.approx(0.50) and row2["gain"] == pytest.approx(0.14)
     own = [_cell("plain", 2.0, 0, 0.65, 0.5), _cell("plain", 4.0, 0, 0.45, 0.7)]
     (row,) = frontier.comparisons([*own, defence], PLAIN)  # the run's own plain curve comes first
     assert row["plain_accuracy"] == pytest.approx(0.55)
