@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bottom-lr",
         type=float,
         default=TrainConfig.bottom_learning_rate,
-        help="AdamW learning rate of the bottom with --train-bottom (default %(default)s: all of its weights train)",
+        help="AdamW learning rate of the bottom with --train-bottom (default %(default)s: all of its weights train; "
+        "a deeper bottom wants less: on MiniLM split 4, 1e-4 fell to chance and 1e-5 kept no-noise accuracy)",
     )
     train.add_argument(
         "--learned-filter",
