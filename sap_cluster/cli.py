@@ -4,10 +4,10 @@
 
 starts (or joins, with --ray-address) a Ray cluster, runs each replica as a full sap-server in a Ray actor with
 the arguments after `--` (every replica gets the same --state-dir and listens on --replica-host, a free port),
-and serves the router on --host:--port. Users point `sap-client --server` at the router. Prints
-`sap-cluster listening on HOST:PORT` when it takes calls, then one `replica NAME pid PID at ADDRESS` line each (and,
-with `-- --metrics-port 0`, where each replica serves its Prometheus metrics). The replicas' own logs go to Ray's
-(/tmp/ray/session_latest/logs); the router's to stderr.
+and serves the router on --host:--port. Users point `sap-client --server` at the router. When it takes calls it
+prints one `replica NAME pid PID at ADDRESS` line each (and, with `-- --metrics-port 0`, where each replica serves
+its Prometheus metrics), then `sap-cluster listening on HOST:PORT` last: whoever waits for that line has the others
+already. The replicas' own logs go to Ray's (/tmp/ray/session_latest/logs); the router's to stderr.
 """
 
 from __future__ import annotations
@@ -104,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         replicas = RayReplicas(args.replicas, replica_args, cpus=args.replica_cpus, gpus=args.replica_gpus)
         router = Router(replicas, table=args.state_dir / "router" / "sessions.json")
         server, port = start_router(router, args.host, args.port, workers=args.workers)
-        lines = [f"sap-cluster listening on {args.host}:{port}"]
+        lines = []
         for name, info in sorted(replicas.info().items()):
             lines.append(f"replica {name} pid {info['pid']} at {info['address']}")
             if info["metrics"]:  # sap-server's --metrics-port among the replica arguments
                 lines.append(f"replica {name} metrics on {info['metrics']}/metrics")
+        # last: a reader that returns on this line (sap_server.launch) has read the replica lines already
+        lines.append(f"sap-cluster listening on {args.host}:{port}")
         serve_until_signal(server, on_ready=lambda: print("\n".join(lines), flush=True))
         router.close()
     except (OSError, ray.exceptions.RayError) as exc:
