@@ -214,14 +214,13 @@ def comparisons(cells: list[dict], others: list[dict] = ()) -> list[dict]:
         if cell["defence"] == "plain":
             continue
         key = (cell["model"], cell["split"], cell["seed"], json.dumps(cell["budget"], sort_keys=True))
-        plain = [
-            c
-            for c in (*cells, *others)
-            if c["defence"] == "plain"
-            and (c["model"], c["split"], c["seed"], json.dumps(c["budget"], sort_keys=True)) == key
-        ]
-        if any(c in cells for c in plain):
-            plain = [c for c in plain if c in cells]
+
+        def same_curve(c: dict, key=key) -> bool:
+            return c["defence"] == "plain" and (
+                (c["model"], c["split"], c["seed"], json.dumps(c["budget"], sort_keys=True)) == key
+            )
+
+        plain = [c for c in cells if same_curve(c)] or [c for c in others if same_curve(c)]
         reference, how = plain_accuracy_at(plain, cell["eia_privacy"])
         rows.append(
             {
@@ -536,11 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--plain-from {args.plain_from}: no cells/ folder there")
         reference = [json.loads(p.read_text()) for p in sorted((args.plain_from / "cells").glob("*.json"))]
         reference = [c for c in reference if c["defence"] == "plain"]
-        reference_name = str(
-            args.plain_from.resolve().relative_to(ROOT)
-            if args.plain_from.resolve().is_relative_to(ROOT)
-            else args.plain_from
-        )
+        reference_name = str(args.plain_from)
     (args.out / "frontier.md").write_text(markdown(cells, command, seconds, planned, reference, reference_name))
     plot(cells, args.out / "frontier.png")
     print(f"{len(cells)} cells; {args.out / 'frontier.md'}, {args.out / 'frontier.png'}")
