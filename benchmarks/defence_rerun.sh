@@ -17,7 +17,9 @@ ROWS=${2:-9000}
 EPOCHS=${3:-3}
 NOISE=${NOISE:-2}
 if [ "$NOISE" = none ]; then noise=(--eta none); else noise=(--noise-ratio "$NOISE"); fi
-case ${MODE%%-*} in
+defence=${MODE%-rescale}
+defence=${defence%-fresh}
+case $defence in
     plain) extra=() ;;
     filter) extra=(--learned-filter) ;;
     # 1e-5: the bottom's rate that holds on split 4 (the default 1e-4 fell to chance there; README)
@@ -27,8 +29,6 @@ esac
 case $MODE in
     *-rescale) extra+=(--rescale-noised) ;;
     *-fresh) extra+=(--fresh-noise) ;;
-    plain | filter | bottom) ;;
-    *) echo "MODE must be plain, filter or bottom, alone or with -rescale or -fresh; got $MODE" >&2; exit 2 ;;
 esac
 work=${WORK:-/tmp/sap-defence-rerun}/$MODE-r$NOISE-${ROWS}x$EPOCHS
 mkdir -p "$work"

@@ -206,6 +206,11 @@ def plain_accuracy_at(plain: list[dict], privacy: float) -> tuple[float | None, 
     return None, "beyond the plain curve"
 
 
+def _curve(cell: dict) -> tuple:
+    """What a plain curve is drawn for: model, split, seed and training budget."""
+    return cell["model"], cell["split"], cell["seed"], json.dumps(cell["budget"], sort_keys=True)
+
+
 def comparisons(cells: list[dict], others: list[dict] = ()) -> list[dict]:
     """Each defence cell against the plain curve of its model, split, seed and budget: its plain cells among cells,
     or else among others (another run's cells, e.g. the main grid's)."""
@@ -213,14 +218,10 @@ def comparisons(cells: list[dict], others: list[dict] = ()) -> list[dict]:
     for cell in cells:
         if cell["defence"] == "plain":
             continue
-        key = (cell["model"], cell["split"], cell["seed"], json.dumps(cell["budget"], sort_keys=True))
-
-        def same_curve(c: dict, key=key) -> bool:
-            return c["defence"] == "plain" and (
-                (c["model"], c["split"], c["seed"], json.dumps(c["budget"], sort_keys=True)) == key
-            )
-
-        plain = [c for c in cells if same_curve(c)] or [c for c in others if same_curve(c)]
+        curve = _curve(cell)
+        plain = [c for c in cells if c["defence"] == "plain" and _curve(c) == curve] or [
+            c for c in others if c["defence"] == "plain" and _curve(c) == curve
+        ]
         reference, how = plain_accuracy_at(plain, cell["eia_privacy"])
         rows.append(
             {
