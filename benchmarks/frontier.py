@@ -211,16 +211,16 @@ def _curve(cell: dict) -> tuple:
     return cell["model"], cell["split"], cell["seed"], json.dumps(cell["budget"], sort_keys=True)
 
 
-def comparisons(cells: list[dict], others: list[dict] = ()) -> list[dict]:
+def comparisons(cells: list[dict], plain_from: list[dict] = ()) -> list[dict]:
     """Each defence cell against the plain curve of its model, split, seed and budget: its plain cells among cells,
-    or else among others (another run's cells, e.g. the main grid's)."""
+    or else among plain_from (another run's cells, e.g. the main grid's)."""
     rows = []
     for cell in cells:
         if cell["defence"] == "plain":
             continue
         curve = _curve(cell)
         plain = [c for c in cells if c["defence"] == "plain" and _curve(c) == curve] or [
-            c for c in others if c["defence"] == "plain" and _curve(c) == curve
+            c for c in plain_from if c["defence"] == "plain" and _curve(c) == curve
         ]
         reference, how = plain_accuracy_at(plain, cell["eia_privacy"])
         rows.append(
@@ -243,11 +243,11 @@ def markdown(
     command: str,
     seconds: float,
     planned: list[str] | None = None,
-    reference: list[dict] = (),
-    reference_name: str | None = None,
+    plain_from: list[dict] = (),
+    plain_from_name: str | None = None,
 ) -> str:
     """The table; planned: the names of every cell of the command's grid (the report says which are missing);
-    reference: plain cells of another run that the defence cells are compared with where this run has none."""
+    plain_from: plain cells of another run that the defence cells are compared with where this run has none."""
     threads = "/".join(str(t) for t in sorted({c.get("threads", "?") for c in cells}, key=str))
     lines = [
         "# Privacy/utility frontier: plain d_chi against each defence",
@@ -274,9 +274,9 @@ def markdown(
             f"{c['noise_to_signal']:.2f} | {c['accuracy']:.3f} ({epochs}) | {c['eia_privacy']:.3f} | "
             f"{c['eia_attack']} {c['eia_recovery']:.3f} |"
         )
-    rows = comparisons(cells, reference)
+    rows = comparisons(cells, plain_from)
     if rows:
-        source = f" (its plain cells from {reference_name} where this run has none)" if reference_name else ""
+        source = f" (its plain cells from {plain_from_name} where this run has none)" if plain_from_name else ""
         lines += [
             "",
             f"Each defence cell against plain d_chi of the same model, split and seed at the same EIA privacy{source}:",
@@ -530,14 +530,14 @@ def main(argv: list[str] | None = None) -> int:
     command = ("python benchmarks/frontier.py " + " ".join(given)).strip()
     plain = not args.defences_only
     planned = [cell.name for cell in grid(args.models, args.seeds, args.ratios, dict(args.defences), plain)]
-    reference, reference_name = [], None
+    plain_from, plain_from_name = [], None
     if args.plain_from is not None:
         if not (args.plain_from / "cells").is_dir():
             parser.error(f"--plain-from {args.plain_from}: no cells/ folder there")
-        reference = [json.loads(p.read_text()) for p in sorted((args.plain_from / "cells").glob("*.json"))]
-        reference = [c for c in reference if c["defence"] == "plain"]
-        reference_name = str(args.plain_from)
-    (args.out / "frontier.md").write_text(markdown(cells, command, seconds, planned, reference, reference_name))
+        plain_from = [json.loads(p.read_text()) for p in sorted((args.plain_from / "cells").glob("*.json"))]
+        plain_from = [c for c in plain_from if c["defence"] == "plain"]
+        plain_from_name = str(args.plain_from)
+    (args.out / "frontier.md").write_text(markdown(cells, command, seconds, planned, plain_from, plain_from_name))
     plot(cells, args.out / "frontier.png")
     print(f"{len(cells)} cells; {args.out / 'frontier.md'}, {args.out / 'frontier.png'}")
     return 0

@@ -76,5 +76,5 @@ def test_a_defence_only_run_is_compared_with_another_runs_plain_cells():
     own = [_cell("plain", 2.0, 0, 0.65, 0.5), _cell("plain", 4.0, 0, 0.45, 0.7)]
     (row,) = frontier.comparisons([*own, defence], PLAIN)  # the run's own plain curve comes first
     assert row["plain_accuracy"] == pytest.approx(0.55)
-    text = frontier.markdown([defence], "python benchmarks/frontier.py", 1.0, reference=PLAIN, reference_name="grid")
+    text = frontier.markdown([defence], "python benchmarks/frontier.py", 1.0, plain_from=PLAIN, plain_from_name="grid")
     assert "(its plain cells from grid where this run has none)" in text and "| +14.0 |" in text
