@@ -511,10 +511,19 @@ def main(argv: list[str] | None = None) -> int:
                     data[budget] = _data(budget)
                 train, held = data[budget]
                 log.info("cell %s", cell.name)
-                work = Path(tempfile.mkdtemp(dir=scratch))
-                result = run_cell(
-                    cell, budget, train, held, work, cache, args.filter_privacy_weight, filter_steps, args.bottom_lr
-                )
+                # a cell's recording (gigabytes at the 9,000 x 3 budget) goes when the cell ends; the bottoms stay
+                with tempfile.TemporaryDirectory(dir=scratch) as work:
+                    result = run_cell(
+                        cell,
+                        budget,
+                        train,
+                        held,
+                        Path(work),
+                        cache,
+                        args.filter_privacy_weight,
+                        filter_steps,
+                        args.bottom_lr,
+                    )
                 path.write_text(json.dumps(result, indent=1) + "\n")
                 log.info("%s: accuracy %.3f, EIA privacy %.3f", cell.name, result["accuracy"], result["eia_privacy"])
     cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
