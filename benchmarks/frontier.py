@@ -539,14 +539,14 @@ def main(argv: list[str] | None = None) -> int:
     command = ("python benchmarks/frontier.py " + " ".join(given)).strip()
     plain = not args.defences_only
     planned = [cell.name for cell in grid(args.models, args.seeds, args.ratios, dict(args.defences), plain)]
-    plain_from, plain_from_name = [], None
+    # comparisons() keeps only the plain cells of these
+    other_cells, plain_from_name = [], None
     if args.plain_from is not None:
         if not (args.plain_from / "cells").is_dir():
             parser.error(f"--plain-from {args.plain_from}: no cells/ folder there")
-        plain_from = [json.loads(p.read_text()) for p in sorted((args.plain_from / "cells").glob("*.json"))]
-        plain_from = [c for c in plain_from if c["defence"] == "plain"]
+        other_cells = [json.loads(p.read_text()) for p in sorted((args.plain_from / "cells").glob("*.json"))]
         plain_from_name = str(args.plain_from)
-    (args.out / "frontier.md").write_text(markdown(cells, command, seconds, planned, plain_from, plain_from_name))
+    (args.out / "frontier.md").write_text(markdown(cells, command, seconds, planned, other_cells, plain_from_name))
     plot(cells, args.out / "frontier.png")
     print(f"{len(cells)} cells; {args.out / 'frontier.md'}, {args.out / 'frontier.png'}")
     return 0
