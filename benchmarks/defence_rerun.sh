@@ -22,7 +22,7 @@ defence=${defence%-fresh}
 case $defence in
     plain) extra=() ;;
     filter) extra=(--learned-filter) ;;
-    # 1e-5: the bottom's rate that holds on split 4 (the default 1e-4 fell to chance there in one seed of two; README)
+    # 1e-5: the bottom's rate that holds on split 4 (the default 1e-4 fell to chance there in one seed of three; README)
     bottom) extra=(--train-bottom --bottom-lr 1e-5) ;;
     *) echo "MODE must be plain, filter or bottom, alone or with -rescale or -fresh; got $MODE" >&2; exit 2 ;;
 esac

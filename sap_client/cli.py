@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=TrainConfig.bottom_learning_rate,
         help="AdamW learning rate of the bottom with --train-bottom (default %(default)s: all of its weights train; "
-        "a deeper bottom wants less: on MiniLM split 4, 1e-4 fell to chance in one seed of two and 1e-5 kept "
+        "a deeper bottom wants less: on MiniLM split 4, 1e-4 fell to chance in one seed of three and 1e-5 kept "
         "no-noise accuracy in three)",
     )
     train.add_argument(
