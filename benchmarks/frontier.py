@@ -247,7 +247,7 @@ def markdown(
     plain_from_name: str | None = None,
 ) -> str:
     """The table; planned: the names of every cell of the command's grid (the report says which are missing);
-    plain_from: plain cells of another run that the defence cells are compared with where this run has none."""
+    plain_from: another run's cells, whose plain ones the defence cells are compared with where this run has none."""
     threads = "/".join(str(t) for t in sorted({c.get("threads", "?") for c in cells}, key=str))
     lines = [
         "# Privacy/utility frontier: plain d_chi against each defence",
