@@ -157,9 +157,9 @@ def test_a_fresh_noise_runs_audit_figure_averages_the_copies_the_provider_holds(
         f"({recorded['copies_linked']} of {recorded['recorded_examples']} received linked)"
     )
     assert recorded["copies_per_text"] == 3 and recorded["attack"] == "nn, copies averaged"
-    # measured over runs: one copy 0.57-0.67, linked copies averaged 0.74-0.83 (132 of 148 linked); perfect
-    # averaging (simulated) 0.95-0.96
-    assert attacks["nn, copies averaged"]["recovery"] > attacks["nn"]["recovery"] + 0.08, attacks
+    # 35 runs: one copy 0.56-0.66, linked copies averaged 0.78-0.87, a gain of 0.16-0.27 (132 of 148 linked);
+    # perfect averaging (simulated) 0.92-0.97. Pairwise nearest-first linking to epoch 1's copy gained 0.06-0.21
+    assert attacks["nn, copies averaged"]["recovery"] > attacks["nn"]["recovery"] + 0.12, attacks
     assert recorded["eia_token_recovery"] <= simulated["eia_token_recovery"] + 0.05, (recorded, simulated)
     linked = f"linked {recorded['copies_linked']} of the {recorded['recorded_examples']} received examples"
     assert linked in (tmp_path / "recorded" / "report.md").read_text()

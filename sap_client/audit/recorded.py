@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from sap_client.audit.attacks import AttackConfig, Attacker, undo_rescaling
 from sap_client.audit.content import content_mask
@@ -286,14 +287,21 @@ def _one_to_one(distances: torch.Tensor) -> list[tuple[int, int]]:
     return pairs
 
 
+def _assignment(costs: torch.Tensor) -> list[tuple[int, int]]:
+    """(row, column) pairs of least total cost, each row and each column used once (min(shape) pairs)."""
+    rows, columns = linear_sum_assignment(costs.numpy())
+    return list(zip(rows.tolist(), columns.tolist()))
+
+
 def link_copies(
     records: list[Record], received: list[torch.Tensor], sources: list[Record], epochs: int
 ) -> list[list[int]]:
     """The provider's linking of a fresh-noise run's copies (indices into received; sources: the record each was
     first received in): every epoch sends each training text once, so within each length the examples of epoch 1
-    are matched one to one with those of each later epoch, nearest pairs first (two copies of a text differ by two
-    noise draws; two texts by those and their difference). The epoch of a training step is its place among the
-    run's steps, which come in `epochs` equal runs."""
+    are matched one to one with those of each later epoch in turn, by least total squared distance to the mean of
+    the copies linked so far (two copies of a text differ by noise draws; two texts by those and their difference:
+    under isotropic noise the least-squares matching is the likeliest one). The epoch of a training step is its
+    place among the run's steps, which come in `epochs` equal runs."""
     steps = sorted({(r.session, r.step) for r in records if r.kind == "forward"})
     per_epoch = max(1, -(-len(steps) // epochs))
     epoch_of_step = {key: n // per_epoch for n, key in enumerate(steps)}
@@ -307,13 +315,17 @@ def link_copies(
         anchors = by_epoch.get(0, [])
         if not anchors:
             continue
-        left = torch.stack([received[i].reshape(-1) for i in anchors]).double()  # epoch 1's, against each later epoch
-        for epoch, others in by_epoch.items():
-            if epoch == 0:
-                continue
+        # each later epoch is matched against the mean of the copies linked so far: its noise shrinks with every
+        # epoch linked, so later links are surer than against epoch 1's copy alone
+        total = torch.stack([received[i].reshape(-1) for i in anchors]).double()
+        count = torch.ones(len(anchors), 1, dtype=torch.float64)
+        for epoch in sorted(e for e in by_epoch if e != 0):
+            others = by_epoch[epoch]
             right = torch.stack([received[i].reshape(-1) for i in others]).double()
-            for a, b in _one_to_one(torch.cdist(left, right)):
+            for a, b in _assignment(torch.cdist(total / count, right).square()):
                 groups.setdefault(anchors[a], [anchors[a]]).append(others[b])
+                total[a] += right[b]
+                count[a] += 1
     return list(groups.values())
 
 
